@@ -1,0 +1,118 @@
+//! Message bodies. Flat records (no maps); ids are `u128`, sizes explicit
+//! `u32`/`u64`. Field order is the wire format: append only, and bump
+//! [`crate::PROTOCOL_VERSION`] for anything else. The golden frames in
+//! `tests/golden/` catch accidental changes.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Body of requests and replies that carry no fields (PING).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Empty {}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TopologyReply {
+    pub protocol_version: u16,
+    pub node_id: u128,
+    pub shard_count: u32,
+    pub route_fn: u32,
+    /// The shard that answered (the front address is served by shard 0).
+    pub answering_shard: u32,
+    pub sector_size: u32,
+    pub max_payload: u32,
+    pub max_chunk_size: u64,
+    /// `shard_addrs[i]` accepts connections served directly by shard `i`.
+    pub shard_addrs: Vec<String>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WriteRequest {
+    pub chunk: u128,
+    pub offset: u64,
+    /// crc32c of the payload that follows the body.
+    pub payload_crc: u32,
+    pub flags: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WriteReply {
+    /// The chunk's version after this write (starts at 1, +1 per write).
+    pub version: u64,
+    /// The chunk's length after this write.
+    pub chunk_len: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub chunk: u128,
+    pub offset: u64,
+    pub len: u32,
+    pub flags: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReadReply {
+    pub version: u64,
+    pub chunk_len: u64,
+    /// crc32c of the payload that follows the body. The payload is shorter
+    /// than requested when the read reaches the end of the chunk.
+    pub payload_crc: u32,
+}
+
+/// Body of STAT and DELETE requests.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRequest {
+    pub chunk: u128,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatReply {
+    pub chunk_len: u64,
+    pub version: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    pub modified_ns: u64,
+    pub shard: u32,
+    /// Bytes of device space the chunk's live sectors take.
+    pub allocated_bytes: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeleteReply {
+    /// The version the chunk had when it was deleted.
+    pub version: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListRequest {
+    pub shard: u32,
+    /// List chunks with ids strictly greater than this one, unless `from_start`.
+    pub after: u128,
+    pub from_start: bool,
+    pub limit: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub chunk: u128,
+    pub chunk_len: u64,
+    pub version: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListReply {
+    pub entries: Vec<ListEntry>,
+    /// More entries follow the last one returned.
+    pub more: bool,
+}
+
+/// Body of every reply with [`crate::FLAG_ERROR`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// An [`crate::ErrorCode`] as u16 (unknown codes are kept, not rejected).
+    pub code: u16,
+    /// The chunk concerned, or 0.
+    pub chunk: u128,
+    /// For CORRUPT: the sector index within the chunk; else 0.
+    pub sector: u64,
+    pub message: String,
+}
