@@ -268,7 +268,13 @@ pub fn encode_frame<T>(
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
     encode_body(body, out);
-    let header = FrameHeader::new(opcode, flags, request_id, &out[start + HEADER_LEN..], payload_len);
+    let header = FrameHeader::new(
+        opcode,
+        flags,
+        request_id,
+        &out[start + HEADER_LEN..],
+        payload_len,
+    );
     out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
 }
 

@@ -39,11 +39,15 @@ impl FromStr for ChunkId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.strip_prefix("0x").unwrap_or(s);
         if t.is_empty() || t.len() > 32 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ParseChunkIdError { input: s.to_owned() });
+            return Err(ParseChunkIdError {
+                input: s.to_owned(),
+            });
         }
         u128::from_str_radix(t, 16)
             .map(ChunkId)
-            .map_err(|_| ParseChunkIdError { input: s.to_owned() })
+            .map_err(|_| ParseChunkIdError {
+                input: s.to_owned(),
+            })
     }
 }
 

@@ -8,9 +8,9 @@ pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Largest bulk payload of one WRITE request or READ reply.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 /// Largest rkyv body of any frame. Bodies are small, flat records.
-pub const MAX_BODY: u32 = 64 << 10;
+pub const MAX_BODY: u32 = 16 << 10;
 /// Most entries one LIST reply carries.
-pub const MAX_LIST_LIMIT: u32 = 1000;
+pub const MAX_LIST_LIMIT: u32 = 256;
 /// Most shards a node can have.
 pub const MAX_SHARDS: u32 = 256;
 /// Longest message text in an error body.

@@ -126,7 +126,12 @@ fn golden_frames_are_byte_exact() {
 
 #[test]
 fn golden_frames_decode() {
-    for name in ["write_request", "topology_reply", "corrupt_error_reply", "list_reply"] {
+    for name in [
+        "write_request",
+        "topology_reply",
+        "corrupt_error_reply",
+        "list_reply",
+    ] {
         let bytes = std::fs::read(golden_dir().join(format!("{name}.bin"))).unwrap();
         let raw: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
         let (h, op) = FrameHeader::decode(&raw, limits::MAX_PAYLOAD).unwrap();
@@ -150,7 +155,10 @@ fn golden_frames_decode() {
             "corrupt_error_reply" => {
                 assert!(h.is_error());
                 let e = access_body::<ArchivedErrorBody>(body).unwrap();
-                assert_eq!(ErrorCode::from_u16(e.code.to_native()), Some(ErrorCode::Corrupt));
+                assert_eq!(
+                    ErrorCode::from_u16(e.code.to_native()),
+                    Some(ErrorCode::Corrupt)
+                );
                 assert_eq!(e.sector.to_native(), 3);
             }
             "list_reply" => {
@@ -185,15 +193,24 @@ fn header_rejections_are_typed() {
     let max = limits::MAX_PAYLOAD;
     let mut raw = ping_header();
     raw[0] ^= 1;
-    assert!(matches!(FrameHeader::decode(&raw, max), Err(HeaderError::BadMagic(_))));
+    assert!(matches!(
+        FrameHeader::decode(&raw, max),
+        Err(HeaderError::BadMagic(_))
+    ));
     assert!(!FrameHeader::request_id_trusted(&raw));
 
     let mut raw = ping_header();
     raw[10] ^= 1;
-    assert!(matches!(FrameHeader::decode(&raw, max), Err(HeaderError::BadHeaderCrc { .. })));
+    assert!(matches!(
+        FrameHeader::decode(&raw, max),
+        Err(HeaderError::BadHeaderCrc { .. })
+    ));
 
     let raw = with_field(|h| h.version = 99);
-    assert_eq!(FrameHeader::decode(&raw, max), Err(HeaderError::UnsupportedVersion(99)));
+    assert_eq!(
+        FrameHeader::decode(&raw, max),
+        Err(HeaderError::UnsupportedVersion(99))
+    );
     assert!(FrameHeader::request_id_trusted(&raw));
 
     let raw = with_field(|h| h.opcode = 200);
@@ -202,10 +219,16 @@ fn header_rejections_are_typed() {
     assert_eq!(err.code(), ErrorCode::UnknownOpcode);
 
     let raw = with_field(|h| h.reserved[3] = 1);
-    assert_eq!(FrameHeader::decode(&raw, max), Err(HeaderError::ReservedNotZero));
+    assert_eq!(
+        FrameHeader::decode(&raw, max),
+        Err(HeaderError::ReservedNotZero)
+    );
 
     let raw = with_field(|h| h.flags = 0x80);
-    assert_eq!(FrameHeader::decode(&raw, max), Err(HeaderError::UnknownFlags(0x80)));
+    assert_eq!(
+        FrameHeader::decode(&raw, max),
+        Err(HeaderError::UnknownFlags(0x80))
+    );
 
     let raw = with_field(|h| h.body_len = u32::MAX);
     assert_eq!(
