@@ -25,10 +25,12 @@ pub enum Opcode {
     Stat = 5,
     Delete = 6,
     List = 7,
+    /// Per-shard counters of the answering shard.
+    Stats = 8,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 7] = [
+    pub const ALL: [Opcode; 8] = [
         Opcode::Ping,
         Opcode::Topology,
         Opcode::Write,
@@ -36,6 +38,7 @@ impl Opcode {
         Opcode::Stat,
         Opcode::Delete,
         Opcode::List,
+        Opcode::Stats,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -51,6 +54,7 @@ impl Opcode {
             Opcode::Stat => "stat",
             Opcode::Delete => "delete",
             Opcode::List => "list",
+            Opcode::Stats => "stats",
         }
     }
 

@@ -116,3 +116,27 @@ pub struct ErrorBody {
     pub sector: u64,
     pub message: String,
 }
+
+/// Counters of one shard (reply to STATS). `requests` and `errors` are indexed
+/// by opcode number.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatsReply {
+    pub shard: u32,
+    pub requests: Vec<u64>,
+    pub errors: Vec<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub forwarded_out: u64,
+    pub forwarded_in: u64,
+    pub forward_busy: u64,
+    pub connections: u64,
+    pub connections_total: u64,
+    pub malformed_frames: u64,
+    pub chunks: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub device_writes: u64,
+    pub flushes: u64,
+    pub corrupt_errors: u64,
+    pub fail_stopped: bool,
+}

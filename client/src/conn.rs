@@ -1,0 +1,349 @@
+//! One TCP connection to one server address, shared by every call that goes
+//! there, with requests pipelined on it.
+//!
+//! Two tasks per connection:
+//! - the writer takes every frame queued on its channel and writes them with
+//!   as few syscalls as possible (small frames coalesced into one buffer, bulk
+//!   payloads passed by reference, one vectored write per batch);
+//! - the reader decodes replies with [`FrameReader`] and hands each to the
+//!   call waiting on its request id. Replies may arrive in any order.
+//!
+//! Invariants:
+//! - a request is registered in `pending` before its frame is queued, and
+//!   registration fails once the connection is closed, so every registered
+//!   request is answered, failed with `ConnectionClosed`, or removed by its
+//!   caller (timeout or cancellation), never left behind;
+//! - at most `max_in_flight_per_connection` requests await replies (semaphore);
+//! - once closed a connection stays dead; the client opens a new one.
+
+use crate::{ClientConfig, ClientError};
+use bytes::{Buf, Bytes, BytesMut};
+use shardstore_net::{FrameError, FrameReader};
+use shardstore_proto::{limits, Opcode};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::AbortHandle;
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+/// Payloads up to this size are copied into the coalescing buffer; larger
+/// ones are written from the caller's `Bytes` without a copy.
+const COPY_PAYLOAD_MAX: usize = 16 << 10;
+/// Most buffers handed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// A successful frame from the server, matched to its request.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub opcode: Opcode,
+    /// The reply carries an `ErrorBody` (FLAG_ERROR).
+    pub is_error: bool,
+    pub body: Vec<u8>,
+    pub payload: Bytes,
+}
+
+type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
+
+struct Outgoing {
+    /// Header and body.
+    head: Vec<u8>,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, Waiter>,
+    closed: bool,
+}
+
+struct Shared {
+    addr: String,
+    pending: Mutex<Pending>,
+    dead: AtomicBool,
+    in_flight: Semaphore,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // The lock guards plain map operations that cannot panic halfway.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, id: u64) -> Option<Waiter> {
+        self.pending().waiters.remove(&id)
+    }
+
+    /// Marks the connection dead and fails every pending request.
+    fn close(&self, why: &str) {
+        let drained = {
+            let mut p = self.pending();
+            if p.closed {
+                return;
+            }
+            p.closed = true;
+            // Under the lock: whoever sees `closed` also sees `dead`.
+            self.dead.store(true, Ordering::Release);
+            std::mem::take(&mut p.waiters)
+        };
+        self.in_flight.close();
+        if drained.is_empty() {
+            tracing::debug!(addr = %self.addr, reason = why, "connection closed");
+        } else {
+            tracing::warn!(addr = %self.addr, reason = why, failed = drained.len(), "connection lost");
+        }
+        for (_, waiter) in drained {
+            let _ = waiter.send(Err(ClientError::ConnectionClosed));
+        }
+    }
+}
+
+/// Removes a request's pending entry when its call ends for any reason
+/// (reply, timeout, the caller dropping the future).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.take(self.id);
+    }
+}
+
+pub(crate) struct Connection {
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    reader: AbortHandle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Nobody can wait for a reply any more. The writer ends by itself when
+        // `tx` is dropped, after writing what is queued.
+        self.reader.abort();
+    }
+}
+
+impl Connection {
+    /// Opens a TCP connection (TCP_NODELAY) and starts its reader and writer.
+    pub(crate) async fn open(addr: &str, cfg: &ClientConfig) -> Result<Arc<Self>, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(connect_err(e)),
+            Err(_) => {
+                return Err(connect_err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", cfg.connect_timeout),
+                )))
+            }
+        };
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let (rd, wr) = stream.into_split();
+        let shared = Arc::new(Shared {
+            addr: addr.to_owned(),
+            pending: Mutex::new(Pending::default()),
+            dead: AtomicBool::new(false),
+            in_flight: Semaphore::new(cfg.max_in_flight_per_connection.max(1)),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_task(shared.clone(), rx, wr));
+        let reader = tokio::spawn(reader_task(shared.clone(), rd)).abort_handle();
+        tracing::debug!(addr, "connected");
+        Ok(Arc::new(Connection {
+            shared,
+            next_id: AtomicU64::new(1),
+            tx,
+            reader,
+        }))
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.shared.dead.load(Ordering::Acquire)
+    }
+
+    /// Sends one request and waits for its reply (no timeout here: the
+    /// caller wraps the whole call). `encode` appends header and body for
+    /// the given request id; `payload` follows them on the wire.
+    pub(crate) async fn call<F>(&self, encode: F, payload: Bytes) -> Result<Reply, ClientError>
+    where
+        F: FnOnce(u64, &mut Vec<u8>),
+    {
+        let _permit = self
+            .shared
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| ClientError::ConnectionClosed)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.shared.pending();
+            if p.closed {
+                return Err(ClientError::ConnectionClosed);
+            }
+            p.waiters.insert(id, tx);
+        }
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            id,
+        };
+        let mut head = Vec::with_capacity(128);
+        encode(id, &mut head);
+        self.tx
+            .send(Outgoing { head, payload })
+            .map_err(|_| ClientError::ConnectionClosed)?;
+        // A dropped sender means the reader lost the connection mid-reply.
+        rx.await.map_err(|_| ClientError::ConnectionClosed)?
+    }
+}
+
+async fn writer_task(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut wr: OwnedWriteHalf,
+) {
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut small = BytesMut::with_capacity(8 << 10);
+    while let Some(first) = rx.recv().await {
+        // Take everything queued so far: one write for the whole batch.
+        let mut next = Some(first);
+        while let Some(out) = next {
+            small.extend_from_slice(&out.head);
+            if out.payload.len() <= COPY_PAYLOAD_MAX {
+                small.extend_from_slice(&out.payload);
+            } else {
+                if !small.is_empty() {
+                    queue.push_back(small.split().freeze());
+                }
+                queue.push_back(out.payload);
+            }
+            next = rx.try_recv().ok();
+        }
+        if !small.is_empty() {
+            queue.push_back(small.split().freeze());
+        }
+        if let Err(e) = write_all_vectored(&mut wr, &mut queue).await {
+            shared.close(&format!("write failed: {e}"));
+            return;
+        }
+    }
+}
+
+async fn write_all_vectored(
+    wr: &mut OwnedWriteHalf,
+    queue: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
+    while !queue.is_empty() {
+        let n = {
+            let iov: Vec<IoSlice<'_>> = queue
+                .iter()
+                .take(MAX_IOV)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            wr.write_vectored(&iov).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 {
+            let front = queue.front_mut().expect("wrote no more than was queued");
+            if front.len() <= left {
+                left -= front.len();
+                queue.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn reader_task(shared: Arc<Shared>, rd: OwnedReadHalf) {
+    let mut reader = FrameReader::new(rd.compat(), limits::MAX_PAYLOAD);
+    let why = loop {
+        match read_reply(&shared, &mut reader).await {
+            Ok(true) => continue,
+            Ok(false) => break "closed by peer".to_owned(),
+            Err(why) => break why,
+        }
+    };
+    shared.close(&why);
+}
+
+/// Reads one reply and hands it to its waiter. `Ok(false)` on a clean EOF;
+/// `Err` when the stream can no longer be trusted.
+async fn read_reply(
+    shared: &Shared,
+    reader: &mut FrameReader<Compat<OwnedReadHalf>>,
+) -> Result<bool, String> {
+    let Some(head) = reader.read_head().await.map_err(|e| e.to_string())? else {
+        return Ok(false);
+    };
+    let h = head.header;
+    if !h.is_response() {
+        return Err(format!(
+            "peer sent a {} request instead of a reply",
+            head.opcode.name()
+        ));
+    }
+    let body = match reader.read_body(&head).await {
+        Ok(b) => Ok(b.to_vec()),
+        // The stream is still in step: fail this request only.
+        Err(FrameError::Body(e)) => Err(e),
+        Err(e) => return Err(e.to_string()),
+    };
+    let payload_len = h.payload_len as usize;
+    let Some(waiter) = shared.take(h.request_id) else {
+        // Its caller gave up (timeout) or the id is bogus.
+        tracing::debug!(addr = %shared.addr, request_id = h.request_id, "reply for no pending request");
+        reader
+            .skip_payload(payload_len)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(true);
+    };
+    let msg = match body {
+        Ok(body) => {
+            let mut payload = vec![0u8; payload_len];
+            if let Err(e) = reader.read_payload(&mut payload).await {
+                // Close before the waiter hears of it, so a retry cannot
+                // pick this connection again.
+                let why = e.to_string();
+                shared.close(&why);
+                let _ = waiter.send(Err(ClientError::ConnectionClosed));
+                return Err(why);
+            }
+            Ok(Reply {
+                opcode: head.opcode,
+                is_error: h.is_error(),
+                body,
+                payload: Bytes::from(payload),
+            })
+        }
+        Err(e) => {
+            reader
+                .skip_payload(payload_len)
+                .await
+                .map_err(|e| e.to_string())?;
+            Err(ClientError::Protocol(format!(
+                "{} reply: {e}",
+                head.opcode.name()
+            )))
+        }
+    };
+    let _ = waiter.send(msg);
+    Ok(true)
+}

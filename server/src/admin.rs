@@ -1,0 +1,246 @@
+//! Admin commands: thin wrappers over `shardstore-client` on a
+//! single-threaded tokio runtime. Tokio is used here only, never by `serve`.
+
+use crate::{Cmd, ConnArgs};
+use anyhow::{bail, Context};
+use shardstore_client::{Client, ClientConfig};
+use shardstore_proto::{ChunkId, Opcode, ShardId};
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the client runtime")?;
+    rt.block_on(run_async(cmd))
+}
+
+async fn connect(c: &ConnArgs) -> anyhow::Result<Client> {
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_millis(c.timeout_ms),
+        ..ClientConfig::default()
+    };
+    Client::connect_with(&c.addr, cfg)
+        .await
+        .with_context(|| format!("connecting to {}", c.addr))
+}
+
+fn fmt_time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    format!("{secs}.{:09}", ns % 1_000_000_000)
+}
+
+async fn run_async(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Serve(_) => unreachable!("handled by main"),
+        Cmd::Put {
+            conn,
+            chunk,
+            file,
+            offset,
+        } => {
+            let data = match file {
+                Some(p) if p.as_os_str() != "-" => {
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?
+                }
+                _ => {
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut v)
+                        .context("reading standard input")?;
+                    v
+                }
+            };
+            if data.is_empty() {
+                bail!("nothing to write: the input is empty");
+            }
+            let client = connect(&conn).await?;
+            let max = client.topology().max_payload as usize;
+            let mut version = 0;
+            let mut len = 0;
+            // Inputs larger than one request go in payload-sized pieces; each
+            // piece is atomic on its own, not the whole file.
+            for (i, piece) in data.chunks(max).enumerate() {
+                let r = client
+                    .write(chunk, offset + (i * max) as u64, piece.to_vec())
+                    .await
+                    .with_context(|| format!("writing chunk {chunk}"))?;
+                version = r.version;
+                len = r.chunk_len;
+            }
+            println!(
+                "wrote {} bytes to {chunk} at offset {offset}: version {version}, length {len}",
+                data.len()
+            );
+        }
+        Cmd::Get {
+            conn,
+            chunk,
+            offset,
+            len,
+            out,
+        } => {
+            let client = connect(&conn).await?;
+            let max = client.topology().max_payload as u64;
+            let want = match len {
+                Some(l) => l,
+                None => {
+                    let st = client
+                        .stat(chunk)
+                        .await
+                        .with_context(|| format!("stat {chunk}"))?;
+                    st.chunk_len.saturating_sub(offset)
+                }
+            };
+            let mut sink: Box<dyn Write> = match &out {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut pos = offset;
+            let end = offset.saturating_add(want);
+            while pos < end {
+                let n = (end - pos).min(max) as u32;
+                let r = client
+                    .read(chunk, pos, n)
+                    .await
+                    .with_context(|| format!("reading chunk {chunk} at {pos}"))?;
+                sink.write_all(&r.data)?;
+                if (r.data.len() as u32) < n {
+                    break; // end of chunk
+                }
+                pos += n as u64;
+            }
+            sink.flush()?;
+        }
+        Cmd::Stat { conn, chunk } => {
+            let client = connect(&conn).await?;
+            let s = client
+                .stat(chunk)
+                .await
+                .with_context(|| format!("stat {chunk}"))?;
+            println!("chunk      {chunk}");
+            println!("shard      {}", s.shard);
+            println!("length     {}", s.chunk_len);
+            println!("version    {}", s.version);
+            println!("allocated  {}", s.allocated_bytes);
+            println!("created    {}", fmt_time(s.created_ns));
+            println!("modified   {}", fmt_time(s.modified_ns));
+        }
+        Cmd::Rm { conn, chunk } => {
+            let client = connect(&conn).await?;
+            let v = client
+                .delete(chunk)
+                .await
+                .with_context(|| format!("deleting {chunk}"))?;
+            println!("deleted {chunk} (was version {v})");
+        }
+        Cmd::Ls { conn, shard, limit } => {
+            let client = connect(&conn).await?;
+            let shards: Vec<u32> = match shard {
+                Some(s) => vec![s],
+                None => (0..client.topology().shard_count).collect(),
+            };
+            let mut left = limit.unwrap_or(u64::MAX);
+            'outer: for s in shards {
+                let mut after: Option<ChunkId> = None;
+                loop {
+                    let page = client
+                        .list(ShardId(s), after, 256)
+                        .await
+                        .with_context(|| format!("listing shard {s}"))?;
+                    for e in &page.entries {
+                        if left == 0 {
+                            break 'outer;
+                        }
+                        println!(
+                            "{}  shard {s}  len {}  version {}",
+                            e.chunk, e.chunk_len, e.version
+                        );
+                        left -= 1;
+                    }
+                    match (page.more, page.entries.last()) {
+                        (true, Some(last)) => after = Some(last.chunk),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Cmd::Ping { conn, count } => {
+            let client = connect(&conn).await?;
+            for _ in 0..count.max(1) {
+                let rtt = client.ping().await?;
+                println!("front {}: {} us", conn.addr, rtt.as_micros());
+                for s in 0..client.topology().shard_count {
+                    let rtt = client.ping_shard(ShardId(s)).await?;
+                    println!(
+                        "shard {s} {}: {} us",
+                        client.topology().shard_addrs[s as usize],
+                        rtt.as_micros()
+                    );
+                }
+            }
+        }
+        Cmd::Topology { conn } => {
+            let client = connect(&conn).await?;
+            let t = client.topology();
+            println!("protocol   {}", t.protocol_version);
+            println!("node       {:032x}", t.node_id);
+            println!("shards     {}", t.shard_count);
+            println!("route fn   {}", t.route_fn);
+            println!("payload    {} bytes max", t.max_payload);
+            println!("chunk      {} bytes max", t.max_chunk_size);
+            for (i, a) in t.shard_addrs.iter().enumerate() {
+                println!("shard {i:<4} {a}");
+            }
+        }
+        Cmd::Stats { conn } => {
+            let client = connect(&conn).await?;
+            println!(
+                "{:>5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>8} {:>6}",
+                "shard",
+                "requests",
+                "errors",
+                "fwd_out",
+                "fwd_in",
+                "chunks",
+                "used_MiB",
+                "dev_writes",
+                "flushes",
+                "corrupt",
+                "failed"
+            );
+            for s in 0..client.topology().shard_count {
+                let st = client.stats(ShardId(s)).await?;
+                let reqs: u64 = st.requests.iter().sum();
+                let errs: u64 = st.errors.iter().sum();
+                println!(
+                    "{:>5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10.1} {:>12} {:>8} {:>8} {:>6}",
+                    s,
+                    reqs,
+                    errs,
+                    st.forwarded_out,
+                    st.forwarded_in,
+                    st.chunks,
+                    st.used_bytes as f64 / (1 << 20) as f64,
+                    st.device_writes,
+                    st.flushes,
+                    st.corrupt_errors,
+                    st.fail_stopped
+                );
+                for op in Opcode::ALL {
+                    let r = st.requests.get(op as usize).copied().unwrap_or(0);
+                    if r > 0 {
+                        let e = st.errors.get(op as usize).copied().unwrap_or(0);
+                        println!("      {:<9} {r} requests, {e} errors", op.name());
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

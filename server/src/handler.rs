@@ -1,0 +1,528 @@
+//! Request execution on the owning shard, and forwarding to the owner.
+//!
+//! A request that reaches a shard that does not own its chunk (the front
+//! port, or a misrouted client) is sent to the owner over a bounded flume
+//! queue with its body and payload, executed there, and the encoded reply
+//! comes back the same way. Nothing mutable is shared between shards: a
+//! forwarded request carries owned bytes only.
+
+use crate::stats::ShardCounters;
+use shardstore_proto::{
+    access_body, encode_frame, limits, route, ArchivedChunkRequest, ArchivedListRequest,
+    ArchivedReadRequest, ArchivedWriteRequest, ChunkId, ChunkRequest, DeleteReply, Empty,
+    ErrorBody, ErrorCode, ListEntry, ListReply, ListRequest, Opcode, ReadReply, ReadRequest,
+    ShardId, StatReply, StatsReply, TopologyReply, WriteReply, WriteRequest, FLAG_ERROR,
+    FLAG_RESPONSE, PROTOCOL_VERSION, ROUTE_FN_JUMP_SPLITMIX,
+};
+use shardstore_shard::{ReadData, Shard, ShardError};
+use std::rc::Rc;
+use tracing::debug;
+
+/// What every shard knows about the node, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_id: u128,
+    pub shard_count: u32,
+    pub shard_addrs: Vec<String>,
+    pub max_payload: u32,
+    pub max_chunk_size: u64,
+}
+
+/// A request handed to its owning shard. Only owned, `Send` data.
+pub struct Forwarded {
+    pub opcode: Opcode,
+    pub request_id: u64,
+    pub body: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub reply: flume::Sender<EncodedReply>,
+}
+
+/// A reply encoded by the owner: header and body, then payload bytes.
+pub struct EncodedReply {
+    pub frame: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Bytes that follow a reply's header and body.
+pub enum ReplyPayload {
+    None,
+    Disk(ReadData),
+    Owned(Vec<u8>),
+}
+
+impl ReplyPayload {
+    pub fn len(&self) -> usize {
+        match self {
+            ReplyPayload::None => 0,
+            ReplyPayload::Disk(d) => d.len(),
+            ReplyPayload::Owned(v) => v.len(),
+        }
+    }
+}
+
+/// The per-shard request context, shared by that shard's tasks through `Rc`.
+pub struct ShardCtx {
+    pub shard: Shard,
+    pub id: ShardId,
+    pub node: NodeInfo,
+    pub peers: Vec<flume::Sender<Forwarded>>,
+    pub counters: ShardCounters,
+}
+
+/// Error reply parts.
+pub struct ErrReply {
+    pub code: ErrorCode,
+    pub chunk: ChunkId,
+    pub sector: u64,
+    pub message: String,
+}
+
+impl ErrReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrReply {
+            code,
+            chunk: ChunkId(0),
+            sector: 0,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ShardError> for ErrReply {
+    fn from(e: ShardError) -> Self {
+        let (chunk, sector) = match &e {
+            ShardError::NotFound(c) => (*c, 0),
+            ShardError::Corrupt { chunk, sector, .. } => (*chunk, *sector),
+            _ => (ChunkId(0), 0),
+        };
+        let mut message = e.to_string();
+        truncate_message(&mut message);
+        ErrReply {
+            code: e.code(),
+            chunk,
+            sector,
+            message,
+        }
+    }
+}
+
+fn truncate_message(m: &mut String) {
+    if m.len() > limits::MAX_ERROR_MESSAGE {
+        let mut cut = limits::MAX_ERROR_MESSAGE;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+    }
+}
+
+pub fn encode_error(out: &mut Vec<u8>, opcode: Opcode, request_id: u64, e: &ErrReply) {
+    encode_frame(
+        opcode,
+        FLAG_RESPONSE | FLAG_ERROR,
+        request_id,
+        &ErrorBody {
+            code: e.code as u16,
+            chunk: e.chunk.0,
+            sector: e.sector,
+            message: e.message.clone(),
+        },
+        0,
+        out,
+    );
+}
+
+/// Errors for opcode-less failures (bad header): answered with the opcode
+/// byte the peer sent when it is valid, else PING.
+pub fn encode_header_error(out: &mut Vec<u8>, opcode: u8, request_id: u64, e: &ErrReply) {
+    let op = Opcode::from_u8(opcode).unwrap_or(Opcode::Ping);
+    encode_error(out, op, request_id, e);
+}
+
+/// A request decoded from its body, payload not yet read.
+pub enum Parsed {
+    Ping,
+    Topology,
+    Write(WriteRequest),
+    Read(ReadRequest),
+    Stat(ChunkRequest),
+    Delete(ChunkRequest),
+    List(ListRequest),
+    Stats,
+}
+
+impl Parsed {
+    /// Decodes and validates a body (bytecheck), copying its few scalar fields out.
+    pub fn decode(opcode: Opcode, body: &[u8]) -> Result<Parsed, ErrReply> {
+        let bad =
+            |e: shardstore_proto::ProtoError| ErrReply::new(ErrorCode::Malformed, e.to_string());
+        Ok(match opcode {
+            Opcode::Ping => Parsed::Ping,
+            Opcode::Topology => Parsed::Topology,
+            Opcode::Stats => Parsed::Stats,
+            Opcode::Write => {
+                let w = access_body::<ArchivedWriteRequest>(body).map_err(bad)?;
+                Parsed::Write(WriteRequest {
+                    chunk: w.chunk.to_native(),
+                    offset: w.offset.to_native(),
+                    payload_crc: w.payload_crc.to_native(),
+                    flags: w.flags.to_native(),
+                })
+            }
+            Opcode::Read => {
+                let r = access_body::<ArchivedReadRequest>(body).map_err(bad)?;
+                Parsed::Read(ReadRequest {
+                    chunk: r.chunk.to_native(),
+                    offset: r.offset.to_native(),
+                    len: r.len.to_native(),
+                    flags: r.flags.to_native(),
+                })
+            }
+            Opcode::Stat | Opcode::Delete => {
+                let c = access_body::<ArchivedChunkRequest>(body).map_err(bad)?;
+                let req = ChunkRequest {
+                    chunk: c.chunk.to_native(),
+                };
+                if opcode == Opcode::Stat {
+                    Parsed::Stat(req)
+                } else {
+                    Parsed::Delete(req)
+                }
+            }
+            Opcode::List => {
+                let l = access_body::<ArchivedListRequest>(body).map_err(bad)?;
+                Parsed::List(ListRequest {
+                    shard: l.shard.to_native(),
+                    after: l.after.to_native(),
+                    from_start: l.from_start,
+                    limit: l.limit.to_native(),
+                })
+            }
+        })
+    }
+
+    /// The shard that must execute this request.
+    pub fn owner(&self, shard_count: u32, me: ShardId) -> ShardId {
+        match self {
+            Parsed::Ping | Parsed::Topology | Parsed::Stats => me,
+            Parsed::Write(w) => route(ChunkId(w.chunk), shard_count),
+            Parsed::Read(r) => route(ChunkId(r.chunk), shard_count),
+            Parsed::Stat(c) | Parsed::Delete(c) => route(ChunkId(c.chunk), shard_count),
+            Parsed::List(l) => ShardId(l.shard),
+        }
+    }
+}
+
+impl ShardCtx {
+    /// Executes a request this shard owns. For WRITE, `payload` holds the
+    /// bytes already read (and checked by the caller against the crc).
+    /// Appends the reply's header and body to `out` and returns its payload.
+    pub async fn execute(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        req: Parsed,
+        write: Option<shardstore_shard::PendingWrite>,
+        out: &mut Vec<u8>,
+    ) -> ReplyPayload {
+        match self
+            .execute_inner(opcode, request_id, req, write, out)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters.error(opcode);
+                encode_error(out, opcode, request_id, &e);
+                ReplyPayload::None
+            }
+        }
+    }
+
+    async fn execute_inner(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        req: Parsed,
+        write: Option<shardstore_shard::PendingWrite>,
+        out: &mut Vec<u8>,
+    ) -> Result<ReplyPayload, ErrReply> {
+        let ok = FLAG_RESPONSE;
+        match req {
+            Parsed::Ping => {
+                encode_frame(opcode, ok, request_id, &Empty {}, 0, out);
+            }
+            Parsed::Topology => {
+                encode_frame(opcode, ok, request_id, &self.topology(), 0, out);
+            }
+            Parsed::Stats => {
+                encode_frame(opcode, ok, request_id, &self.stats(), 0, out);
+            }
+            Parsed::Write(_) => {
+                let w = write.ok_or_else(|| {
+                    ErrReply::new(ErrorCode::Internal, "write without payload buffer")
+                })?;
+                let len = w.len() as u64;
+                let outcome = self.shard.commit_write(w).await?;
+                self.counters
+                    .bytes_in
+                    .set(self.counters.bytes_in.get() + len);
+                encode_frame(
+                    opcode,
+                    ok,
+                    request_id,
+                    &WriteReply {
+                        version: outcome.version,
+                        chunk_len: outcome.chunk_len,
+                    },
+                    0,
+                    out,
+                );
+            }
+            Parsed::Read(r) => {
+                if r.len > self.node.max_payload {
+                    return Err(ErrReply::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "read of {} bytes exceeds the payload limit of {}",
+                            r.len, self.node.max_payload
+                        ),
+                    ));
+                }
+                let res = self.shard.read(ChunkId(r.chunk), r.offset, r.len).await?;
+                let n = res.data.len();
+                self.counters
+                    .bytes_out
+                    .set(self.counters.bytes_out.get() + n as u64);
+                encode_frame(
+                    opcode,
+                    ok,
+                    request_id,
+                    &ReadReply {
+                        version: res.version,
+                        chunk_len: res.chunk_len,
+                        payload_crc: res.payload_crc,
+                    },
+                    n as u32,
+                    out,
+                );
+                return Ok(ReplyPayload::Disk(res.data));
+            }
+            Parsed::Stat(c) => {
+                let s = self.shard.stat(ChunkId(c.chunk))?;
+                encode_frame(
+                    opcode,
+                    ok,
+                    request_id,
+                    &StatReply {
+                        chunk_len: s.chunk_len,
+                        version: s.version,
+                        created_ns: s.created_ns,
+                        modified_ns: s.modified_ns,
+                        shard: self.id.0,
+                        allocated_bytes: s.allocated_bytes,
+                    },
+                    0,
+                    out,
+                );
+            }
+            Parsed::Delete(c) => {
+                let version = self.shard.delete(ChunkId(c.chunk)).await?;
+                encode_frame(opcode, ok, request_id, &DeleteReply { version }, 0, out);
+            }
+            Parsed::List(l) => {
+                if l.limit > limits::MAX_LIST_LIMIT {
+                    return Err(ErrReply::new(
+                        ErrorCode::TooLarge,
+                        format!("list limit {} exceeds {}", l.limit, limits::MAX_LIST_LIMIT),
+                    ));
+                }
+                let after = (!l.from_start).then_some(ChunkId(l.after));
+                let (items, more) = self.shard.list(after, l.limit)?;
+                let entries = items
+                    .into_iter()
+                    .map(|i| ListEntry {
+                        chunk: i.chunk.0,
+                        chunk_len: i.chunk_len,
+                        version: i.version,
+                    })
+                    .collect();
+                encode_frame(opcode, ok, request_id, &ListReply { entries, more }, 0, out);
+            }
+        }
+        Ok(ReplyPayload::None)
+    }
+
+    pub fn stats(&self) -> StatsReply {
+        let c = &self.counters;
+        let s = self.shard.stats();
+        StatsReply {
+            shard: self.id.0,
+            requests: c.requests.iter().map(|x| x.get()).collect(),
+            errors: c.errors.iter().map(|x| x.get()).collect(),
+            bytes_in: c.bytes_in.get(),
+            bytes_out: c.bytes_out.get(),
+            forwarded_out: c.forwarded_out.get(),
+            forwarded_in: c.forwarded_in.get(),
+            forward_busy: c.forward_busy.get(),
+            connections: c.connections.get(),
+            connections_total: c.connections_total.get(),
+            malformed_frames: c.malformed_frames.get(),
+            chunks: s.chunks,
+            used_bytes: s.used_bytes,
+            capacity_bytes: s.capacity_bytes,
+            device_writes: s.device_writes,
+            flushes: s.flushes,
+            corrupt_errors: s.corrupt_errors,
+            fail_stopped: s.fail_stopped,
+        }
+    }
+
+    pub fn topology(&self) -> TopologyReply {
+        TopologyReply {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.node.node_id,
+            shard_count: self.node.shard_count,
+            route_fn: ROUTE_FN_JUMP_SPLITMIX,
+            answering_shard: self.id.0,
+            sector_size: limits::SECTOR_SIZE,
+            max_payload: self.node.max_payload,
+            max_chunk_size: self.node.max_chunk_size,
+            shard_addrs: self.node.shard_addrs.clone(),
+        }
+    }
+
+    /// Checks a write's payload against the crc the client sent, before any
+    /// state changes (invariant 4).
+    pub fn check_payload(&self, w: &WriteRequest, payload: &[u8]) -> Result<(), ErrReply> {
+        let computed = crc32c::crc32c(payload);
+        if computed != w.payload_crc {
+            return Err(ErrReply {
+                code: ErrorCode::BadChecksum,
+                chunk: ChunkId(w.chunk),
+                sector: 0,
+                message: format!(
+                    "payload crc32c {computed:#010x} does not match the request's {:#010x}; nothing written",
+                    w.payload_crc
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a request to its owner and waits for the encoded reply.
+    pub async fn forward(
+        &self,
+        owner: ShardId,
+        opcode: Opcode,
+        request_id: u64,
+        body: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<EncodedReply, ErrReply> {
+        let Some(peer) = self.peers.get(owner.0 as usize) else {
+            return Err(ErrReply::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "shard {owner} does not exist (shard count {})",
+                    self.node.shard_count
+                ),
+            ));
+        };
+        let (tx, rx) = flume::bounded(1);
+        let msg = Forwarded {
+            opcode,
+            request_id,
+            body,
+            payload,
+            reply: tx,
+        };
+        if peer.try_send(msg).is_err() {
+            self.counters
+                .forward_busy
+                .set(self.counters.forward_busy.get() + 1);
+            return Err(ErrReply::new(
+                ErrorCode::Busy,
+                format!("forwarding queue to shard {owner} is full"),
+            ));
+        }
+        self.counters
+            .forwarded_out
+            .set(self.counters.forwarded_out.get() + 1);
+        rx.recv_async().await.map_err(|_| {
+            ErrReply::new(
+                ErrorCode::Internal,
+                format!("shard {owner} dropped a forwarded request"),
+            )
+        })
+    }
+
+    /// Serves requests forwarded by other shards until every sender is gone.
+    pub async fn serve_forwarded(self: Rc<Self>, rx: flume::Receiver<Forwarded>) {
+        while let Ok(msg) = rx.recv_async().await {
+            let ctx = self.clone();
+            glommio::spawn_local(async move {
+                ctx.counters
+                    .forwarded_in
+                    .set(ctx.counters.forwarded_in.get() + 1);
+                let reply = ctx
+                    .execute_forwarded(msg.opcode, msg.request_id, &msg.body, msg.payload)
+                    .await;
+                let _ = msg.reply.send(reply);
+            })
+            .detach();
+        }
+    }
+
+    async fn execute_forwarded(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        body: &[u8],
+        payload: Vec<u8>,
+    ) -> EncodedReply {
+        let mut frame = Vec::new();
+        self.counters.request(opcode);
+        let result = async {
+            let req = Parsed::decode(opcode, body)?;
+            let owner = req.owner(self.node.shard_count, self.id);
+            if owner != self.id {
+                // Never forward twice: the sender computed the same route.
+                return Err(ErrReply::new(
+                    ErrorCode::Internal,
+                    "forwarded request is not owned here",
+                ));
+            }
+            let write = match &req {
+                Parsed::Write(w) => {
+                    let mut pw = self.shard.prepare_write(
+                        ChunkId(w.chunk),
+                        w.offset,
+                        payload.len() as u32,
+                    )?;
+                    pw.payload_mut().copy_from_slice(&payload);
+                    Some(pw)
+                }
+                _ => None,
+            };
+            Ok((req, write))
+        }
+        .await;
+        let payload = match result {
+            Ok((req, write)) => {
+                self.execute(opcode, request_id, req, write, &mut frame)
+                    .await
+            }
+            Err(e) => {
+                debug!(shard = self.id.0, code = %e.code, "forwarded request refused");
+                self.counters.error(opcode);
+                encode_error(&mut frame, opcode, request_id, &e);
+                ReplyPayload::None
+            }
+        };
+        let payload = match payload {
+            ReplyPayload::None => Vec::new(),
+            ReplyPayload::Disk(d) => d.to_vec(),
+            ReplyPayload::Owned(v) => v,
+        };
+        EncodedReply { frame, payload }
+    }
+}

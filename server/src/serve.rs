@@ -1,0 +1,363 @@
+//! Node start-up: data folder and node identity, CPU placement, listeners,
+//! one glommio executor per shard.
+//!
+//! Order: check the data folder (refuse a shard-count change) -> bind every
+//! listener on the main thread (so addresses, including ephemeral ports, are
+//! known before any shard starts) -> spawn one executor per shard, pinned to
+//! one allowed CPU -> each opens its storage, then accepts -> the main thread
+//! logs readiness once every shard reports in.
+
+use crate::conn::serve_connection;
+use crate::handler::{Forwarded, NodeInfo, ShardCtx};
+use crate::stats::ShardCounters;
+use anyhow::{bail, Context};
+use glommio::{LocalExecutorBuilder, Placement};
+use shardstore_net::tcp::{listen_socket, ListenOptions};
+use shardstore_proto::{limits, ShardId};
+use shardstore_shard::{Shard, ShardConfig};
+use std::net::SocketAddr;
+use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+use tracing::{error, info, warn};
+
+/// Everything `serve` needs, resolved from flags.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// None: the data folder's shard count, or one shard per allowed CPU for a new folder.
+    pub shards: Option<u32>,
+    pub capacity_bytes: u64,
+    pub io_memory_bytes: usize,
+    pub max_payload: u32,
+    pub max_chunk_size: u64,
+    pub index_cache_bytes: u64,
+    pub forward_queue: usize,
+    pub ready_file: Option<PathBuf>,
+}
+
+const NODE_FILE: &str = "shardstore.node";
+const NODE_FORMAT: u32 = 1;
+
+/// The node identity file at the top of the data folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMeta {
+    pub node_id: u128,
+    pub shard_count: u32,
+}
+
+impl NodeMeta {
+    fn render(&self) -> String {
+        format!(
+            "# shardstore node identity; do not edit\nformat = {NODE_FORMAT}\nnode_id = {:032x}\nshard_count = {}\n",
+            self.node_id, self.shard_count
+        )
+    }
+
+    fn parse(text: &str, path: &Path) -> anyhow::Result<NodeMeta> {
+        let mut format = None;
+        let mut node_id = None;
+        let mut shard_count = None;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (k, v) = line
+                .split_once('=')
+                .with_context(|| format!("{}: malformed line {line:?}", path.display()))?;
+            let v = v.trim();
+            match k.trim() {
+                "format" => format = Some(v.parse::<u32>()?),
+                "node_id" => node_id = Some(u128::from_str_radix(v, 16)?),
+                "shard_count" => shard_count = Some(v.parse::<u32>()?),
+                other => bail!("{}: unknown key {other:?}", path.display()),
+            }
+        }
+        if format != Some(NODE_FORMAT) {
+            bail!(
+                "{}: unsupported node file format {format:?} (this build reads {NODE_FORMAT})",
+                path.display()
+            );
+        }
+        Ok(NodeMeta {
+            node_id: node_id.with_context(|| format!("{}: missing node_id", path.display()))?,
+            shard_count: shard_count
+                .with_context(|| format!("{}: missing shard_count", path.display()))?,
+        })
+    }
+}
+
+/// Reads or creates the node identity, refusing a shard-count change.
+pub fn open_node_meta(
+    data_dir: &Path,
+    requested: Option<u32>,
+    default_shards: u32,
+) -> anyhow::Result<NodeMeta> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let path = data_dir.join(NODE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let meta = NodeMeta::parse(&text, &path)?;
+            if let Some(n) = requested {
+                if n != meta.shard_count {
+                    bail!(
+                        "data dir {} was created with {} shards but --shards {} was given; \
+                         resharding is not supported yet: start with --shards {} (or omit --shards)",
+                        data_dir.display(),
+                        meta.shard_count,
+                        n,
+                        meta.shard_count
+                    );
+                }
+            }
+            Ok(meta)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let has_shards = std::fs::read_dir(data_dir)?
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("shard-"));
+            if has_shards {
+                bail!(
+                    "data dir {} holds shard folders but no {NODE_FILE}; refusing to guess its shard count",
+                    data_dir.display()
+                );
+            }
+            let meta = NodeMeta {
+                node_id: uuid::Uuid::new_v4().as_u128(),
+                shard_count: requested.unwrap_or(default_shards),
+            };
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, meta.render())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()?;
+            Ok(meta)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The CPUs this process may run on (honours taskset and cgroup cpusets).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+fn shard_listener_addr(front: SocketAddr, shard: u32) -> anyhow::Result<SocketAddr> {
+    let mut a = front;
+    if front.port() != 0 {
+        let port = front.port() as u32 + 1 + shard;
+        if port > u16::MAX as u32 {
+            bail!("shard {shard}'s port {port} (front port + 1 + shard) is out of range");
+        }
+        a.set_port(port as u16);
+    }
+    Ok(a)
+}
+
+struct ShardListeners {
+    front: RawFd,
+    direct: RawFd,
+}
+
+pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let cpus = allowed_cpus();
+    let meta = open_node_meta(&opts.data_dir, opts.shards, cpus.len() as u32)?;
+    let n = meta.shard_count;
+    if n == 0 || n > limits::MAX_SHARDS {
+        bail!("shard count {n} out of range 1..={}", limits::MAX_SHARDS);
+    }
+    if n as usize > cpus.len() {
+        warn!(shards = n, cpus = cpus.len(), "more shards than allowed CPUs: shards will share cores (fine for testing, slow in production)");
+    }
+
+    // Bind everything before starting shards. The front address is served
+    // by every shard through SO_REUSEPORT (the kernel spreads connections);
+    // each shard also has its own direct address.
+    let mut listeners = Vec::new();
+    let mut front = opts.listen;
+    let mut shard_addrs = Vec::new();
+    let reuse = ListenOptions {
+        reuse_port: true,
+        ..ListenOptions::default()
+    };
+    for i in 0..n {
+        let f = listen_socket(front, &reuse)
+            .with_context(|| format!("binding front address {front}"))?;
+        front = f.local_addr()?.as_socket().context("front address")?;
+        let want = shard_listener_addr(opts.listen, i)?;
+        let d = listen_socket(want, &ListenOptions::default())
+            .with_context(|| format!("binding shard {i}'s address {want}"))?;
+        shard_addrs.push(
+            d.local_addr()?
+                .as_socket()
+                .context("shard address")?
+                .to_string(),
+        );
+        listeners.push(ShardListeners {
+            front: f.into_raw_fd(),
+            direct: d.into_raw_fd(),
+        });
+    }
+
+    let node = NodeInfo {
+        node_id: meta.node_id,
+        shard_count: n,
+        shard_addrs: shard_addrs.clone(),
+        max_payload: opts.max_payload,
+        max_chunk_size: opts.max_chunk_size,
+    };
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = flume::bounded::<Forwarded>(opts.forward_queue);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u32, Result<String, String>)>();
+    let mut handles = Vec::new();
+    for (i, (lis, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+        let i = i as u32;
+        let cpu = cpus[i as usize % cpus.len()];
+        let node = node.clone();
+        let peers = senders.clone();
+        let ready = ready_tx.clone();
+        let cfg = ShardConfig {
+            shard: ShardId(i),
+            shard_count: n,
+            node_id: meta.node_id,
+            dir: opts.data_dir.join(format!("shard-{i:03}")),
+            capacity_bytes: opts.capacity_bytes,
+            max_chunk_size: opts.max_chunk_size,
+            index_cache_bytes: opts.index_cache_bytes,
+        };
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{i:03}"))
+            .io_memory(opts.io_memory_bytes)
+            .spawn(move || async move { run_shard(cfg, node, peers, rx, lis, ready).await })
+            .map_err(|e| anyhow::anyhow!("starting shard {i}'s executor on cpu {cpu}: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    drop(senders);
+
+    let mut failed = None;
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok((i, Ok(summary))) => info!(shard = i, "{summary}"),
+            Ok((i, Err(e))) => {
+                error!(shard = i, error = %e, "shard failed to start");
+                failed.get_or_insert(format!("shard {i}: {e}"));
+            }
+            Err(_) => {
+                failed.get_or_insert("a shard exited during start-up".into());
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        bail!("{e}");
+    }
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        shards = n,
+        cpus = ?cpus,
+        data_dir = %opts.data_dir.display(),
+        front = %front,
+        shard_addrs = ?shard_addrs,
+        node_id = %format!("{:032x}", meta.node_id),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "shardstore ready"
+    );
+    if let Some(p) = &opts.ready_file {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, format!("{front}\n"))
+            .and_then(|()| std::fs::rename(&tmp, p))
+            .with_context(|| format!("writing ready file {}", p.display()))?;
+    }
+    for h in handles {
+        if let Err(e) = h.join() {
+            error!(error = %e, "shard executor failed");
+        }
+    }
+    Ok(())
+}
+
+async fn run_shard(
+    cfg: ShardConfig,
+    node: NodeInfo,
+    peers: Vec<flume::Sender<Forwarded>>,
+    forwarded: flume::Receiver<Forwarded>,
+    lis: ShardListeners,
+    ready: std::sync::mpsc::Sender<(u32, Result<String, String>)>,
+) {
+    let id = cfg.shard;
+    let dir = cfg.dir.clone();
+    // SAFETY: the fds were created by `listen_socket` on the main thread and
+    // handed over to this shard alone.
+    let front = unsafe { glommio::net::TcpListener::from_raw_fd(lis.front) };
+    let direct = unsafe { glommio::net::TcpListener::from_raw_fd(lis.direct) };
+    let shard = match Shard::open(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send((id.0, Err(format!("opening {}: {e}", dir.display()))));
+            return;
+        }
+    };
+    let st = shard.stats();
+    let ctx = Rc::new(ShardCtx {
+        shard,
+        id,
+        node,
+        peers,
+        counters: ShardCounters::default(),
+    });
+    glommio::spawn_local(ctx.clone().serve_forwarded(forwarded)).detach();
+    let a = glommio::spawn_local(accept_loop(ctx.clone(), front));
+    let b = glommio::spawn_local(accept_loop(ctx.clone(), direct));
+    let _ = ready.send((
+        id.0,
+        Ok(format!(
+            "shard open: {} chunks, {} of {} bytes used, dir {}",
+            st.chunks,
+            st.used_bytes,
+            st.capacity_bytes,
+            dir.display()
+        )),
+    ));
+    a.await;
+    b.await;
+}
+
+async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(serve_connection(ctx.clone(), stream, peer)).detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(shard = ctx.id.0, error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

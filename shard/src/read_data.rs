@@ -1,0 +1,110 @@
+//! Bytes returned by a read, as segments that point into the buffers the
+//! device filled (glommio `ReadResult`s), so a server can hand them to the
+//! socket without copying. Holes read as zeros from one static buffer.
+
+use glommio::io::ReadResult;
+
+const ZEROS_LEN: usize = 64 << 10;
+static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
+
+#[derive(Clone, Debug)]
+enum Segment {
+    Disk(ReadResult),
+    /// At most `ZEROS_LEN` zero bytes.
+    Zeros(usize),
+}
+
+/// The bytes of a read, in order, as borrowed segments.
+#[derive(Clone, Debug, Default)]
+pub struct ReadData {
+    segments: Vec<Segment>,
+    len: usize,
+}
+
+impl ReadData {
+    pub(crate) fn push_disk(&mut self, rr: ReadResult) {
+        if rr.is_empty() {
+            return;
+        }
+        self.len += rr.len();
+        self.segments.push(Segment::Disk(rr));
+    }
+
+    pub(crate) fn push_zeros(&mut self, mut n: usize) {
+        self.len += n;
+        while n > 0 {
+            let piece = n.min(ZEROS_LEN);
+            self.segments.push(Segment::Zeros(piece));
+            n -= piece;
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, segment by segment, without copying.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.segments.iter().map(|s| match s {
+            Segment::Disk(rr) => &rr[..],
+            Segment::Zeros(n) => &ZEROS[..*n],
+        })
+    }
+
+    /// crc32c of all the bytes (chained over the segments).
+    pub fn crc32c(&self) -> u32 {
+        self.slices().fold(0, crc32c::crc32c_append)
+    }
+
+    /// A copy of all the bytes in one vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len);
+        for s in self.slices() {
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    /// Copies `self[at..at + out.len()]` into `out` (used for read-modify-write).
+    pub(crate) fn copy_range(&self, mut at: usize, out: &mut [u8]) {
+        assert!(at + out.len() <= self.len);
+        let mut filled = 0;
+        for s in self.slices() {
+            if filled == out.len() {
+                break;
+            }
+            if at >= s.len() {
+                at -= s.len();
+                continue;
+            }
+            let n = (s.len() - at).min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&s[at..at + n]);
+            filled += n;
+            at = 0;
+        }
+        assert_eq!(filled, out.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_are_split_and_copied() {
+        let mut d = ReadData::default();
+        d.push_zeros(ZEROS_LEN * 2 + 3);
+        assert_eq!(d.len(), ZEROS_LEN * 2 + 3);
+        assert_eq!(d.slices().count(), 3);
+        assert!(d.to_vec().iter().all(|&b| b == 0));
+        assert_eq!(d.crc32c(), crc32c::crc32c(&d.to_vec()));
+        let mut out = [1u8; 10];
+        d.copy_range(ZEROS_LEN - 5, &mut out);
+        assert_eq!(out, [0u8; 10]);
+    }
+}
