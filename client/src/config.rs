@@ -1,5 +1,6 @@
 //! Client configuration.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a [`crate::Client`] connects and how long it waits.
@@ -17,6 +18,33 @@ pub struct ClientConfig {
     /// Most requests awaiting a reply on one connection; further calls wait
     /// for a slot (backpressure, never unbounded memory).
     pub max_in_flight_per_connection: usize,
+    /// Shared secret for servers that require authentication (read it with
+    /// [`Secret::from_file`]). With a secret set, every connection runs the
+    /// mutual HMAC handshake first and refuses a server that cannot prove
+    /// it holds the same secret.
+    pub secret: Option<Secret>,
+}
+
+/// A shared secret; never printed.
+#[derive(Clone)]
+pub struct Secret(pub(crate) Arc<Vec<u8>>);
+
+impl Secret {
+    /// Reads a secret file (trailing whitespace trimmed, 16..=4096 bytes).
+    pub fn from_file(path: &std::path::Path) -> Result<Secret, shardstore_proto::auth::SecretError> {
+        shardstore_proto::auth::read_secret_file(path).map(|v| Secret(Arc::new(v)))
+    }
+
+    /// A secret from bytes already in memory (tests, embedding).
+    pub fn from_bytes(bytes: &[u8]) -> Secret {
+        Secret(Arc::new(bytes.to_vec()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl Default for ClientConfig {
@@ -26,6 +54,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(3),
             route_direct: true,
             max_in_flight_per_connection: 1024,
+            secret: None,
         }
     }
 }

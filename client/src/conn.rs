@@ -149,6 +149,18 @@ impl Connection {
             }
         };
         stream.set_nodelay(true).map_err(connect_err)?;
+        let mut stream = stream;
+        if let Some(secret) = &cfg.secret {
+            match tokio::time::timeout(cfg.connect_timeout, handshake(&mut stream, &secret.0)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(ClientError::Auth(format!(
+                        "no authentication reply from {addr} within {:?}",
+                        cfg.connect_timeout
+                    )))
+                }
+            }
+        }
         let (rd, wr) = stream.into_split();
         let shared = Arc::new(Shared {
             addr: addr.to_owned(),
@@ -346,4 +358,73 @@ async fn read_reply(
     };
     let _ = waiter.send(msg);
     Ok(true)
+}
+
+/// Runs the mutual HMAC handshake (see `shardstore_proto::auth`) before the
+/// connection carries any request.
+async fn handshake(stream: &mut TcpStream, secret: &[u8]) -> Result<(), ClientError> {
+    use shardstore_proto::{
+        auth, encode_frame, ArchivedAuthReply, ArchivedHelloReply, AuthRequest, Empty,
+    };
+    let mut out = Vec::new();
+    encode_frame(Opcode::Hello, 0, 0, &Empty {}, 0, &mut out);
+    stream.write_all(&out).await?;
+    let mut reader = FrameReader::new((&mut *stream).compat(), limits::MAX_PAYLOAD);
+    let hello = handshake_reply(&mut reader, Opcode::Hello).await?;
+    let h = shardstore_proto::access_body::<ArchivedHelloReply>(&hello)
+        .map_err(|e| ClientError::Protocol(format!("hello reply: {e}")))?;
+    if !h.auth_required {
+        return Err(ClientError::Auth(
+            "a secret is configured but the server does not authenticate; refusing to trust it".into(),
+        ));
+    }
+    let server_nonce = h.server_nonce;
+    let mut client_nonce = [0u8; 32];
+    getrandom::getrandom(&mut client_nonce)
+        .map_err(|e| ClientError::Auth(format!("no randomness for a nonce: {e}")))?;
+    let req = AuthRequest {
+        client_nonce,
+        proof: auth::client_proof(secret, &server_nonce, &client_nonce),
+    };
+    out.clear();
+    encode_frame(Opcode::Auth, 0, 1, &req, 0, &mut out);
+    reader.get_mut().get_mut().write_all(&out).await?;
+    let ok = handshake_reply(&mut reader, Opcode::Auth).await?;
+    let r = shardstore_proto::access_body::<ArchivedAuthReply>(&ok)
+        .map_err(|e| ClientError::Protocol(format!("auth reply: {e}")))?;
+    if !auth::verify_server(secret, &server_nonce, &client_nonce, &r.server_proof) {
+        return Err(ClientError::Auth(
+            "the server's proof does not match our secret; refusing to trust it".into(),
+        ));
+    }
+    if reader.buffered() != 0 {
+        return Err(ClientError::Protocol("unexpected bytes after the handshake".into()));
+    }
+    Ok(())
+}
+
+/// Reads one handshake reply and returns its body; error replies become typed errors.
+async fn handshake_reply<R: futures_io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    op: Opcode,
+) -> Result<Vec<u8>, ClientError> {
+    let frame = match reader.next_frame().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(ClientError::ConnectionClosed),
+        Err(FrameError::Io(e)) => return Err(ClientError::Io(e)),
+        Err(e) => return Err(ClientError::Protocol(e.to_string())),
+    };
+    if frame.opcode != op || !frame.header.is_response() {
+        return Err(ClientError::Protocol(format!("unexpected {:?} frame during the handshake", frame.opcode)));
+    }
+    if frame.header.is_error() {
+        let e = shardstore_proto::access_body::<shardstore_proto::ArchivedErrorBody>(&frame.body)
+            .map_err(|e| ClientError::Protocol(format!("error reply: {e}")))?;
+        return Err(ClientError::Auth(format!(
+            "server refused: {} {}",
+            shardstore_proto::ErrorCode::from_u16(e.code.to_native()).map_or("?", |c| c.name()),
+            e.message.as_str()
+        )));
+    }
+    Ok(frame.body)
 }

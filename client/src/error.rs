@@ -64,6 +64,10 @@ pub enum ClientError {
     /// A client-side limit check failed; nothing was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The authentication handshake failed (wrong secret, or a server that
+    /// cannot prove it holds ours).
+    #[error("authentication failed: {0}")]
+    Auth(String),
 }
 
 fn code_name(code: Option<ErrorCode>, raw: u16) -> String {

@@ -24,6 +24,9 @@ pub enum FrameError {
         request_id: Option<u64>,
         opcode: u8,
     },
+    /// The peer did not send (the rest of) a frame in time.
+    #[error("timed out waiting for the peer")]
+    TimedOut,
     /// The frame was read whole but its body is bad (crc or rkyv validation).
     /// The stream is still in step: answer with an error and carry on.
     #[error("bad frame body: {0}")]
@@ -112,6 +115,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.end += got;
         }
         Ok(true)
+    }
+
+    /// Waits until at least one byte is buffered. `Ok(false)` on a clean EOF
+    /// with nothing buffered. Cancel-safe: bytes read stay buffered.
+    pub async fn wait_for_data(&mut self) -> Result<bool, FrameError> {
+        self.fill(1).await
     }
 
     /// Reads and validates the next frame header. `Ok(None)` on a clean EOF

@@ -27,10 +27,14 @@ pub enum Opcode {
     List = 7,
     /// Per-shard counters of the answering shard.
     Stats = 8,
+    /// Starts the authentication handshake; the reply carries a server nonce.
+    Hello = 9,
+    /// Proves knowledge of the shared secret (HMAC-SHA256 over both nonces).
+    Auth = 10,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 8] = [
+    pub const ALL: [Opcode; 10] = [
         Opcode::Ping,
         Opcode::Topology,
         Opcode::Write,
@@ -39,6 +43,8 @@ impl Opcode {
         Opcode::Delete,
         Opcode::List,
         Opcode::Stats,
+        Opcode::Hello,
+        Opcode::Auth,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -55,6 +61,8 @@ impl Opcode {
             Opcode::Delete => "delete",
             Opcode::List => "list",
             Opcode::Stats => "stats",
+            Opcode::Hello => "hello",
+            Opcode::Auth => "auth",
         }
     }
 

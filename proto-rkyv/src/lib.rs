@@ -14,6 +14,7 @@
 //! - [`route`] is the one definition of chunk ownership (invariant 1);
 //! - every limit both sides must agree on lives in [`limits`].
 
+pub mod auth;
 mod error;
 mod frame;
 mod ids;

@@ -139,4 +139,37 @@ pub struct StatsReply {
     pub flushes: u64,
     pub corrupt_errors: u64,
     pub fail_stopped: bool,
+    /// Connections refused at the connection limit.
+    pub refused_connections: u64,
+    /// Connections closed by a frame, idle, write or handshake timeout.
+    pub timeouts: u64,
+    /// Requests refused with BUSY.
+    pub busy: u64,
+    /// Connections that failed authentication.
+    pub auth_failures: u64,
+    /// Payload buffer bytes held now, and the shard's budget for them.
+    pub buffer_bytes_used: u64,
+    pub buffer_bytes_limit: u64,
+}
+
+/// Reply to HELLO: whether this server requires authentication, and the
+/// nonce the client's proof must cover.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub auth_required: bool,
+    pub server_nonce: [u8; 32],
+}
+
+/// Body of AUTH: the client's nonce and its proof
+/// (see [`crate::auth::client_proof`]).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    pub client_nonce: [u8; 32],
+    pub proof: [u8; 32],
+}
+
+/// Reply to a successful AUTH: the server's proof that it holds the secret too.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AuthReply {
+    pub server_proof: [u8; 32],
 }

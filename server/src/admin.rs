@@ -34,7 +34,7 @@ fn fmt_time(ns: u64) -> String {
 
 async fn run_async(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Serve(_) => unreachable!("handled by main"),
+        Cmd::Serve(_) | Cmd::Config { .. } => unreachable!("handled by main"),
         Cmd::Put {
             conn,
             chunk,

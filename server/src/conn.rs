@@ -16,6 +16,7 @@
 //! error, then the connection closes (its lengths cannot be trusted to stay in
 //! step); a bad body is answered and the stream carries on.
 
+use crate::budget::Reservation;
 use crate::handler::{
     encode_error, encode_header_error, EncodedReply, ErrReply, Parsed, ReplyPayload, ShardCtx,
 };
@@ -30,11 +31,9 @@ use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 use tracing::debug;
 
-/// Most requests a connection may have executing at once; past it the
-/// connection is not read until replies drain (TCP backpressure).
-pub const MAX_IN_FLIGHT: usize = 256;
 /// Queued reply bytes that force a flush even while requests remain buffered.
 const FLUSH_THRESHOLD: usize = 256 << 10;
 
@@ -44,6 +43,8 @@ type Pending = Pin<Box<dyn Future<Output = Completed>>>;
 struct Completed {
     frame: Vec<u8>,
     payload: ReplyPayload,
+    /// Released once the reply has been sent.
+    hold: Option<Reservation>,
 }
 
 /// Replies queued for one vectored write. `frames` holds every header and
@@ -52,6 +53,7 @@ struct Completed {
 struct Outbox {
     frames: Vec<u8>,
     parts: Vec<Part>,
+    holds: Vec<Reservation>,
 }
 
 enum Part {
@@ -60,6 +62,11 @@ enum Part {
 }
 
 impl Outbox {
+    fn push_done(&mut self, done: Completed) {
+        self.push(&done.frame, done.payload);
+        self.holds.extend(done.hold);
+    }
+
     fn push(&mut self, frame: &[u8], payload: ReplyPayload) {
         let start = self.frames.len();
         self.frames.extend_from_slice(frame);
@@ -114,11 +121,13 @@ impl Outbox {
     fn clear(&mut self) {
         self.frames.clear();
         self.parts.clear();
+        self.holds.clear();
     }
 
     /// Sends everything queued: vectored `sendmsg` with MSG_DONTWAIT while
     /// the socket takes it, and glommio's poll-armed write when it is full.
-    async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+    async fn flush(&mut self, stream: &mut TcpStream, timeout: Duration) -> io::Result<()> {
+        let mut deadline = None;
         let slices = self.slices();
         let fd = stream.as_raw_fd();
         let mut idx = 0; // first slice not fully sent
@@ -130,8 +139,12 @@ impl Outbox {
             let sent = match send_vectored(fd, &iov) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Socket buffer full: let glommio wait for writability.
-                    stream.write(&slices[idx][off..]).await?
+                    // Socket buffer full: let glommio wait for writability,
+                    // but not forever: a peer that stopped reading is cut off.
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                    within(d, stream.write(&slices[idx][off..]))
+                        .await
+                        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies"))??
                 }
                 Err(e) => return Err(e),
             };
@@ -174,10 +187,68 @@ fn send_vectored(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// Runs `fut` until `deadline`; `None` if the deadline passed first.
+pub async fn within<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    async { Some(fut.await) }
+        .or(async {
+            glommio::timer::sleep(left).await;
+            None
+        })
+        .await
+}
+
 /// Why the read side stopped.
 enum Stop {
     Eof,
     Close,
+}
+
+/// Accepts connections for one shard, refusing those over its limit with a
+/// typed BUSY frame.
+pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let _ = stream.set_nodelay(true);
+                if ctx.counters.connections.get() >= ctx.limits.max_connections {
+                    ctx.counters.refused_connections.set(ctx.counters.refused_connections.get() + 1);
+                    debug!(shard = ctx.id.0, %peer, "connection limit reached; refusing");
+                    glommio::spawn_local(refuse(stream, ctx.limits.write_timeout)).detach();
+                    continue;
+                }
+                // Registered so a graceful stop can shut its reads down;
+                // unregistered right after the stream is closed.
+                let registered = ctx.conns.register(stream.as_raw_fd());
+                let ctx = ctx.clone();
+                glommio::spawn_local(async move {
+                    serve_connection(ctx, stream, peer).await;
+                    drop(registered);
+                })
+                .detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(shard = ctx.id.0, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, timeout: Duration) {
+    let mut f = Vec::new();
+    encode_error(
+        &mut f,
+        shardstore_proto::Opcode::Ping,
+        0,
+        &ErrReply::new(ErrorCode::Busy, "connection limit reached; try again later"),
+    );
+    let _ = within(Instant::now() + timeout, stream.write_all(&f)).await;
+    let _ = stream.close().await;
 }
 
 pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
@@ -191,75 +262,112 @@ pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: Socket
     }
 }
 
-async fn connection_loop(
-    ctx: &Rc<ShardCtx>,
-    stream: TcpStream,
-    peer: SocketAddr,
-) -> io::Result<()> {
+/// Per-connection state besides the socket.
+struct Conn {
+    out: Outbox,
+    pending: FuturesUnordered<Pending>,
+    /// Payload bytes this connection holds (see `budget`).
+    held: Rc<std::cell::Cell<u64>>,
+    /// When the first byte of the frame being received arrived.
+    frame_started: Option<Instant>,
+}
+
+async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    let lim = &ctx.limits;
     let mut reader = FrameReader::new(stream, ctx.node.max_payload);
-    let mut out = Outbox::default();
-    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut conn = Conn {
+        out: Outbox::default(),
+        pending: FuturesUnordered::new(),
+        held: Rc::new(std::cell::Cell::new(0)),
+        frame_started: None,
+    };
+    if let Some(secret) = ctx.node.auth_secret.clone() {
+        let deadline = Instant::now() + lim.frame_timeout;
+        let ok = match within(deadline, authenticate(ctx, &mut reader, &secret, peer)).await {
+            Some(r) => r?,
+            None => {
+                ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+                debug!(shard = ctx.id.0, %peer, "authentication handshake timed out");
+                false
+            }
+        };
+        if !ok {
+            ctx.counters.auth_failures.set(ctx.counters.auth_failures.get() + 1);
+            reader.get_mut().close().await.ok();
+            return Ok(());
+        }
+    }
     let mut stop = None;
     loop {
         // Drain finished requests without waiting.
-        while let Some(Some(done)) = futures_lite::future::poll_once(pending.next()).await {
-            out.push(&done.frame, done.payload);
+        while let Some(Some(done)) = futures_lite::future::poll_once(conn.pending.next()).await {
+            conn.out.push_done(done);
         }
         let have_frame = reader.buffered() >= HEADER_LEN;
-        if !out.is_empty() && (!have_frame || out.bytes() >= FLUSH_THRESHOLD || stop.is_some()) {
-            out.flush(reader.get_mut()).await?;
+        if !conn.out.is_empty() && (!have_frame || conn.out.bytes() >= FLUSH_THRESHOLD || stop.is_some()) {
+            conn.out.flush(reader.get_mut(), lim.write_timeout).await?;
         }
         if stop.is_some() {
-            if pending.is_empty() {
-                if out.is_empty() {
+            if conn.pending.is_empty() {
+                if conn.out.is_empty() {
                     break;
                 }
                 continue;
             }
-            if let Some(done) = pending.next().await {
-                out.push(&done.frame, done.payload);
+            if let Some(done) = conn.pending.next().await {
+                conn.out.push_done(done);
             }
             continue;
         }
-        if pending.len() >= MAX_IN_FLIGHT {
-            if let Some(done) = pending.next().await {
-                out.push(&done.frame, done.payload);
+        // Backpressure: over either bound, only finish work, read nothing.
+        if conn.pending.len() >= lim.max_in_flight || conn.held.get() >= lim.conn_buffer_bytes {
+            if let Some(done) = conn.pending.next().await {
+                conn.out.push_done(done);
+                continue;
             }
-            continue;
         }
         // Wait for the next request or for a pending one to finish.
-        // `read_head` is cancel-safe: bytes it reads stay buffered.
-        let head = if pending.is_empty() {
-            reader.read_head().await
+        let ev = if conn.pending.is_empty() {
+            Ev::Head(next_head(ctx, &mut reader, &mut conn.frame_started).await)
         } else {
-            let next_head = async { Some(reader.read_head().await) };
-            let next_done = async { pending.next().await.map(|d| (d.frame, d.payload)) };
-            enum Ev {
-                Head(Result<Option<RawFrameHead>, FrameError>),
-                Done(Vec<u8>, ReplyPayload),
-            }
-            let ev = async { next_head.await.map(Ev::Head).expect("some") }
+            let started = &mut conn.frame_started;
+            let pending = &mut conn.pending;
+            async { Ev::Head(next_head(ctx, &mut reader, started).await) }
                 .or(async {
-                    match next_done.await {
-                        Some((f, p)) => Ev::Done(f, p),
+                    match pending.next().await {
+                        Some(d) => Ev::Done(d),
                         None => std::future::pending().await,
                     }
                 })
-                .await;
-            match ev {
-                Ev::Head(h) => h,
-                Ev::Done(f, p) => {
-                    out.push(&f, p);
-                    continue;
-                }
+                .await
+        };
+        let head = match ev {
+            Ev::Done(d) => {
+                conn.out.push_done(d);
+                continue;
             }
+            Ev::Head(h) => h,
         };
         match head {
             Ok(None) => stop = Some(Stop::Eof),
             Ok(Some(head)) => {
-                if let Some(s) =
-                    handle_frame(ctx, &mut reader, head, &mut out, &mut pending, peer).await?
-                {
+                let deadline = conn.frame_started.unwrap_or_else(Instant::now) + lim.frame_timeout;
+                let rest = head.header.rest_len();
+                let res = if reader.buffered() >= rest {
+                    // The whole frame is here: no timer needed.
+                    handle_frame(ctx, &mut reader, head, &mut conn, peer).await
+                } else {
+                    match within(deadline, handle_frame(ctx, &mut reader, head, &mut conn, peer)).await {
+                        Some(r) => r,
+                        None => {
+                            ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+                            debug!(shard = ctx.id.0, %peer, "frame did not arrive in time; closing");
+                            Ok(Some(Stop::Close))
+                        }
+                    }
+                };
+                conn.frame_started = None;
+                if let Some(s) = res? {
                     stop = Some(s);
                 }
             }
@@ -268,20 +376,18 @@ async fn connection_loop(
                 request_id,
                 opcode,
             }) => {
-                ctx.counters
-                    .malformed_frames
-                    .set(ctx.counters.malformed_frames.get() + 1);
+                ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
                 debug!(shard = ctx.id.0, %peer, error = %err, "bad frame header; closing");
                 if let Some(id) = request_id {
-                    let start = out.frames.len();
-                    encode_header_error(
-                        &mut out.frames,
-                        opcode,
-                        id,
-                        &ErrReply::new(err.code(), err.to_string()),
-                    );
-                    out.push_frames_since(start);
+                    let start = conn.out.frames.len();
+                    encode_header_error(&mut conn.out.frames, opcode, id, &ErrReply::new(err.code(), err.to_string()));
+                    conn.out.push_frames_since(start);
                 }
+                stop = Some(Stop::Close);
+            }
+            Err(FrameError::TimedOut) => {
+                ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+                debug!(shard = ctx.id.0, %peer, "idle or slow connection; closing");
                 stop = Some(Stop::Close);
             }
             Err(FrameError::Truncated { got, want }) => {
@@ -289,14 +395,115 @@ async fn connection_loop(
                 stop = Some(Stop::Close);
             }
             Err(FrameError::Io(e)) => return Err(e),
-            Err(FrameError::Body(_)) => unreachable!("read_head does not read bodies"),
+            Err(FrameError::Body(e)) => {
+                debug!(shard = ctx.id.0, %peer, error = %e, "unexpected body error; closing");
+                stop = Some(Stop::Close);
+            }
         }
     }
     if let Some(Stop::Close) = stop {
-        debug!(shard = ctx.id.0, %peer, "closing connection after a protocol error");
+        debug!(shard = ctx.id.0, %peer, "closing connection after a protocol error or timeout");
     }
     reader.get_mut().close().await.ok();
     Ok(())
+}
+
+/// The server side of the handshake in `shardstore_proto::auth`. Nothing
+/// but HELLO then AUTH is accepted; anything else, or a wrong proof, gets a
+/// typed UNAUTHORIZED and the connection closes. Returns whether it passed.
+async fn authenticate(
+    ctx: &ShardCtx,
+    reader: &mut FrameReader<TcpStream>,
+    secret: &[u8],
+    peer: SocketAddr,
+) -> io::Result<bool> {
+    use shardstore_proto::{auth, encode_frame, ArchivedAuthRequest, AuthReply, HelloReply, Opcode};
+    let mut out = Vec::new();
+    let mut server_nonce = [0u8; 32];
+    getrandom::getrandom(&mut server_nonce).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut step = Opcode::Hello;
+    loop {
+        let head = match reader.read_head().await {
+            Ok(Some(h)) => h,
+            Ok(None) | Err(_) => return Ok(false),
+        };
+        let (op, id) = (head.opcode, head.header.request_id);
+        let refuse = |out: &mut Vec<u8>, why: &str| {
+            encode_error(out, op, id, &ErrReply::new(ErrorCode::Unauthorized, why));
+        };
+        if op != step || head.header.payload_len != 0 || head.header.is_response() {
+            debug!(shard = ctx.id.0, %peer, opcode = ?op, "request before authentication");
+            refuse(&mut out, "authenticate first: HELLO, then AUTH");
+            reader.get_mut().write_all(&out).await?;
+            return Ok(false);
+        }
+        let body = match reader.read_body(&head).await {
+            Ok(b) => b,
+            Err(_) => {
+                refuse(&mut out, "malformed handshake frame");
+                reader.get_mut().write_all(&out).await?;
+                return Ok(false);
+            }
+        };
+        if step == Opcode::Hello {
+            let reply = HelloReply {
+                auth_required: true,
+                server_nonce,
+            };
+            encode_frame(op, shardstore_proto::FLAG_RESPONSE, id, &reply, 0, &mut out);
+            reader.get_mut().write_all(&out).await?;
+            out.clear();
+            step = Opcode::Auth;
+            continue;
+        }
+        let verified = shardstore_proto::access_body::<ArchivedAuthRequest>(body)
+            .ok()
+            .map(|a| (a.client_nonce, a.proof))
+            .filter(|(cn, proof)| auth::verify_client(secret, &server_nonce, cn, proof));
+        let Some((client_nonce, _)) = verified else {
+            debug!(shard = ctx.id.0, %peer, "authentication failed");
+            refuse(&mut out, "authentication failed");
+            reader.get_mut().write_all(&out).await?;
+            return Ok(false);
+        };
+        let reply = AuthReply {
+            server_proof: auth::server_proof(secret, &server_nonce, &client_nonce),
+        };
+        encode_frame(op, shardstore_proto::FLAG_RESPONSE, id, &reply, 0, &mut out);
+        reader.get_mut().write_all(&out).await?;
+        return Ok(true);
+    }
+}
+
+enum Ev {
+    Head(Result<Option<RawFrameHead>, FrameError>),
+    Done(Completed),
+}
+
+/// The next frame header, under the idle timeout while nothing is buffered
+/// and under the frame timeout once its first byte has arrived. Cancel-safe.
+async fn next_head(
+    ctx: &ShardCtx,
+    reader: &mut FrameReader<TcpStream>,
+    frame_started: &mut Option<Instant>,
+) -> Result<Option<RawFrameHead>, FrameError> {
+    if reader.buffered() >= HEADER_LEN {
+        frame_started.get_or_insert_with(Instant::now);
+        return reader.read_head().await;
+    }
+    if reader.buffered() == 0 {
+        let idle = Instant::now() + ctx.limits.idle_timeout;
+        match within(idle, reader.wait_for_data()).await {
+            None => return Err(FrameError::TimedOut),
+            Some(Ok(false)) => return Ok(None),
+            Some(Ok(true)) => {}
+            Some(Err(e)) => return Err(e),
+        }
+    }
+    let started = *frame_started.get_or_insert_with(Instant::now);
+    within(started + ctx.limits.frame_timeout, reader.read_head())
+        .await
+        .unwrap_or(Err(FrameError::TimedOut))
 }
 
 /// Reads the rest of one frame and starts (or finishes) its request.
@@ -305,13 +512,13 @@ async fn handle_frame(
     ctx: &Rc<ShardCtx>,
     reader: &mut FrameReader<TcpStream>,
     head: RawFrameHead,
-    out: &mut Outbox,
-    pending: &mut FuturesUnordered<Pending>,
+    conn: &mut Conn,
     peer: SocketAddr,
 ) -> io::Result<Option<Stop>> {
     let op = head.opcode;
     let id = head.header.request_id;
     let payload_len = head.header.payload_len as usize;
+    let out = &mut conn.out;
     let fail = |out: &mut Outbox, e: ErrReply| {
         ctx.counters.error(op);
         let start = out.frames.len();
@@ -319,22 +526,15 @@ async fn handle_frame(
         out.push_frames_since(start);
     };
     if head.header.is_response() {
-        ctx.counters
-            .malformed_frames
-            .set(ctx.counters.malformed_frames.get() + 1);
-        fail(
-            out,
-            ErrReply::new(ErrorCode::Malformed, "a reply frame was sent to the server"),
-        );
+        ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
+        fail(out, ErrReply::new(ErrorCode::Malformed, "a reply frame was sent to the server"));
         return Ok(Some(Stop::Close));
     }
     ctx.counters.request(op);
     let body = match reader.read_body(&head).await {
         Ok(b) => b,
         Err(FrameError::Body(e)) => {
-            ctx.counters
-                .malformed_frames
-                .set(ctx.counters.malformed_frames.get() + 1);
+            ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e, "bad frame body");
             fail(out, ErrReply::new(ErrorCode::Malformed, e.to_string()));
             return skip(reader, payload_len).await;
@@ -344,13 +544,31 @@ async fn handle_frame(
     let req = match Parsed::decode(op, body) {
         Ok(r) => r,
         Err(e) => {
-            ctx.counters
-                .malformed_frames
-                .set(ctx.counters.malformed_frames.get() + 1);
+            ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e.message, "invalid body");
             fail(out, e);
             return skip(reader, payload_len).await;
         }
+    };
+    // Payload bytes this request will hold: its write data or its read reply.
+    let hold_bytes = match &req {
+        Parsed::Read(r) => r.len.min(ctx.node.max_payload) as u64,
+        _ => payload_len as u64,
+    };
+    let hold = if hold_bytes > 0 {
+        match Reservation::try_new(&ctx.budget, &conn.held, hold_bytes) {
+            Some(h) => Some(h),
+            None => {
+                ctx.counters.busy.set(ctx.counters.busy.get() + 1);
+                fail(
+                    out,
+                    ErrReply::new(ErrorCode::Busy, "shard request buffer budget exhausted; retry later"),
+                );
+                return skip(reader, payload_len).await;
+            }
+        }
+    } else {
+        None
     };
     let owner = req.owner(ctx.node.shard_count, ctx.id);
     if owner != ctx.id {
@@ -366,11 +584,12 @@ async fn handle_frame(
             }
         }
         let ctx = ctx.clone();
-        pending.push(Box::pin(async move {
+        conn.pending.push(Box::pin(async move {
             match ctx.forward(owner, op, id, body, payload).await {
                 Ok(EncodedReply { frame, payload }) => Completed {
                     frame,
                     payload: ReplyPayload::Owned(payload),
+                    hold,
                 },
                 Err(e) => {
                     ctx.counters.error(op);
@@ -379,6 +598,7 @@ async fn handle_frame(
                     Completed {
                         frame,
                         payload: ReplyPayload::None,
+                        hold,
                     }
                 }
             }
@@ -387,17 +607,13 @@ async fn handle_frame(
     }
     match req {
         Parsed::Write(w) => {
-            let mut pw =
-                match ctx
-                    .shard
-                    .prepare_write(ChunkId(w.chunk), w.offset, payload_len as u32)
-                {
-                    Ok(pw) => pw,
-                    Err(e) => {
-                        fail(out, e.into());
-                        return skip(reader, payload_len).await;
-                    }
-                };
+            let mut pw = match ctx.shard.prepare_write(ChunkId(w.chunk), w.offset, payload_len as u32) {
+                Ok(pw) => pw,
+                Err(e) => {
+                    fail(out, e.into());
+                    return skip(reader, payload_len).await;
+                }
+            };
             // The payload goes from the socket buffer straight into the DMA
             // buffer that is written to disk.
             if let Err(e) = reader.read_payload(pw.payload_mut()).await {
@@ -408,23 +624,27 @@ async fn handle_frame(
                 return Ok(None);
             }
             let ctx = ctx.clone();
-            pending.push(Box::pin(async move {
+            conn.pending.push(Box::pin(async move {
                 let mut frame = Vec::new();
-                let payload = ctx
-                    .execute(op, id, Parsed::Write(w), Some(pw), &mut frame)
-                    .await;
-                Completed { frame, payload }
+                let payload = ctx.execute(op, id, Parsed::Write(w), Some(pw), &mut frame).await;
+                Completed { frame, payload, hold }
             }));
         }
         Parsed::Read(_) | Parsed::Delete(_) => {
             let ctx = ctx.clone();
-            pending.push(Box::pin(async move {
+            conn.pending.push(Box::pin(async move {
                 let mut frame = Vec::new();
                 let payload = ctx.execute(op, id, req, None, &mut frame).await;
-                Completed { frame, payload }
+                Completed { frame, payload, hold }
             }));
         }
-        Parsed::Ping | Parsed::Topology | Parsed::Stat(_) | Parsed::List(_) | Parsed::Stats => {
+        Parsed::Ping
+        | Parsed::Topology
+        | Parsed::Stat(_)
+        | Parsed::List(_)
+        | Parsed::Stats
+        | Parsed::Hello
+        | Parsed::Auth => {
             // No device I/O: answer inline, straight into the outbox.
             let start = out.frames.len();
             let payload = ctx.execute(op, id, req, None, &mut out.frames).await;

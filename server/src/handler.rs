@@ -11,7 +11,7 @@ use shardstore_proto::{
     access_body, encode_frame, limits, route, ArchivedChunkRequest, ArchivedListRequest,
     ArchivedReadRequest, ArchivedWriteRequest, ChunkId, ChunkRequest, DeleteReply, Empty,
     ErrorBody, ErrorCode, ListEntry, ListReply, ListRequest, Opcode, ReadReply, ReadRequest,
-    ShardId, StatReply, StatsReply, TopologyReply, WriteReply, WriteRequest, FLAG_ERROR,
+    ShardId, StatReply, StatsReply, TopologyReply, HelloReply, WriteReply, WriteRequest, FLAG_ERROR,
     FLAG_RESPONSE, PROTOCOL_VERSION, ROUTE_FN_JUMP_SPLITMIX,
 };
 use shardstore_shard::{ReadData, Shard, ShardError};
@@ -26,6 +26,9 @@ pub struct NodeInfo {
     pub shard_addrs: Vec<String>,
     pub max_payload: u32,
     pub max_chunk_size: u64,
+    pub limits: crate::conn_limits::ConnLimits,
+    /// Shared secret every connection must prove before any other request.
+    pub auth_secret: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// A request handed to its owning shard. Only owned, `Send` data.
@@ -67,6 +70,11 @@ pub struct ShardCtx {
     pub node: NodeInfo,
     pub peers: Vec<flume::Sender<Forwarded>>,
     pub counters: ShardCounters,
+    pub limits: crate::conn_limits::ConnLimits,
+    /// Payload buffer budget shared by this shard's connections.
+    pub budget: std::rc::Rc<crate::budget::Budget>,
+    /// Open connections, so a graceful stop can end their reads.
+    pub conns: crate::lifecycle::ConnRegistry,
 }
 
 /// Error reply parts.
@@ -149,6 +157,9 @@ pub enum Parsed {
     Delete(ChunkRequest),
     List(ListRequest),
     Stats,
+    /// HELLO/AUTH after the handshake, or on a server without authentication.
+    Hello,
+    Auth,
 }
 
 impl Parsed {
@@ -160,6 +171,8 @@ impl Parsed {
             Opcode::Ping => Parsed::Ping,
             Opcode::Topology => Parsed::Topology,
             Opcode::Stats => Parsed::Stats,
+            Opcode::Hello => Parsed::Hello,
+            Opcode::Auth => Parsed::Auth,
             Opcode::Write => {
                 let w = access_body::<ArchivedWriteRequest>(body).map_err(bad)?;
                 Parsed::Write(WriteRequest {
@@ -204,7 +217,7 @@ impl Parsed {
     /// The shard that must execute this request.
     pub fn owner(&self, shard_count: u32, me: ShardId) -> ShardId {
         match self {
-            Parsed::Ping | Parsed::Topology | Parsed::Stats => me,
+            Parsed::Ping | Parsed::Topology | Parsed::Stats | Parsed::Hello | Parsed::Auth => me,
             Parsed::Write(w) => route(ChunkId(w.chunk), shard_count),
             Parsed::Read(r) => route(ChunkId(r.chunk), shard_count),
             Parsed::Stat(c) | Parsed::Delete(c) => route(ChunkId(c.chunk), shard_count),
@@ -225,6 +238,8 @@ impl ShardCtx {
         write: Option<shardstore_shard::PendingWrite>,
         out: &mut Vec<u8>,
     ) -> ReplyPayload {
+        // In-flight gauge and latency histogram (metrics), released on drop.
+        let _in_flight = self.counters.start(opcode);
         match self
             .execute_inner(opcode, request_id, req, write, out)
             .await
@@ -256,6 +271,26 @@ impl ShardCtx {
             }
             Parsed::Stats => {
                 encode_frame(opcode, ok, request_id, &self.stats(), 0, out);
+            }
+            Parsed::Hello => {
+                // Reaching here means no handshake is pending: either the
+                // server does not authenticate, or this connection already did.
+                if self.node.auth_secret.is_some() {
+                    return Err(ErrReply::new(ErrorCode::InvalidRequest, "already authenticated"));
+                }
+                let reply = HelloReply {
+                    auth_required: false,
+                    server_nonce: [0; 32],
+                };
+                encode_frame(opcode, ok, request_id, &reply, 0, out);
+            }
+            Parsed::Auth => {
+                let why = if self.node.auth_secret.is_some() {
+                    "already authenticated"
+                } else {
+                    "this server does not use authentication"
+                };
+                return Err(ErrReply::new(ErrorCode::InvalidRequest, why));
             }
             Parsed::Write(_) => {
                 let w = write.ok_or_else(|| {
@@ -374,6 +409,12 @@ impl ShardCtx {
             flushes: s.flushes,
             corrupt_errors: s.corrupt_errors,
             fail_stopped: s.fail_stopped,
+            refused_connections: c.refused_connections.get(),
+            timeouts: c.timeouts.get(),
+            busy: c.busy.get() + c.forward_busy.get(),
+            auth_failures: c.auth_failures.get(),
+            buffer_bytes_used: self.budget.used(),
+            buffer_bytes_limit: self.budget.limit(),
         }
     }
 

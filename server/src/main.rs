@@ -1,13 +1,19 @@
 //! `shardstore`: the server (`serve`) and its admin CLI.
 
 mod admin;
+mod budget;
+mod config;
 mod conn;
 mod handler;
+mod conn_limits;
+mod lifecycle;
+mod logging;
+mod metrics;
 mod serve;
 mod stats;
 
 use clap::{Args, Parser, Subcommand};
-use shardstore_proto::{limits, ChunkId};
+use shardstore_proto::ChunkId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +99,11 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -105,56 +116,154 @@ pub struct ConnArgs {
     pub timeout_ms: u64,
 }
 
-#[derive(Args, Debug)]
-struct ServeArgs {
-    /// Front address; shard i also listens on port+1+i (ephemeral ports when 0).
-    #[arg(long, env = "SHARDSTORE_LISTEN", default_value = "127.0.0.1:7700")]
-    listen: SocketAddr,
-    /// Data folder, created if missing. O_DIRECT needs a real filesystem (not tmpfs).
-    #[arg(long, env = "SHARDSTORE_DATA_DIR", default_value = "./shardstore-data")]
-    data_dir: PathBuf,
+/// `serve` settings. Every one (but `--config` and `--ready-file`) is also a
+/// config-file key (the flag's name with `_`) and a `SHARDSTORE_*`
+/// environment variable; precedence: flag > environment > file > default
+/// (see `config.rs`; `shardstore config default` documents them).
+/// No `default_value` here: an absent flag must fall through to the file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML config file (see `shardstore config default`).
+    #[arg(long, env = "SHARDSTORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Front address; shard i also listens on port+1+i (ephemeral ports when 0). [default: 127.0.0.1:7700]
+    #[arg(long, env = "SHARDSTORE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data folder, created if missing. O_DIRECT needs a real filesystem (not tmpfs). [default: ./shardstore-data]
+    #[arg(long, env = "SHARDSTORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Number of shards; default: the data folder's, or one per allowed CPU.
     #[arg(long, env = "SHARDSTORE_SHARDS")]
     shards: Option<u32>,
-    /// Data area per shard, MiB (preallocated on creation).
-    #[arg(long, env = "SHARDSTORE_CAPACITY_MIB", default_value_t = 1024)]
-    capacity_mib: u64,
-    /// glommio registered I/O memory per shard, KiB (must fit RLIMIT_MEMLOCK across shards).
-    #[arg(long, env = "SHARDSTORE_IO_MEMORY_KIB", default_value_t = 1024)]
-    io_memory_kib: usize,
-    /// Largest payload of one request, bytes.
-    #[arg(long, env = "SHARDSTORE_MAX_PAYLOAD", default_value_t = limits::MAX_PAYLOAD)]
-    max_payload: u32,
-    /// Largest chunk, bytes.
-    #[arg(long, env = "SHARDSTORE_MAX_CHUNK_SIZE", default_value_t = limits::MAX_CHUNK_SIZE)]
-    max_chunk_size: u64,
-    /// sled index cache per shard, MiB.
-    #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB", default_value_t = 16)]
-    index_cache_mib: u64,
+    /// CPUs to pin shards to, e.g. 0-3,8 (each must be allowed); default: every allowed CPU.
+    #[arg(long, env = "SHARDSTORE_CPUS")]
+    cpus: Option<String>,
+    /// Allow more shards than CPUs (shards share cores; for testing).
+    #[arg(long, env = "SHARDSTORE_ALLOW_OVERSUBSCRIBE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    allow_oversubscribe: Option<bool>,
+    /// Data area per shard, MiB (preallocated on creation). [default: 1024]
+    #[arg(long, env = "SHARDSTORE_CAPACITY_MIB")]
+    capacity_mib: Option<u64>,
+    /// glommio registered I/O memory per shard, KiB (must fit RLIMIT_MEMLOCK across shards). [default: 1024]
+    #[arg(long, env = "SHARDSTORE_IO_MEMORY_KIB")]
+    io_memory_kib: Option<u64>,
+    /// Chunk cache for the node, MiB (validated against RAM; the cache itself is not built yet). [default: 0]
+    #[arg(long, env = "SHARDSTORE_CACHE_MIB")]
+    cache_mib: Option<u64>,
+    /// Largest payload of one request, bytes. [default: 8388608]
+    #[arg(long, env = "SHARDSTORE_MAX_PAYLOAD")]
+    max_payload: Option<u32>,
+    /// Largest chunk, bytes. [default: 67108864]
+    #[arg(long, env = "SHARDSTORE_MAX_CHUNK_SIZE")]
+    max_chunk_size: Option<u64>,
+    /// sled index cache per shard, MiB. [default: 16]
+    #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
+    index_cache_mib: Option<u64>,
     /// Once every shard is ready, write the front address to this file
     /// (for scripts and tests that listen on port 0).
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Bound of each shard's queue of requests forwarded by other shards.
-    #[arg(long, env = "SHARDSTORE_FORWARD_QUEUE", default_value_t = 1024)]
-    forward_queue: usize,
+    /// Bound of each shard's queue of requests forwarded by other shards. [default: 1024]
+    #[arg(long, env = "SHARDSTORE_FORWARD_QUEUE")]
+    forward_queue: Option<u64>,
+    /// Prometheus endpoint address (GET /metrics), or "off". [default: off]
+    #[arg(long, env = "SHARDSTORE_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// How often shards publish counters for /metrics and the watchdog, ms. [default: 500]
+    #[arg(long, env = "SHARDSTORE_METRICS_INTERVAL_MS")]
+    metrics_interval_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, ms. [default: 10000]
+    #[arg(long, env = "SHARDSTORE_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
+    /// tracing filter, e.g. info or info,shardstore=debug (RUST_LOG is used when unset). [default: info]
+    #[arg(long, env = "SHARDSTORE_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format. [default: auto: text on a terminal, JSON under journald]
+    #[arg(long, env = "SHARDSTORE_LOG_FORMAT", value_enum)]
+    log_format: Option<config::LogFormat>,
+    /// File holding the shared secret clients must present.
+    #[arg(long, env = "SHARDSTORE_AUTH_SECRET_FILE")]
+    auth_secret_file: Option<PathBuf>,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+impl ServeArgs {
+    /// The flag-and-environment layer, in config-file shape.
+    fn layer(&self) -> config::FileConfig {
+        config::FileConfig {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            shards: self.shards,
+            cpus: self.cpus.clone(),
+            allow_oversubscribe: self.allow_oversubscribe,
+            capacity_mib: self.capacity_mib,
+            io_memory_kib: self.io_memory_kib,
+            cache_mib: self.cache_mib,
+            index_cache_mib: self.index_cache_mib,
+            max_payload: self.max_payload,
+            max_chunk_size: self.max_chunk_size,
+            forward_queue: self.forward_queue,
+            metrics_addr: self.metrics_addr.clone(),
+            metrics_interval_ms: self.metrics_interval_ms,
+            shutdown_timeout_ms: self.shutdown_timeout_ms,
+            log_level: self.log_level.clone(),
+            log_format: self.log_format,
+            auth_secret_file: self.auth_secret_file.clone(),
+        }
+    }
+
+    /// Flags over environment over file over defaults, validated.
+    fn resolve(&self) -> Result<config::Settings, config::ConfigError> {
+        let file = match &self.config {
+            Some(p) => config::load_file(p)?,
+            None => config::FileConfig::default(),
+        };
+        let mut merged = config::merge(self.layer(), file);
+        if merged.log_level.is_none() {
+            // RUST_LOG is the developer's habit: honoured below every other layer.
+            merged.log_level = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+        }
+        config::resolve(merged, &config::Machine::probe())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate a config file (keys, types, values against this machine) without starting.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the commented example configuration (deploy/shardstore.toml).
+    Default,
+    /// Print the settings `serve` would run with, after flags, environment and file.
+    Show(ServeArgs),
+}
+
+fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
+    match c {
+        ConfigCmd::Check { file } => {
+            let args = ServeArgs {
+                config: Some(file.clone()),
+                ..ServeArgs::default()
+            };
+            args.resolve()?;
+            println!("{}: ok", file.display());
+        }
+        ConfigCmd::Default => print!("{}", config::example()),
+        ConfigCmd::Show(args) => print!("{}", args.resolve()?.to_toml()),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let result = match cli.cmd {
         Cmd::Serve(a) => serve_cmd(a),
-        other => admin::run(other),
+        Cmd::Config { cmd } => config_cmd(cmd),
+        other => {
+            logging::init_for_cli();
+            admin::run(other)
+        }
     };
     match result {
         Ok(code) => code,
@@ -166,37 +275,31 @@ fn main() -> ExitCode {
 }
 
 fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    if a.max_payload == 0
-        || a.max_payload > limits::MAX_PAYLOAD
-        || a.max_payload % limits::SECTOR_SIZE != 0
-    {
-        anyhow::bail!(
-            "--max-payload must be a multiple of {} between {} and {}",
-            limits::SECTOR_SIZE,
-            limits::SECTOR_SIZE,
-            limits::MAX_PAYLOAD
-        );
-    }
-    if a.max_chunk_size == 0 || a.max_chunk_size > limits::MAX_CHUNK_SIZE {
-        anyhow::bail!(
-            "--max-chunk-size must be between 1 and {}",
-            limits::MAX_CHUNK_SIZE
-        );
-    }
-    if a.capacity_mib < 1 {
-        anyhow::bail!("--capacity-mib must be at least 1");
-    }
+    let s = a.resolve()?;
+    logging::init(&s.log_level, s.log_format);
+    let auth_secret = match &s.auth_secret_file {
+        Some(p) => Some(std::sync::Arc::new(config::read_secret(p)?)),
+        None => None,
+    };
     serve::serve(serve::ServeOptions {
-        listen: a.listen,
-        data_dir: a.data_dir,
-        shards: a.shards,
-        capacity_bytes: a.capacity_mib << 20,
-        io_memory_bytes: a.io_memory_kib << 10,
-        max_payload: a.max_payload,
-        max_chunk_size: a.max_chunk_size,
-        index_cache_bytes: a.index_cache_mib << 20,
-        forward_queue: a.forward_queue.max(1),
+        listen: s.listen,
+        data_dir: s.data_dir,
+        shards: s.shards,
+        cpus: s.cpus,
+        allow_oversubscribe: s.allow_oversubscribe,
+        capacity_bytes: s.capacity_mib << 20,
+        io_memory_bytes: (s.io_memory_kib << 10) as usize,
+        max_payload: s.max_payload,
+        max_chunk_size: s.max_chunk_size,
+        index_cache_bytes: s.index_cache_mib << 20,
+        forward_queue: s.forward_queue as usize,
         ready_file: a.ready_file,
+        metrics_addr: s.metrics_addr,
+        metrics_interval: s.metrics_interval,
+        shutdown_timeout: s.shutdown_timeout,
+        cache_bytes: s.cache_mib << 20,
+        limits: conn_limits::ConnLimits::default(),
+        auth_secret,
     })?;
     Ok(ExitCode::SUCCESS)
 }

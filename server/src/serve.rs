@@ -7,8 +7,10 @@
 //! one allowed CPU -> each opens its storage, then accepts -> the main thread
 //! logs readiness once every shard reports in.
 
-use crate::conn::serve_connection;
+use crate::conn::accept_loop;
 use crate::handler::{Forwarded, NodeInfo, ShardCtx};
+use crate::lifecycle::{self, ConnRegistry, Drain};
+use crate::metrics::{self, Board, NodeFacts};
 use crate::stats::ShardCounters;
 use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -19,6 +21,7 @@ use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::{error, info, warn};
 
@@ -35,7 +38,20 @@ pub struct ServeOptions {
     pub max_chunk_size: u64,
     pub index_cache_bytes: u64,
     pub forward_queue: usize,
+    pub limits: crate::conn_limits::ConnLimits,
+    pub auth_secret: Option<std::sync::Arc<Vec<u8>>>,
     pub ready_file: Option<PathBuf>,
+    /// CPUs to pin shards to; None: every allowed CPU.
+    pub cpus: Option<Vec<usize>>,
+    /// Run more shards than CPUs (else refused).
+    pub allow_oversubscribe: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often shards publish snapshots (metrics, watchdog).
+    pub metrics_interval: std::time::Duration,
+    /// How long a graceful stop lets in-flight requests finish.
+    pub shutdown_timeout: std::time::Duration,
+    /// Configured node cache (reported only; the cache is not built yet).
+    pub cache_bytes: u64,
 }
 
 const NODE_FILE: &str = "shardstore.node";
@@ -174,15 +190,60 @@ struct ShardListeners {
 
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let started = Instant::now();
-    let cpus = allowed_cpus();
+    let nofile = crate::conn_limits::raise_nofile_limit();
+    // Signals first: from here on SIGTERM drains instead of killing.
+    let (stop_tx, stop_rx) = flume::unbounded::<()>();
+    let board_cell = Arc::new(std::sync::OnceLock::<Arc<Board>>::new());
+    {
+        let board_cell = board_cell.clone();
+        lifecycle::install_signals(move |sig| {
+            info!(signal = sig, "stopping: no new connections, draining in-flight requests");
+            lifecycle::notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("stopping: draining in-flight requests"),
+            ]);
+            if let Some(b) = board_cell.get() {
+                b.set_draining();
+            }
+            // One message per shard (the channel is unbounded).
+            for _ in 0..limits::MAX_SHARDS {
+                let _ = stop_tx.send(());
+            }
+        })
+        .context("installing signal handlers")?;
+    }
+    lifecycle::status("starting: opening shards");
+    let cpus = opts.cpus.clone().unwrap_or_else(allowed_cpus);
     let meta = open_node_meta(&opts.data_dir, opts.shards, cpus.len() as u32)?;
     let n = meta.shard_count;
     if n == 0 || n > limits::MAX_SHARDS {
         bail!("shard count {n} out of range 1..={}", limits::MAX_SHARDS);
     }
+    crate::config::check_oversubscribe(n, &cpus, opts.allow_oversubscribe)
+        .with_context(|| format!("data dir {}", opts.data_dir.display()))?;
     if n as usize > cpus.len() {
-        warn!(shards = n, cpus = cpus.len(), "more shards than allowed CPUs: shards will share cores (fine for testing, slow in production)");
+        warn!(shards = n, cpus = cpus.len(), "more shards than CPUs (allow_oversubscribe): shards will share cores (fine for testing, slow in production)");
     }
+    let metrics_listener = match opts.metrics_addr {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a).with_context(|| format!("metrics_addr: binding {a}"))?,
+        ),
+        None => None,
+    };
+    let metrics_at = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let board = Board::new(
+        n as usize,
+        NodeFacts {
+            node_id: meta.node_id,
+            data_dir: opts.data_dir.clone(),
+            cache_bytes: opts.cache_bytes,
+        },
+    );
+    let _ = board_cell.set(board.clone());
+    let drain = Drain::new(n as usize, opts.shutdown_timeout);
 
     // Bind everything before starting shards. The front address is served
     // by every shard through SO_REUSEPORT (the kernel spreads connections);
@@ -219,6 +280,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         shard_addrs: shard_addrs.clone(),
         max_payload: opts.max_payload,
         max_chunk_size: opts.max_chunk_size,
+        limits: opts.limits.clone(),
+        auth_secret: opts.auth_secret.clone(),
     };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -236,6 +299,13 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let node = node.clone();
         let peers = senders.clone();
         let ready = ready_tx.clone();
+        let rt = ShardRuntime {
+            cpu,
+            board: board.clone(),
+            interval: opts.metrics_interval,
+            stop: stop_rx.clone(),
+            drain: drain.clone(),
+        };
         let cfg = ShardConfig {
             shard: ShardId(i),
             shard_count: n,
@@ -248,7 +318,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
-            .spawn(move || async move { run_shard(cfg, node, peers, rx, lis, ready).await })
+            .spawn(move || async move { run_shard(cfg, node, peers, rx, lis, ready, rt).await })
             .map_err(|e| anyhow::anyhow!("starting shard {i}'s executor on cpu {cpu}: {e}"))?;
         handles.push(h);
     }
@@ -272,15 +342,23 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(e) = failed {
         bail!("{e}");
     }
+    if let Some(l) = metrics_listener {
+        metrics::spawn_server(l, board.clone()).context("starting the metrics thread")?;
+    }
+    let capacity_mib_total = (opts.capacity_bytes >> 20) * n as u64;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         shards = n,
         cpus = ?cpus,
         data_dir = %opts.data_dir.display(),
+        capacity_mib_per_shard = opts.capacity_bytes >> 20,
+        capacity_mib_total,
         front = %front,
         shard_addrs = ?shard_addrs,
+        metrics = %metrics_at.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         node_id = %format!("{:032x}", meta.node_id),
         startup_ms = started.elapsed().as_millis() as u64,
+        nofile,
         "shardstore ready"
     );
     if let Some(p) = &opts.ready_file {
@@ -289,12 +367,46 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .and_then(|()| std::fs::rename(&tmp, p))
             .with_context(|| format!("writing ready file {}", p.display()))?;
     }
+    let status = format!(
+        "serving: {n} shards on {front}, {capacity_mib_total} MiB, metrics {}",
+        metrics_at
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into())
+    );
+    lifecycle::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    lifecycle::start_watchdog(board.clone());
+    let mut close_failed = 0;
     for h in handles {
-        if let Err(e) = h.join() {
-            error!(error = %e, "shard executor failed");
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "shard did not close cleanly");
+                close_failed += 1;
+            }
+            Err(e) => {
+                error!(error = %e, "shard executor failed");
+                close_failed += 1;
+            }
         }
     }
+    lifecycle::status("stopped");
+    if close_failed > 0 {
+        bail!("{close_failed} shard(s) did not close cleanly");
+    }
+    info!("shardstore stopped");
     Ok(())
+}
+
+/// What a shard needs for metrics and the lifecycle.
+struct ShardRuntime {
+    cpu: usize,
+    board: Arc<Board>,
+    interval: std::time::Duration,
+    stop: flume::Receiver<()>,
+    drain: Arc<Drain>,
 }
 
 async fn run_shard(
@@ -304,7 +416,8 @@ async fn run_shard(
     forwarded: flume::Receiver<Forwarded>,
     lis: ShardListeners,
     ready: std::sync::mpsc::Sender<(u32, Result<String, String>)>,
-) {
+    rt: ShardRuntime,
+) -> Result<(), String> {
     let id = cfg.shard;
     let dir = cfg.dir.clone();
     // SAFETY: the fds were created by `listen_socket` on the main thread and
@@ -315,17 +428,28 @@ async fn run_shard(
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send((id.0, Err(format!("opening {}: {e}", dir.display()))));
-            return;
+            return Ok(());
         }
     };
     let st = shard.stats();
+    let limits = node.limits.clone();
     let ctx = Rc::new(ShardCtx {
         shard,
         id,
         node,
         peers,
         counters: ShardCounters::default(),
+        budget: crate::budget::Budget::new(limits.shard_buffer_bytes),
+        limits,
+        conns: ConnRegistry::default(),
     });
+    glommio::spawn_local(metrics::publish_loop(
+        ctx.clone(),
+        rt.board.clone(),
+        rt.cpu,
+        rt.interval,
+    ))
+    .detach();
     glommio::spawn_local(ctx.clone().serve_forwarded(forwarded)).detach();
     let a = glommio::spawn_local(accept_loop(ctx.clone(), front));
     let b = glommio::spawn_local(accept_loop(ctx.clone(), direct));
@@ -339,25 +463,31 @@ async fn run_shard(
             dir.display()
         )),
     ));
-    a.await;
-    b.await;
-}
-
-async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let peer = stream
-                    .peer_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                let _ = stream.set_nodelay(true);
-                glommio::spawn_local(serve_connection(ctx.clone(), stream, peer)).detach();
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(shard = ctx.id.0, error = %e, "accept failed");
-                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+    // Serve until the first signal, then drain (see lifecycle.rs).
+    let _ = rt.stop.recv_async().await;
+    drop(a); // cancelling the accept tasks closes this shard's listeners
+    drop(b);
+    let deadline = rt.drain.deadline();
+    ctx.conns.shutdown_reads();
+    let c = &ctx.counters;
+    let quiet = lifecycle::wait_until(deadline, || {
+        c.connections.get() == 0 && c.in_flight.get() == 0
+    })
+    .await;
+    if !quiet {
+        warn!(
+            shard = id.0,
+            connections = c.connections.get(),
+            in_flight = c.in_flight.get(),
+            "shutdown deadline passed with requests in flight; closing anyway"
+        );
     }
+    rt.drain.mark_drained();
+    // Keep serving requests forwarded by shards that are still draining.
+    lifecycle::wait_until(deadline, || rt.drain.all_drained()).await;
+    rt.board.publish(id.0 as usize, metrics::Snapshot::take(&ctx, rt.cpu));
+    ctx.shard
+        .close()
+        .await
+        .map_err(|e| format!("closing shard {}: {e}", id.0))
 }

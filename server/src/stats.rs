@@ -1,13 +1,45 @@
 //! Per-shard counters. Plain `Cell`s: each shard owns its own, no atomics on
-//! the request path. A later metrics endpoint reads published snapshots.
+//! the request path. The metrics endpoint reads snapshots that each shard
+//! publishes periodically (`metrics.rs`), never these cells.
 
 use shardstore_proto::Opcode;
 use std::cell::Cell;
+use std::time::Instant;
+
+/// Opcode slots (indexed by `Opcode as usize`).
+pub const OPCODE_SLOTS: usize = Opcode::ALL.len() + 1;
+
+/// Upper bounds of the latency buckets, microseconds (Prometheus `le`).
+/// Fixed so every shard and every scrape agree; the last bucket is +Inf.
+pub const LATENCY_BOUNDS_US: [u64; 18] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// A latency histogram: per-bucket (not cumulative) counts and the sum.
+#[derive(Default)]
+pub struct Latency {
+    pub buckets: [Cell<u64>; LATENCY_BUCKETS],
+    pub sum_us: Cell<u64>,
+}
+
+impl Latency {
+    pub fn record(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        let b = &self.buckets[i];
+        b.set(b.get() + 1);
+        self.sum_us.set(self.sum_us.get() + us);
+    }
+}
 
 #[derive(Default)]
 pub struct ShardCounters {
-    pub requests: [Cell<u64>; 9],
-    pub errors: [Cell<u64>; 9],
+    pub requests: [Cell<u64>; OPCODE_SLOTS],
+    pub errors: [Cell<u64>; OPCODE_SLOTS],
     pub bytes_in: Cell<u64>,
     pub bytes_out: Cell<u64>,
     pub forwarded_out: Cell<u64>,
@@ -16,6 +48,19 @@ pub struct ShardCounters {
     pub connections: Cell<u64>,
     pub connections_total: Cell<u64>,
     pub malformed_frames: Cell<u64>,
+    /// Connections refused at the per-shard connection limit.
+    pub refused_connections: Cell<u64>,
+    /// Connections closed by a frame, idle or write timeout.
+    pub timeouts: Cell<u64>,
+    /// Connections refused for failed authentication.
+    pub auth_failures: Cell<u64>,
+    /// Requests refused with BUSY (buffer budget exhausted).
+    pub busy: Cell<u64>,
+    /// Requests executing on this shard now (owned ones, including those
+    /// forwarded here).
+    pub in_flight: Cell<u64>,
+    /// Execution time on the owning shard, by opcode.
+    pub latency: [Latency; OPCODE_SLOTS],
 }
 
 impl ShardCounters {
@@ -27,5 +72,65 @@ impl ShardCounters {
     pub fn error(&self, op: Opcode) {
         let c = &self.errors[op as usize];
         c.set(c.get() + 1);
+    }
+
+    /// Counts a request as in flight until the guard drops, then records its
+    /// latency (also when the request's future is dropped unfinished).
+    pub fn start(&self, op: Opcode) -> InFlight<'_> {
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlight {
+            counters: self,
+            op,
+            started: Instant::now(),
+        }
+    }
+}
+
+pub struct InFlight<'a> {
+    counters: &'a ShardCounters,
+    op: Opcode,
+    started: Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let c = self.counters;
+        c.in_flight.set(c.in_flight.get() - 1);
+        if let Some(l) = c.latency.get(self.op as usize) {
+            l.record(self.started.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets() {
+        let l = Latency::default();
+        l.record(0);
+        l.record(25);
+        l.record(26);
+        l.record(u64::MAX / 2);
+        assert_eq!(l.buckets[0].get(), 2);
+        assert_eq!(l.buckets[1].get(), 1);
+        assert_eq!(l.buckets[LATENCY_BUCKETS - 1].get(), 1);
+    }
+
+    #[test]
+    fn in_flight_guard() {
+        let c = ShardCounters::default();
+        {
+            let _g = c.start(Opcode::Write);
+            assert_eq!(c.in_flight.get(), 1);
+        }
+        assert_eq!(c.in_flight.get(), 0);
+        let n: u64 = c.latency[Opcode::Write as usize]
+            .buckets
+            .iter()
+            .map(|b| b.get())
+            .sum();
+        assert_eq!(n, 1);
     }
 }

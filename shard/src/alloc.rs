@@ -13,10 +13,20 @@
 //!   only after the index change that unlinks it is durable ([`Reclaimer`]),
 //!   and only once no read that may still be looking at it is in flight.
 //!
-//! Allocation is next-fit and contiguous: one extent is one run, so one write
-//! is one device write. If no run fits, the answer is `NoSpace`.
+//! Allocation is contiguous (one extent is one run, so one write is one
+//! device write) and happens only inside the *reservation*: an ordered list
+//! of free runs taken next-fit from the free map when a checkpoint is taken
+//! and recorded in it. Allocation walks the reservation in order and never
+//! goes back; a front run too small for a request goes back to the free map.
+//! So every extent written after a checkpoint lies inside runs that
+//! checkpoint lists, and recovery scans only those (see `recover`). Space
+//! freed after a checkpoint is not reusable before the next one is durable
+//! (the shard quarantines it), so the runs a checkpoint lists hold nothing
+//! but stale bytes and extents written after it.
+//!
+//! If nothing fits even after a new checkpoint, the answer is `NoSpace`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::layout::DiskSector;
 
@@ -36,6 +46,14 @@ pub struct Release {
     pub data: Run,
 }
 
+/// Space to give back: part of an extent, or a whole run (a tombstone, or an
+/// extent that never became referenced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Free {
+    Piece(Release),
+    Run(Run),
+}
+
 struct ExtentLive {
     header_sectors: u64,
     live: u64,
@@ -43,8 +61,15 @@ struct ExtentLive {
 
 pub struct Allocator {
     area: Run,
+    /// Free runs not in the reservation.
     free: BTreeMap<u64, u64>,
+    /// Free sectors, reservation included.
     free_sectors: u64,
+    reserved: VecDeque<Run>,
+    reserved_sectors: u64,
+    /// Runs reserved by a checkpoint that is not durable yet: not allocated
+    /// from until it is (an older checkpoint does not list them).
+    pending: Vec<Run>,
     cursor: u64,
     extents: HashMap<u64, ExtentLive>,
 }
@@ -60,9 +85,126 @@ impl Allocator {
             area,
             free,
             free_sectors: area.len,
+            reserved: VecDeque::new(),
+            reserved_sectors: 0,
+            pending: Vec::new(),
             cursor: area.start.0,
             extents: HashMap::new(),
         }
+    }
+
+    pub fn area(&self) -> Run {
+        self.area
+    }
+
+    /// Sectors still available in the reservation.
+    pub fn reserved_sectors(&self) -> u64 {
+        self.reserved_sectors
+    }
+
+    /// The reservation's runs, in allocation order (pending ones last).
+    pub fn reserved_runs(&self) -> Vec<Run> {
+        self.reserved
+            .iter()
+            .chain(self.pending.iter())
+            .copied()
+            .collect()
+    }
+
+    /// The checkpoint listing the pending runs is durable: allocate from them.
+    pub fn activate_reservation(&mut self) {
+        for run in std::mem::take(&mut self.pending) {
+            self.reserved_sectors += run.len;
+            if let Some(last) = self.reserved.back_mut() {
+                if last.start.0 + last.len == run.start.0 {
+                    last.len += run.len;
+                    continue;
+                }
+            }
+            self.reserved.push_back(run);
+        }
+    }
+
+    /// The checkpoint listing the pending runs failed: give them back.
+    pub fn drop_pending_reservation(&mut self) {
+        for run in std::mem::take(&mut self.pending) {
+            self.map_insert(run);
+        }
+    }
+
+    /// Takes `len` contiguous sectors from the reservation, in order.
+    pub fn allocate(&mut self, len: u64) -> Option<DiskSector> {
+        assert!(len > 0);
+        while let Some(front) = self.reserved.front_mut() {
+            if front.len >= len {
+                let at = front.start;
+                front.start = DiskSector(front.start.0 + len);
+                front.len -= len;
+                if front.len == 0 {
+                    self.reserved.pop_front();
+                }
+                self.reserved_sectors -= len;
+                self.free_sectors -= len;
+                return Some(at);
+            }
+            // Too small: never go back to it in this reservation.
+            let r = self.reserved.pop_front().expect("front exists");
+            self.reserved_sectors -= r.len;
+            self.map_insert(r);
+        }
+        None
+    }
+
+    /// Extends the reservation (as pending, see [`Allocator::activate_reservation`])
+    /// with about `target` sectors of free runs, next-fit from the cursor, in
+    /// at most `max_runs` runs overall; makes sure (if any free run can) that
+    /// a run of `min_len` is included.
+    pub fn reserve(&mut self, target: u64, min_len: u64, max_runs: usize) {
+        let mut got = 0;
+        while got < target && self.reserved.len() + self.pending.len() < max_runs {
+            let Some(at) = self.take_next_fit(1) else {
+                break;
+            };
+            // Grow the piece taken at `at` to the rest of its free run.
+            let start = at.0;
+            let mut len = 1;
+            if let Some((&s, &l)) = self.free.range(start + 1..).next() {
+                if s == start + 1 {
+                    let more = l.min(target.saturating_sub(got + 1));
+                    self.map_remove(s, more);
+                    len += more;
+                }
+            }
+            self.cursor = start + len;
+            self.push_reserved(Run {
+                start: DiskSector(start),
+                len,
+            });
+            got += len;
+        }
+        let has_big = self
+            .reserved
+            .iter()
+            .chain(self.pending.iter())
+            .any(|r| r.len >= min_len);
+        if !has_big && self.reserved.len() + self.pending.len() < max_runs {
+            if let Some(at) = self.take_next_fit(min_len) {
+                self.push_reserved(Run {
+                    start: at,
+                    len: min_len,
+                });
+            }
+        }
+    }
+
+    fn push_reserved(&mut self, run: Run) {
+        if let Some(last) = self.pending.last_mut() {
+            if last.start.0 + last.len == run.start.0 {
+                last.len += run.len;
+                return;
+            }
+        }
+        self.pending.push(run);
     }
 
     pub fn free_sectors(&self) -> u64 {
@@ -79,9 +221,10 @@ impl Allocator {
         self.free.values().copied().max().unwrap_or(0)
     }
 
-    /// Takes `len` contiguous sectors, next-fit: from the cursor (also from
-    /// the middle of the run containing it), then wrapping around.
-    pub fn allocate(&mut self, len: u64) -> Option<DiskSector> {
+    /// Takes `len` contiguous sectors out of the free map (they stay counted
+    /// as free: they move to the reservation), next-fit: from the cursor
+    /// (also from the middle of the run containing it), then wrapping around.
+    fn take_next_fit(&mut self, len: u64) -> Option<DiskSector> {
         assert!(len > 0);
         let cursor = self.cursor;
         let inside = self
@@ -106,9 +249,25 @@ impl Allocator {
         if run_end > at + len {
             self.free.insert(at + len, run_end - at - len);
         }
-        self.free_sectors -= len;
         self.cursor = at + len;
         Some(DiskSector(at))
+    }
+
+    /// Removes `[start, start + len)`, which must lie in one free run.
+    fn map_remove(&mut self, start: u64, len: u64) {
+        let (&fs, &fl) = self
+            .free
+            .range(..=start)
+            .next_back()
+            .expect("removing a free piece");
+        assert!(fs + fl >= start + len, "piece {start}+{len} is not free");
+        self.free.remove(&fs);
+        if start > fs {
+            self.free.insert(fs, start - fs);
+        }
+        if fs + fl > start + len {
+            self.free.insert(start + len, fs + fl - start - len);
+        }
     }
 
     /// Registers a freshly written extent (header + data) with all data live.
@@ -130,6 +289,12 @@ impl Allocator {
 
     /// Gives back a run that was allocated but never became referenced.
     pub fn free_run(&mut self, run: Run) {
+        self.map_insert(run);
+        self.free_sectors += run.len;
+    }
+
+    /// Puts a run into the free map (coalescing), without accounting.
+    fn map_insert(&mut self, run: Run) {
         assert!(run.len > 0);
         assert!(
             run.start.0 >= self.area.start.0
@@ -160,7 +325,14 @@ impl Allocator {
             }
         }
         self.free.insert(start, len);
-        self.free_sectors += run.len;
+    }
+
+    /// Gives back space (after the unlink is durable and no read may see it).
+    pub fn give_back(&mut self, f: Free) {
+        match f {
+            Free::Piece(r) => self.release(r),
+            Free::Run(r) => self.free_run(r),
+        }
     }
 
     /// Returns superseded data sectors, and the header with the last of them.
@@ -245,7 +417,7 @@ impl Allocator {
 pub struct Reclaimer {
     epoch: u64,
     readers: BTreeMap<u64, u64>,
-    pending: Vec<(u64, Vec<Release>)>,
+    pending: Vec<(u64, Vec<Free>)>,
 }
 
 impl Reclaimer {
@@ -276,7 +448,7 @@ impl Reclaimer {
 
     /// Space unlinked by a durable index change. Reads that begin from now on
     /// cannot find it; reads already running might.
-    pub fn defer(&mut self, releases: Vec<Release>, alloc: &mut Allocator) {
+    pub fn defer(&mut self, releases: Vec<Free>, alloc: &mut Allocator) {
         if releases.is_empty() {
             return;
         }
@@ -292,7 +464,7 @@ impl Reclaimer {
             if self.pending[i].0 < oldest_reader {
                 let (_, releases) = self.pending.swap_remove(i);
                 for r in releases {
-                    alloc.release(r);
+                    alloc.give_back(r);
                 }
             } else {
                 i += 1;
@@ -317,28 +489,65 @@ mod tests {
         }
     }
 
+    fn reserved_all() -> Allocator {
+        let mut a = Allocator::new(area());
+        a.reserve(100, 1, 16);
+        a.activate_reservation();
+        a
+    }
+
     #[test]
     fn allocate_free_coalesce() {
-        let mut a = Allocator::new(area());
+        let mut a = reserved_all();
         let x = a.allocate(10).unwrap();
         let y = a.allocate(20).unwrap();
         assert_eq!(x, DiskSector(2));
         assert_eq!(y, DiskSector(12));
         assert_eq!(a.free_sectors(), 70);
         assert!(a.allocate(71).is_none());
+        // The too-small front went back to the free map: still free.
+        assert_eq!(a.reserved_sectors(), 0);
+        assert_eq!(a.free_sectors(), 70);
         a.free_run(Run { start: x, len: 10 });
         a.free_run(Run { start: y, len: 20 });
         assert_eq!(a.free_sectors(), 100);
         assert_eq!(a.largest_free_run(), 100);
-        // next-fit: continues after the cursor
+        // The next reservation is next-fit from where the last one ended
+        // (the end of the area): it wraps around.
+        a.reserve(10, 1, 16);
+        assert_eq!(a.reserved_runs()[0].start, DiskSector(2));
+        assert!(a.allocate(5).is_none(), "pending runs are not allocated from");
+        a.activate_reservation();
         let z = a.allocate(5).unwrap();
-        assert_eq!(z, DiskSector(32));
+        assert_eq!(z, DiskSector(2));
+    }
+
+    #[test]
+    fn reservation_walks_in_order_and_finds_a_big_run() {
+        let mut a = reserved_all();
+        let x = a.allocate(10).unwrap();
+        let _y = a.allocate(10).unwrap();
+        let w = a.allocate(10).unwrap();
+        let rest = a.allocate(70).unwrap();
+        a.free_run(Run { start: x, len: 10 });
+        a.free_run(Run { start: w, len: 10 });
+        a.free_run(Run {
+            start: rest,
+            len: 70,
+        });
+        // cursor is at the end of the area: wraps around to x first.
+        a.reserve(5, 60, 16);
+        let runs = a.reserved_runs();
+        assert_eq!(runs[0].start, x);
+        assert!(runs.iter().any(|r| r.len >= 60), "{runs:?}");
+        a.activate_reservation();
+        assert!(a.allocate(60).is_some());
     }
 
     #[test]
     #[should_panic(expected = "double free")]
     fn double_free_panics() {
-        let mut a = Allocator::new(area());
+        let mut a = reserved_all();
         let x = a.allocate(10).unwrap();
         a.free_run(Run { start: x, len: 10 });
         a.free_run(Run { start: x, len: 10 });
@@ -346,7 +555,7 @@ mod tests {
 
     #[test]
     fn header_freed_with_last_live_sector() {
-        let mut a = Allocator::new(area());
+        let mut a = reserved_all();
         let h = a.allocate(5).unwrap(); // 1 header + 4 data
         a.register_extent(h, 1, 4);
         a.release(Release {
@@ -403,19 +612,19 @@ mod tests {
 
     #[test]
     fn reclaimer_waits_for_older_reads() {
-        let mut a = Allocator::new(area());
+        let mut a = reserved_all();
         let h = a.allocate(2).unwrap();
         a.register_extent(h, 1, 1);
         let mut r = Reclaimer::new();
         let e = r.begin_read();
         r.defer(
-            vec![Release {
+            vec![Free::Piece(Release {
                 header: h,
                 data: Run {
                     start: DiskSector(h.0 + 1),
                     len: 1,
                 },
-            }],
+            })],
             &mut a,
         );
         assert_eq!(a.free_sectors(), 98);

@@ -1,33 +1,59 @@
-//! The one place that touches the data file: every DMA buffer allocation,
-//! read, write, `fdatasync` and preallocation of the shard goes through
-//! [`Device`], so a later change can put a trait (and a simulated faulty disk)
-//! behind it without touching the engine.
+//! The glommio DMA implementation of [`Storage`]: a data file in the shard's
+//! folder, or a range of a raw block device (or partition), opened O_DIRECT.
 //!
-//! All positions and sizes are whole sectors: the file is opened `O_DIRECT`.
-//! A short read or write is an error here (`UnexpectedEof` / `WriteZero`), so
-//! callers never see partial sectors.
+//! All positions and sizes are whole sectors. A short read or write is an
+//! error here (`UnexpectedEof` / `WriteZero`), so callers never see partial
+//! sectors. Positions are relative to the start of the range.
 
-use std::cell::Cell;
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
-use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+use glommio::io::{DmaFile, OpenOptions};
 
 use crate::layout::{DiskSector, DATA_START_SECTOR, SECTOR};
+use crate::storage::{IoBuf, IoFuture, ReadBuf, Storage};
 
-/// Counters of what went to the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceCounters {
-    pub writes: u64,
-    pub reads: u64,
-    pub flushes: u64,
+/// A range of a raw block device (or of any file) used as one shard's area.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRange {
+    pub path: PathBuf,
+    /// Start of the range, a multiple of the sector size.
+    pub offset_bytes: u64,
+    /// Length of the range, a multiple of the sector size.
+    pub len_bytes: u64,
 }
 
-pub struct Device {
+/// Whether `path` is a block device.
+pub fn is_block_device(path: &Path) -> io::Result<bool> {
+    Ok(std::fs::metadata(path)?.file_type().is_block_device())
+}
+
+/// Size of a block device (`BLKGETSIZE64`) or of a regular file.
+pub fn device_size_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    if !is_block_device(path)? {
+        return Ok(std::fs::metadata(path)?.len());
+    }
+    let f = std::fs::File::open(path)?;
+    let mut size: u64 = 0;
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // SAFETY: the ioctl writes one u64 into `size`, which outlives the call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+pub struct DmaStorage {
     file: DmaFile,
-    writes: Cell<u64>,
-    reads: Cell<u64>,
-    flushes: Cell<u64>,
+    what: String,
+    /// Byte offset of sector 0 in the file or device.
+    base: u64,
+    /// Length of the range for a block device (`file_size` is 0 there).
+    range_len: Option<u64>,
 }
 
 /// glommio decides once per block device (and caches it for the process)
@@ -58,9 +84,48 @@ fn to_io<T>(e: glommio::GlommioError<T>) -> io::Error {
     e.into()
 }
 
-impl Device {
+impl DmaStorage {
+    /// Opens a range of a block device for O_DIRECT reads and writes.
+    pub async fn open_range(range: &DeviceRange) -> io::Result<DmaStorage> {
+        if range.offset_bytes % SECTOR != 0 || range.len_bytes % SECTOR != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("device range {range:?} is not sector-aligned"),
+            ));
+        }
+        let size = device_size_bytes(&range.path)?;
+        if range.offset_bytes + range.len_bytes > size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} has {size} bytes, the range needs {}",
+                    range.path.display(),
+                    range.offset_bytes + range.len_bytes
+                ),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&range.path)
+            .await
+            .map_err(to_io)?;
+        check_alignment(&file)?;
+        Ok(DmaStorage {
+            file,
+            what: format!(
+                "{} bytes {}..{}",
+                range.path.display(),
+                range.offset_bytes,
+                range.offset_bytes + range.len_bytes
+            ),
+            base: range.offset_bytes,
+            range_len: Some(range.len_bytes),
+        })
+    }
+
     /// Opens (creating if missing) the data file for O_DIRECT reads and writes.
-    pub async fn open(path: &Path) -> io::Result<Device> {
+    pub async fn open(path: &Path) -> io::Result<DmaStorage> {
         ensure_first_sectors_written(path)?;
         let file = OpenOptions::new()
             .read(true)
@@ -69,54 +134,49 @@ impl Device {
             .dma_open(path)
             .await
             .map_err(to_io)?;
-        if file.alignment() > SECTOR {
-            return Err(io::Error::other(format!(
-                "device alignment {} exceeds the sector size {SECTOR}",
-                file.alignment()
-            )));
-        }
-        Ok(Device {
+        check_alignment(&file)?;
+        Ok(DmaStorage {
             file,
-            writes: Cell::new(0),
-            reads: Cell::new(0),
-            flushes: Cell::new(0),
+            what: path.display().to_string(),
+            base: 0,
+            range_len: None,
         })
-    }
-
-    pub fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            writes: self.writes.get(),
-            reads: self.reads.get(),
-            flushes: self.flushes.get(),
-        }
     }
 
     /// A sector-aligned buffer of `sectors` sectors for a later write. Comes
     /// from glommio's registered io_memory, or from the heap (still 4 KiB
     /// aligned) when that pool is exhausted. NOT zeroed (pool memory is
     /// recycled): the caller must define every byte before writing it.
-    pub fn alloc_buffer(&self, sectors: u64) -> DmaBuffer {
-        assert!(sectors > 0, "zero-sized DMA buffers do not exist");
-        self.file.alloc_dma_buffer((sectors * SECTOR) as usize)
-    }
-
-    pub async fn size_bytes(&self) -> io::Result<u64> {
-        self.file.file_size().await.map_err(to_io)
+    async fn size(&self) -> io::Result<u64> {
+        match self.range_len {
+            Some(n) => Ok(n),
+            None => self.file.file_size().await.map_err(to_io),
+        }
     }
 
     /// Reserves blocks for the whole file so later writes do not allocate.
-    pub async fn pre_allocate(&self, bytes: u64) -> io::Result<()> {
+    async fn pre_allocate_impl(&self, bytes: u64) -> io::Result<()> {
+        if self.range_len.is_some() {
+            return Ok(());
+        }
         self.file.pre_allocate(bytes, false).await.map_err(to_io)
     }
 
     /// Writes the whole buffer (whole sectors) at `at` with one DMA write.
-    pub async fn write(&self, at: DiskSector, buf: DmaBuffer) -> io::Result<()> {
+    async fn write_impl(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
-        self.writes.set(self.writes.get() + 1);
+        let buf = match buf {
+            IoBuf::Dma(b) => b,
+            IoBuf::Heap(v) => {
+                let mut b = self.file.alloc_dma_buffer(v.len());
+                b.as_bytes_mut().copy_from_slice(&v);
+                b
+            }
+        };
         let written = self
             .file
-            .write_at(buf, at.byte_offset())
+            .write_at(buf, self.base + at.byte_offset())
             .await
             .map_err(to_io)?;
         if written != len {
@@ -132,13 +192,12 @@ impl Device {
     }
 
     /// Reads `sectors` whole sectors starting at `at`.
-    pub async fn read(&self, at: DiskSector, sectors: u64) -> io::Result<ReadResult> {
+    async fn read_impl(&self, at: DiskSector, sectors: u64) -> io::Result<ReadBuf> {
         assert!(sectors > 0);
         let len = (sectors * SECTOR) as usize;
-        self.reads.set(self.reads.get() + 1);
         let rr = self
             .file
-            .read_at_aligned(at.byte_offset(), len)
+            .read_at_aligned(self.base + at.byte_offset(), len)
             .await
             .map_err(to_io)?;
         if rr.len() != len {
@@ -151,13 +210,50 @@ impl Device {
                 ),
             ));
         }
-        Ok(rr)
+        Ok(ReadBuf::Dma(rr))
+    }
+}
+
+fn check_alignment(file: &DmaFile) -> io::Result<()> {
+    if file.alignment() > SECTOR {
+        return Err(io::Error::other(format!(
+            "device alignment {} exceeds the sector size {SECTOR}",
+            file.alignment()
+        )));
+    }
+    Ok(())
+}
+
+impl Storage for DmaStorage {
+    /// A sector-aligned buffer from glommio's registered io_memory, or from
+    /// the heap (still aligned) when that pool is exhausted. NOT zeroed.
+    fn alloc_buffer(&self, sectors: u64) -> IoBuf {
+        IoBuf::Dma(self.file.alloc_dma_buffer((sectors * SECTOR) as usize))
     }
 
-    /// `fdatasync` of the data file. Callers must treat an error as fatal for
-    /// writes (fail-stop): the kernel may have dropped the dirty pages.
-    pub async fn sync(&self) -> io::Result<()> {
-        self.flushes.set(self.flushes.get() + 1);
-        self.file.fdatasync().await.map_err(to_io)
+    fn size_bytes(&self) -> IoFuture<'_, u64> {
+        Box::pin(self.size())
+    }
+
+    fn pre_allocate(&self, bytes: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.pre_allocate_impl(bytes))
+    }
+
+    fn write(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
+        Box::pin(self.write_impl(at, buf))
+    }
+
+    fn read(&self, at: DiskSector, sectors: u64) -> IoFuture<'_, ReadBuf> {
+        Box::pin(self.read_impl(at, sectors))
+    }
+
+    /// `fdatasync`. Callers must treat an error as fatal for writes
+    /// (fail-stop): the kernel may have dropped the dirty pages.
+    fn sync(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { self.file.fdatasync().await.map_err(to_io) })
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
     }
 }

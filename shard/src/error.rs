@@ -42,6 +42,9 @@ pub enum ShardError {
     /// The sled index failed.
     #[error("index error: {0}")]
     Index(#[from] sled::Error),
+    /// The index is missing or damaged; the message says how to rebuild it.
+    #[error("{0}")]
+    IndexMissing(String),
     /// The index holds something this engine never writes (a bug or corruption).
     #[error("index is inconsistent: {0}")]
     IndexCorrupt(String),
@@ -68,6 +71,7 @@ impl ShardError {
             ShardError::InvalidArgument(_) => ErrorCode::InvalidRequest,
             ShardError::Io { .. } | ShardError::Index(_) => ErrorCode::Io,
             ShardError::IndexCorrupt(_)
+            | ShardError::IndexMissing(_)
             | ShardError::ShardCountMismatch { .. }
             | ShardError::Format(_)
             | ShardError::Internal(_) => ErrorCode::Internal,

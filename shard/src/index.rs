@@ -12,20 +12,129 @@
 //! (the kept crcs stay valid because a sector's crc identity is its *logical*
 //! index and the generation of the write that produced it).
 //!
-//! The index is a cache of the data area in the long run (invariant 5); for now
-//! it is the source of truth for which extent is current.
+//! - `'t' ++ chunk_be16` -> [`TombRec`]: the chunk's latest durable delete
+//!   (its tombstone extent on disk is live space while this record exists);
+//! - `'c'` -> [`Checkpoint`]: the recovery checkpoint (see `recover`).
+//!
+//! The index is a cache of the data area (invariant 5): it is updated after a
+//! write is durable, without waiting for sled to flush, and recovery replays
+//! whatever it lacks from the data area written since the last checkpoint.
+//!
+//! The store is sled, or in tests [`MemKv`] (sled's crash semantics, for the
+//! simulated disk). Every change is one atomic batch.
 
 use std::ops::Bound;
 
 use shardstore_proto::ChunkId;
 
+use crate::alloc::Run;
 use crate::error::ShardError;
 use crate::layout::{le_u32, le_u64, DiskSector, Generation, LogicalSector};
+use crate::sim::{KvBatch, MemKv};
 
 const META_PREFIX: u8 = b'm';
 const EXTENT_PREFIX: u8 = b'e';
-const META_VALUE_LEN: usize = 40;
+const TOMB_PREFIX: u8 = b't';
+const CHECKPOINT_KEY: &[u8] = b"c";
+const META_VALUE_LEN: usize = 48;
 const EXTENT_VALUE_FIXED: usize = 32;
+const TOMB_VALUE_LEN: usize = 24;
+const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"SSCKPT02");
+/// Most runs a checkpoint lists (bounds its size and the recovery scan).
+pub const MAX_CHECKPOINT_RUNS: usize = 4096;
+
+/// The durable recovery checkpoint: every write with a generation below
+/// `replay_from` is in the index; every extent with a generation at or above
+/// it lies inside `scan`; no generation at or above `high_water` had been
+/// handed out when it was taken (see `recover`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub replay_from: u64,
+    pub high_water: u64,
+    pub taken_ns: u64,
+    pub scan: Vec<Run>,
+}
+
+impl Checkpoint {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + 16 * self.scan.len());
+        v.extend_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
+        v.extend_from_slice(&self.replay_from.to_le_bytes());
+        v.extend_from_slice(&self.high_water.to_le_bytes());
+        v.extend_from_slice(&self.taken_ns.to_le_bytes());
+        v.extend_from_slice(&(self.scan.len() as u32).to_le_bytes());
+        for r in &self.scan {
+            v.extend_from_slice(&r.start.0.to_le_bytes());
+            v.extend_from_slice(&r.len.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Result<Checkpoint, ShardError> {
+        let bad = |why: &str| ShardError::IndexCorrupt(format!("checkpoint record: {why}"));
+        if v.len() < 40 {
+            return Err(bad("too short"));
+        }
+        let body = &v[..v.len() - 4];
+        if crc32c::crc32c(body) != le_u32(v, v.len() - 4) {
+            return Err(bad("crc mismatch"));
+        }
+        if le_u64(v, 0) != CHECKPOINT_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let n = le_u32(v, 32) as usize;
+        if n > MAX_CHECKPOINT_RUNS || body.len() != 36 + 16 * n {
+            return Err(bad("bad run count"));
+        }
+        Ok(Checkpoint {
+            replay_from: le_u64(v, 8),
+            high_water: le_u64(v, 16),
+            taken_ns: le_u64(v, 24),
+            scan: (0..n)
+                .map(|i| Run {
+                    start: DiskSector(le_u64(v, 36 + 16 * i)),
+                    len: le_u64(v, 44 + 16 * i),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// A chunk's latest durable delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TombRec {
+    pub generation: Generation,
+    /// The tombstone extent's sector.
+    pub disk: DiskSector,
+    /// The version the chunk had when deleted.
+    pub version: u64,
+}
+
+impl TombRec {
+    fn encode(&self) -> [u8; TOMB_VALUE_LEN] {
+        let mut v = [0u8; TOMB_VALUE_LEN];
+        v[0..8].copy_from_slice(&self.generation.0.to_le_bytes());
+        v[8..16].copy_from_slice(&self.disk.0.to_le_bytes());
+        v[16..24].copy_from_slice(&self.version.to_le_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Result<TombRec, ShardError> {
+        if v.len() != TOMB_VALUE_LEN {
+            return Err(ShardError::IndexCorrupt(format!(
+                "tombstone record has {} bytes",
+                v.len()
+            )));
+        }
+        Ok(TombRec {
+            generation: Generation(le_u64(v, 0)),
+            disk: DiskSector(le_u64(v, 8)),
+            version: le_u64(v, 16),
+        })
+    }
+}
 
 /// Per-chunk metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +145,8 @@ pub struct ChunkMeta {
     pub modified_ns: u64,
     /// Live data sectors referenced by the chunk's extent records.
     pub live_sectors: u64,
+    /// Generation of the chunk's latest write in the index.
+    pub generation: u64,
 }
 
 impl ChunkMeta {
@@ -46,6 +157,7 @@ impl ChunkMeta {
         v[16..24].copy_from_slice(&self.created_ns.to_le_bytes());
         v[24..32].copy_from_slice(&self.modified_ns.to_le_bytes());
         v[32..40].copy_from_slice(&self.live_sectors.to_le_bytes());
+        v[40..48].copy_from_slice(&self.generation.to_le_bytes());
         v
     }
 
@@ -62,6 +174,7 @@ impl ChunkMeta {
             created_ns: le_u64(v, 16),
             modified_ns: le_u64(v, 24),
             live_sectors: le_u64(v, 32),
+            generation: le_u64(v, 40),
         })
     }
 }
@@ -174,23 +287,110 @@ pub fn extent_key(chunk: ChunkId, logical: LogicalSector) -> [u8; 25] {
     k
 }
 
-/// Typed access to the sled tree.
+fn tomb_key(chunk: ChunkId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = TOMB_PREFIX;
+    k[1..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+type KvItem = Result<(Vec<u8>, Vec<u8>), ShardError>;
+
+/// The ordered key-value store under the index.
+pub enum Kv {
+    Sled(sled::Db),
+    Mem(MemKv),
+}
+
+impl Kv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ShardError> {
+        match self {
+            Kv::Sled(db) => Ok(db.get(key)?.map(|v| v.to_vec())),
+            Kv::Mem(m) => Ok(m.get(key)),
+        }
+    }
+
+    fn range(
+        &self,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+    ) -> Box<dyn Iterator<Item = KvItem> + '_> {
+        match self {
+            Kv::Sled(db) => Box::new(db.range::<Vec<u8>, _>((lo, hi)).map(|r| {
+                let (k, v) = r?;
+                Ok((k.to_vec(), v.to_vec()))
+            })),
+            Kv::Mem(m) => Box::new(m.range(lo, hi).into_iter().map(Ok)),
+        }
+    }
+
+    fn last_in(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>) -> Result<Option<(Vec<u8>, Vec<u8>)>, ShardError> {
+        match self {
+            Kv::Sled(db) => match db.range::<Vec<u8>, _>((lo, hi)).next_back() {
+                Some(r) => {
+                    let (k, v) = r?;
+                    Ok(Some((k.to_vec(), v.to_vec())))
+                }
+                None => Ok(None),
+            },
+            Kv::Mem(m) => Ok(m.range(lo, hi).pop()),
+        }
+    }
+
+    fn prefix(&self, p: &[u8]) -> Box<dyn Iterator<Item = KvItem> + '_> {
+        let mut hi = p.to_vec();
+        // Prefixes used here never end in 0xff.
+        *hi.last_mut().expect("non-empty prefix") += 1;
+        self.range(Bound::Included(p.to_vec()), Bound::Excluded(hi))
+    }
+}
+
+/// Typed access to the index store.
 pub struct Index {
-    db: sled::Db,
+    kv: Kv,
 }
 
 impl Index {
     pub fn new(db: sled::Db) -> Index {
-        Index { db }
+        Index { kv: Kv::Sled(db) }
     }
 
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    pub fn new_mem(kv: MemKv) -> Index {
+        Index { kv: Kv::Mem(kv) }
+    }
+
+    /// Makes every applied change durable (sled `flush_async`, which runs on
+    /// sled's own threads: the executor is not blocked).
+    pub async fn flush(&self) -> Result<(), ShardError> {
+        match &self.kv {
+            Kv::Sled(db) => {
+                db.flush_async().await?;
+            }
+            Kv::Mem(m) => {
+                futures_lite::future::yield_now().await;
+                m.flush();
+            }
+        }
+        Ok(())
     }
 
     pub fn get_meta(&self, chunk: ChunkId) -> Result<Option<ChunkMeta>, ShardError> {
-        match self.db.get(meta_key(chunk))? {
+        match self.kv.get(&meta_key(chunk))? {
             Some(v) => Ok(Some(ChunkMeta::decode(chunk, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn get_tomb(&self, chunk: ChunkId) -> Result<Option<TombRec>, ShardError> {
+        match self.kv.get(&tomb_key(chunk))? {
+            Some(v) => Ok(Some(TombRec::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>, ShardError> {
+        match self.kv.get(CHECKPOINT_KEY)? {
+            Some(v) => Ok(Some(Checkpoint::decode(&v)?)),
             None => Ok(None),
         }
     }
@@ -204,21 +404,19 @@ impl Index {
         end: u64,
     ) -> Result<Vec<ExtentRec>, ShardError> {
         let mut out = Vec::new();
-        let lo = extent_key(chunk, LogicalSector(first));
+        let lo = extent_key(chunk, LogicalSector(first)).to_vec();
         // The record starting at or before `first` may reach into the range.
-        if let Some(item) = self
-            .db
-            .range(extent_key(chunk, LogicalSector(0))..=lo)
-            .next_back()
-        {
-            let (k, v) = item?;
+        if let Some((k, v)) = self.kv.last_in(
+            Bound::Included(extent_key(chunk, LogicalSector(0)).to_vec()),
+            Bound::Included(lo.clone()),
+        )? {
             let (_, rec) = ExtentRec::decode(&k, &v)?;
             if rec.end() > first {
                 out.push(rec);
             }
         }
-        let hi = extent_key(chunk, LogicalSector(end));
-        for item in self.db.range((Bound::Excluded(lo), Bound::Excluded(hi))) {
+        let hi = extent_key(chunk, LogicalSector(end)).to_vec();
+        for item in self.kv.range(Bound::Excluded(lo), Bound::Excluded(hi)) {
             let (k, v) = item?;
             let (_, rec) = ExtentRec::decode(&k, &v)?;
             out.push(rec);
@@ -228,8 +426,8 @@ impl Index {
 
     /// All extent records of `chunk`.
     pub fn chunk_extents(&self, chunk: ChunkId) -> Result<Vec<ExtentRec>, ShardError> {
-        self.db
-            .scan_prefix(extent_prefix(chunk))
+        self.kv
+            .prefix(&extent_prefix(chunk))
             .map(|item| {
                 let (k, v) = item?;
                 Ok(ExtentRec::decode(&k, &v)?.1)
@@ -237,13 +435,43 @@ impl Index {
             .collect()
     }
 
-    /// Every extent record of the shard (for the rebuild at open).
+    /// Every extent record of the shard.
     pub fn all_extents(
         &self,
     ) -> impl Iterator<Item = Result<(ChunkId, ExtentRec), ShardError>> + '_ {
-        self.db.scan_prefix([EXTENT_PREFIX]).map(|item| {
+        self.kv.prefix(&[EXTENT_PREFIX]).map(|item| {
             let (k, v) = item?;
             ExtentRec::decode(&k, &v)
+        })
+    }
+
+    /// Extent records after `(chunk, logical)` in key order (for the scrubber).
+    pub fn extents_after(
+        &self,
+        after: Option<(ChunkId, LogicalSector)>,
+    ) -> impl Iterator<Item = Result<(ChunkId, ExtentRec), ShardError>> + '_ {
+        let lo = match after {
+            Some((c, l)) => Bound::Excluded(extent_key(c, l).to_vec()),
+            None => Bound::Included(vec![EXTENT_PREFIX]),
+        };
+        self.kv
+            .range(lo, Bound::Excluded(vec![EXTENT_PREFIX + 1]))
+            .map(|item| {
+                let (k, v) = item?;
+                ExtentRec::decode(&k, &v)
+            })
+    }
+
+    /// Every tombstone record of the shard.
+    pub fn all_tombs(&self) -> impl Iterator<Item = Result<(ChunkId, TombRec), ShardError>> + '_ {
+        self.kv.prefix(&[TOMB_PREFIX]).map(|item| {
+            let (k, v) = item?;
+            if k.len() != 17 {
+                return Err(ShardError::IndexCorrupt(format!("bad tombstone key {k:02x?}")));
+            }
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&k[1..]);
+            Ok((ChunkId::from_be_bytes(id), TombRec::decode(&v)?))
         })
     }
 
@@ -257,7 +485,7 @@ impl Index {
             None => Bound::Included(vec![META_PREFIX]),
         };
         let end = Bound::Excluded(vec![META_PREFIX + 1]);
-        self.db.range::<Vec<u8>, _>((start, end)).map(|item| {
+        self.kv.range(start, end).map(|item| {
             let (k, v) = item?;
             if k.len() != 17 {
                 return Err(ShardError::IndexCorrupt(format!("bad meta key {k:02x?}")));
@@ -270,41 +498,74 @@ impl Index {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.db.is_empty()
+        match &self.kv {
+            Kv::Sled(db) => db.is_empty(),
+            Kv::Mem(m) => m.is_empty(),
+        }
+    }
+
+    /// Removes everything (before a rebuild from the data area).
+    pub fn clear(&self) -> Result<(), ShardError> {
+        match &self.kv {
+            Kv::Sled(db) => db.clear()?,
+            Kv::Mem(m) => m.clear(),
+        }
+        Ok(())
     }
 }
 
 /// One atomic index change under construction.
+#[derive(Default)]
 pub struct Change {
-    batch: sled::Batch,
+    ops: KvBatch,
 }
 
 impl Change {
     pub fn new() -> Change {
-        Change {
-            batch: sled::Batch::default(),
-        }
+        Change::default()
     }
 
     pub fn put_meta(&mut self, chunk: ChunkId, meta: &ChunkMeta) {
-        self.batch.insert(&meta_key(chunk)[..], &meta.encode()[..]);
+        self.ops
+            .push((meta_key(chunk).to_vec(), Some(meta.encode().to_vec())));
     }
 
     pub fn remove_meta(&mut self, chunk: ChunkId) {
-        self.batch.remove(&meta_key(chunk)[..]);
+        self.ops.push((meta_key(chunk).to_vec(), None));
     }
 
     pub fn put_extent(&mut self, chunk: ChunkId, rec: &ExtentRec) {
-        self.batch
-            .insert(&extent_key(chunk, rec.logical)[..], rec.encode());
+        self.ops
+            .push((extent_key(chunk, rec.logical).to_vec(), Some(rec.encode())));
     }
 
     pub fn remove_extent(&mut self, chunk: ChunkId, logical: LogicalSector) {
-        self.batch.remove(&extent_key(chunk, logical)[..]);
+        self.ops.push((extent_key(chunk, logical).to_vec(), None));
+    }
+
+    pub fn put_tomb(&mut self, chunk: ChunkId, t: &TombRec) {
+        self.ops
+            .push((tomb_key(chunk).to_vec(), Some(t.encode().to_vec())));
+    }
+
+    pub fn put_checkpoint(&mut self, c: &Checkpoint) {
+        self.ops.push((CHECKPOINT_KEY.to_vec(), Some(c.encode())));
     }
 
     pub fn apply(self, index: &Index) -> Result<(), ShardError> {
-        index.db.apply_batch(self.batch)?;
+        match &index.kv {
+            Kv::Sled(db) => {
+                let mut b = sled::Batch::default();
+                for (k, v) in self.ops {
+                    match v {
+                        Some(v) => b.insert(k, v),
+                        None => b.remove(k),
+                    }
+                }
+                db.apply_batch(b)?;
+            }
+            Kv::Mem(m) => m.apply(self.ops),
+        }
         Ok(())
     }
 }
@@ -342,6 +603,7 @@ mod tests {
                 created_ns: 3,
                 modified_ns: 4,
                 live_sectors: 6,
+                generation: 7,
             },
         );
         ch.apply(&index).unwrap();
@@ -358,5 +620,31 @@ mod tests {
         let metas: Vec<_> = index.metas_after(None).collect::<Result<_, _>>().unwrap();
         assert_eq!(metas.len(), 1);
         assert_eq!(index.metas_after(Some(c)).count(), 0);
+        let ck = Checkpoint {
+            replay_from: 8,
+            high_water: 9,
+            taken_ns: 1,
+            scan: vec![Run {
+                start: DiskSector(5),
+                len: 6,
+            }],
+        };
+        let mut ch = Change::new();
+        ch.put_checkpoint(&ck);
+        ch.put_tomb(
+            ChunkId(8),
+            &TombRec {
+                generation: Generation(3),
+                disk: DiskSector(4),
+                version: 5,
+            },
+        );
+        ch.apply(&index).unwrap();
+        assert_eq!(index.checkpoint().unwrap(), Some(ck));
+        assert_eq!(index.all_tombs().count(), 1);
+        assert_eq!(index.get_tomb(ChunkId(8)).unwrap().unwrap().version, 5);
+        // Tombstones and the checkpoint do not show up as chunks or extents.
+        assert_eq!(index.all_extents().count(), 3);
+        assert_eq!(index.metas_after(None).count(), 1);
     }
 }

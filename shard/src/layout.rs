@@ -16,6 +16,9 @@
 //! `header_sectors = ceil((EXTENT_HEADER_FIXED + 4 * sector_count) / SECTOR)`),
 //! so one header describes up to `MAX_EXTENT_SECTORS` data sectors.
 //!
+//! A delete is a one-sector *tombstone* extent (kind 2, no data sectors):
+//! every extent of its chunk with a lower generation is dead.
+//!
 //! Each data sector's crc covers its identity as well as its bytes:
 //! `crc32c_append(crc32c(chunk_le16 ++ logical_sector_le8 ++ generation_le8), data)`,
 //! so a stale sector (older generation) or a misdirected one (other chunk or
@@ -72,7 +75,9 @@ pub fn sector_crc(
 // Superblock
 
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"SSSUPER1");
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: tombstones, chunk version/creation time and intended disk
+/// position in extent headers, node-seeded header crc.
+pub const FORMAT_VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 128;
 
 /// Field layout of the superblock; encoded explicitly by [`Superblock::encode`].
@@ -178,8 +183,17 @@ impl Superblock {
 // Extent header
 
 pub const EXTENT_MAGIC: u64 = u64::from_le_bytes(*b"SSEXTNT1");
-pub const EXTENT_KIND_DATA: u8 = 1;
 pub const EXTENT_HEADER_FIXED: usize = 128;
+
+/// What an extent records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// `sector_count` data sectors of a chunk follow the header.
+    Data = 1,
+    /// A durable delete: every extent of the chunk with a lower generation is
+    /// dead. Header only (one sector, no data sectors).
+    Tombstone = 2,
+}
 
 /// Field layout of the fixed part of an extent header; the per-sector crcs
 /// (`sector_count` x u32) follow it, then zero padding to a sector boundary.
@@ -197,8 +211,11 @@ struct ExtentHeaderRepr {
     generation: u64,     // 48
     chunk_len: u64,      // 56
     timestamp_ns: u64,   // 64
-    reserved2: [u8; 48], // 72
-    header_crc: u32,     // 120: crc32c of the whole header with this field zero
+    version: u64,        // 72: chunk version after this write (or at delete)
+    created_ns: u64,     // 80: chunk creation time
+    disk_sector: u64,    // 88: where this header was meant to land
+    reserved2: [u8; 24], // 96
+    header_crc: u32,     // 120: crc32c seeded with the node id, over the whole header with this field zero
     reserved3: u32,      // 124
 }
 const _: () = assert!(std::mem::size_of::<ExtentHeaderRepr>() == EXTENT_HEADER_FIXED);
@@ -209,19 +226,39 @@ const _: () = assert!(
 
 /// Header sectors needed to describe `sector_count` data sectors.
 pub const fn header_sectors_for(sector_count: u64) -> u64 {
-    (EXTENT_HEADER_FIXED as u64 + 4 * sector_count).div_ceil(SECTOR)
+    let s = (EXTENT_HEADER_FIXED as u64 + 4 * sector_count).div_ceil(SECTOR);
+    if s == 0 {
+        1
+    } else {
+        s
+    }
 }
 
-/// The self-describing header of one extent.
+/// The self-describing header of one extent (data or tombstone).
+///
+/// Its crc is seeded with the node id and covers the intended disk position,
+/// so a header-looking sector written by a client (payload bytes) or a header
+/// that landed at the wrong place is never taken for a real one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExtentHeader {
+    pub kind: ExtentKind,
     pub chunk: ChunkId,
     pub first_sector: LogicalSector,
     pub generation: Generation,
     pub chunk_len: u64,
     pub timestamp_ns: u64,
-    /// crc of each data sector, see [`sector_crc`].
+    pub version: u64,
+    pub created_ns: u64,
+    pub disk_sector: DiskSector,
+    /// crc of each data sector, see [`sector_crc`]. Empty for a tombstone.
     pub crcs: Vec<u32>,
+}
+
+fn header_crc(node_id: u128, header: &[u8]) -> u32 {
+    let seed = crc32c::crc32c(&node_id.to_le_bytes());
+    let c = crc32c::crc32c_append(seed, &header[..120]);
+    let c = crc32c::crc32c_append(c, &[0u8; 4]);
+    crc32c::crc32c_append(c, &header[124..])
 }
 
 impl ExtentHeader {
@@ -229,15 +266,25 @@ impl ExtentHeader {
         header_sectors_for(self.crcs.len() as u64)
     }
 
+    /// Header plus data sectors.
+    pub fn total_sectors(&self) -> u64 {
+        self.header_sectors() + self.crcs.len() as u64
+    }
+
     /// Encodes into `out`, which must be exactly `header_sectors() * SECTOR` bytes.
-    pub fn encode(&self, out: &mut [u8]) {
+    pub fn encode(&self, node_id: u128, out: &mut [u8]) {
         let hs = self.header_sectors();
         assert_eq!(out.len() as u64, hs * SECTOR);
-        assert!(!self.crcs.is_empty() && self.crcs.len() as u64 <= MAX_EXTENT_SECTORS);
+        match self.kind {
+            ExtentKind::Data => {
+                assert!(!self.crcs.is_empty() && self.crcs.len() as u64 <= MAX_EXTENT_SECTORS)
+            }
+            ExtentKind::Tombstone => assert!(self.crcs.is_empty()),
+        }
         out.fill(0);
         out[0..8].copy_from_slice(&EXTENT_MAGIC.to_le_bytes());
         out[8..10].copy_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
-        out[10] = EXTENT_KIND_DATA;
+        out[10] = self.kind as u8;
         out[12..16].copy_from_slice(&(hs as u32).to_le_bytes());
         out[16..32].copy_from_slice(&self.chunk.0.to_le_bytes());
         out[32..40].copy_from_slice(&self.first_sector.0.to_le_bytes());
@@ -245,17 +292,25 @@ impl ExtentHeader {
         out[48..56].copy_from_slice(&self.generation.0.to_le_bytes());
         out[56..64].copy_from_slice(&self.chunk_len.to_le_bytes());
         out[64..72].copy_from_slice(&self.timestamp_ns.to_le_bytes());
+        out[72..80].copy_from_slice(&self.version.to_le_bytes());
+        out[80..88].copy_from_slice(&self.created_ns.to_le_bytes());
+        out[88..96].copy_from_slice(&self.disk_sector.0.to_le_bytes());
         for (i, crc) in self.crcs.iter().enumerate() {
             let at = EXTENT_HEADER_FIXED + 4 * i;
             out[at..at + 4].copy_from_slice(&crc.to_le_bytes());
         }
-        let crc = crc32c::crc32c(out);
+        let crc = header_crc(node_id, out);
         out[120..124].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Cheap pre-check for scans: does this sector start with the magic?
+    pub fn has_magic(sector: &[u8]) -> bool {
+        sector.len() >= 8 && le_u64(sector, 0) == EXTENT_MAGIC
     }
 
     /// Decodes a header, or says why the bytes are not a valid extent header.
     /// `bytes` must hold at least the whole header (it may hold more).
-    pub fn decode(bytes: &[u8]) -> Result<ExtentHeader, String> {
+    pub fn decode(node_id: u128, bytes: &[u8]) -> Result<ExtentHeader, String> {
         if bytes.len() < SECTOR as usize {
             return Err("extent header shorter than a sector".into());
         }
@@ -267,11 +322,17 @@ impl ExtentHeader {
         if u32::from(version) != FORMAT_VERSION {
             return Err(format!("unsupported extent format version {version}"));
         }
-        if bytes[10] != EXTENT_KIND_DATA {
-            return Err(format!("unknown extent kind {}", bytes[10]));
-        }
+        let kind = match bytes[10] {
+            1 => ExtentKind::Data,
+            2 => ExtentKind::Tombstone,
+            k => return Err(format!("unknown extent kind {k}")),
+        };
         let count = u64::from(le_u32(bytes, 40));
-        if count == 0 || count > MAX_EXTENT_SECTORS {
+        let count_ok = match kind {
+            ExtentKind::Data => count > 0 && count <= MAX_EXTENT_SECTORS,
+            ExtentKind::Tombstone => count == 0,
+        };
+        if !count_ok {
             return Err(format!("extent sector count {count} out of range"));
         }
         let hs = u64::from(le_u32(bytes, 12));
@@ -289,10 +350,7 @@ impl ExtentHeader {
         }
         let header = &bytes[..total];
         let stored = le_u32(header, 120);
-        let computed = crc32c::crc32c_append(
-            crc32c::crc32c_append(crc32c::crc32c(&header[..120]), &[0u8; 4]),
-            &header[124..],
-        );
+        let computed = header_crc(node_id, header);
         if stored != computed {
             return Err(format!(
                 "extent header crc mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -300,7 +358,7 @@ impl ExtentHeader {
         }
         if header[11] != 0
             || le_u32(header, 44) != 0
-            || header[72..120].iter().any(|&b| b != 0)
+            || header[96..120].iter().any(|&b| b != 0)
             || le_u32(header, 124) != 0
         {
             return Err("reserved extent header bytes are not zero".into());
@@ -313,12 +371,31 @@ impl ExtentHeader {
             .map(|i| le_u32(header, EXTENT_HEADER_FIXED + 4 * i))
             .collect();
         Ok(ExtentHeader {
+            kind,
             chunk: ChunkId(le_u128(header, 16)),
             first_sector: LogicalSector(le_u64(header, 32)),
             generation: Generation(le_u64(header, 48)),
             chunk_len: le_u64(header, 56),
             timestamp_ns: le_u64(header, 64),
+            version: le_u64(header, 72),
+            created_ns: le_u64(header, 80),
+            disk_sector: DiskSector(le_u64(header, 88)),
             crcs,
+        })
+    }
+
+    /// Checks every data sector of the extent (`data` = the data sectors);
+    /// returns the index of the first bad one.
+    pub fn first_bad_sector(&self, data: &[u8]) -> Option<usize> {
+        assert_eq!(data.len() as u64, self.crcs.len() as u64 * SECTOR);
+        self.crcs.iter().enumerate().position(|(i, crc)| {
+            let s = &data[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+            sector_crc(
+                self.chunk,
+                LogicalSector(self.first_sector.0 + i as u64),
+                self.generation,
+                s,
+            ) != *crc
         })
     }
 }
@@ -377,6 +454,10 @@ mod tests {
     fn extent_header_round_trip_multi_sector() {
         for count in [1u64, 2, 992, 993, MAX_EXTENT_SECTORS] {
             let h = ExtentHeader {
+                kind: ExtentKind::Data,
+                version: 3,
+                created_ns: 4,
+                disk_sector: DiskSector(1234),
                 chunk: ChunkId(77),
                 first_sector: LogicalSector(5),
                 generation: Generation(9),
@@ -387,15 +468,34 @@ mod tests {
                     .collect(),
             };
             let mut buf = vec![0u8; (h.header_sectors() * SECTOR) as usize];
-            h.encode(&mut buf);
-            assert_eq!(ExtentHeader::decode(&buf).unwrap(), h);
+            h.encode(5, &mut buf);
+            assert_eq!(ExtentHeader::decode(5, &buf).unwrap(), h);
+            // Another node's key does not validate it.
+            assert!(ExtentHeader::decode(6, &buf).is_err());
             let last = buf.len() - 1;
             buf[last] ^= 0xff;
-            assert!(ExtentHeader::decode(&buf).is_err());
+            assert!(ExtentHeader::decode(5, &buf).is_err());
         }
         assert_eq!(header_sectors_for(992), 1);
         assert_eq!(header_sectors_for(993), 2);
         assert_eq!(header_sectors_for(MAX_EXTENT_SECTORS), 3);
+        assert_eq!(header_sectors_for(0), 1);
+        let t = ExtentHeader {
+            kind: ExtentKind::Tombstone,
+            chunk: ChunkId(9),
+            first_sector: LogicalSector(0),
+            generation: Generation(11),
+            chunk_len: 0,
+            timestamp_ns: 1,
+            version: 4,
+            created_ns: 2,
+            disk_sector: DiskSector(77),
+            crcs: vec![],
+        };
+        let mut buf = vec![0u8; SECTOR as usize];
+        t.encode(1, &mut buf);
+        assert_eq!(ExtentHeader::decode(1, &buf).unwrap(), t);
+        assert_eq!(t.total_sectors(), 1);
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! shardstore's per-core storage engine.
 //!
-//! A [`Shard`] owns one data file (O_DIRECT through glommio) and one sled
-//! index, in its own folder, inside one executor. It stores chunks as
-//! copy-on-write, self-describing extents (see `layout`), checks every
-//! sector's crc32c on every read from disk, and acknowledges a write only once
-//! its data and its index entry are durable (see `shard` for the order of the
-//! durable steps). Nothing is shared between shards.
+//! A [`Shard`] owns one data area (a file, or a range of a block device,
+//! O_DIRECT through glommio) and one sled index, inside one executor. It
+//! stores chunks as copy-on-write, self-describing extents (see `layout`),
+//! checks every sector's crc32c on every read from disk, and acknowledges a
+//! write after ONE device write plus a grouped flush: the data area is the
+//! source of truth and the index is brought up to date from it at start-up
+//! (see `shard` for the order of durable steps and `recover` for why the
+//! recovery scan is bounded). Nothing is shared between shards.
+//!
+//! All device I/O goes through the [`Storage`] trait: glommio DMA
+//! ([`DmaStorage`]) or a seeded simulated disk with faults ([`SimDisk`]).
 
 mod alloc;
 mod device;
@@ -15,10 +20,19 @@ mod index;
 mod layout;
 mod locks;
 mod read_data;
+mod recover;
+mod scrub;
 mod shard;
+mod sim;
+mod storage;
 
+pub use device::{device_size_bytes, is_block_device, DeviceRange, DmaStorage};
 pub use error::ShardError;
+pub use layout::{FORMAT_VERSION, SECTOR};
 pub use read_data::ReadData;
+pub use recover::{RecoveryReport, VerifyReport};
 pub use shard::{
     ChunkStat, ListItem, PendingWrite, ReadOutcome, Shard, ShardConfig, ShardStats, WriteOutcome,
 };
+pub use sim::{MemKv, SimDisk, SimFaultCounts, SimFaults, SimRng};
+pub use storage::{IoBuf, IoFuture, ReadBuf, Storage};

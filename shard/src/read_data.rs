@@ -1,15 +1,16 @@
 //! Bytes returned by a read, as segments that point into the buffers the
-//! device filled (glommio `ReadResult`s), so a server can hand them to the
-//! socket without copying. Holes read as zeros from one static buffer.
+//! device filled (glommio `ReadResult`s, or heap buffers of the simulated
+//! disk), so a server can hand them to the socket without copying. Holes
+//! read as zeros from one static buffer.
 
-use glommio::io::ReadResult;
+use crate::storage::ReadBuf;
 
 const ZEROS_LEN: usize = 64 << 10;
 static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
 
 #[derive(Clone, Debug)]
 enum Segment {
-    Disk(ReadResult),
+    Disk(ReadBuf),
     /// At most `ZEROS_LEN` zero bytes.
     Zeros(usize),
 }
@@ -22,7 +23,7 @@ pub struct ReadData {
 }
 
 impl ReadData {
-    pub(crate) fn push_disk(&mut self, rr: ReadResult) {
+    pub(crate) fn push_disk(&mut self, rr: ReadBuf) {
         if rr.is_empty() {
             return;
         }

@@ -1,53 +1,74 @@
-//! One shard: a data file and a sled index owned by one executor.
+//! One shard: a data area (file or block-device range) and an index, owned
+//! by one executor.
+//!
+//! The data area is the source of truth; the index is a cache of it that is
+//! made durable by periodic checkpoints, off the acknowledgement path.
 //!
 //! Write path, in this order (invariants 2 and 3):
-//! 1. validate (`prepare_write`): limits, not fail-stopped; allocate the DMA
+//! 1. validate (`prepare_write`): limits, not fail-stopped, space; allocate the
 //!    buffer the payload is received into;
 //! 2. take the chunk's writer lock (per-chunk generation order);
 //! 3. read-modify-write the partial head/tail sector from the current version
 //!    (crc-verified) or zeros;
-//! 4. assign a generation, compute every data sector's crc, encode the header;
-//! 5. allocate a contiguous run (in memory only);
-//! 6. ONE device write of header + data to the run (copy-on-write: never over
-//!    live sectors);
-//! 7. group-commit `fdatasync` of the data file: the extent is durable and
-//!    self-describing, but not yet findable;
-//! 8. one sled batch: chunk meta + new extent record + split old records;
-//! 9. group-commit sled `flush_async`: the write is findable after a crash;
-//! 10. hand superseded sectors to the reclaimer (deferred free: only after 9,
-//!     and only once reads that may still be reading them are done);
-//! 11. acknowledge.
+//! 4. allocate a contiguous run from the reservation (in memory only; if the
+//!    reservation is used up, wait for a checkpoint that extends it);
+//! 5. assign a generation (recorded as in flight), compute every data
+//!    sector's crc, encode the self-describing header;
+//! 6. ONE device write of header + data (copy-on-write: never over live or
+//!    quarantined sectors);
+//! 7. group-commit `fdatasync` of the data area: the write is now durable AND
+//!    findable (recovery scans the reservation for it);
+//! 8. one index batch (chunk meta + new extent record + split old records),
+//!    applied in memory, NOT flushed; superseded sectors go to quarantine;
+//! 9. acknowledge.
 //!
-//! A crash before 7 leaves at most an unreferenced extent (space that the
-//! rebuild at open sees as free); before 9 the index still names the old,
-//! untouched sectors; so a write is all or nothing.
+//! So an ack costs one device write plus a (shared) flush, and no other
+//! synchronous write. A crash before 7 completes leaves at most an extent
+//! that recovery finds torn (a sector crc fails: discarded) or whole (then it
+//! is replayed as if it had been acknowledged): all or nothing.
 //!
-//! Delete: one sled batch removing meta and extents, `flush_async`, then free.
-//! A durable tombstone in the data area (needed once the index is rebuilt from
-//! the data area) comes with a later change.
+//! Delete: the same steps with a one-sector tombstone extent instead of data
+//! (one device write + flush), then one index batch removing the chunk's meta
+//! and extents and recording the tombstone.
+//!
+//! Checkpoint (background, or when the reservation runs out), see `recover`:
+//! a. synchronously: take `replay_from` = the lowest in-flight generation (or
+//!    the next one), the quarantine so far, extend the reservation, and apply
+//!    one batch with the checkpoint record listing the in-flight runs and the
+//!    reservation;
+//! b. flush the index (sled `flush_async`, on sled's threads);
+//! c. only then hand the quarantined space to the reclaimer, which frees it
+//!    once no read that may be looking at it is running ("reclaim: persist
+//!    first, then change memory").
 //!
 //! Fail-stop (invariant 8): any error of the data `fdatasync`, of applying or
 //! flushing the index, sets the shard read-only for good: writes and deletes
 //! answer `ReadOnly`, reads keep working. A flush is never retried.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use glommio::io::DmaBuffer;
+use glommio::sync::Semaphore;
 use shardstore_proto::{limits, ChunkId, ShardId};
 
-use crate::alloc::{Allocator, Reclaimer, Release, Run};
-use crate::device::Device;
+use crate::alloc::{Allocator, Free, Reclaimer, Release, Run};
+use crate::device::{DeviceRange, DmaStorage};
 use crate::error::ShardError;
 use crate::group::Group;
-use crate::index::{Change, ChunkMeta, ExtentRec, Index};
+use crate::index::{Change, Checkpoint, ChunkMeta, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS};
 use crate::layout::{
-    header_sectors_for, sector_crc, DiskSector, ExtentHeader, Generation, LogicalSector,
-    Superblock, DATA_START_SECTOR, SECTOR,
+    header_sectors_for, sector_crc, DiskSector, ExtentHeader, ExtentKind, Generation,
+    LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
 use crate::locks::ChunkLocks;
 use crate::read_data::ReadData;
+use crate::recover::{self, RecoveryReport};
+use crate::scrub::ScrubCounters;
+use crate::sim::SimDisk;
+use crate::storage::{Io, IoBuf, Storage};
 
 /// How to open a shard.
 #[derive(Clone, Debug)]
@@ -55,23 +76,58 @@ pub struct ShardConfig {
     pub shard: ShardId,
     pub shard_count: u32,
     pub node_id: u128,
-    /// The shard's own folder (the caller passes DATA_DIR/shard-NNN).
+    /// The shard's own folder (the caller passes DATA_DIR/shard-NNN); holds
+    /// the index, and the data file unless `device` is set.
     pub dir: PathBuf,
     /// Data area size; the file is preallocated to this on creation. An
-    /// existing file keeps the capacity it was formatted with.
+    /// existing file keeps the capacity it was formatted with. With a device
+    /// range, the range's length (minus the superblocks) is used instead.
     pub capacity_bytes: u64,
     /// At most `limits::MAX_CHUNK_SIZE`.
     pub max_chunk_size: u64,
     /// sled cache capacity.
     pub index_cache_bytes: u64,
+    /// Store the data area on this range of a block device instead of a file.
+    pub device: Option<DeviceRange>,
+    /// Format over a foreign or damaged superblock (destroys what was there).
+    pub format: bool,
+    /// Rebuild a missing or damaged index from the data area at open.
+    pub rebuild_index: bool,
+    /// Bytes written between checkpoints (bounds the recovery scan).
+    pub checkpoint_bytes: u64,
+    /// Longest time between checkpoints while writes happen.
+    pub checkpoint_interval_ms: u64,
+    /// Period of a full scrub pass over live sectors; 0 disables the scrubber.
+    pub scrub_period_secs: u64,
 }
 
 impl ShardConfig {
     pub const DEFAULT_INDEX_CACHE_BYTES: u64 = 16 << 20;
+    pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 
     /// Folder name of shard `id` inside the node's data dir: `shard-NNN`.
     pub fn folder_name(id: ShardId) -> String {
         format!("shard-{:03}", id.0)
+    }
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            shard: ShardId(0),
+            shard_count: 1,
+            node_id: 0,
+            dir: PathBuf::new(),
+            capacity_bytes: 1 << 30,
+            max_chunk_size: limits::MAX_CHUNK_SIZE,
+            index_cache_bytes: Self::DEFAULT_INDEX_CACHE_BYTES,
+            device: None,
+            format: false,
+            rebuild_index: false,
+            checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
+            checkpoint_interval_ms: 1000,
+            scrub_period_secs: 0,
+        }
     }
 }
 
@@ -117,14 +173,27 @@ pub struct ShardStats {
     pub bytes_written: u64,
     pub bytes_read: u64,
     pub device_writes: u64,
-    /// Data-file `fdatasync`s.
+    /// Data-area `fdatasync`s.
     pub flushes: u64,
     pub corrupt_errors: u64,
     pub chunks: u64,
-    /// Data area in use, headers included.
+    /// Data area in use, headers, tombstones and not yet reclaimed space included.
     pub used_bytes: u64,
     pub capacity_bytes: u64,
     pub fail_stopped: bool,
+    pub deletes: u64,
+    /// Durable index checkpoints (index flushes; never on the ack path).
+    pub checkpoints: u64,
+    /// Writes that had to wait for a checkpoint (reservation used up).
+    pub checkpoint_waits: u64,
+    pub device_reads: u64,
+    /// Last recovery at open: time, extents replayed, torn extents discarded.
+    pub recovery_us: u64,
+    pub recovery_replayed: u64,
+    pub recovery_discarded: u64,
+    pub scrub_passes: u64,
+    pub scrub_sectors: u64,
+    pub scrub_errors: u64,
 }
 
 /// A validated write whose payload buffer is waiting to be filled.
@@ -139,7 +208,7 @@ pub struct PendingWrite {
     first: LogicalSector,
     sectors: u64,
     header_sectors: u64,
-    buf: DmaBuffer,
+    buf: IoBuf,
 }
 
 impl PendingWrite {
@@ -170,20 +239,23 @@ impl PendingWrite {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     writes: Cell<u64>,
     reads: Cell<u64>,
+    deletes: Cell<u64>,
     bytes_written: Cell<u64>,
     bytes_read: Cell<u64>,
-    corrupt_errors: Cell<u64>,
+    pub(crate) corrupt_errors: Cell<u64>,
     chunks: Cell<u64>,
+    checkpoints: Cell<u64>,
+    checkpoint_waits: Cell<u64>,
 }
 
-fn bump(c: &Cell<u64>, by: u64) {
+pub(crate) fn bump(c: &Cell<u64>, by: u64) {
     c.set(c.get() + by);
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -191,26 +263,44 @@ fn now_ns() -> u64 {
 }
 
 /// The per-core storage engine. `!Send`: lives in one executor, shared by
-/// that executor's tasks through `Rc<Shard>`.
+/// that executor's tasks through `Rc<Shard>`. Background tasks (checkpoints,
+/// scrub) hold a weak reference and end when the shard is dropped.
 pub struct Shard {
-    id: ShardId,
+    inner: Rc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: ShardId,
+    pub(crate) node_id: u128,
     max_chunk_size: u64,
-    capacity_sectors: u64,
-    device: Device,
-    index: Index,
-    alloc: RefCell<Allocator>,
+    pub(crate) capacity_sectors: u64,
+    pub(crate) io: Io,
+    pub(crate) index: Index,
+    pub(crate) alloc: RefCell<Allocator>,
     reclaim: RefCell<Reclaimer>,
+    /// Space unlinked since the last checkpoint began; reusable only after
+    /// the next checkpoint is durable.
+    quarantine: RefCell<Vec<Free>>,
+    /// Generations handed out whose index change is not applied yet, and
+    /// the run each was written to.
+    inflight: RefCell<BTreeMap<u64, Run>>,
     data_sync: Group,
-    index_sync: Group,
-    next_generation: Cell<u64>,
+    checkpoint_lock: Semaphore,
+    /// Generation high-water at the last checkpoint, to skip idle ones.
+    last_checkpoint_generation: Cell<u64>,
+    checkpoint_sectors: u64,
+    checkpoint_interval: Duration,
+    pub(crate) next_generation: Cell<u64>,
     locks: ChunkLocks,
     fail_stopped: Cell<bool>,
-    counters: Counters,
+    pub(crate) counters: Counters,
+    pub(crate) scrub: ScrubCounters,
+    recovery: Cell<RecoveryReport>,
 }
 
 /// Ends a read's reclaim epoch, also when the read is cancelled.
-struct ReadEpoch<'a> {
-    shard: &'a Shard,
+pub(crate) struct ReadEpoch<'a> {
+    shard: &'a Inner,
     epoch: u64,
 }
 
@@ -224,72 +314,151 @@ impl Drop for ReadEpoch<'_> {
     }
 }
 
+/// What `open` found in the data area's first sectors.
+enum Found {
+    Ours(Superblock),
+    Blank,
+    Foreign(String),
+}
+
+fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, sled::Error> {
+    sled::Config::new()
+        .path(cfg.dir.join("index"))
+        .cache_capacity(cfg.index_cache_bytes)
+        .open()
+}
+
+pub(crate) fn rebuild_hint(cfg: &ShardConfig, why: &str) -> ShardError {
+    ShardError::IndexMissing(format!(
+        "{}: {why}; run `shardstore check --data-dir DATA_DIR --rebuild` with the server stopped, \
+         or start the server with --rebuild-index",
+        cfg.dir.display()
+    ))
+}
+
 impl Shard {
-    /// Creates the shard's folder, data file and index, or opens them and
-    /// checks the superblock against the configuration.
+    /// Opens the shard on its data file (or device range) and sled index,
+    /// creating and formatting them if new, and runs recovery.
     pub async fn open(cfg: ShardConfig) -> Result<Shard, ShardError> {
         validate_config(&cfg)?;
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| ShardError::io(format!("creating {}", cfg.dir.display()), e))?;
+        let storage: Box<dyn Storage> = match &cfg.device {
+            Some(range) => Box::new(DmaStorage::open_range(range).await.map_err(|e| {
+                ShardError::io(format!("opening device {}", range.path.display()), e)
+            })?),
+            None => {
+                let data_path = cfg.dir.join("data");
+                Box::new(DmaStorage::open(&data_path).await.map_err(|e| {
+                    ShardError::io(format!("opening {}", data_path.display()), e)
+                })?)
+            }
+        };
+        let index_existed = cfg.dir.join("index").exists();
         // Opening sled is blocking file I/O; it happens once, before serving.
-        let db = sled::Config::new()
-            .path(cfg.dir.join("index"))
-            .cache_capacity(cfg.index_cache_bytes)
-            .open()?;
-        let index = Index::new(db);
-        let data_path = cfg.dir.join("data");
-        let device = Device::open(&data_path)
-            .await
-            .map_err(|e| ShardError::io(format!("opening {}", data_path.display()), e))?;
-        let size = device
+        let db = match open_sled(&cfg) {
+            Ok(db) => db,
+            Err(e) if cfg.rebuild_index => {
+                tracing::warn!(shard = cfg.shard.0, error = %e, "index does not open; discarding it to rebuild");
+                let _ = std::fs::remove_dir_all(cfg.dir.join("index"));
+                open_sled(&cfg)?
+            }
+            Err(e) => return Err(rebuild_hint(&cfg, &format!("the index does not open ({e})"))),
+        };
+        Self::open_with(cfg, storage, Index::new(db), index_existed).await
+    }
+
+    /// Opens the shard on a simulated disk (tests); the index lives in the
+    /// disk's simulated key-value store.
+    pub async fn open_sim(cfg: ShardConfig, disk: &SimDisk) -> Result<Shard, ShardError> {
+        validate_config(&cfg)?;
+        let index = Index::new_mem(disk.kv());
+        let existed = !index.is_empty();
+        Self::open_with(cfg, Box::new(disk.clone()), index, existed).await
+    }
+
+    async fn open_with(
+        cfg: ShardConfig,
+        storage: Box<dyn Storage>,
+        index: Index,
+        index_existed: bool,
+    ) -> Result<Shard, ShardError> {
+        let started = Instant::now();
+        let io = Io::new(storage);
+        let what = io.describe();
+        let size = io
             .size_bytes()
             .await
-            .map_err(|e| ShardError::io("reading the data file size", e))?;
-
-        let superblock = if size == 0 {
-            if !index.is_empty() {
-                return Err(ShardError::Format(format!(
-                    "{} is empty but the index in {} is not: refusing to reformat",
-                    data_path.display(),
-                    cfg.dir.display()
-                )));
-            }
-            format_device(&device, &cfg).await?
+            .map_err(|e| ShardError::io("reading the data area size", e))?;
+        let found = if size < DATA_START_SECTOR * SECTOR {
+            Found::Blank
         } else {
-            let rr = device
+            let rr = io
                 .read(DiskSector(0), DATA_START_SECTOR)
                 .await
                 .map_err(|e| ShardError::io("reading the superblock", e))?;
             let a = Superblock::decode(&rr[..SECTOR as usize]);
             let b = Superblock::decode(&rr[SECTOR as usize..]);
             match (a, b) {
-                (Ok(sb), _) | (Err(_), Ok(sb)) => sb,
+                (Ok(sb), _) | (Err(_), Ok(sb)) => Found::Ours(sb),
                 (Err(ea), Err(eb)) => {
-                    if rr.iter().all(|&x| x == 0) && index.is_empty() {
-                        // A crash during formatting: nothing was ever stored.
-                        format_device(&device, &cfg).await?
+                    if rr.iter().all(|&x| x == 0) {
+                        Found::Blank
                     } else {
-                        return Err(ShardError::Format(format!(
-                            "{}: no valid superblock (copy A: {ea}; copy B: {eb})",
-                            data_path.display()
-                        )));
+                        Found::Foreign(format!("copy A: {ea}; copy B: {eb}"))
                     }
                 }
             }
         };
+        let found = match found {
+            Found::Ours(sb) if cfg.format && check_superblock(&sb, &cfg).is_err() => {
+                Found::Foreign(format!(
+                    "superblock of node {:032x} shard {}/{}",
+                    sb.node_id, sb.shard.0, sb.shard_count
+                ))
+            }
+            f => f,
+        };
+        let mut fresh = false;
+        let superblock = match found {
+            Found::Ours(sb) => sb,
+            Found::Blank => {
+                if !index.is_empty() {
+                    return Err(ShardError::Format(format!(
+                        "{what} holds no superblock but the index in {} is not empty: refusing to reformat",
+                        cfg.dir.display()
+                    )));
+                }
+                fresh = true;
+                format_area(&io, &cfg, size).await?
+            }
+            Found::Foreign(why) => {
+                if !cfg.format {
+                    return Err(ShardError::Format(format!(
+                        "{what}: no valid superblock of this shard ({why}); it may hold someone else's data. \
+                         Start with --format to overwrite it"
+                    )));
+                }
+                tracing::warn!(shard = cfg.shard.0, what = %what, why = %why, "--format: overwriting a foreign or damaged superblock");
+                index.clear()?;
+                fresh = true;
+                format_area(&io, &cfg, size).await?
+            }
+        };
         check_superblock(&superblock, &cfg)?;
         let needed = (DATA_START_SECTOR + superblock.capacity_sectors) * SECTOR;
-        let size = device
+        let size = io
             .size_bytes()
             .await
-            .map_err(|e| ShardError::io("reading the data file size", e))?;
+            .map_err(|e| ShardError::io("reading the data area size", e))?;
         if size < needed {
             return Err(ShardError::Format(format!(
-                "{} has {size} bytes but its superblock needs {needed}",
-                data_path.display()
+                "{what} has {size} bytes but its superblock needs {needed}"
             )));
         }
-        if superblock.capacity_sectors * SECTOR != cfg.capacity_bytes / SECTOR * SECTOR {
+        if cfg.device.is_none()
+            && superblock.capacity_sectors * SECTOR != cfg.capacity_bytes / SECTOR * SECTOR
+        {
             tracing::warn!(
                 shard = cfg.shard.0,
                 formatted_bytes = superblock.capacity_sectors * SECTOR,
@@ -297,61 +466,304 @@ impl Shard {
                 "capacity differs from the configuration; keeping the formatted capacity"
             );
         }
-
-        // Rebuild the allocator and the generation counter from the index.
-        let mut alloc = Allocator::new(Run {
+        let area = Run {
             start: DiskSector(DATA_START_SECTOR),
             len: superblock.capacity_sectors,
-        });
-        let mut max_generation = 0u64;
-        for item in index.all_extents() {
-            let (chunk, rec) = item?;
-            max_generation = max_generation.max(rec.generation.0);
-            alloc
-                .rebuild_piece(
-                    rec.header,
-                    rec.header_sectors,
-                    Run {
-                        start: rec.disk,
-                        len: rec.count(),
-                    },
-                )
-                .map_err(|e| ShardError::IndexCorrupt(format!("chunk {chunk}: {e}")))?;
-        }
-        let mut chunks = 0u64;
-        for item in index.metas_after(None) {
-            item?;
-            chunks += 1;
-        }
-        tracing::info!(
-            shard = cfg.shard.0,
-            chunks,
-            used_sectors = alloc.used_sectors(),
-            capacity_sectors = superblock.capacity_sectors,
-            next_generation = max_generation + 1,
-            "shard opened"
-        );
-        let counters = Counters::default();
-        counters.chunks.set(chunks);
-        Ok(Shard {
+        };
+        let checkpoint_sectors = (cfg.checkpoint_bytes / SECTOR)
+            .clamp(2 * crate::layout::MAX_EXTENT_SECTORS + 8, u64::MAX)
+            .min(area.len.max(1));
+        let inner = Rc::new(Inner {
             id: cfg.shard,
+            node_id: cfg.node_id,
             max_chunk_size: cfg.max_chunk_size,
             capacity_sectors: superblock.capacity_sectors,
-            device,
+            io,
             index,
-            alloc: RefCell::new(alloc),
+            alloc: RefCell::new(Allocator::new(area)),
             reclaim: RefCell::new(Reclaimer::new()),
+            quarantine: RefCell::new(Vec::new()),
+            inflight: RefCell::new(BTreeMap::new()),
             data_sync: Group::new(),
-            index_sync: Group::new(),
-            next_generation: Cell::new(max_generation + 1),
+            checkpoint_lock: Semaphore::new(1),
+            last_checkpoint_generation: Cell::new(0),
+            checkpoint_sectors,
+            checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
+            next_generation: Cell::new(1),
             locks: ChunkLocks::default(),
             fail_stopped: Cell::new(false),
-            counters,
-        })
+            counters: Counters::default(),
+            scrub: ScrubCounters::default(),
+            recovery: Cell::new(RecoveryReport::default()),
+        });
+
+        let checkpoint = inner.index.checkpoint();
+        let report = match checkpoint {
+            _ if fresh => RecoveryReport::default(),
+            Ok(Some(ck)) => match recover::recover(&inner, &ck).await {
+                Ok(r) => r,
+                Err(e @ ShardError::IndexCorrupt(_)) if !cfg.rebuild_index => {
+                    return Err(rebuild_hint(&cfg, &format!("the index is damaged ({e})")))
+                }
+                Err(ShardError::IndexCorrupt(_)) => recover::rebuild(&inner).await?,
+                Err(e) => return Err(e),
+            },
+            Ok(None) | Err(ShardError::IndexCorrupt(_)) if cfg.rebuild_index => {
+                recover::rebuild(&inner).await?
+            }
+            Ok(None) => {
+                let why = if index_existed {
+                    "the index has no checkpoint record (damaged, or not written by this version)"
+                } else {
+                    "the index is missing"
+                };
+                return Err(rebuild_hint(&cfg, why));
+            }
+            Err(e @ ShardError::IndexCorrupt(_)) => {
+                return Err(rebuild_hint(&cfg, &format!("the index is damaged ({e})")))
+            }
+            Err(e) => return Err(e),
+        };
+        let mut report = report;
+        // A first checkpoint: records the generation high-water and the
+        // reservation new writes will come from.
+        inner.checkpoint(1).await?;
+        report.elapsed_us = started.elapsed().as_micros() as u64;
+        inner.recovery.set(report);
+        inner.counters.chunks.set(report.chunks);
+        tracing::info!(
+            shard = cfg.shard.0,
+            storage = %what,
+            fresh,
+            chunks = report.chunks,
+            used_sectors = inner.alloc.borrow().used_sectors(),
+            capacity_sectors = superblock.capacity_sectors,
+            next_generation = inner.next_generation.get(),
+            recovery_us = report.elapsed_us,
+            scanned_sectors = report.scanned_sectors,
+            replayed_extents = report.replayed,
+            replayed_tombstones = report.replayed_tombstones,
+            already_indexed = report.already_indexed,
+            discarded_torn = report.discarded,
+            rebuilt = report.rebuilt,
+            "shard opened"
+        );
+        spawn_checkpointer(Rc::downgrade(&inner));
+        if cfg.scrub_period_secs > 0 {
+            crate::scrub::spawn(
+                Rc::downgrade(&inner),
+                Duration::from_secs(cfg.scrub_period_secs),
+            );
+        }
+        Ok(Shard { inner })
     }
 
     pub fn id(&self) -> ShardId {
-        self.id
+        self.inner.id
+    }
+
+    /// What the last recovery at open did.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery.get()
+    }
+
+    /// Validates a write and allocates the buffer its payload is received into.
+    pub fn prepare_write(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<PendingWrite, ShardError> {
+        self.inner.prepare_write(chunk, offset, len)
+    }
+
+    /// Writes `data` at `offset` of `chunk` (prepare + copy + commit).
+    pub async fn write(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<WriteOutcome, ShardError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| ShardError::TooLarge(format!("payload of {} bytes", data.len())))?;
+        let mut w = self.prepare_write(chunk, offset, len)?;
+        w.payload_mut().copy_from_slice(data);
+        self.commit_write(w).await
+    }
+
+    /// Makes a prepared write durable; see the module docs for the order of steps.
+    pub async fn commit_write(&self, w: PendingWrite) -> Result<WriteOutcome, ShardError> {
+        let out = self.inner.commit_write(w).await;
+        self.inner.maybe_checkpoint_soon();
+        out
+    }
+
+    /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
+    pub async fn read(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<ReadOutcome, ShardError> {
+        self.inner.read(chunk, offset, len).await
+    }
+
+    /// Metadata of a chunk.
+    pub fn stat(&self, chunk: ChunkId) -> Result<ChunkStat, ShardError> {
+        let m = self
+            .inner
+            .index
+            .get_meta(chunk)?
+            .ok_or(ShardError::NotFound(chunk))?;
+        Ok(ChunkStat {
+            chunk_len: m.len,
+            version: m.version,
+            created_ns: m.created_ns,
+            modified_ns: m.modified_ns,
+            allocated_bytes: m.live_sectors * SECTOR,
+        })
+    }
+
+    /// Deletes a chunk; durable on Ok (a tombstone in the data area). Returns
+    /// the version it had.
+    pub async fn delete(&self, chunk: ChunkId) -> Result<u64, ShardError> {
+        let out = self.inner.delete(chunk).await;
+        self.inner.maybe_checkpoint_soon();
+        out
+    }
+
+    /// Up to `limit` chunks (at most `MAX_LIST_LIMIT`) in id order after
+    /// `after`, and whether more follow.
+    pub fn list(
+        &self,
+        after: Option<ChunkId>,
+        limit: u32,
+    ) -> Result<(Vec<ListItem>, bool), ShardError> {
+        let limit = limit.min(limits::MAX_LIST_LIMIT) as usize;
+        let mut items = Vec::with_capacity(limit);
+        let mut more = false;
+        for item in self.inner.index.metas_after(after) {
+            let (chunk, m) = item?;
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(ListItem {
+                chunk,
+                chunk_len: m.len,
+                version: m.version,
+            });
+        }
+        Ok((items, more))
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let s = &self.inner;
+        let dev = s.io.counters();
+        let c = &s.counters;
+        let r = s.recovery.get();
+        ShardStats {
+            writes: c.writes.get(),
+            reads: c.reads.get(),
+            bytes_written: c.bytes_written.get(),
+            bytes_read: c.bytes_read.get(),
+            device_writes: dev.writes,
+            flushes: dev.flushes,
+            corrupt_errors: c.corrupt_errors.get(),
+            chunks: c.chunks.get(),
+            used_bytes: s.alloc.borrow().used_sectors() * SECTOR,
+            capacity_bytes: s.capacity_sectors * SECTOR,
+            fail_stopped: s.fail_stopped.get(),
+            deletes: c.deletes.get(),
+            checkpoints: c.checkpoints.get(),
+            checkpoint_waits: c.checkpoint_waits.get(),
+            device_reads: dev.reads,
+            recovery_us: r.elapsed_us,
+            recovery_replayed: r.replayed + r.replayed_tombstones,
+            recovery_discarded: r.discarded,
+            scrub_passes: s.scrub.passes.get(),
+            scrub_sectors: s.scrub.sectors.get(),
+            scrub_errors: s.scrub.errors.get(),
+        }
+    }
+
+    /// Runs one scrub pass over every live sector now (also used by tests);
+    /// returns the number of bad sectors found.
+    pub async fn scrub_now(&self) -> Result<u64, ShardError> {
+        crate::scrub::pass(&self.inner, None).await
+    }
+
+    /// Verifies every live extent and tombstone (offline `check`).
+    pub async fn verify(&self) -> Result<recover::VerifyReport, ShardError> {
+        recover::verify(&self.inner).await
+    }
+
+    /// Takes a durable index checkpoint now (normally done in the
+    /// background): quarantined space becomes reusable, and the recovery
+    /// scan restarts from here.
+    pub async fn checkpoint(&self) -> Result<(), ShardError> {
+        self.inner.checkpoint(1).await
+    }
+
+    /// Takes a checkpoint and syncs the data area. Call when no operation is
+    /// in flight; the shard can then be dropped.
+    pub async fn close(&self) -> Result<(), ShardError> {
+        if !self.inner.fail_stopped.get() {
+            self.inner.checkpoint(1).await?;
+            self.inner
+                .io
+                .sync()
+                .await
+                .map_err(|e| ShardError::io("fdatasync at close", e))?;
+        }
+        tracing::info!(shard = self.inner.id.0, "shard closed");
+        Ok(())
+    }
+}
+
+/// Background checkpoints: every interval while something changed, and soon
+/// after the reservation runs low (see `maybe_checkpoint_soon`).
+fn spawn_checkpointer(weak: Weak<Inner>) {
+    glommio::spawn_local(async move {
+        loop {
+            let interval = match weak.upgrade() {
+                Some(s) => s.checkpoint_interval,
+                None => return,
+            };
+            glommio::timer::sleep(interval).await;
+            let Some(s) = weak.upgrade() else { return };
+            if s.fail_stopped.get() {
+                return;
+            }
+            let idle = s.next_generation.get() == s.last_checkpoint_generation.get()
+                && s.quarantine.borrow().is_empty();
+            if !idle {
+                if let Err(e) = s.checkpoint(1).await {
+                    tracing::error!(shard = s.id.0, error = %e, "background checkpoint failed");
+                }
+            }
+        }
+    })
+    .detach();
+}
+
+/// Starts a background checkpoint if the reservation runs low and none is running.
+fn maybe_checkpoint(inner: &Rc<Inner>) {
+    let low = inner.alloc.borrow().reserved_sectors() < inner.checkpoint_sectors / 2;
+    if low && inner.checkpoint_lock.available() > 0 && !inner.fail_stopped.get() {
+        let s = inner.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = s.checkpoint(1).await {
+                tracing::error!(shard = s.id.0, error = %e, "checkpoint failed");
+            }
+        })
+        .detach();
+    }
+}
+
+impl Inner {
+    fn maybe_checkpoint_soon(self: &Rc<Self>) {
+        maybe_checkpoint(self);
     }
 
     fn check_writable(&self) -> Result<(), ShardError> {
@@ -362,10 +774,21 @@ impl Shard {
         }
     }
 
-    fn fail_stop(&self, what: &str, err: &dyn std::fmt::Display) {
+    pub(crate) fn fail_stop(&self, what: &str, err: &dyn std::fmt::Display) {
         if !self.fail_stopped.replace(true) {
-            tracing::error!(shard = self.id.0, error = %err, "{what} failed: shard is now read-only (fail-stop)");
+            tracing::error!(shard = self.id.0, error = %err, what, "failed: shard is now read-only (fail-stop)");
         }
+    }
+
+    fn quarantined_sectors(&self) -> u64 {
+        self.quarantine
+            .borrow()
+            .iter()
+            .map(|f| match f {
+                Free::Piece(r) => r.data.len,
+                Free::Run(r) => r.len,
+            })
+            .sum()
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {
@@ -376,8 +799,13 @@ impl Shard {
         }
     }
 
-    /// Validates a write and allocates the buffer its payload is received into.
-    pub fn prepare_write(
+    /// Sectors data writes leave free so that deletes (one tombstone sector
+    /// each) still work on a full shard.
+    fn delete_reserve(&self) -> u64 {
+        (self.capacity_sectors / 16).clamp(1, 64)
+    }
+
+    fn prepare_write(
         &self,
         chunk: ChunkId,
         offset: u64,
@@ -406,7 +834,10 @@ impl Shard {
         let sectors = end.div_ceil(SECTOR) - first;
         let header_sectors = header_sectors_for(sectors);
         let total = header_sectors + sectors;
-        if self.alloc.borrow().free_sectors() < total {
+        // Quarantined space comes back at the next checkpoint.
+        if self.alloc.borrow().free_sectors() + self.quarantined_sectors()
+            < total + self.delete_reserve()
+        {
             return Err(self.no_space(total));
         }
         Ok(PendingWrite {
@@ -416,26 +847,195 @@ impl Shard {
             first: LogicalSector(first),
             sectors,
             header_sectors,
-            buf: self.device.alloc_buffer(total),
+            buf: self.io.alloc_buffer(total),
         })
     }
 
-    /// Writes `data` at `offset` of `chunk` (prepare + copy + commit).
-    pub async fn write(
-        &self,
-        chunk: ChunkId,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<WriteOutcome, ShardError> {
-        let len = u32::try_from(data.len())
-            .map_err(|_| ShardError::TooLarge(format!("payload of {} bytes", data.len())))?;
-        let mut w = self.prepare_write(chunk, offset, len)?;
-        w.payload_mut().copy_from_slice(data);
-        self.commit_write(w).await
+    /// Takes a run for a new extent from the reservation, waiting for a
+    /// checkpoint that extends it if needed (backpressure, not on the normal
+    /// ack path).
+    /// `keep`: sectors that must stay free afterwards.
+    async fn allocate_run(&self, total: u64, keep: u64) -> Result<DiskSector, ShardError> {
+        let fits = |s: &Self| s.alloc.borrow().free_sectors() >= total + keep;
+        if fits(self) {
+            if let Some(at) = self.alloc.borrow_mut().allocate(total) {
+                return Ok(at);
+            }
+        }
+        bump(&self.counters.checkpoint_waits, 1);
+        // The first checkpoint makes quarantined space free, the second
+        // reserves it.
+        for _ in 0..2 {
+            self.checkpoint(total).await?;
+            eprintln!("DBG after ckpt free={} q={} reserved={} runs={:?}", self.alloc.borrow().free_sectors(), self.quarantined_sectors(), self.alloc.borrow().reserved_sectors(), self.alloc.borrow().reserved_runs());
+            self.check_writable()?;
+            if fits(self) {
+                if let Some(at) = self.alloc.borrow_mut().allocate(total) {
+                    return Ok(at);
+                }
+            }
+        }
+        Err(self.no_space(total))
     }
 
-    /// Makes a prepared write durable; see the module docs for the order of steps.
-    pub async fn commit_write(&self, mut w: PendingWrite) -> Result<WriteOutcome, ShardError> {
+    /// Hands out the next generation for an extent written to `run`.
+    fn begin_extent(&self, run: Run) -> Generation {
+        let g = self.next_generation.get();
+        self.next_generation.set(g + 1);
+        self.inflight.borrow_mut().insert(g, run);
+        Generation(g)
+    }
+
+    /// Writes an encoded extent and waits for the grouped flush: steps 6-7.
+    /// On a write error the run (never referenced) is quarantined.
+    async fn write_extent(
+        &self,
+        chunk: ChunkId,
+        generation: Generation,
+        run: Run,
+        buf: IoBuf,
+    ) -> Result<(), ShardError> {
+        if let Err(e) = self.io.write(run.start, buf).await {
+            self.inflight.borrow_mut().remove(&generation.0);
+            self.quarantine.borrow_mut().push(Free::Run(run));
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(self.no_space(run.len));
+            }
+            return Err(ShardError::io(
+                format!(
+                    "writing an extent of chunk {chunk} at sector {}",
+                    run.start.0
+                ),
+                e,
+            ));
+        }
+        if let Err(e) = self.data_sync.sync(|| self.io.sync()).await {
+            // After a failed fdatasync nothing about the extent can be
+            // trusted, and the shard stops writing. Never retried.
+            self.fail_stop("fdatasync of the data area", &e);
+            return Err(ShardError::io("fdatasync of the data area", e));
+        }
+        Ok(())
+    }
+
+    /// Applies an index change (in memory, not flushed: the data area is the
+    /// durable copy) and quarantines what it unlinked.
+    fn apply_index(
+        &self,
+        generation: Generation,
+        change: Change,
+        frees: Vec<Free>,
+    ) -> Result<(), ShardError> {
+        if let Err(e) = change.apply(&self.index) {
+            self.fail_stop("applying an index change", &e);
+            return Err(e);
+        }
+        self.inflight.borrow_mut().remove(&generation.0);
+        self.quarantine.borrow_mut().extend(frees);
+        Ok(())
+    }
+
+    /// The index change for a durable data extent `h` written at `at`, given
+    /// the chunk's current meta: split the records it covers, add its own.
+    /// Used by the write path and by recovery (which must produce the same).
+    pub(crate) fn data_extent_change(
+        &self,
+        h: &ExtentHeader,
+        at: DiskSector,
+        old: Option<ChunkMeta>,
+    ) -> Result<(Change, Vec<Free>, ChunkMeta), ShardError> {
+        let chunk = h.chunk;
+        let hs = h.header_sectors();
+        let new_first = h.first_sector.0;
+        let new_end = new_first + h.crcs.len() as u64;
+        let mut change = Change::new();
+        let mut frees = Vec::new();
+        let mut superseded = 0u64;
+        for rec in self.index.overlapping(chunk, new_first, new_end)? {
+            change.remove_extent(chunk, rec.logical);
+            if rec.logical.0 < new_first {
+                change.put_extent(chunk, &rec.slice(rec.logical.0, new_first));
+            }
+            if rec.end() > new_end {
+                change.put_extent(chunk, &rec.slice(new_end, rec.end()));
+            }
+            let from = rec.logical.0.max(new_first);
+            let to = rec.end().min(new_end);
+            frees.push(Free::Piece(Release {
+                header: rec.header,
+                data: Run {
+                    start: DiskSector(rec.disk.0 + (from - rec.logical.0)),
+                    len: to - from,
+                },
+            }));
+            superseded += to - from;
+        }
+        let rec = ExtentRec {
+            logical: h.first_sector,
+            disk: DiskSector(at.0 + hs),
+            header: at,
+            header_sectors: hs,
+            generation: h.generation,
+            crcs: h.crcs.clone(),
+        };
+        change.put_extent(chunk, &rec);
+        let live_before = old.map_or(0, |m| m.live_sectors);
+        if live_before < superseded {
+            return Err(ShardError::IndexCorrupt(format!(
+                "chunk {chunk}: {superseded} sectors superseded but only {live_before} live"
+            )));
+        }
+        let meta = ChunkMeta {
+            len: h.chunk_len,
+            version: h.version,
+            created_ns: h.created_ns,
+            modified_ns: h.timestamp_ns,
+            live_sectors: live_before - superseded + h.crcs.len() as u64,
+            generation: h.generation.0,
+        };
+        change.put_meta(chunk, &meta);
+        Ok((change, frees, meta))
+    }
+
+    /// The index change for a durable tombstone `h` at `at`.
+    pub(crate) fn tombstone_change(
+        &self,
+        h: &ExtentHeader,
+        at: DiskSector,
+    ) -> Result<(Change, Vec<Free>), ShardError> {
+        let chunk = h.chunk;
+        let mut change = Change::new();
+        let mut frees = Vec::new();
+        change.remove_meta(chunk);
+        for r in self.index.chunk_extents(chunk)? {
+            change.remove_extent(chunk, r.logical);
+            frees.push(Free::Piece(Release {
+                header: r.header,
+                data: Run {
+                    start: r.disk,
+                    len: r.count(),
+                },
+            }));
+        }
+        // The newer tombstone covers everything the older one did.
+        if let Some(old) = self.index.get_tomb(chunk)? {
+            frees.push(Free::Run(Run {
+                start: old.disk,
+                len: 1,
+            }));
+        }
+        change.put_tomb(
+            chunk,
+            &TombRec {
+                generation: h.generation,
+                disk: at,
+                version: h.version,
+            },
+        );
+        Ok((change, frees))
+    }
+
+    async fn commit_write(&self, mut w: PendingWrite) -> Result<WriteOutcome, ShardError> {
         self.check_writable()?;
         let chunk = w.chunk;
         let _lock = self.locks.lock(chunk).await?;
@@ -462,8 +1062,13 @@ impl Shard {
             self.fill_from_current(chunk, old_len, end, dst).await?;
         }
 
-        let generation = Generation(self.next_generation.get());
-        self.next_generation.set(generation.0 + 1);
+        let total = w.header_sectors + w.sectors;
+        let at = self.allocate_run(total, self.delete_reserve()).await?;
+        let run = Run {
+            start: at,
+            len: total,
+        };
+        let generation = self.begin_extent(run);
         let chunk_len = old_len.max(end);
         let now = now_ns();
         let crcs: Vec<u32> = {
@@ -476,95 +1081,28 @@ impl Shard {
                 .collect()
         };
         let header = ExtentHeader {
+            kind: ExtentKind::Data,
             chunk,
             first_sector: w.first,
             generation,
             chunk_len,
             timestamp_ns: now,
+            version: old.map_or(1, |m| m.version + 1),
+            created_ns: old.map_or(now, |m| m.created_ns),
+            disk_sector: at,
             crcs,
         };
         assert_eq!(header.header_sectors(), w.header_sectors);
-        header.encode(&mut w.buf.as_bytes_mut()[..data_start]);
+        header.encode(self.node_id, &mut w.buf.as_bytes_mut()[..data_start]);
         // Pair assertion, disk side: what goes out decodes to what we meant.
-        assert_write_buffer(&header, w.buf.as_bytes());
+        assert_write_buffer(self.node_id, &header, w.buf.as_bytes());
 
-        let total = w.header_sectors + w.sectors;
-        let allocated = self.alloc.borrow_mut().allocate(total);
-        let Some(at) = allocated else {
-            return Err(self.no_space(total));
-        };
-        let run = Run {
-            start: at,
-            len: total,
-        };
-        if let Err(e) = self.device.write(at, w.buf).await {
-            // Never referenced: the space can go straight back.
-            self.alloc.borrow_mut().free_run(run);
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                return Err(self.no_space(total));
-            }
-            return Err(ShardError::io(
-                format!("writing an extent of chunk {chunk} at sector {}", at.0),
-                e,
-            ));
-        }
-        if let Err(e) = self.data_sync.sync(|| self.device.sync()).await {
-            // The extent's space stays allocated: after a failed fdatasync
-            // nothing about it can be trusted, and the shard stops writing.
-            self.fail_stop("fdatasync of the data file", &e);
-            return Err(ShardError::io("fdatasync of the data file", e));
-        }
+        self.write_extent(chunk, generation, run, w.buf).await?;
         self.alloc
             .borrow_mut()
             .register_extent(at, w.header_sectors, w.sectors);
-
-        // The index change: new record, split the records it covers.
-        let new_first = w.first.0;
-        let new_end = new_first + w.sectors;
-        let mut change = Change::new();
-        let mut releases = Vec::new();
-        let mut superseded = 0u64;
-        for rec in self.index.overlapping(chunk, new_first, new_end)? {
-            change.remove_extent(chunk, rec.logical);
-            if rec.logical.0 < new_first {
-                change.put_extent(chunk, &rec.slice(rec.logical.0, new_first));
-            }
-            if rec.end() > new_end {
-                change.put_extent(chunk, &rec.slice(new_end, rec.end()));
-            }
-            let from = rec.logical.0.max(new_first);
-            let to = rec.end().min(new_end);
-            releases.push(Release {
-                header: rec.header,
-                data: Run {
-                    start: DiskSector(rec.disk.0 + (from - rec.logical.0)),
-                    len: to - from,
-                },
-            });
-            superseded += to - from;
-        }
-        let rec = ExtentRec {
-            logical: w.first,
-            disk: DiskSector(at.0 + w.header_sectors),
-            header: at,
-            header_sectors: w.header_sectors,
-            generation,
-            crcs: header.crcs,
-        };
-        change.put_extent(chunk, &rec);
-        let meta = ChunkMeta {
-            len: chunk_len,
-            version: old.map_or(1, |m| m.version + 1),
-            created_ns: old.map_or(now, |m| m.created_ns),
-            modified_ns: now,
-            live_sectors: old.map_or(0, |m| m.live_sectors) - superseded + w.sectors,
-        };
-        change.put_meta(chunk, &meta);
-        self.apply_durably(change).await?;
-        {
-            let mut alloc = self.alloc.borrow_mut();
-            self.reclaim.borrow_mut().defer(releases, &mut alloc);
-        }
+        let (change, frees, meta) = self.data_extent_change(&header, at, old)?;
+        self.apply_index(generation, change, frees)?;
         bump(&self.counters.writes, 1);
         bump(&self.counters.bytes_written, u64::from(w.len));
         if old.is_none() {
@@ -577,26 +1115,101 @@ impl Shard {
         })
     }
 
-    /// Applies an index change and waits until it is durable (grouped flush).
-    async fn apply_durably(&self, change: Change) -> Result<(), ShardError> {
-        if let Err(e) = change.apply(&self.index) {
-            self.fail_stop("applying an index change", &e);
+    async fn delete(&self, chunk: ChunkId) -> Result<u64, ShardError> {
+        self.check_writable()?;
+        let _lock = self.locks.lock(chunk).await?;
+        self.check_writable()?;
+        let meta = self
+            .index
+            .get_meta(chunk)?
+            .ok_or(ShardError::NotFound(chunk))?;
+        let at = self.allocate_run(1, 0).await?;
+        let run = Run { start: at, len: 1 };
+        let generation = self.begin_extent(run);
+        let header = ExtentHeader {
+            kind: ExtentKind::Tombstone,
+            chunk,
+            first_sector: LogicalSector(0),
+            generation,
+            chunk_len: 0,
+            timestamp_ns: now_ns(),
+            version: meta.version,
+            created_ns: meta.created_ns,
+            disk_sector: at,
+            crcs: Vec::new(),
+        };
+        let mut buf = self.io.alloc_buffer(1);
+        header.encode(self.node_id, buf.as_bytes_mut());
+        assert_write_buffer(self.node_id, &header, buf.as_bytes());
+        self.write_extent(chunk, generation, run, buf).await?;
+        let (change, frees) = self.tombstone_change(&header, at)?;
+        self.apply_index(generation, change, frees)?;
+        bump(&self.counters.deletes, 1);
+        self.counters
+            .chunks
+            .set(self.counters.chunks.get().saturating_sub(1));
+        tracing::trace!(shard = self.id.0, chunk = %chunk, version = meta.version, generation = generation.0, "delete");
+        Ok(meta.version)
+    }
+
+    /// Takes a durable checkpoint; see the module docs (steps a-c). One at a
+    /// time. `min_len`: the reservation gets a run of at least this many
+    /// sectors if the free map has one.
+    pub(crate) async fn checkpoint(&self, min_len: u64) -> Result<(), ShardError> {
+        let _permit = self
+            .checkpoint_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| ShardError::Internal(format!("checkpoint lock closed: {e}")))?;
+        self.check_writable()?;
+        let (ck, freed) = {
+            let mut alloc = self.alloc.borrow_mut();
+            let inflight = self.inflight.borrow();
+            let high_water = self.next_generation.get();
+            let replay_from = inflight.keys().next().copied().unwrap_or(high_water);
+            let freed = std::mem::take(&mut *self.quarantine.borrow_mut());
+            let want = self
+                .checkpoint_sectors
+                .saturating_sub(alloc.reserved_sectors());
+            let max_runs = MAX_CHECKPOINT_RUNS.saturating_sub(inflight.len() + 1);
+            alloc.reserve(want, min_len, max_runs);
+            let mut scan: Vec<Run> = inflight.values().copied().collect();
+            scan.extend(alloc.reserved_runs());
+            (
+                Checkpoint {
+                    replay_from,
+                    high_water,
+                    taken_ns: now_ns(),
+                    scan,
+                },
+                freed,
+            )
+        };
+        let mut change = Change::new();
+        change.put_checkpoint(&ck);
+        let res = match change.apply(&self.index) {
+            Ok(()) => self.index.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            self.alloc.borrow_mut().drop_pending_reservation();
+            self.fail_stop("checkpointing the index", &e);
             return Err(e);
         }
-        let db = self.index.db();
-        let flushed = self
-            .index_sync
-            .sync(|| async {
-                db.flush_async()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })
-            .await;
-        if let Err(e) = flushed {
-            self.fail_stop("flushing the index", &e);
-            return Err(ShardError::io("flushing the index", e));
+        self.alloc.borrow_mut().activate_reservation();
+        self.last_checkpoint_generation.set(ck.high_water);
+        bump(&self.counters.checkpoints, 1);
+        {
+            let mut alloc = self.alloc.borrow_mut();
+            self.reclaim.borrow_mut().defer(freed, &mut alloc);
         }
+        tracing::debug!(
+            shard = self.id.0,
+            replay_from = ck.replay_from,
+            high_water = ck.high_water,
+            scan_runs = ck.scan.len(),
+            "checkpoint"
+        );
         Ok(())
     }
 
@@ -621,13 +1234,13 @@ impl Shard {
         Ok(())
     }
 
-    fn begin_read(&self) -> ReadEpoch<'_> {
+    pub(crate) fn begin_read(&self) -> ReadEpoch<'_> {
         let epoch = self.reclaim.borrow_mut().begin_read();
         ReadEpoch { shard: self, epoch }
     }
 
     /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
-    pub async fn read(
+    async fn read(
         &self,
         chunk: ChunkId,
         offset: u64,
@@ -665,7 +1278,7 @@ impl Shard {
 
     /// Bytes `[start, end)` of the chunk (within its length), every sector
     /// read from disk checked against its crc.
-    async fn read_bytes(
+    pub(crate) async fn read_bytes(
         &self,
         chunk: ChunkId,
         start: u64,
@@ -695,7 +1308,7 @@ impl Shard {
                 )));
             }
         }
-        let reads = recs.iter().map(|r| self.device.read(r.disk, r.count()));
+        let reads = recs.iter().map(|r| self.io.read(r.disk, r.count()));
         let results = futures_util::future::join_all(reads).await;
 
         let mut data = ReadData::default();
@@ -733,7 +1346,7 @@ impl Shard {
             }
             let off = (piece_start - r.logical.0 * SECTOR) as usize;
             let len = (piece_end - piece_start) as usize;
-            let slice = glommio::io::ReadResult::slice(&rr, off, len).ok_or_else(|| {
+            let slice = rr.slice(off, len).ok_or_else(|| {
                 ShardError::Internal(format!("slice {off}+{len} of a {} byte read", rr.len()))
             })?;
             data.push_disk(slice);
@@ -746,116 +1359,6 @@ impl Shard {
         Ok(data)
     }
 
-    /// Metadata of a chunk.
-    pub fn stat(&self, chunk: ChunkId) -> Result<ChunkStat, ShardError> {
-        let m = self
-            .index
-            .get_meta(chunk)?
-            .ok_or(ShardError::NotFound(chunk))?;
-        Ok(ChunkStat {
-            chunk_len: m.len,
-            version: m.version,
-            created_ns: m.created_ns,
-            modified_ns: m.modified_ns,
-            allocated_bytes: m.live_sectors * SECTOR,
-        })
-    }
-
-    /// Deletes a chunk; durable on Ok. Returns the version it had.
-    pub async fn delete(&self, chunk: ChunkId) -> Result<u64, ShardError> {
-        self.check_writable()?;
-        let _lock = self.locks.lock(chunk).await?;
-        self.check_writable()?;
-        let meta = self
-            .index
-            .get_meta(chunk)?
-            .ok_or(ShardError::NotFound(chunk))?;
-        let recs = self.index.chunk_extents(chunk)?;
-        let mut change = Change::new();
-        change.remove_meta(chunk);
-        let mut releases = Vec::with_capacity(recs.len());
-        for r in &recs {
-            change.remove_extent(chunk, r.logical);
-            releases.push(Release {
-                header: r.header,
-                data: Run {
-                    start: r.disk,
-                    len: r.count(),
-                },
-            });
-        }
-        self.apply_durably(change).await?;
-        {
-            let mut alloc = self.alloc.borrow_mut();
-            self.reclaim.borrow_mut().defer(releases, &mut alloc);
-        }
-        self.counters
-            .chunks
-            .set(self.counters.chunks.get().saturating_sub(1));
-        tracing::trace!(shard = self.id.0, chunk = %chunk, version = meta.version, "delete");
-        Ok(meta.version)
-    }
-
-    /// Up to `limit` chunks (at most `MAX_LIST_LIMIT`) in id order after
-    /// `after`, and whether more follow.
-    pub fn list(
-        &self,
-        after: Option<ChunkId>,
-        limit: u32,
-    ) -> Result<(Vec<ListItem>, bool), ShardError> {
-        let limit = limit.min(limits::MAX_LIST_LIMIT) as usize;
-        let mut items = Vec::with_capacity(limit);
-        let mut more = false;
-        for item in self.index.metas_after(after) {
-            let (chunk, m) = item?;
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            items.push(ListItem {
-                chunk,
-                chunk_len: m.len,
-                version: m.version,
-            });
-        }
-        Ok((items, more))
-    }
-
-    pub fn stats(&self) -> ShardStats {
-        let dev = self.device.counters();
-        let c = &self.counters;
-        ShardStats {
-            writes: c.writes.get(),
-            reads: c.reads.get(),
-            bytes_written: c.bytes_written.get(),
-            bytes_read: c.bytes_read.get(),
-            device_writes: dev.writes,
-            flushes: dev.flushes,
-            corrupt_errors: c.corrupt_errors.get(),
-            chunks: c.chunks.get(),
-            used_bytes: self.alloc.borrow().used_sectors() * SECTOR,
-            capacity_bytes: self.capacity_sectors * SECTOR,
-            fail_stopped: self.fail_stopped.get(),
-        }
-    }
-
-    /// Flushes the index and syncs the data file. Call when no operation is
-    /// in flight; the shard can then be dropped.
-    pub async fn close(&self) -> Result<(), ShardError> {
-        self.index
-            .db()
-            .flush_async()
-            .await
-            .map_err(ShardError::Index)?;
-        if !self.fail_stopped.get() {
-            self.device
-                .sync()
-                .await
-                .map_err(|e| ShardError::io("fdatasync at close", e))?;
-        }
-        tracing::info!(shard = self.id.0, "shard closed");
-        Ok(())
-    }
 }
 
 fn validate_config(cfg: &ShardConfig) -> Result<(), ShardError> {
@@ -914,60 +1417,63 @@ fn check_superblock(sb: &Superblock, cfg: &ShardConfig) -> Result<(), ShardError
     Ok(())
 }
 
-/// Preallocates the data file and writes both superblock copies durably.
-async fn format_device(device: &Device, cfg: &ShardConfig) -> Result<Superblock, ShardError> {
+/// Writes both superblock copies durably (and preallocates a data file).
+async fn format_area(io: &Io, cfg: &ShardConfig, size: u64) -> Result<Superblock, ShardError> {
+    let capacity_sectors = match &cfg.device {
+        Some(_) => (size / SECTOR).saturating_sub(DATA_START_SECTOR),
+        None => cfg.capacity_bytes / SECTOR,
+    };
+    if capacity_sectors < 16 {
+        return Err(ShardError::Format(format!(
+            "{}: {capacity_sectors} sectors is too small for a data area",
+            io.describe()
+        )));
+    }
     let sb = Superblock {
         node_id: cfg.node_id,
         shard: cfg.shard,
         shard_count: cfg.shard_count,
-        capacity_sectors: cfg.capacity_bytes / SECTOR,
+        capacity_sectors,
         created_ns: now_ns(),
     };
-    device
-        .pre_allocate((DATA_START_SECTOR + sb.capacity_sectors) * SECTOR)
+    io.pre_allocate((DATA_START_SECTOR + sb.capacity_sectors) * SECTOR)
         .await
-        .map_err(|e| ShardError::io("preallocating the data file", e))?;
-    let mut buf = device.alloc_buffer(DATA_START_SECTOR);
+        .map_err(|e| ShardError::io("preallocating the data area", e))?;
+    let mut buf = io.alloc_buffer(DATA_START_SECTOR);
     for copy in 0..DATA_START_SECTOR as usize {
         let s = SECTOR as usize;
         sb.encode(&mut buf.as_bytes_mut()[copy * s..(copy + 1) * s]);
     }
-    device
-        .write(DiskSector(0), buf)
+    io.write(DiskSector(0), buf)
         .await
         .map_err(|e| ShardError::io("writing the superblock", e))?;
-    device
-        .sync()
+    io.sync()
         .await
         .map_err(|e| ShardError::io("fdatasync after formatting", e))?;
     tracing::info!(
         shard = cfg.shard.0,
+        storage = %io.describe(),
         capacity_sectors = sb.capacity_sectors,
-        "formatted a new data file"
+        "formatted a new data area"
     );
     Ok(sb)
 }
 
 /// The buffer about to be written is a valid extent: its header decodes to
 /// `header`, and (with `strict-assertions`) every data sector matches its crc.
-fn assert_write_buffer(header: &ExtentHeader, buf: &[u8]) {
+fn assert_write_buffer(node_id: u128, header: &ExtentHeader, buf: &[u8]) {
     let hs = (header.header_sectors() * SECTOR) as usize;
-    let decoded = ExtentHeader::decode(&buf[..hs]);
+    let decoded = ExtentHeader::decode(node_id, &buf[..hs]);
     assert_eq!(
         decoded.as_ref(),
         Ok(header),
         "extent header does not round-trip"
     );
     if cfg!(feature = "strict-assertions") {
-        for (i, crc) in header.crcs.iter().enumerate() {
-            let s = &buf[hs + i * SECTOR as usize..hs + (i + 1) * SECTOR as usize];
-            let logical = LogicalSector(header.first_sector.0 + i as u64);
-            assert_eq!(
-                sector_crc(header.chunk, logical, header.generation, s),
-                *crc,
-                "sector {} changed before the device write",
-                logical.0
-            );
-        }
+        assert_eq!(
+            header.first_bad_sector(&buf[hs..]),
+            None,
+            "a sector changed before the device write"
+        );
     }
 }

@@ -100,6 +100,9 @@ fn overwrite_whole_sectors_is_copy_on_write_and_frees_old_space() {
         assert_eq!(used, (16 + 1) * 4096);
         let new = pattern(2, 8192);
         shard.write(c, 8192, &new).await.unwrap();
+        // Superseded sectors stay quarantined until the next checkpoint.
+        assert_eq!(shard.stats().used_bytes, used + 3 * 4096);
+        shard.checkpoint().await.unwrap();
         // Old sectors 2..4 freed, new extent (1 header + 2 data) in use.
         assert_eq!(shard.stats().used_bytes, used + 4096);
         let mut model = pattern(1, 64 * 1024);
@@ -111,6 +114,7 @@ fn overwrite_whole_sectors_is_copy_on_write_and_frees_old_space() {
         // Overwrite everything: both old extents' headers are freed too.
         let all = pattern(3, 64 * 1024);
         shard.write(c, 0, &all).await.unwrap();
+        shard.checkpoint().await.unwrap();
         assert_eq!(shard.stats().used_bytes, (16 + 1) * 4096);
         assert_eq!(shard.read(c, 0, 1 << 20).await.unwrap().data.to_vec(), all);
         assert_eq!(shard.stat(c).unwrap().allocated_bytes, 64 * 1024);

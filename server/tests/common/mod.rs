@@ -41,14 +41,19 @@ impl TestServer {
             .open(data_dir.join("server.log"))
             .unwrap();
         let mut child = Command::new(bin())
+            .arg("serve")
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
             .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
                 "--capacity-mib",
                 "64",
                 "--io-memory-kib",
                 "512",
+                // Tests run 2-3 shards on small CI machines.
+                "--allow-oversubscribe",
             ])
             .arg("--data-dir")
             .arg(data_dir)

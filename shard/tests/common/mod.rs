@@ -39,6 +39,7 @@ pub fn config(dir: &Path, capacity_bytes: u64) -> ShardConfig {
         capacity_bytes,
         max_chunk_size: shardstore_proto::limits::MAX_CHUNK_SIZE,
         index_cache_bytes: 4 * MIB,
+        ..ShardConfig::default()
     }
 }
 

@@ -1,0 +1,246 @@
+//! Values written in verify mode and how a read is checked.
+//!
+//! A value is a 32-byte header followed by a byte stream; both are a pure
+//! function of (key, version, seed), so the reader recomputes exactly what
+//! the key's single writer wrote:
+//!
+//! ```text
+//! 0..8    magic "SSLGVAL1"
+//! 8..16   key (u64 LE)
+//! 16..24  version: the loadgen's write count for this key, from 1 (u64 LE)
+//! 24..28  low 32 bits of the seed (u32 LE)
+//! 28..32  value length (u32 LE)
+//! 32..    stream(key, version, seed)
+//! ```
+//!
+//! The header makes a failure explainable: a misdirected write shows another
+//! key, a lost or stale write an older version, a torn one a wrong tail.
+
+use crate::keys::{hash_words, mix64};
+use std::fmt;
+
+pub const MAGIC: [u8; 8] = *b"SSLGVAL1";
+pub const HEADER_LEN: usize = 32;
+
+/// The stream part: 8 bytes per step, seeded by (key, version, seed).
+fn fill_stream(out: &mut [u8], key: u64, version: u64, seed: u64) {
+    let mut state = hash_words(&[seed, key, version]);
+    for chunk in out.chunks_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let w = mix64(state).to_le_bytes();
+        chunk.copy_from_slice(&w[..chunk.len()]);
+    }
+}
+
+/// The full value of `version` of `key`, `len` bytes (`len >= HEADER_LEN`).
+pub fn value(key: u64, version: u64, seed: u64, len: usize) -> Vec<u8> {
+    assert!(
+        len >= HEADER_LEN,
+        "verify values carry a {HEADER_LEN}-byte header"
+    );
+    let mut v = vec![0u8; len];
+    v[0..8].copy_from_slice(&MAGIC);
+    v[8..16].copy_from_slice(&key.to_le_bytes());
+    v[16..24].copy_from_slice(&version.to_le_bytes());
+    v[24..28].copy_from_slice(&(seed as u32).to_le_bytes());
+    v[28..32].copy_from_slice(&(len as u32).to_le_bytes());
+    fill_stream(&mut v[HEADER_LEN..], key, version, seed);
+    v
+}
+
+/// Why a read's bytes are not what the key's writer wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    Short {
+        got: usize,
+        want: usize,
+    },
+    BadMagic,
+    WrongKey {
+        found: u64,
+    },
+    WrongSeed {
+        found: u32,
+    },
+    /// The value's version is outside what may be on the server.
+    WrongVersion {
+        found: u64,
+        low: u64,
+        high: u64,
+    },
+    WrongLength {
+        found: u64,
+        want: u64,
+    },
+    /// Header fine, payload differs from the first differing byte on.
+    Bytes {
+        first_bad_offset: usize,
+    },
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mismatch::Short { got, want } => write!(f, "short read: {got} bytes, expected {want}"),
+            Mismatch::BadMagic => write!(f, "no value header (bad magic)"),
+            Mismatch::WrongKey { found } => {
+                write!(f, "value belongs to key {found} (misdirected write?)")
+            }
+            Mismatch::WrongSeed { found } => {
+                write!(f, "value written with seed {found:#x} (another run?)")
+            }
+            Mismatch::WrongVersion { found, low, high } => {
+                if low == high {
+                    write!(f, "version {found}, expected {low} (lost or stale write?)")
+                } else {
+                    write!(
+                        f,
+                        "version {found}, expected {low}..={high} (lost or stale write?)"
+                    )
+                }
+            }
+            Mismatch::WrongLength { found, want } => {
+                write!(f, "header length {found}, expected {want}")
+            }
+            Mismatch::Bytes { first_bad_offset } => {
+                write!(f, "payload differs from byte {first_bad_offset} on")
+            }
+        }
+    }
+}
+
+/// Checks `data`, a read of `requested` bytes at offset 0 of `key`, whose
+/// last write was version `high` and whose last *acknowledged* write was
+/// `low` (they differ after a failed write, which may or may not have
+/// landed). `len_of(version)` gives the length that version was written with.
+pub fn check(
+    data: &[u8],
+    requested: usize,
+    key: u64,
+    seed: u64,
+    low: u64,
+    high: u64,
+    len_of: impl Fn(u64) -> u64,
+) -> Result<u64, Mismatch> {
+    let need = requested.min(HEADER_LEN);
+    if data.len() < need {
+        return Err(Mismatch::Short {
+            got: data.len(),
+            want: need,
+        });
+    }
+    if data[0..8] != MAGIC {
+        return Err(Mismatch::BadMagic);
+    }
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..r.len()].copy_from_slice(&data[r]);
+        u64::from_le_bytes(b)
+    };
+    let found_key = word(8..16);
+    if found_key != key {
+        return Err(Mismatch::WrongKey { found: found_key });
+    }
+    let version = word(16..24);
+    let found_seed = word(24..28) as u32;
+    if found_seed != seed as u32 {
+        return Err(Mismatch::WrongSeed { found: found_seed });
+    }
+    if version < low || version > high {
+        return Err(Mismatch::WrongVersion {
+            found: version,
+            low,
+            high,
+        });
+    }
+    let len = word(28..32);
+    let want_len = len_of(version);
+    if len != want_len {
+        return Err(Mismatch::WrongLength {
+            found: len,
+            want: want_len,
+        });
+    }
+    // Bytes past this version's length may be the tail of an older, longer
+    // version: only this version's bytes are checked, and all of them must
+    // be there.
+    let expect_len = (len as usize).min(requested);
+    if data.len() < expect_len {
+        return Err(Mismatch::Short {
+            got: data.len(),
+            want: expect_len,
+        });
+    }
+    let want = value(key, version, seed, len as usize);
+    if let Some(i) = (HEADER_LEN..expect_len).find(|&i| data[i] != want[i]) {
+        return Err(Mismatch::Bytes {
+            first_bad_offset: i,
+        });
+    }
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_values_pass_and_damage_is_named() {
+        let len_of = |_v| 4096;
+        let v = value(7, 3, 99, 4096);
+        assert_eq!(check(&v, 4096, 7, 99, 3, 3, len_of), Ok(3));
+        assert_eq!(check(&v, 4096, 7, 99, 2, 3, len_of), Ok(3));
+        assert_eq!(
+            check(&v, 4096, 8, 99, 3, 3, len_of),
+            Err(Mismatch::WrongKey { found: 7 })
+        );
+        assert_eq!(
+            check(&v, 4096, 7, 99, 4, 4, len_of),
+            Err(Mismatch::WrongVersion {
+                found: 3,
+                low: 4,
+                high: 4
+            })
+        );
+        assert!(matches!(
+            check(&v, 4096, 7, 98, 3, 3, len_of),
+            Err(Mismatch::WrongSeed { .. })
+        ));
+        let mut bad = v.clone();
+        bad[1000] ^= 1;
+        assert_eq!(
+            check(&bad, 4096, 7, 99, 3, 3, len_of),
+            Err(Mismatch::Bytes {
+                first_bad_offset: 1000
+            })
+        );
+        assert!(matches!(
+            check(&v[..100], 4096, 7, 99, 3, 3, len_of),
+            Err(Mismatch::Short { .. })
+        ));
+        let mut zeros = v.clone();
+        zeros[..8].fill(0);
+        assert_eq!(
+            check(&zeros, 4096, 7, 99, 3, 3, len_of),
+            Err(Mismatch::BadMagic)
+        );
+    }
+
+    #[test]
+    fn a_shorter_new_version_over_a_longer_old_one_checks_out() {
+        let old = value(1, 1, 5, 200);
+        let new = value(1, 2, 5, 100);
+        let mut on_disk = old.clone();
+        on_disk[..100].copy_from_slice(&new);
+        let len_of = |v| if v == 1 { 200 } else { 100 };
+        assert_eq!(check(&on_disk, 100, 1, 5, 2, 2, len_of), Ok(2));
+        assert_eq!(check(&on_disk, 200, 1, 5, 2, 2, len_of), Ok(2));
+    }
+
+    #[test]
+    fn values_differ_by_version_and_key() {
+        assert_ne!(value(1, 1, 0, 64), value(1, 2, 0, 64));
+        assert_ne!(value(1, 1, 0, 64), value(2, 1, 0, 64));
+        assert_eq!(value(1, 1, 0, 64), value(1, 1, 0, 64));
+    }
+}

@@ -1,0 +1,355 @@
+//! The loadgen binary against a real `shardstore` server process.
+//!
+//! The server binary belongs to another package, so Cargo does not hand us
+//! its path: it is looked up next to the loadgen binary (same target and
+//! profile; `cargo test --workspace` builds both), then under
+//! `target/{debug,release}`, or taken from `SHARDSTORE_BIN`.
+
+use shardstore_loadgen::check_schema;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn loadgen() -> &'static str {
+    env!("CARGO_BIN_EXE_shardstore-loadgen")
+}
+
+fn server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHARDSTORE_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = Path::new(loadgen()).parent() {
+        candidates.push(dir.join("shardstore"));
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    candidates.push(target.join("debug/shardstore"));
+    candidates.push(target.join("release/shardstore"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "the shardstore server binary is missing (looked at {candidates:?}): \
+                 build it first with `cargo build -p shardstore-server` \
+                 (`cargo test --workspace` does), or set SHARDSTORE_BIN"
+            )
+        })
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("loadgen-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(name: &str, shards: u32) -> Server {
+        let dir = scratch(name);
+        let ready = dir.join("ready.addr");
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let mut child = Command::new(server_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--capacity-mib",
+                "128",
+                "--io-memory-kib",
+                "512",
+            ])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--shards")
+            .arg(shards.to_string())
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shardstore");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready) {
+                if !addr.trim().is_empty() {
+                    return Server {
+                        child,
+                        addr: addr.trim().to_owned(),
+                        dir,
+                    };
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "shardstore exited with {status}: {}",
+                    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "shardstore not ready after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_loadgen(args: &[&str]) -> Output {
+    Command::new(loadgen())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shardstore-loadgen")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let s =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&s).unwrap()
+}
+
+fn num(v: &serde_json::Value, path: &str) -> f64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_f64()
+        .unwrap_or_else(|| panic!("{path} is not a number"))
+}
+
+#[test]
+fn verify_run_against_a_live_server_reports_clean_figures() {
+    let server = Server::start("verify", 2);
+    let out_dir = &server.dir;
+    let json = out_dir.join("report.json");
+    let hdr = out_dir.join("latency.hlog");
+    let svg = out_dir.join("plot.svg");
+    let out = run_loadgen(&[
+        "--addr",
+        &server.addr,
+        "--verify",
+        "--duration",
+        "3s",
+        "--warmup",
+        "500ms",
+        "--keys",
+        "2000",
+        "--connections",
+        "2",
+        "--pipeline",
+        "4",
+        "--read-ratio",
+        "0.7",
+        "--size",
+        "512..8k",
+        "--distribution",
+        "zipf",
+        "--json",
+        json.to_str().unwrap(),
+        "--hdr-log",
+        hdr.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "loadgen failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    // Plain progress lines (stdout is not a terminal here) and the table.
+    assert!(stdout.contains(" run]"), "no progress line:\n{stdout}");
+    assert!(stdout.contains("p99.99"), "no table:\n{stdout}");
+
+    let v = read_json(&json);
+    check_schema(&v).unwrap_or_else(|e| panic!("{e}\n{v:#}"));
+    assert!(num(&v, "ops.total.ops") > 0.0);
+    assert!(num(&v, "ops.read.ops") > 0.0);
+    assert!(num(&v, "ops.write.ops") > 0.0);
+    assert_eq!(num(&v, "ops.total.errors_total"), 0.0);
+    assert_eq!(
+        num(&v, "ops.total.misses"),
+        0.0,
+        "preloaded: every read hits"
+    );
+    assert!(num(&v, "verify.reads_checked") > 0.0);
+    assert_eq!(num(&v, "verify.integrity_failures"), 0.0);
+    assert_eq!(v["result"]["status"], "ok");
+    assert_eq!(num(&v, "target.shard_count"), 2.0);
+    assert_eq!(num(&v, "preload.keys"), 2000.0);
+    assert!(num(&v, "client.cpu_us_per_op") > 0.0);
+    let l = &v["ops"]["total"]["latency_us"];
+    let p: Vec<f64> = ["min", "p50", "p90", "p99", "p999", "p9999", "max"]
+        .iter()
+        .map(|k| l[k].as_f64().unwrap())
+        .collect();
+    assert!(p.windows(2).all(|w| w[0] <= w[1]), "{p:?}");
+    assert!(p[0] > 0.0);
+    let timeline = v["timeline"].as_array().unwrap();
+    assert!(timeline.len() >= 2, "{timeline:?}");
+    let sum: f64 = timeline.iter().map(|t| t["ops"].as_f64().unwrap()).sum();
+    // Intervals and totals are recorded separately; they agree up to the
+    // operations that straddle the end of the window.
+    assert!((sum - num(&v, "ops.total.ops")).abs() <= 16.0, "{sum}");
+
+    let log = std::fs::read_to_string(&hdr).unwrap();
+    assert!(log.contains("#[BaseTime:") && log.contains("Tag=read,") && log.contains("Tag=write,"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg"));
+}
+
+#[test]
+fn open_loop_and_op_count_modes() {
+    let server = Server::start("modes", 1);
+    let json = server.dir.join("open.json");
+    let out = run_loadgen(&[
+        "--addr",
+        &server.addr,
+        "--rate",
+        "1000",
+        "--duration",
+        "2s",
+        "--warmup",
+        "0s",
+        "--keys",
+        "200",
+        "--preload",
+        "--read-ratio",
+        "read-only",
+        "--size",
+        "4k",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = read_json(&json);
+    check_schema(&v).unwrap();
+    // 1000 ops/s for 2 s on an idle server: the schedule is kept.
+    let ops = num(&v, "ops.total.ops");
+    assert!((1700.0..=2000.0).contains(&ops), "open loop ran {ops} ops");
+    assert_eq!(num(&v, "open_loop.target_ops_per_s"), 1000.0);
+    assert_eq!(num(&v, "ops.write.ops"), 0.0);
+
+    let json = server.dir.join("ops.json");
+    let out = run_loadgen(&[
+        "--addr",
+        &server.addr,
+        "--ops",
+        "777",
+        "--warmup",
+        "0s",
+        "--keys",
+        "200",
+        "--read-ratio",
+        "write-only",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = read_json(&json);
+    assert_eq!(num(&v, "ops.total.ops"), 777.0);
+    assert_eq!(num(&v, "ops.write.ops"), 777.0);
+}
+
+#[test]
+fn verify_catches_another_writer() {
+    // Two loadgens with different seeds on the same key space: each one's
+    // reads find the other's values, which verify must refuse, by key.
+    let server = Server::start("foreign", 1);
+    let json = server.dir.join("victim.json");
+    let common = [
+        "--addr",
+        server.addr.as_str(),
+        "--keys",
+        "64",
+        "--connections",
+        "1",
+        "--pipeline",
+        "2",
+        "--warmup",
+        "0s",
+        "--size",
+        "1k",
+        "-q",
+    ];
+    let mut other = Command::new(loadgen())
+        .args(common)
+        .args([
+            "--seed",
+            "2",
+            "--read-ratio",
+            "write-only",
+            "--duration",
+            "4s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run_loadgen(
+        &[
+            &common[..],
+            &[
+                "--seed",
+                "1",
+                "--verify",
+                "--read-ratio",
+                "0.9",
+                "--duration",
+                "2s",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let _ = other.wait();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("INTEGRITY FAILURE: key "),
+        "stderr:\n{stderr}"
+    );
+    let v = read_json(&json);
+    assert!(num(&v, "verify.integrity_failures") > 0.0);
+    assert_eq!(v["result"]["status"], "integrity_failure");
+    assert!(num(&v, "ops.read.errors.verify_mismatch") > 0.0);
+}
+
+#[test]
+fn unreachable_target_exits_non_zero() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let out = run_loadgen(&["--addr", &addr, "--duration", "1s", "-q"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("unreachable") && stderr.contains(&addr),
+        "{stderr}"
+    );
+
+    // Bad arguments are a usage error, not a run.
+    let out = run_loadgen(&["--addr", &addr, "--keys", "2", "--connections", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,88 @@
+//! Memory budgets for request and reply payload buffers (invariant 6).
+//!
+//! A shard has one [`Budget`] for all its connections; each connection has
+//! its own byte count. A request reserves its payload bytes (write payload, or
+//! read length) before any buffer is allocated; the [`Reservation`] travels
+//! with the request and its reply and is released when the reply has been
+//! sent. Over the connection's bound the connection is simply not read
+//! (TCP backpressure); over the shard's bound the request gets a typed BUSY.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+pub struct Budget {
+    used: Cell<u64>,
+    limit: u64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Rc<Budget> {
+        Rc::new(Budget {
+            used: Cell::new(0),
+            limit,
+        })
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.get()
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+/// Bytes held by one request, counted against its shard and its connection.
+pub struct Reservation {
+    shard: Rc<Budget>,
+    conn: Rc<Cell<u64>>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Reserves `bytes`, or `None` when the shard's budget cannot take them.
+    /// A request larger than the whole budget is admitted only when nothing
+    /// else is reserved, so it can never starve forever.
+    pub fn try_new(shard: &Rc<Budget>, conn: &Rc<Cell<u64>>, bytes: u64) -> Option<Reservation> {
+        let used = shard.used.get();
+        if used > 0 && used + bytes > shard.limit {
+            return None;
+        }
+        shard.used.set(used + bytes);
+        conn.set(conn.get() + bytes);
+        Some(Reservation {
+            shard: shard.clone(),
+            conn: conn.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shard.used.set(self.shard.used.get() - self.bytes);
+        self.conn.set(self.conn.get() - self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_bounded_and_released() {
+        let b = Budget::new(100);
+        let c = Rc::new(Cell::new(0));
+        let r1 = Reservation::try_new(&b, &c, 60).unwrap();
+        assert!(Reservation::try_new(&b, &c, 50).is_none());
+        let r2 = Reservation::try_new(&b, &c, 40).unwrap();
+        assert_eq!((b.used(), c.get()), (100, 100));
+        drop(r1);
+        drop(r2);
+        assert_eq!((b.used(), c.get()), (0, 0));
+        // Larger than the budget: only alone.
+        let big = Reservation::try_new(&b, &c, 500).unwrap();
+        assert!(Reservation::try_new(&b, &c, 1).is_none());
+        drop(big);
+    }
+}

@@ -1,0 +1,940 @@
+//! Layered configuration for `shardstore serve`.
+//!
+//! Every setting has one name used three ways: the TOML key (`capacity_mib`),
+//! the flag (`--capacity-mib`) and the environment variable
+//! (`SHARDSTORE_CAPACITY_MIB`). Precedence, highest first: flag, environment,
+//! config file (`--config`), built-in default. Flags and environment are
+//! merged by clap (every serve flag declares its `env`); this module merges
+//! the result over the file and the defaults, then validates the whole.
+//!
+//! Invariants: the file is parsed with `deny_unknown_fields`; every error is
+//! one line naming the key (`capacity_mib: ...`, `FILE:3: shards: ...`);
+//! validation refuses impossible values (more shards than allowed CPUs without
+//! `allow_oversubscribe`, a cache larger than RAM, a data dir on tmpfs,
+//! registered I/O memory beyond RLIMIT_MEMLOCK) before anything is created.
+//! `config default` prints [`example`], which is `deploy/shardstore.toml`
+//! byte for byte (a test keeps them in step).
+
+use crate::serve::allowed_cpus;
+use serde::{Deserialize, Serialize};
+use shardstore_proto::limits;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal; JSON when stderr goes to the journal (JOURNAL_STREAM set).
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (journald, log shippers).
+    Json,
+}
+
+/// The config file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_oversubscribe: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_memory_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_cache_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_chunk_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_queue: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_secret_file: Option<PathBuf>,
+}
+
+/// Built-in defaults (the lowest layer).
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:7700";
+    pub const DATA_DIR: &str = "./shardstore-data";
+    pub const CAPACITY_MIB: u64 = 1024;
+    pub const IO_MEMORY_KIB: u64 = 1024;
+    pub const CACHE_MIB: u64 = 0;
+    pub const INDEX_CACHE_MIB: u64 = 16;
+    pub const FORWARD_QUEUE: u64 = 1024;
+    pub const METRICS_INTERVAL_MS: u64 = 500;
+    pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+    pub const LOG_LEVEL: &str = "info";
+}
+
+/// Fully resolved settings, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: Option<u32>,
+    pub cpus: Option<Vec<usize>>,
+    pub allow_oversubscribe: bool,
+    pub capacity_mib: u64,
+    pub io_memory_kib: u64,
+    /// Node-wide cache budget. Accepted and validated now; the cache itself
+    /// comes with the cache issue.
+    pub cache_mib: u64,
+    pub index_cache_mib: u64,
+    pub max_payload: u32,
+    pub max_chunk_size: u64,
+    pub forward_queue: u64,
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub auth_secret_file: Option<PathBuf>,
+}
+
+/// A configuration error: one line, naming the key (and the file and line
+/// when it comes from the file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub at: Option<String>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn key(key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            at: None,
+            key: Some(key.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(at) = &self.at {
+            write!(f, "{at}: ")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, "{k}: ")?;
+        }
+        // Never more than one line, whatever a parser said.
+        let one: Vec<&str> = self.message.split_whitespace().collect();
+        write!(f, "{}", one.join(" "))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and parses a config file.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        at: Some(path.display().to_string()),
+        key: None,
+        message: format!("cannot read config file: {e}"),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses config text; `name` is used in errors.
+pub fn parse(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let (line, key) = match e.span() {
+            Some(span) => {
+                let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let line = text.lines().nth(line_no - 1).unwrap_or("");
+                let key = line
+                    .split_once('=')
+                    .map(|(k, _)| k.trim().trim_matches('"').to_string())
+                    .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+                (Some(line_no), key)
+            }
+            None => (None, None),
+        };
+        ConfigError {
+            at: Some(match line {
+                Some(l) => format!("{name}:{l}"),
+                None => name.to_string(),
+            }),
+            key,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+/// Merges `over` (flags and environment, already merged by clap) over
+/// `file`: a value in `over` wins.
+pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
+    macro_rules! pick {
+        ($($f:ident),* $(,)?) => {
+            FileConfig { $($f: over.$f.or(file.$f),)* }
+        };
+    }
+    pick!(
+        listen,
+        data_dir,
+        shards,
+        cpus,
+        allow_oversubscribe,
+        capacity_mib,
+        io_memory_kib,
+        cache_mib,
+        index_cache_mib,
+        max_payload,
+        max_chunk_size,
+        forward_queue,
+        metrics_addr,
+        metrics_interval_ms,
+        shutdown_timeout_ms,
+        log_level,
+        log_format,
+        auth_secret_file,
+    )
+}
+
+/// Facts about the machine that validation checks against (a struct, so
+/// unit tests can pretend).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub allowed_cpus: Vec<usize>,
+    pub ram_bytes: u64,
+    /// RLIMIT_MEMLOCK soft limit; None when unlimited.
+    pub memlock_bytes: Option<u64>,
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        // SAFETY: sysconf and getrlimit only fill plain values.
+        let ram_bytes = unsafe {
+            let pages = libc::sysconf(libc::_SC_PHYS_PAGES);
+            let size = libc::sysconf(libc::_SC_PAGESIZE);
+            if pages > 0 && size > 0 {
+                pages as u64 * size as u64
+            } else {
+                u64::MAX
+            }
+        };
+        let memlock_bytes = unsafe {
+            let mut r: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) == 0 && r.rlim_cur != libc::RLIM_INFINITY
+            {
+                Some(r.rlim_cur)
+            } else {
+                None
+            }
+        };
+        Machine {
+            allowed_cpus: allowed_cpus(),
+            ram_bytes,
+            memlock_bytes,
+        }
+    }
+}
+
+/// Parses a CPU list such as `0-3,8,10-11`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a.parse().map_err(|_| format!("bad CPU number {a:?}"))?;
+        let b: usize = b.parse().map_err(|_| format!("bad CPU number {b:?}"))?;
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(format!("bad CPU range {part:?}"));
+        }
+        for c in a..=b {
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    Ok(out)
+}
+
+/// The filesystem type of `path`, or of its nearest existing ancestor.
+fn fs_magic(path: &Path) -> Option<i64> {
+    let abs = std::path::absolute(path).ok()?;
+    let mut p = abs.as_path();
+    loop {
+        if p.exists() {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+            // SAFETY: statfs fills a plain struct from a NUL-terminated path.
+            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+            if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+                return None;
+            }
+            #[allow(clippy::unnecessary_cast)]
+            return Some(st.f_type as i64);
+        }
+        p = p.parent()?;
+    }
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+fn bad(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::key(key, msg)
+}
+
+/// Resolves merged values over the defaults and validates them against the
+/// machine.
+pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
+    let listen = c
+        .listen
+        .unwrap_or_else(|| defaults::LISTEN.parse().expect("default listen"));
+    let data_dir = c
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR));
+    let metrics_addr = match c.metrics_addr.as_deref().map(str::trim) {
+        None | Some("") | Some("off") => None,
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+            bad(
+                "metrics_addr",
+                format!("{a:?} is not \"off\" or an IP:PORT address: {e}"),
+            )
+        })?),
+    };
+    let cpus = match &c.cpus {
+        None => None,
+        Some(s) => Some(parse_cpu_list(s).map_err(|e| bad("cpus", e))?),
+    };
+    let s = Settings {
+        listen,
+        data_dir,
+        shards: c.shards,
+        cpus,
+        allow_oversubscribe: c.allow_oversubscribe.unwrap_or(false),
+        capacity_mib: c.capacity_mib.unwrap_or(defaults::CAPACITY_MIB),
+        io_memory_kib: c.io_memory_kib.unwrap_or(defaults::IO_MEMORY_KIB),
+        cache_mib: c.cache_mib.unwrap_or(defaults::CACHE_MIB),
+        index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
+        max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
+        max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
+        forward_queue: c.forward_queue.unwrap_or(defaults::FORWARD_QUEUE),
+        metrics_addr,
+        metrics_interval: Duration::from_millis(
+            c.metrics_interval_ms
+                .unwrap_or(defaults::METRICS_INTERVAL_MS),
+        ),
+        shutdown_timeout: Duration::from_millis(
+            c.shutdown_timeout_ms
+                .unwrap_or(defaults::SHUTDOWN_TIMEOUT_MS),
+        ),
+        log_level: c
+            .log_level
+            .unwrap_or_else(|| defaults::LOG_LEVEL.to_string()),
+        log_format: c.log_format.unwrap_or(LogFormat::Auto),
+        auth_secret_file: c.auth_secret_file,
+    };
+    validate(&s, m)?;
+    Ok(s)
+}
+
+fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
+    if s.max_payload == 0
+        || s.max_payload > limits::MAX_PAYLOAD
+        || s.max_payload % limits::SECTOR_SIZE != 0
+    {
+        return Err(bad(
+            "max_payload",
+            format!(
+                "{} is not a multiple of {} between {} and {}",
+                s.max_payload,
+                limits::SECTOR_SIZE,
+                limits::SECTOR_SIZE,
+                limits::MAX_PAYLOAD
+            ),
+        ));
+    }
+    if s.max_chunk_size == 0 || s.max_chunk_size > limits::MAX_CHUNK_SIZE {
+        return Err(bad(
+            "max_chunk_size",
+            format!(
+                "{} is not between 1 and {}",
+                s.max_chunk_size,
+                limits::MAX_CHUNK_SIZE
+            ),
+        ));
+    }
+    if s.capacity_mib < 1 {
+        return Err(bad("capacity_mib", "must be at least 1"));
+    }
+    if s.io_memory_kib < 64 {
+        return Err(bad("io_memory_kib", "must be at least 64"));
+    }
+    if s.forward_queue == 0 {
+        return Err(bad("forward_queue", "must be at least 1"));
+    }
+    if s.metrics_interval < Duration::from_millis(50) || s.metrics_interval > Duration::from_secs(60)
+    {
+        return Err(bad(
+            "metrics_interval_ms",
+            format!(
+                "{} is not between 50 and 60000",
+                s.metrics_interval.as_millis()
+            ),
+        ));
+    }
+    if let Some(n) = s.shards {
+        if n == 0 || n > limits::MAX_SHARDS {
+            return Err(bad(
+                "shards",
+                format!("{n} is not between 1 and {}", limits::MAX_SHARDS),
+            ));
+        }
+    }
+    // CPUs the shards may use: the `cpus` list, which must be allowed.
+    let cpus = match &s.cpus {
+        Some(list) => {
+            if let Some(c) = list.iter().find(|c| !m.allowed_cpus.contains(c)) {
+                return Err(bad(
+                    "cpus",
+                    format!(
+                        "CPU {c} is not allowed for this process (allowed: {})",
+                        fmt_cpus(&m.allowed_cpus)
+                    ),
+                ));
+            }
+            list.clone()
+        }
+        None => m.allowed_cpus.clone(),
+    };
+    if let Some(n) = s.shards {
+        check_oversubscribe(n, &cpus, s.allow_oversubscribe)?;
+    }
+    let shards = s.shards.map(u64::from).unwrap_or(cpus.len() as u64);
+    if let Some(limit) = m.memlock_bytes {
+        let need = (s.io_memory_kib << 10).saturating_mul(shards);
+        if need > limit {
+            return Err(bad(
+                "io_memory_kib",
+                format!(
+                    "{} KiB x {shards} shards = {} KiB exceeds the locked-memory limit of {} KiB \
+                     (RLIMIT_MEMLOCK; raise it with `ulimit -l` or LimitMEMLOCK=, or lower io_memory_kib)",
+                    s.io_memory_kib,
+                    need >> 10,
+                    limit >> 10
+                ),
+            ));
+        }
+    }
+    if s.cache_mib.saturating_mul(1 << 20) > m.ram_bytes {
+        return Err(bad(
+            "cache_mib",
+            format!(
+                "{} MiB is more than this machine's {} MiB of RAM",
+                s.cache_mib,
+                m.ram_bytes >> 20
+            ),
+        ));
+    }
+    if let Some(magic) = fs_magic(&s.data_dir) {
+        if magic == TMPFS_MAGIC || magic == RAMFS_MAGIC {
+            return Err(bad(
+                "data_dir",
+                format!(
+                    "{} is on tmpfs/ramfs, which cannot do O_DIRECT; use a real filesystem",
+                    s.data_dir.display()
+                ),
+            ));
+        }
+    }
+    if s.log_level.trim().is_empty() {
+        return Err(bad("log_level", "is empty"));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log_level) {
+        return Err(bad("log_level", format!("{:?}: {e}", s.log_level)));
+    }
+    if let Some(p) = &s.auth_secret_file {
+        read_secret(p)?;
+    }
+    Ok(())
+}
+
+/// Reads the shared secret: the file's bytes without a trailing newline;
+/// refused if empty.
+pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
+    let mut b = std::fs::read(p).map_err(|e| {
+        bad(
+            "auth_secret_file",
+            format!("cannot read {}: {e}", p.display()),
+        )
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(p) {
+        if m.permissions().mode() & 0o004 != 0 {
+            return Err(bad(
+                "auth_secret_file",
+                format!(
+                    "{} is readable by every user; chmod o-r it (0600 or 0640)",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    while matches!(b.last(), Some(b'\n' | b'\r')) {
+        b.pop();
+    }
+    if b.is_empty() {
+        return Err(bad(
+            "auth_secret_file",
+            format!("{} is empty", p.display()),
+        ));
+    }
+    Ok(b)
+}
+
+/// Refuses more shards than CPUs unless the operator said so.
+pub fn check_oversubscribe(shards: u32, cpus: &[usize], allow: bool) -> Result<(), ConfigError> {
+    if shards as usize > cpus.len() && !allow {
+        return Err(bad(
+            "shards",
+            format!(
+                "{shards} shards but only {} CPUs ({}) to pin them to; shards would share cores. \
+                 Set allow_oversubscribe = true (--allow-oversubscribe) to run anyway",
+                cpus.len(),
+                fmt_cpus(cpus)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn fmt_cpus(c: &[usize]) -> String {
+    c.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Settings {
+    /// The resolved settings as TOML (for `config show`).
+    pub fn to_toml(&self) -> String {
+        let f = FileConfig {
+            listen: Some(self.listen),
+            data_dir: Some(self.data_dir.clone()),
+            shards: self.shards,
+            cpus: self.cpus.as_ref().map(|c| fmt_cpus(c)),
+            allow_oversubscribe: Some(self.allow_oversubscribe),
+            capacity_mib: Some(self.capacity_mib),
+            io_memory_kib: Some(self.io_memory_kib),
+            cache_mib: Some(self.cache_mib),
+            index_cache_mib: Some(self.index_cache_mib),
+            max_payload: Some(self.max_payload),
+            max_chunk_size: Some(self.max_chunk_size),
+            forward_queue: Some(self.forward_queue),
+            metrics_addr: Some(
+                self.metrics_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "off".into()),
+            ),
+            metrics_interval_ms: Some(self.metrics_interval.as_millis() as u64),
+            shutdown_timeout_ms: Some(self.shutdown_timeout.as_millis() as u64),
+            log_level: Some(self.log_level.clone()),
+            log_format: Some(self.log_format),
+            auth_secret_file: self.auth_secret_file.clone(),
+        };
+        toml::to_string(&f).expect("settings serialize")
+    }
+}
+
+/// One documented key of the example config.
+struct Doc {
+    key: &'static str,
+    /// Set in the example (uncommented) to this value; None: shown commented
+    /// out with its default.
+    set: Option<&'static str>,
+    default: &'static str,
+    help: &'static [&'static str],
+}
+
+const DOCS: &[Doc] = &[
+    Doc {
+        key: "listen",
+        set: None,
+        default: "\"127.0.0.1:7700\"",
+        help: &[
+            "Front address (every shard accepts here, SO_REUSEPORT); shard i also",
+            "listens on port + 1 + i. Use 0.0.0.0:7700 to serve other machines.",
+        ],
+    },
+    Doc {
+        key: "data_dir",
+        set: Some("\"/var/lib/shardstore\""),
+        default: "\"./shardstore-data\"",
+        help: &[
+            "Data folder (node identity, one shard-NNN folder per shard). Must be a",
+            "real filesystem: tmpfs cannot do O_DIRECT and is refused.",
+        ],
+    },
+    Doc {
+        key: "shards",
+        set: None,
+        default: "<the data folder's count, or one per allowed CPU>",
+        help: &[
+            "Number of shards (one pinned executor each). A data folder keeps the",
+            "count it was created with (resharding is not supported yet).",
+        ],
+    },
+    Doc {
+        key: "cpus",
+        set: None,
+        default: "<every CPU the process may use (taskset, CPUAffinity=)>",
+        help: &[
+            "CPU list to pin shards to, e.g. \"0-3,8\"; each must be allowed.",
+        ],
+    },
+    Doc {
+        key: "allow_oversubscribe",
+        set: None,
+        default: "false",
+        help: &[
+            "Allow more shards than CPUs (shards then share cores: testing only).",
+        ],
+    },
+    Doc {
+        key: "capacity_mib",
+        set: None,
+        default: "1024",
+        help: &[
+            "Data area per shard in MiB, preallocated when a shard is created.",
+        ],
+    },
+    Doc {
+        key: "io_memory_kib",
+        set: None,
+        default: "1024",
+        help: &[
+            "glommio registered (mlocked) I/O memory per shard, KiB. shards x this",
+            "must fit RLIMIT_MEMLOCK (LimitMEMLOCK= in the unit).",
+        ],
+    },
+    Doc {
+        key: "cache_mib",
+        set: None,
+        default: "0",
+        help: &[
+            "Chunk cache for the whole node, MiB, split between shards. Validated",
+            "(not more than RAM) but not used yet: the cache comes in a later release.",
+        ],
+    },
+    Doc {
+        key: "index_cache_mib",
+        set: None,
+        default: "16",
+        help: &["sled index cache per shard, MiB."],
+    },
+    Doc {
+        key: "max_payload",
+        set: None,
+        default: "8388608",
+        help: &[
+            "Largest payload of one request, bytes (a multiple of 4096, at most 8 MiB).",
+        ],
+    },
+    Doc {
+        key: "max_chunk_size",
+        set: None,
+        default: "67108864",
+        help: &["Largest chunk, bytes (at most 64 MiB)."],
+    },
+    Doc {
+        key: "forward_queue",
+        set: None,
+        default: "1024",
+        help: &[
+            "Bound of each shard's queue of requests forwarded by other shards;",
+            "when full the sender answers BUSY.",
+        ],
+    },
+    Doc {
+        key: "metrics_addr",
+        set: Some("\"127.0.0.1:9700\""),
+        default: "\"off\"",
+        help: &[
+            "Prometheus text endpoint (GET /metrics), or \"off\". Keep it on loopback",
+            "or a management network: it has no authentication.",
+        ],
+    },
+    Doc {
+        key: "metrics_interval_ms",
+        set: None,
+        default: "500",
+        help: &[
+            "How often each shard publishes its counters for the metrics endpoint",
+            "and the systemd watchdog (50..60000).",
+        ],
+    },
+    Doc {
+        key: "shutdown_timeout_ms",
+        set: None,
+        default: "10000",
+        help: &[
+            "On SIGTERM/SIGINT: how long to let in-flight requests finish before",
+            "closing the shards anyway. Keep it below the unit's TimeoutStopSec=.",
+        ],
+    },
+    Doc {
+        key: "log_level",
+        set: None,
+        default: "\"info\"",
+        help: &[
+            "tracing filter, e.g. \"info\" or \"info,shardstore=debug\". RUST_LOG is",
+            "used only when no flag, SHARDSTORE_LOG_LEVEL or key sets it.",
+        ],
+    },
+    Doc {
+        key: "log_format",
+        set: None,
+        default: "\"auto\"",
+        help: &[
+            "\"text\", \"json\" or \"auto\" (text on a terminal, JSON under journald).",
+        ],
+    },
+    Doc {
+        key: "auth_secret_file",
+        set: None,
+        default: "<none>",
+        help: &[
+            "File holding the shared secret clients must present (must exist and be",
+            "readable by the service user only).",
+        ],
+    },
+];
+
+/// The commented example config: `shardstore config default`, and
+/// `deploy/shardstore.toml` byte for byte.
+pub fn example() -> String {
+    let mut out = String::from(
+        "# shardstore configuration (shardstore serve --config FILE).\n\
+         #\n\
+         # Every key is also a flag (--capacity-mib) and an environment variable\n\
+         # (SHARDSTORE_CAPACITY_MIB). Precedence: flag > environment > this file >\n\
+         # built-in default. Unknown keys, wrong types and impossible values are\n\
+         # refused with a one-line error naming the key; check a file without\n\
+         # starting with `shardstore config check FILE`, and see what serve would\n\
+         # use with `shardstore config show --config FILE`.\n\
+         #\n\
+         # Commented-out keys show their defaults.\n",
+    );
+    for d in DOCS {
+        out.push('\n');
+        for h in d.help {
+            out.push_str("# ");
+            out.push_str(h);
+            out.push('\n');
+        }
+        match d.set {
+            Some(v) => {
+                out.push_str(&format!("# (default: {})\n", d.default));
+                out.push_str(&format!("{} = {v}\n", d.key));
+            }
+            None => out.push_str(&format!("# {} = {}\n", d.key, d.default)),
+        }
+    }
+    out
+}
+
+/// The keys the example documents (for tests).
+#[cfg(test)]
+pub fn documented_keys() -> Vec<&'static str> {
+    DOCS.iter().map(|d| d.key).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> Machine {
+        Machine {
+            allowed_cpus: vec![0, 1],
+            ram_bytes: 4 << 30,
+            memlock_bytes: Some(8 << 20),
+        }
+    }
+
+    fn check(text: &str) -> Result<Settings, String> {
+        let f = parse(text, "t.toml").map_err(|e| e.to_string())?;
+        resolve(f, &machine()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let s = check("").unwrap();
+        assert_eq!(s.capacity_mib, defaults::CAPACITY_MIB);
+        assert_eq!(s.metrics_addr, None);
+        assert_eq!(s.log_format, LogFormat::Auto);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = check("shards = 1\ncapacity_mb = 5\n").unwrap_err();
+        assert!(e.starts_with("t.toml:2: capacity_mb: unknown field"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = check("capacity_mib = \"big\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:1: capacity_mib: invalid type"), "{e}");
+        let e = check("\nlog_format = \"xml\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:2: log_format: unknown variant"), "{e}");
+        let e = check("listen = \"nowhere\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:1: listen:"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let e = check("shards = \n").unwrap_err();
+        assert!(e.starts_with("t.toml:1"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn impossible_values() {
+        let e = check("shards = 3\n").unwrap_err();
+        assert!(e.starts_with("shards: 3 shards but only 2 CPUs"), "{e}");
+        check("shards = 3\nallow_oversubscribe = true\n").unwrap();
+        let e = check("cpus = \"0,7\"\n").unwrap_err();
+        assert!(e.starts_with("cpus: CPU 7 is not allowed"), "{e}");
+        let e = check("cpus = \"1\"\nshards = 2\n").unwrap_err();
+        assert!(e.starts_with("shards:"), "{e}");
+        let e = check("cache_mib = 8192\n").unwrap_err();
+        assert!(e.starts_with("cache_mib: 8192 MiB is more than"), "{e}");
+        let e = check("io_memory_kib = 8192\nshards = 2\n").unwrap_err();
+        assert!(e.starts_with("io_memory_kib:"), "{e}");
+        let e = check("max_payload = 1000\n").unwrap_err();
+        assert!(e.starts_with("max_payload:"), "{e}");
+        let e = check("metrics_addr = \"localhost\"\n").unwrap_err();
+        assert!(e.starts_with("metrics_addr:"), "{e}");
+        let e = check("log_level = \"info,[\"\n").unwrap_err();
+        assert!(e.starts_with("log_level:"), "{e}");
+    }
+
+    #[test]
+    fn tmpfs_data_dir_is_refused() {
+        if fs_magic(Path::new("/dev/shm")) != Some(TMPFS_MAGIC) {
+            eprintln!("skipped: /dev/shm is not tmpfs here");
+            return;
+        }
+        let e = check("data_dir = \"/dev/shm/shardstore-x/y\"\n").unwrap_err();
+        assert!(e.starts_with("data_dir: /dev/shm/shardstore-x/y is on tmpfs"), "{e}");
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-2,5, 1").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file = parse("shards = 1\ncapacity_mib = 5\n", "f").unwrap();
+        let over = FileConfig {
+            shards: Some(2),
+            ..FileConfig::default()
+        };
+        let m = merge(over, file);
+        assert_eq!(m.shards, Some(2));
+        assert_eq!(m.capacity_mib, Some(5));
+    }
+
+    /// Every field of `FileConfig` is documented in the example, and the
+    /// example parses and resolves.
+    #[test]
+    fn example_documents_every_key() {
+        let fields = struct_fields();
+        let mut docs = documented_keys();
+        let mut f = fields.to_vec();
+        docs.sort();
+        f.sort();
+        assert_eq!(docs, f, "config::DOCS and FileConfig disagree");
+        let ex = example();
+        let parsed = parse(&ex, "example").unwrap();
+        assert_eq!(parsed.data_dir, Some(PathBuf::from("/var/lib/shardstore")));
+        // Uncommenting every default must also parse (keys and types right),
+        // except the placeholders in angle brackets.
+        let uncommented: String = ex
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, v)| fields.contains(&k) && !v.starts_with('<'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        parse(&uncommented, "uncommented").unwrap();
+    }
+
+    /// The field names serde asks for when deserializing `FileConfig`.
+    fn struct_fields() -> &'static [&'static str] {
+        use serde::de::{self, Visitor};
+        #[derive(Debug)]
+        struct Fields(&'static [&'static str]);
+        impl fmt::Display for Fields {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "fields")
+            }
+        }
+        impl std::error::Error for Fields {}
+        impl de::Error for Fields {
+            fn custom<T: fmt::Display>(_: T) -> Self {
+                Fields(&[])
+            }
+        }
+        struct Probe;
+        impl<'de> de::Deserializer<'de> for Probe {
+            type Error = Fields;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+                Err(Fields(&[]))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Fields> {
+                Err(Fields(fields))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                tuple_struct map enum identifier ignored_any
+            }
+        }
+        FileConfig::deserialize(Probe).unwrap_err().0
+    }
+}

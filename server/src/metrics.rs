@@ -1,0 +1,496 @@
+//! Prometheus text endpoint (`GET /metrics` on `metrics_addr`).
+//!
+//! Shards never serve scrapes and never share counters: each shard copies its
+//! own `Cell` counters into a [`Snapshot`] every `metrics_interval` (one
+//! uncontended per-shard mutex, outside the request path) onto the node's
+//! [`Board`]. A plain std thread owns the metrics listener and renders the
+//! board on each scrape, so a scrape costs the shards nothing. Figures are
+//! therefore up to one interval old; `shardstore_snapshot_age_seconds` says
+//! how old. The same board feeds the systemd watchdog (`lifecycle.rs`).
+
+use crate::handler::ShardCtx;
+use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
+use shardstore_proto::Opcode;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{debug, info, warn};
+
+/// One shard's figures at one instant. Plain data, `Send`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub taken: Instant,
+    pub cpu: usize,
+    pub requests: [u64; OPCODE_SLOTS],
+    pub errors: [u64; OPCODE_SLOTS],
+    pub latency: [[u64; LATENCY_BUCKETS]; OPCODE_SLOTS],
+    pub latency_sum_us: [u64; OPCODE_SLOTS],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub forwarded_out: u64,
+    pub forwarded_in: u64,
+    pub forward_busy: u64,
+    pub connections: u64,
+    pub connections_total: u64,
+    pub malformed_frames: u64,
+    pub refused_connections: u64,
+    pub timeouts: u64,
+    pub auth_failures: u64,
+    pub busy: u64,
+    pub in_flight: u64,
+    pub chunks: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub device_writes: u64,
+    pub flushes: u64,
+    pub corrupt_errors: u64,
+    pub fail_stopped: bool,
+}
+
+impl Snapshot {
+    pub fn take(ctx: &ShardCtx, cpu: usize) -> Snapshot {
+        let c = &ctx.counters;
+        let s = ctx.shard.stats();
+        let mut latency = [[0; LATENCY_BUCKETS]; OPCODE_SLOTS];
+        let mut latency_sum_us = [0; OPCODE_SLOTS];
+        for (op, l) in c.latency.iter().enumerate() {
+            for (b, cell) in l.buckets.iter().enumerate() {
+                latency[op][b] = cell.get();
+            }
+            latency_sum_us[op] = l.sum_us.get();
+        }
+        Snapshot {
+            taken: Instant::now(),
+            cpu,
+            requests: std::array::from_fn(|i| c.requests[i].get()),
+            errors: std::array::from_fn(|i| c.errors[i].get()),
+            latency,
+            latency_sum_us,
+            bytes_in: c.bytes_in.get(),
+            bytes_out: c.bytes_out.get(),
+            forwarded_out: c.forwarded_out.get(),
+            forwarded_in: c.forwarded_in.get(),
+            forward_busy: c.forward_busy.get(),
+            connections: c.connections.get(),
+            connections_total: c.connections_total.get(),
+            malformed_frames: c.malformed_frames.get(),
+            refused_connections: c.refused_connections.get(),
+            timeouts: c.timeouts.get(),
+            auth_failures: c.auth_failures.get(),
+            busy: c.busy.get(),
+            in_flight: c.in_flight.get(),
+            chunks: s.chunks,
+            used_bytes: s.used_bytes,
+            capacity_bytes: s.capacity_bytes,
+            device_writes: s.device_writes,
+            flushes: s.flushes,
+            corrupt_errors: s.corrupt_errors,
+            fail_stopped: s.fail_stopped,
+        }
+    }
+}
+
+/// Node facts fixed at start-up, shown on every scrape.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFacts {
+    pub node_id: u128,
+    pub data_dir: PathBuf,
+    pub cache_bytes: u64,
+}
+
+/// Where shards publish and scrapes read. One slot (and one mutex) per
+/// shard, so shards never contend with each other.
+pub struct Board {
+    slots: Vec<Mutex<Option<Snapshot>>>,
+    facts: NodeFacts,
+    started: SystemTime,
+    draining: AtomicBool,
+}
+
+impl Board {
+    pub fn new(shards: usize, facts: NodeFacts) -> Arc<Board> {
+        Arc::new(Board {
+            slots: (0..shards).map(|_| Mutex::new(None)).collect(),
+            facts,
+            started: SystemTime::now(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn publish(&self, shard: usize, s: Snapshot) {
+        if let Some(slot) = self.slots.get(shard) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        }
+    }
+
+    fn read(&self) -> Vec<Option<Snapshot>> {
+        self.slots
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// A shard whose last snapshot is older than `max_age` (or missing).
+    pub fn stale_shard(&self, max_age: Duration) -> Option<usize> {
+        self.read()
+            .iter()
+            .position(|s| s.as_ref().is_none_or(|s| s.taken.elapsed() > max_age))
+    }
+}
+
+/// Runs on a shard: publishes a snapshot now and then every `interval`.
+pub async fn publish_loop(ctx: Rc<ShardCtx>, board: Arc<Board>, cpu: usize, interval: Duration) {
+    let shard = ctx.id.0 as usize;
+    loop {
+        board.publish(shard, Snapshot::take(&ctx, cpu));
+        glommio::timer::sleep(interval).await;
+    }
+}
+
+/// Serves `/metrics` on `listener` from a plain thread (one request per
+/// connection, bounded reads with timeouts: it is a management port).
+pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            info!(%addr, "metrics endpoint listening");
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = answer(stream, &board) {
+                            debug!(error = %e, "metrics request failed");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "metrics accept failed");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+        if req.len() > 8192 {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "", false);
+        }
+    }
+    let line = String::from_utf8_lossy(&req);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let head = method == "HEAD";
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = render(board);
+            respond(&mut stream, "200 OK", &body, head)
+        }
+        ("GET" | "HEAD", "/") => respond(
+            &mut stream,
+            "200 OK",
+            "shardstore: Prometheus metrics at /metrics\n",
+            head,
+        ),
+        ("GET" | "HEAD", _) => respond(&mut stream, "404 Not Found", "not found\n", head),
+        _ => respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "GET /metrics\n",
+            head,
+        ),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: &str, body: &str, head: bool) -> std::io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes())?;
+    stream.flush()
+}
+
+fn statvfs(path: &std::path::Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let f = st.f_frsize;
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_blocks as u64 * f as u64, st.f_bavail as u64 * f as u64))
+}
+
+/// Writes one metric family: HELP, TYPE and one sample per shard.
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    snaps: &[(usize, &Snapshot)],
+    value: impl Fn(&Snapshot) -> u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (i, s) in snaps {
+        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", value(s));
+    }
+}
+
+/// The whole exposition, Prometheus text format 0.0.4.
+pub fn render(board: &Board) -> String {
+    let slots = board.read();
+    let snaps: Vec<(usize, &Snapshot)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+        .collect();
+    let mut o = String::with_capacity(16 << 10);
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_build_info Build of the running server (value 1).\n\
+         # TYPE shardstore_build_info gauge\n\
+         shardstore_build_info{{version=\"{}\",profile=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    let start = board
+        .started
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_start_time_seconds Process start, Unix time.\n\
+         # TYPE shardstore_start_time_seconds gauge\nshardstore_start_time_seconds {start:.3}"
+    );
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_node_info Node identity (value 1).\n\
+         # TYPE shardstore_node_info gauge\nshardstore_node_info{{node_id=\"{:032x}\"}} 1",
+        board.facts.node_id
+    );
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_shards Shards of this node.\n# TYPE shardstore_shards gauge\nshardstore_shards {}",
+        board.slots.len()
+    );
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_draining 1 while shutting down (not accepting).\n\
+         # TYPE shardstore_draining gauge\nshardstore_draining {}",
+        board.is_draining() as u8
+    );
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_cache_capacity_bytes Configured chunk cache (cache_mib); hit and miss counters come with the cache.\n\
+         # TYPE shardstore_cache_capacity_bytes gauge\nshardstore_cache_capacity_bytes {}",
+        board.facts.cache_bytes
+    );
+    if let Some((size, free)) = statvfs(&board.facts.data_dir) {
+        let _ = writeln!(
+            o,
+            "# HELP shardstore_filesystem_size_bytes Size of the data dir's filesystem.\n\
+             # TYPE shardstore_filesystem_size_bytes gauge\nshardstore_filesystem_size_bytes {size}\n\
+             # HELP shardstore_filesystem_free_bytes Space available to the server on the data dir's filesystem.\n\
+             # TYPE shardstore_filesystem_free_bytes gauge\nshardstore_filesystem_free_bytes {free}"
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_snapshot_age_seconds Age of the shard's published figures.\n\
+         # TYPE shardstore_snapshot_age_seconds gauge"
+    );
+    for (i, s) in &snaps {
+        let _ = writeln!(
+            o,
+            "shardstore_snapshot_age_seconds{{shard=\"{i}\",cpu=\"{}\"}} {:.3}",
+            s.cpu,
+            s.taken.elapsed().as_secs_f64()
+        );
+    }
+
+    let ops: Vec<Opcode> = Opcode::ALL
+        .into_iter()
+        .filter(|op| (*op as usize) < OPCODE_SLOTS)
+        .collect();
+    let per_op = |o: &mut String, name: &str, help: &str, v: &dyn Fn(&Snapshot, usize) -> u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (i, s) in &snaps {
+            for op in &ops {
+                let _ = writeln!(
+                    o,
+                    "{name}{{shard=\"{i}\",op=\"{}\"}} {}",
+                    op.name(),
+                    v(s, *op as usize)
+                );
+            }
+        }
+    };
+    per_op(
+        &mut o,
+        "shardstore_requests_total",
+        "Requests received, by opcode.",
+        &|s, op| s.requests[op],
+    );
+    per_op(
+        &mut o,
+        "shardstore_request_errors_total",
+        "Requests answered with an error, by opcode.",
+        &|s, op| s.errors[op],
+    );
+
+    let name = "shardstore_request_duration_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Execution time on the owning shard, from decoded request to encoded reply (device I/O and group commit included, network excluded).\n\
+         # TYPE {name} histogram"
+    );
+    for (i, s) in &snaps {
+        for op in &ops {
+            let k = *op as usize;
+            let mut cum = 0;
+            for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+                cum += s.latency[k][b];
+                let _ = writeln!(
+                    o,
+                    "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"{}\"}} {cum}",
+                    op.name(),
+                    *bound as f64 / 1e6
+                );
+            }
+            cum += s.latency[k][LATENCY_BUCKETS - 1];
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"+Inf\"}} {cum}\n\
+                 {name}_sum{{shard=\"{i}\",op=\"{}\"}} {}\n\
+                 {name}_count{{shard=\"{i}\",op=\"{}\"}} {cum}",
+                op.name(),
+                op.name(),
+                s.latency_sum_us[k] as f64 / 1e6,
+                op.name()
+            );
+        }
+    }
+
+    let fams: [(&str, &str, &str, fn(&Snapshot) -> u64); 21] = [
+        ("shardstore_received_bytes_total", "counter", "Write payload bytes stored.", |s| s.bytes_in),
+        ("shardstore_sent_bytes_total", "counter", "Read payload bytes served.", |s| s.bytes_out),
+        ("shardstore_in_flight_requests", "gauge", "Requests executing on the shard.", |s| s.in_flight),
+        ("shardstore_connections", "gauge", "Open client connections.", |s| s.connections),
+        ("shardstore_connections_accepted_total", "counter", "Connections accepted.", |s| s.connections_total),
+        ("shardstore_forwarded_out_total", "counter", "Requests sent to their owner shard.", |s| s.forwarded_out),
+        ("shardstore_forwarded_in_total", "counter", "Requests executed for another shard.", |s| s.forwarded_in),
+        ("shardstore_forward_busy_total", "counter", "Forwards refused because the owner's queue was full.", |s| s.forward_busy),
+        ("shardstore_malformed_frames_total", "counter", "Frames refused as malformed.", |s| s.malformed_frames),
+        ("shardstore_connections_refused_total", "counter", "Connections refused at the connection limit.", |s| s.refused_connections),
+        ("shardstore_connection_timeouts_total", "counter", "Connections closed by a frame, idle or write timeout.", |s| s.timeouts),
+        ("shardstore_auth_failures_total", "counter", "Connections refused for failed authentication.", |s| s.auth_failures),
+        ("shardstore_busy_total", "counter", "Requests refused with BUSY (buffer budget).", |s| s.busy),
+        ("shardstore_chunks", "gauge", "Chunks stored.", |s| s.chunks),
+        ("shardstore_data_used_bytes", "gauge", "Data area in use, headers included.", |s| s.used_bytes),
+        ("shardstore_data_capacity_bytes", "gauge", "Data area size.", |s| s.capacity_bytes),
+        ("shardstore_data_free_bytes", "gauge", "Data area not in use.", |s| s.capacity_bytes.saturating_sub(s.used_bytes)),
+        ("shardstore_device_writes_total", "counter", "Device writes.", |s| s.device_writes),
+        ("shardstore_device_flushes_total", "counter", "Data file fdatasyncs.", |s| s.flushes),
+        ("shardstore_corrupt_errors_total", "counter", "Checksum mismatches found on reads from disk.", |s| s.corrupt_errors),
+        ("shardstore_fail_stopped", "gauge", "1 after an fsync error: the shard refuses writes.", |s| s.fail_stopped as u64),
+    ];
+    for (name, kind, help, f) in fams {
+        family(&mut o, name, kind, help, &snaps, f);
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        let mut latency = [[0; LATENCY_BUCKETS]; OPCODE_SLOTS];
+        latency[Opcode::Write as usize][3] = 2;
+        latency[Opcode::Write as usize][LATENCY_BUCKETS - 1] = 1;
+        Snapshot {
+            taken: Instant::now(),
+            cpu: 0,
+            requests: [3; OPCODE_SLOTS],
+            errors: [0; OPCODE_SLOTS],
+            latency,
+            latency_sum_us: [0; OPCODE_SLOTS],
+            bytes_in: 10,
+            bytes_out: 0,
+            forwarded_out: 0,
+            forwarded_in: 0,
+            forward_busy: 0,
+            connections: 1,
+            connections_total: 1,
+            malformed_frames: 0,
+            refused_connections: 0,
+            timeouts: 0,
+            auth_failures: 0,
+            busy: 0,
+            in_flight: 0,
+            chunks: 1,
+            used_bytes: 8192,
+            capacity_bytes: 1 << 20,
+            device_writes: 1,
+            flushes: 1,
+            corrupt_errors: 0,
+            fail_stopped: false,
+        }
+    }
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let b = Board::new(2, NodeFacts::default());
+        b.publish(1, snap());
+        let text = render(&b);
+        assert!(text.contains(
+            "shardstore_request_duration_seconds_bucket{shard=\"1\",op=\"write\",le=\"0.0001\"} 0"
+        ));
+        assert!(text.contains(
+            "shardstore_request_duration_seconds_bucket{shard=\"1\",op=\"write\",le=\"0.00025\"} 2"
+        ));
+        assert!(text.contains(
+            "shardstore_request_duration_seconds_bucket{shard=\"1\",op=\"write\",le=\"+Inf\"} 3"
+        ));
+        assert!(text.contains("shardstore_request_duration_seconds_count{shard=\"1\",op=\"write\"} 3"));
+        // Shard 0 has not published: absent, and reported stale.
+        assert!(!text.contains("shard=\"0\""));
+        assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));
+    }
+}

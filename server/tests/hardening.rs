@@ -1,0 +1,299 @@
+//! Hostile and broken clients against a live server. After each scenario,
+//! normal clients still get answers with bounded latency and the server's
+//! RSS stays within its budget (no cache yet: 128 MiB).
+
+mod common;
+use common::*;
+use shardstore_client::{ClientConfig, ClientError, Secret};
+use shardstore_proto::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const RSS_BUDGET_BYTES: u64 = 128 << 20;
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+fn raise_nofile() {
+    // SAFETY: plain rlimit calls on this process.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+/// A normal client still gets a write and a read through, quickly.
+async fn healthy(srv: &TestServer, tag: u128) {
+    let c = srv.client().await;
+    let t = Instant::now();
+    let id = ChunkId(0x4ea1_0000 + tag);
+    c.write(id, 0, pattern(tag as u64, 4096)).await.unwrap();
+    assert_eq!(c.read(id, 0, 4096).await.unwrap().data.len(), 4096);
+    c.ping().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "normal client slowed to {:?}", t.elapsed());
+    let rss = rss_bytes(srv.child.id());
+    assert!(rss < RSS_BUDGET_BYTES, "server RSS {} MiB over budget", rss >> 20);
+}
+
+async fn closed_within(s: &mut TcpStream, d: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + d;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // an error frame before the close
+            Err(_) => return false,
+        }
+    }
+}
+
+fn ping_frame(id: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode_frame(Opcode::Ping, 0, id, &Empty {}, 0, &mut f);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_flooding_clients_are_cut_off() {
+    raise_nofile();
+    let dir = data_dir("slow");
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &["--frame-timeout-ms", "400", "--idle-timeout-ms", "1500", "--write-timeout-ms", "1000"],
+    )
+    .unwrap();
+    healthy(&srv, 1).await;
+
+    // 1 byte per 100 ms: the frame does not arrive whole within 400 ms.
+    let mut slow = TcpStream::connect(&srv.addr).await.unwrap();
+    let f = ping_frame(1);
+    let t = Instant::now();
+    let mut cut = false;
+    for b in &f {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if t.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    assert!(cut || closed_within(&mut slow, Duration::from_secs(2)).await, "slowloris not cut off");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    healthy(&srv, 2).await;
+
+    // Thousands of idle connections: all served by backpressure-free
+    // accept, all closed by the idle timeout, memory bounded.
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(TcpStream::connect(&srv.addr).await.unwrap());
+    }
+    healthy(&srv, 3).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut closed = 0;
+    for s in idle.iter_mut() {
+        if closed_within(s, Duration::from_millis(50)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1990, "only {closed} of 2000 idle connections closed");
+    drop(idle);
+
+    // Connect/close flood.
+    for _ in 0..3000 {
+        drop(TcpStream::connect(&srv.addr).await.unwrap());
+    }
+    healthy(&srv, 4).await;
+
+    // A client that pipelines reads and never reads the replies is cut
+    // off once its replies cannot drain (write timeout); memory stays flat.
+    let c = srv.client().await;
+    c.write(ChunkId(0xb16), 0, vec![9u8; 1 << 20]).await.unwrap();
+    let mut hog = TcpStream::connect(&srv.addr).await.unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..2000u64 {
+        let r = ReadRequest {
+            chunk: 0xb16,
+            offset: 0,
+            len: 1 << 20,
+            flags: 0,
+        };
+        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
+    }
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), hog.write_all(&reqs)).await;
+        hog
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    healthy(&srv, 5).await;
+    let mut hog = writer.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Drain what the kernel buffered; the server must have closed.
+    assert!(closed_within(&mut hog, Duration::from_secs(5)).await, "non-reading client not cut off");
+    healthy(&srv, 6).await;
+    let st = c.stats(ShardId(0)).await.unwrap();
+    let st1 = c.stats(ShardId(1)).await.unwrap();
+    assert!(st.timeouts + st1.timeouts >= 3, "timeouts counted: {} {}", st.timeouts, st1.timeouts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_answers_busy() {
+    raise_nofile();
+    let dir = data_dir("connlimit");
+    let srv = TestServer::try_start(&dir, 1, &["--max-connections-per-shard", "20"]).unwrap();
+    let c = srv.client().await; // front + shard 0: 2 connections
+    let mut held = Vec::new();
+    for _ in 0..18 {
+        let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+        s.write_all(&ping_frame(1)).await.unwrap();
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        held.push(s);
+    }
+    // The 21st connection gets a typed BUSY frame and is closed.
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+    let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+    let mut body = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut body).await.unwrap();
+    let e = access_body::<ArchivedErrorBody>(&body).unwrap();
+    assert_eq!(ErrorCode::from_u16(e.code.to_native()), Some(ErrorCode::Busy));
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    // Existing connections are unaffected; freeing one lets a new one in.
+    c.ping().await.unwrap();
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    s.write_all(&ping_frame(2)).await.unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+    let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+    assert!(!h.is_error());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_typed_busy_and_memory_stays_flat() {
+    raise_nofile();
+    let dir = data_dir("overload");
+    let srv = TestServer::try_start(&dir, 2, &["--shard-buffer-mib", "4"]).unwrap();
+    let rss0 = rss_bytes(srv.child.id());
+    // 1000 connections (500 clients x 2 shards), each with writes of 256 KiB
+    // in flight: far more than the 4 MiB per-shard buffer budget.
+    let mut clients = Vec::new();
+    for _ in 0..500 {
+        clients.push(srv.client().await);
+    }
+    let data = bytes::Bytes::from(vec![7u8; 256 << 10]);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut busy, mut other) = (0u64, 0u64, 0u64);
+            let mut n = 0u128;
+            while Instant::now() < deadline {
+                match c.write(ChunkId((i as u128) << 32 | n % 4), 0, data.clone()).await {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.code() == Some(ErrorCode::Busy) => busy += 1,
+                    Err(e) => {
+                        eprintln!("unexpected: {e}");
+                        other += 1
+                    }
+                }
+                n += 1;
+            }
+            (ok, busy, other)
+        }));
+    }
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        peak = peak.max(rss_bytes(srv.child.id()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut ok, mut busy, mut other) = (0, 0, 0);
+    for t in tasks {
+        let (a, b, c) = t.await.unwrap();
+        ok += a;
+        busy += b;
+        other += c;
+    }
+    eprintln!("overload: ok {ok} busy {busy} other {other}, rss start {} MiB peak {} MiB", rss0 >> 20, peak >> 20);
+    assert!(ok > 0, "goodput collapsed");
+    assert!(busy > 0, "overload never answered BUSY");
+    assert_eq!(other, 0, "only typed BUSY errors are acceptable");
+    assert!(peak < RSS_BUDGET_BYTES, "RSS peaked at {} MiB", peak >> 20);
+    drop(clients);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    healthy(&srv, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_secret_authentication() {
+    let dir = data_dir("auth");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "incorrect donkey battery staple\n").unwrap();
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &["--auth-secret-file", secret.to_str().unwrap(), "--frame-timeout-ms", "500"],
+    )
+    .unwrap();
+    let cfg = |p: &std::path::Path| ClientConfig {
+        secret: Some(Secret::from_file(p).unwrap()),
+        ..ClientConfig::default()
+    };
+    // Right secret: everything works, on every shard connection.
+    let c = shardstore_client::Client::connect_with(&srv.addr, cfg(&secret)).await.unwrap();
+    c.write(ChunkId(1), 0, vec![1u8; 10]).await.unwrap();
+    for s in 0..2 {
+        c.ping_shard(ShardId(s)).await.unwrap();
+    }
+    // Wrong secret: typed failure, nothing executed.
+    let e = shardstore_client::Client::connect_with(&srv.addr, cfg(&wrong)).await.unwrap_err();
+    assert!(matches!(e, ClientError::Auth(_)), "{e:?}");
+    // No secret: the first request gets UNAUTHORIZED and the connection closes.
+    let e = shardstore_client::Client::connect(&srv.addr).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{e:?}");
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let mut f = Vec::new();
+    encode_frame(Opcode::Delete, 0, 5, &ChunkRequest { chunk: 1 }, 0, &mut f);
+    s.write_all(&f).await.unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+    let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+    assert!(h.is_error() && h.request_id == 5);
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    assert_eq!(c.read(ChunkId(1), 0, 10).await.unwrap().data.len(), 10, "the DELETE was executed");
+    // Handshake deadline: say nothing and be cut off.
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    // A client with a secret refuses a server that does not authenticate.
+    let open_dir = data_dir("auth-open");
+    let open = TestServer::start(&open_dir, 1);
+    let e = shardstore_client::Client::connect_with(&open.addr, cfg(&secret)).await.unwrap_err();
+    assert!(matches!(e, ClientError::Auth(_)), "{e:?}");
+}
+
+#[test]
+fn non_loopback_bind_needs_auth_or_explicit_insecure_flag() {
+    let dir = data_dir("bind");
+    let err = match TestServer::try_start(&dir, 1, &["--listen", "0.0.0.0:0"]) {
+        Ok(_) => panic!("a non-loopback bind without authentication started"),
+        Err(e) => e,
+    };
+    assert!(err.contains("--insecure-no-auth"), "{err}");
+    let srv = TestServer::try_start(&dir, 1, &["--listen", "0.0.0.0:0", "--insecure-no-auth"]).unwrap();
+    drop(srv);
+}

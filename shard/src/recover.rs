@@ -1,0 +1,380 @@
+//! Recovery at open, the full rebuild of the index from the data area, and
+//! the offline verification behind `shardstore check`.
+//!
+//! Why a bounded scan finds every write the index lacks: a checkpoint (see
+//! `shard`, steps a-c) records `replay_from` (every write with a lower
+//! generation was applied to the index before the checkpoint batch, so the
+//! checkpoint's flush made it durable), `high_water` (no generation at or
+//! above it had been handed out) and `scan`: the runs of the writes then in
+//! flight plus the allocator's reservation. Every extent written after the
+//! checkpoint comes from the reservation (the allocator never allocates
+//! elsewhere, and runs reserved by a later checkpoint are not used before
+//! that checkpoint is durable), so it lies inside `scan`. Space freed after
+//! the checkpoint is quarantined until the next one, so nothing inside `scan`
+//! is overwritten twice in one checkpoint interval. The scan is therefore
+//! bounded by the reservation size (`checkpoint_bytes`).
+//!
+//! Replay, in generation order, is idempotent: a data extent is applied only
+//! if the chunk's indexed generation and tombstone are older; a tombstone
+//! only if the chunk's indexed write and tombstone are older. sled recovers
+//! a prefix of the batches applied after the checkpoint, and per chunk the
+//! batches are in generation order (chunk lock), so "newer than what the
+//! index has" is exactly "not applied yet".
+//!
+//! An extent whose header is valid but whose data sectors fail their crcs was
+//! being written at the crash (it was not acknowledged: acks follow the
+//! flush): it is discarded whole, so an unacknowledged write is all or
+//! nothing. The generation counter restarts above the checkpoint's
+//! high-water and every generation seen by the scan, so a generation that
+//! may be on disk is never handed out twice.
+//!
+//! The full rebuild scans the whole data area the same way with no lower
+//! bound on generations, newest generation wins per sector, tombstones kill
+//! older extents of their chunk. Tombstones stay on disk while their record
+//! is in the index, so a deleted chunk does not come back in a rebuild.
+
+use std::time::Duration;
+
+use shardstore_proto::ChunkId;
+
+use crate::alloc::Run;
+use crate::error::ShardError;
+use crate::index::Checkpoint;
+use crate::layout::{DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR};
+use crate::shard::Inner;
+
+/// Sectors read per scan request.
+const SCAN_WINDOW_SECTORS: u64 = 128;
+
+/// What recovery (or a rebuild) did at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub elapsed_us: u64,
+    pub scanned_sectors: u64,
+    /// Data extents applied to the index from the data area.
+    pub replayed: u64,
+    pub replayed_tombstones: u64,
+    /// Extents found that the index already had (or that were superseded).
+    pub already_indexed: u64,
+    /// Extents with a valid header but bad data: torn (never acknowledged),
+    /// overwritten, or corrupt. Discarded.
+    pub discarded: u64,
+    pub chunks: u64,
+    /// The index was rebuilt from the whole data area.
+    pub rebuilt: bool,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub chunks: u64,
+    pub extents: u64,
+    pub sectors: u64,
+    pub tombstones: u64,
+    pub superblock_copies_ok: u32,
+    /// (chunk, logical sector, why) of every bad live sector or tombstone.
+    pub problems: Vec<(ChunkId, u64, String)>,
+}
+
+struct Found {
+    at: DiskSector,
+    header: ExtentHeader,
+}
+
+/// Valid extents with a generation of at least `min_generation` inside `runs`.
+async fn scan(
+    inner: &Inner,
+    runs: &[Run],
+    min_generation: u64,
+    report: &mut RecoveryReport,
+) -> Result<(Vec<Found>, u64), ShardError> {
+    let area_end = DATA_START_SECTOR + inner.capacity_sectors;
+    let mut found = Vec::new();
+    let mut max_generation = 0u64;
+    for run in runs {
+        let end = run.start.0 + run.len;
+        if run.start.0 < DATA_START_SECTOR || end > area_end {
+            return Err(ShardError::IndexCorrupt(format!(
+                "checkpoint lists sectors {}+{} outside the data area",
+                run.start.0, run.len
+            )));
+        }
+        let mut pos = run.start.0;
+        while pos < end {
+            let n = SCAN_WINDOW_SECTORS.min(end - pos);
+            let buf = inner
+                .io
+                .read(DiskSector(pos), n)
+                .await
+                .map_err(|e| ShardError::io(format!("scanning sectors {pos}+{n}"), e))?;
+            report.scanned_sectors += n;
+            let mut next = pos + n;
+            let mut i = 0u64;
+            while i < n {
+                let here = pos + i;
+                let s = (i * SECTOR) as usize;
+                if !ExtentHeader::has_magic(&buf[s..s + SECTOR as usize]) {
+                    i += 1;
+                    continue;
+                }
+                // The header may continue past the window.
+                let room = end - here;
+                let owned;
+                let hbytes: &[u8] = if n - i >= 4.min(room) {
+                    &buf[s..]
+                } else {
+                    owned = inner
+                        .io
+                        .read(DiskSector(here), 4.min(room))
+                        .await
+                        .map_err(|e| ShardError::io(format!("reading sector {here}"), e))?;
+                    &owned
+                };
+                let h = match ExtentHeader::decode(inner.node_id, hbytes) {
+                    Ok(h) if h.disk_sector.0 == here && h.total_sectors() <= room => h,
+                    _ => {
+                        i += 1;
+                        continue;
+                    }
+                };
+                max_generation = max_generation.max(h.generation.0);
+                if h.generation.0 < min_generation {
+                    i += 1;
+                    continue;
+                }
+                let total = h.total_sectors();
+                let hs = (h.header_sectors() * SECTOR) as usize;
+                let bad = if i + total <= n {
+                    h.first_bad_sector(&buf[s + hs..s + (total * SECTOR) as usize])
+                } else {
+                    let whole = inner
+                        .io
+                        .read(DiskSector(here), total)
+                        .await
+                        .map_err(|e| ShardError::io(format!("reading extent at {here}"), e))?;
+                    h.first_bad_sector(&whole[hs..])
+                };
+                if let Some(b) = bad {
+                    report.discarded += 1;
+                    tracing::warn!(
+                        shard = inner.id.0,
+                        chunk = %h.chunk,
+                        generation = h.generation.0,
+                        disk_sector = here,
+                        bad_sector = h.first_sector.0 + b as u64,
+                        "discarding an extent with a bad data sector (torn write, overwritten or corrupt)"
+                    );
+                    i += 1;
+                    continue;
+                }
+                found.push(Found {
+                    at: DiskSector(here),
+                    header: h,
+                });
+                if i + total <= n {
+                    i += total;
+                } else {
+                    next = here + total;
+                    break;
+                }
+            }
+            pos = next;
+        }
+    }
+    Ok((found, max_generation))
+}
+
+/// Marks everything the index references as used; returns the highest
+/// generation the index knows.
+fn load_allocator(inner: &Inner) -> Result<u64, ShardError> {
+    let mut alloc = inner.alloc.borrow_mut();
+    let mut max_generation = 0u64;
+    for item in inner.index.all_extents() {
+        let (chunk, rec) = item?;
+        max_generation = max_generation.max(rec.generation.0);
+        alloc
+            .rebuild_piece(
+                rec.header,
+                rec.header_sectors,
+                Run {
+                    start: rec.disk,
+                    len: rec.count(),
+                },
+            )
+            .map_err(|e| ShardError::IndexCorrupt(format!("chunk {chunk}: {e}")))?;
+    }
+    for item in inner.index.all_tombs() {
+        let (chunk, t) = item?;
+        max_generation = max_generation.max(t.generation.0);
+        alloc
+            .mark_used(Run {
+                start: t.disk,
+                len: 1,
+            })
+            .map_err(|e| ShardError::IndexCorrupt(format!("tombstone of chunk {chunk}: {e}")))?;
+    }
+    Ok(max_generation)
+}
+
+/// Applies one found extent to the index unless the index already has it
+/// or something newer.
+fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), ShardError> {
+    let h = &f.header;
+    let g = h.generation.0;
+    let meta = inner.index.get_meta(h.chunk)?;
+    let tomb = inner.index.get_tomb(h.chunk)?;
+    let meta_gen = meta.map_or(0, |m| m.generation);
+    let tomb_gen = tomb.map_or(0, |t| t.generation.0);
+    if meta_gen >= g || tomb_gen >= g {
+        report.already_indexed += 1;
+        return Ok(());
+    }
+    let hs = h.header_sectors();
+    let marked = match h.kind {
+        ExtentKind::Data => inner.alloc.borrow_mut().rebuild_piece(
+            f.at,
+            hs,
+            Run {
+                start: DiskSector(f.at.0 + hs),
+                len: h.crcs.len() as u64,
+            },
+        ),
+        ExtentKind::Tombstone => inner.alloc.borrow_mut().mark_used(Run { start: f.at, len: 1 }),
+    };
+    if let Err(e) = marked {
+        // Only a rebuild can meet this (an intact stale extent overlapping
+        // live space cannot exist; a corrupt index can make it look so).
+        report.discarded += 1;
+        tracing::warn!(shard = inner.id.0, chunk = %h.chunk, generation = g, error = %e, "extent overlaps used space; skipped");
+        return Ok(());
+    }
+    let (change, frees) = match h.kind {
+        ExtentKind::Data => {
+            let (c, f, _) = inner.data_extent_change(h, f.at, meta)?;
+            report.replayed += 1;
+            (c, f)
+        }
+        ExtentKind::Tombstone => {
+            report.replayed_tombstones += 1;
+            inner.tombstone_change(h, f.at)?
+        }
+    };
+    change.apply(&inner.index)?;
+    // Nothing reads yet and a checkpoint follows before any allocation.
+    let mut alloc = inner.alloc.borrow_mut();
+    for fr in frees {
+        alloc.give_back(fr);
+    }
+    tracing::debug!(shard = inner.id.0, chunk = %h.chunk, generation = g, kind = ?h.kind, "replayed");
+    Ok(())
+}
+
+fn count_chunks(inner: &Inner) -> Result<u64, ShardError> {
+    let mut n = 0;
+    for item in inner.index.metas_after(None) {
+        item?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Normal start: index plus the data area written since the checkpoint.
+pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryReport, ShardError> {
+    let mut report = RecoveryReport::default();
+    let index_max = load_allocator(inner)?;
+    let (mut found, scan_max) = scan(inner, &ck.scan, ck.replay_from, &mut report).await?;
+    found.sort_by_key(|f| f.header.generation);
+    for f in &found {
+        replay(inner, f, &mut report)?;
+    }
+    let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
+    inner.next_generation.set(next);
+    report.chunks = count_chunks(inner)?;
+    Ok(report)
+}
+
+/// Rebuilds the index from the whole data area.
+pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError> {
+    tracing::warn!(shard = inner.id.0, "rebuilding the index from the data area");
+    inner.index.clear()?;
+    let mut report = RecoveryReport {
+        rebuilt: true,
+        ..RecoveryReport::default()
+    };
+    let area = inner.alloc.borrow().area();
+    let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
+    found.sort_by_key(|f| f.header.generation);
+    for f in &found {
+        replay(inner, f, &mut report)?;
+    }
+    inner.next_generation.set(max + 1);
+    report.chunks = count_chunks(inner)?;
+    Ok(report)
+}
+
+/// Reads and checks every live sector and tombstone, and both superblocks.
+pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
+    let mut r = VerifyReport::default();
+    let sb = inner
+        .io
+        .read(DiskSector(0), DATA_START_SECTOR)
+        .await
+        .map_err(|e| ShardError::io("reading the superblocks", e))?;
+    for copy in 0..DATA_START_SECTOR as usize {
+        let s = SECTOR as usize;
+        match Superblock::decode(&sb[copy * s..(copy + 1) * s]) {
+            Ok(_) => r.superblock_copies_ok += 1,
+            Err(e) => r
+                .problems
+                .push((ChunkId(0), copy as u64, format!("superblock copy {copy}: {e}"))),
+        }
+    }
+    r.chunks = count_chunks(inner)?;
+    let mut after: Option<(ChunkId, LogicalSector)> = None;
+    loop {
+        let next = inner.index.extents_after(after).next();
+        let Some(item) = next else { break };
+        let (chunk, rec) = item?;
+        after = Some((chunk, rec.logical));
+        r.extents += 1;
+        r.sectors += rec.count();
+        let _epoch = inner.begin_read();
+        match inner.read_bytes(chunk, rec.logical.0 * SECTOR, rec.end() * SECTOR).await {
+            Ok(_) => {}
+            Err(ShardError::Corrupt { sector, detail, .. }) => r.problems.push((chunk, sector, detail)),
+            Err(ShardError::Io { context, source }) => {
+                r.problems.push((chunk, rec.logical.0, format!("{context}: {source}")))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for item in inner.index.all_tombs() {
+        let (chunk, t) = item?;
+        r.tombstones += 1;
+        let ok = match inner.io.read(t.disk, 1).await {
+            Ok(b) => match ExtentHeader::decode(inner.node_id, &b) {
+                Ok(h) => {
+                    h.kind == ExtentKind::Tombstone
+                        && h.chunk == chunk
+                        && h.generation == t.generation
+                        && h.disk_sector == t.disk
+                }
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if !ok {
+            r.problems.push((
+                chunk,
+                0,
+                format!("tombstone at sector {} is missing or damaged", t.disk.0),
+            ));
+        }
+    }
+    Ok(r)
+}
+
+/// How long a scrub should wait between extents to spread a pass over `period`.
+pub(crate) fn pace(period: Duration, extents: u64) -> Duration {
+    period / (extents.max(1) as u32).max(1)
+}

@@ -1,0 +1,144 @@
+//! The background scrubber: re-reads and verifies every live sector over a
+//! configurable period, on its own glommio task queue with low shares so
+//! foreground requests win the CPU and the ring when both are ready.
+//!
+//! One extent record at a time: look it up and read it inside one reclaim
+//! epoch (so its space cannot be reused in between), check each sector's
+//! crc, then sleep enough to spread the pass over the period. A bad sector is
+//! logged (chunk, sector) and counted; it is never repaired here (there is no
+//! second copy on one node).
+
+use std::cell::Cell;
+use std::rc::Weak;
+use std::time::{Duration, Instant};
+
+use glommio::{Latency, Shares};
+use shardstore_proto::ChunkId;
+
+use crate::error::ShardError;
+use crate::layout::{sector_crc, LogicalSector, SECTOR};
+use crate::shard::{bump, Inner};
+
+/// Shares of the scrub task queue (the default queue has 1000).
+pub const SCRUB_SHARES: usize = 25;
+
+#[derive(Default)]
+pub struct ScrubCounters {
+    pub passes: Cell<u64>,
+    pub sectors: Cell<u64>,
+    pub errors: Cell<u64>,
+    /// Extents seen in the last full pass (for pacing).
+    pub last_pass_extents: Cell<u64>,
+}
+
+/// Checks the extent record after `after`; returns its key, or None at the end.
+async fn step(
+    inner: &Inner,
+    after: Option<(ChunkId, LogicalSector)>,
+) -> Result<Option<(ChunkId, LogicalSector, u64)>, ShardError> {
+    let _epoch = inner.begin_read();
+    let next = inner.index.extents_after(after).next();
+    let Some(item) = next else { return Ok(None) };
+    let (chunk, rec) = item?;
+    let rb = inner
+        .io
+        .read(rec.disk, rec.count())
+        .await
+        .map_err(|e| ShardError::io(format!("scrubbing chunk {chunk}"), e))?;
+    let mut bad = 0;
+    for (i, crc) in rec.crcs.iter().enumerate() {
+        let s = &rb[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+        let logical = LogicalSector(rec.logical.0 + i as u64);
+        if sector_crc(chunk, logical, rec.generation, s) != *crc {
+            bad += 1;
+            tracing::error!(
+                shard = inner.id.0,
+                chunk = %chunk,
+                sector = logical.0,
+                disk_sector = rec.disk.0 + i as u64,
+                "scrub: sector checksum mismatch"
+            );
+        }
+    }
+    bump(&inner.scrub.sectors, rec.count());
+    bump(&inner.scrub.errors, bad);
+    Ok(Some((chunk, rec.logical, bad)))
+}
+
+/// One full pass; `pace` is slept between extents. Returns bad sectors found.
+pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, ShardError> {
+    let mut after = None;
+    let mut bad = 0;
+    let mut extents = 0;
+    while let Some((c, l, b)) = step(inner, after).await? {
+        after = Some((c, l));
+        bad += b;
+        extents += 1;
+        if let Some(p) = pace {
+            glommio::timer::sleep(p).await;
+        }
+    }
+    inner.scrub.last_pass_extents.set(extents);
+    bump(&inner.scrub.passes, 1);
+    Ok(bad)
+}
+
+/// Starts the scrubber on a low-shares task queue.
+pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
+    let tq = glommio::executor().create_task_queue(
+        Shares::Static(SCRUB_SHARES),
+        Latency::NotImportant,
+        "scrub",
+    );
+    let task = glommio::spawn_local_into(
+        async move {
+            loop {
+                let started = Instant::now();
+                let mut after = None;
+                let mut extents = 0u64;
+                let mut bad = 0u64;
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let pace = crate::recover::pace(period, inner.scrub.last_pass_extents.get());
+                    match step(&inner, after).await {
+                        Ok(Some((c, l, b))) => {
+                            after = Some((c, l));
+                            extents += 1;
+                            bad += b;
+                        }
+                        Ok(None) => {
+                            inner.scrub.last_pass_extents.set(extents);
+                            bump(&inner.scrub.passes, 1);
+                            tracing::info!(
+                                shard = inner.id.0,
+                                extents,
+                                bad_sectors = bad,
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "scrub pass done"
+                            );
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = inner.id.0, error = %e, "scrub step failed");
+                            break;
+                        }
+                    }
+                    drop(inner);
+                    glommio::timer::sleep(pace.min(Duration::from_secs(1))).await;
+                }
+                if let Some(rest) = period.checked_sub(started.elapsed()) {
+                    glommio::timer::sleep(rest.min(Duration::from_secs(3600))).await;
+                } else {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        },
+        tq,
+    );
+    match task {
+        Ok(t) => {
+            t.detach();
+        }
+        Err(e) => tracing::warn!(error = %e, "could not start the scrubber"),
+    }
+}
