@@ -23,6 +23,18 @@ pub struct ClientConfig {
     /// mutual HMAC handshake first and refuses a server that cannot prove
     /// it holds the same secret.
     pub secret: Option<Secret>,
+    /// TLS for every connection, when the server uses it.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings: trusted roots (and optionally a client certificate) in a
+/// rustls configuration, see `shardstore_net::tls::client_config`.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Name to verify the server's certificate against; default: the host
+    /// part of the address being connected to.
+    pub server_name: Option<String>,
 }
 
 /// A shared secret; never printed.
@@ -31,7 +43,9 @@ pub struct Secret(pub(crate) Arc<Vec<u8>>);
 
 impl Secret {
     /// Reads a secret file (trailing whitespace trimmed, 16..=4096 bytes).
-    pub fn from_file(path: &std::path::Path) -> Result<Secret, shardstore_proto::auth::SecretError> {
+    pub fn from_file(
+        path: &std::path::Path,
+    ) -> Result<Secret, shardstore_proto::auth::SecretError> {
         shardstore_proto::auth::read_secret_file(path).map(|v| Secret(Arc::new(v)))
     }
 
@@ -55,6 +69,7 @@ impl Default for ClientConfig {
             route_direct: true,
             max_in_flight_per_connection: 1024,
             secret: None,
+            tls: None,
         }
     }
 }

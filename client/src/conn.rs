@@ -25,11 +25,14 @@ use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+/// The read and write halves of a connection: plain TCP or TLS over it.
+type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
 /// Payloads up to this size are copied into the coalescing buffer; larger
 /// ones are written from the caller's `Bytes` without a copy.
@@ -149,19 +152,40 @@ impl Connection {
             }
         };
         stream.set_nodelay(true).map_err(connect_err)?;
-        let mut stream = stream;
-        if let Some(secret) = &cfg.secret {
-            match tokio::time::timeout(cfg.connect_timeout, handshake(&mut stream, &secret.0)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(ClientError::Auth(format!(
-                        "no authentication reply from {addr} within {:?}",
-                        cfg.connect_timeout
-                    )))
-                }
+        let (rd, wr): (ReadHalf, WriteHalf) = match &cfg.tls {
+            None => {
+                let mut stream = stream;
+                authenticate(&mut stream, addr, cfg).await?;
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
             }
-        }
-        let (rd, wr) = stream.into_split();
+            Some(tls) => {
+                let host = tls.server_name.clone().unwrap_or_else(|| host_of(addr));
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| ClientError::Tls(format!("server name {host:?}: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let mut stream = match tokio::time::timeout(
+                    cfg.connect_timeout,
+                    connector.connect(name, stream),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        return Err(ClientError::Tls(format!("handshake with {addr}: {e}")))
+                    }
+                    Err(_) => {
+                        return Err(ClientError::Tls(format!(
+                            "no TLS handshake with {addr} within {:?}",
+                            cfg.connect_timeout
+                        )))
+                    }
+                };
+                authenticate(&mut stream, addr, cfg).await?;
+                let (rd, wr) = tokio::io::split(stream);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         let shared = Arc::new(Shared {
             addr: addr.to_owned(),
             pending: Mutex::new(Pending::default()),
@@ -223,7 +247,7 @@ impl Connection {
 async fn writer_task(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf,
 ) {
     let mut queue: VecDeque<Bytes> = VecDeque::new();
     let mut small = BytesMut::with_capacity(8 << 10);
@@ -252,10 +276,7 @@ async fn writer_task(
     }
 }
 
-async fn write_all_vectored(
-    wr: &mut OwnedWriteHalf,
-    queue: &mut VecDeque<Bytes>,
-) -> io::Result<()> {
+async fn write_all_vectored(wr: &mut WriteHalf, queue: &mut VecDeque<Bytes>) -> io::Result<()> {
     while !queue.is_empty() {
         let n = {
             let iov: Vec<IoSlice<'_>> = queue
@@ -283,7 +304,7 @@ async fn write_all_vectored(
     Ok(())
 }
 
-async fn reader_task(shared: Arc<Shared>, rd: OwnedReadHalf) {
+async fn reader_task(shared: Arc<Shared>, rd: ReadHalf) {
     let mut reader = FrameReader::new(rd.compat(), limits::MAX_PAYLOAD);
     let why = loop {
         match read_reply(&shared, &mut reader).await {
@@ -299,7 +320,7 @@ async fn reader_task(shared: Arc<Shared>, rd: OwnedReadHalf) {
 /// `Err` when the stream can no longer be trusted.
 async fn read_reply(
     shared: &Shared,
-    reader: &mut FrameReader<Compat<OwnedReadHalf>>,
+    reader: &mut FrameReader<Compat<ReadHalf>>,
 ) -> Result<bool, String> {
     let Some(head) = reader.read_head().await.map_err(|e| e.to_string())? else {
         return Ok(false);
@@ -360,9 +381,37 @@ async fn read_reply(
     Ok(true)
 }
 
+/// The host part of "host:port" (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
+
+/// Runs the authentication handshake when the config has a secret.
+async fn authenticate<S>(stream: &mut S, addr: &str, cfg: &ClientConfig) -> Result<(), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(secret) = &cfg.secret else {
+        return Ok(());
+    };
+    match tokio::time::timeout(cfg.connect_timeout, handshake(stream, &secret.0)).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Auth(format!(
+            "no authentication reply from {addr} within {:?}",
+            cfg.connect_timeout
+        ))),
+    }
+}
+
 /// Runs the mutual HMAC handshake (see `shardstore_proto::auth`) before the
 /// connection carries any request.
-async fn handshake(stream: &mut TcpStream, secret: &[u8]) -> Result<(), ClientError> {
+async fn handshake<S>(stream: &mut S, secret: &[u8]) -> Result<(), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use shardstore_proto::{
         auth, encode_frame, ArchivedAuthReply, ArchivedHelloReply, AuthRequest, Empty,
     };
@@ -375,7 +424,8 @@ async fn handshake(stream: &mut TcpStream, secret: &[u8]) -> Result<(), ClientEr
         .map_err(|e| ClientError::Protocol(format!("hello reply: {e}")))?;
     if !h.auth_required {
         return Err(ClientError::Auth(
-            "a secret is configured but the server does not authenticate; refusing to trust it".into(),
+            "a secret is configured but the server does not authenticate; refusing to trust it"
+                .into(),
         ));
     }
     let server_nonce = h.server_nonce;
@@ -398,7 +448,9 @@ async fn handshake(stream: &mut TcpStream, secret: &[u8]) -> Result<(), ClientEr
         ));
     }
     if reader.buffered() != 0 {
-        return Err(ClientError::Protocol("unexpected bytes after the handshake".into()));
+        return Err(ClientError::Protocol(
+            "unexpected bytes after the handshake".into(),
+        ));
     }
     Ok(())
 }
@@ -415,7 +467,10 @@ async fn handshake_reply<R: futures_io::AsyncRead + Unpin>(
         Err(e) => return Err(ClientError::Protocol(e.to_string())),
     };
     if frame.opcode != op || !frame.header.is_response() {
-        return Err(ClientError::Protocol(format!("unexpected {:?} frame during the handshake", frame.opcode)));
+        return Err(ClientError::Protocol(format!(
+            "unexpected {:?} frame during the handshake",
+            frame.opcode
+        )));
     }
     if frame.header.is_error() {
         let e = shardstore_proto::access_body::<shardstore_proto::ArchivedErrorBody>(&frame.body)

@@ -68,6 +68,9 @@ pub enum ClientError {
     /// cannot prove it holds ours).
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// TLS setup or handshake failed.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 fn code_name(code: Option<ErrorCode>, raw: u16) -> String {

@@ -75,7 +75,7 @@ mod topology;
 mod types;
 
 pub use client::Client;
-pub use config::{ClientConfig, Secret};
+pub use config::{ClientConfig, ClientTls, Secret};
 pub use error::ClientError;
 pub use shardstore_proto::{ChunkId, ErrorCode, ShardId, StatsReply};
 pub use topology::Topology;

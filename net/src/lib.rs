@@ -13,5 +13,7 @@
 
 mod reader;
 pub mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use reader::{Frame, FrameError, FrameReader, RawFrameHead};

@@ -32,29 +32,54 @@ fn mac(secret: &[u8], label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> Hmac<Sha256> 
 }
 
 pub fn client_proof(secret: &[u8], server_nonce: &[u8; 32], client_nonce: &[u8; 32]) -> [u8; 32] {
-    mac(secret, CLIENT_LABEL, server_nonce, client_nonce).finalize().into_bytes().into()
+    mac(secret, CLIENT_LABEL, server_nonce, client_nonce)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 pub fn server_proof(secret: &[u8], server_nonce: &[u8; 32], client_nonce: &[u8; 32]) -> [u8; 32] {
-    mac(secret, SERVER_LABEL, client_nonce, server_nonce).finalize().into_bytes().into()
+    mac(secret, SERVER_LABEL, client_nonce, server_nonce)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Constant-time check of a client's proof.
-pub fn verify_client(secret: &[u8], server_nonce: &[u8; 32], client_nonce: &[u8; 32], proof: &[u8; 32]) -> bool {
-    mac(secret, CLIENT_LABEL, server_nonce, client_nonce).verify_slice(proof).is_ok()
+pub fn verify_client(
+    secret: &[u8],
+    server_nonce: &[u8; 32],
+    client_nonce: &[u8; 32],
+    proof: &[u8; 32],
+) -> bool {
+    mac(secret, CLIENT_LABEL, server_nonce, client_nonce)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 /// Constant-time check of a server's proof.
-pub fn verify_server(secret: &[u8], server_nonce: &[u8; 32], client_nonce: &[u8; 32], proof: &[u8; 32]) -> bool {
-    mac(secret, SERVER_LABEL, client_nonce, server_nonce).verify_slice(proof).is_ok()
+pub fn verify_server(
+    secret: &[u8],
+    server_nonce: &[u8; 32],
+    client_nonce: &[u8; 32],
+    proof: &[u8; 32],
+) -> bool {
+    mac(secret, SERVER_LABEL, client_nonce, server_nonce)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 /// Why a secret file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("reading secret file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("secret file {path} holds {len} bytes; a secret needs {MIN_SECRET_LEN}..={MAX_SECRET_LEN}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "secret file {path} holds {len} bytes; a secret needs {MIN_SECRET_LEN}..={MAX_SECRET_LEN}"
+    )]
     Length { path: String, len: usize },
 }
 
@@ -70,7 +95,10 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, SecretError> 
         bytes.pop();
     }
     if !(MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&bytes.len()) {
-        return Err(SecretError::Length { path: p, len: bytes.len() });
+        return Err(SecretError::Length {
+            path: p,
+            len: bytes.len(),
+        });
     }
     Ok(bytes)
 }
@@ -85,8 +113,14 @@ mod tests {
         let p = client_proof(s, &sn, &cn);
         assert!(verify_client(s, &sn, &cn, &p));
         assert!(!verify_client(b"0123456789abcdef-other!", &sn, &cn, &p));
-        assert!(!verify_client(s, &[9u8; 32], &cn, &p), "old server nonce must not verify");
-        assert!(!verify_client(s, &sn, &cn, &server_proof(s, &sn, &cn)), "roles are distinct");
+        assert!(
+            !verify_client(s, &[9u8; 32], &cn, &p),
+            "old server nonce must not verify"
+        );
+        assert!(
+            !verify_client(s, &sn, &cn, &server_proof(s, &sn, &cn)),
+            "roles are distinct"
+        );
         let sp = server_proof(s, &sn, &cn);
         assert!(verify_server(s, &sn, &cn, &sp));
         assert!(!verify_server(s, &sn, &[3u8; 32], &sp));
@@ -100,8 +134,14 @@ mod tests {
         std::fs::write(&f, b"a-long-enough-secret\n").unwrap();
         assert_eq!(read_secret_file(&f).unwrap(), b"a-long-enough-secret");
         std::fs::write(&f, b"short\n").unwrap();
-        assert!(matches!(read_secret_file(&f), Err(SecretError::Length { len: 5, .. })));
-        assert!(matches!(read_secret_file(&dir.join("missing")), Err(SecretError::Read { .. })));
+        assert!(matches!(
+            read_secret_file(&f),
+            Err(SecretError::Length { len: 5, .. })
+        ));
+        assert!(matches!(
+            read_secret_file(&dir.join("missing")),
+            Err(SecretError::Read { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

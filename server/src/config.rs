@@ -15,6 +15,7 @@
 //! `config default` prints [`example`], which is `deploy/shardstore.toml`
 //! byte for byte (a test keeps them in step).
 
+use crate::conn_limits::ConnLimits;
 use crate::serve::allowed_cpus;
 use serde::{Deserialize, Serialize};
 use shardstore_proto::limits;
@@ -44,6 +45,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<String>,
@@ -63,6 +66,20 @@ pub struct FileConfig {
     pub max_chunk_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_queue: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn_buffer_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard_buffer_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,10 +109,12 @@ pub mod defaults {
 }
 
 /// Fully resolved settings, validated.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Block device for the data areas (instead of files in data_dir).
+    pub device: Option<PathBuf>,
     pub shards: Option<u32>,
     pub cpus: Option<Vec<usize>>,
     pub allow_oversubscribe: bool,
@@ -108,6 +127,8 @@ pub struct Settings {
     pub max_payload: u32,
     pub max_chunk_size: u64,
     pub forward_queue: u64,
+    /// Connection limits and timeouts of the serving path.
+    pub limits: ConnLimits,
     pub metrics_addr: Option<SocketAddr>,
     pub metrics_interval: Duration,
     pub shutdown_timeout: Duration,
@@ -198,6 +219,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
     pick!(
         listen,
         data_dir,
+        device,
         shards,
         cpus,
         allow_oversubscribe,
@@ -208,6 +230,13 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         max_payload,
         max_chunk_size,
         forward_queue,
+        max_connections,
+        max_in_flight,
+        conn_buffer_mib,
+        shard_buffer_mib,
+        frame_timeout_ms,
+        idle_timeout_ms,
+        write_timeout_ms,
         metrics_addr,
         metrics_interval_ms,
         shutdown_timeout_ms,
@@ -241,7 +270,8 @@ impl Machine {
         };
         let memlock_bytes = unsafe {
             let mut r: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) == 0 && r.rlim_cur != libc::RLIM_INFINITY
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) == 0
+                && r.rlim_cur != libc::RLIM_INFINITY
             {
                 Some(r.rlim_cur)
             } else {
@@ -329,9 +359,30 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         None => None,
         Some(s) => Some(parse_cpu_list(s).map_err(|e| bad("cpus", e))?),
     };
+    let d = ConnLimits::default();
+    let ms = |v: Option<u64>, dflt: Duration| v.map(Duration::from_millis).unwrap_or(dflt);
+    let limits = ConnLimits {
+        max_connections: c.max_connections.unwrap_or(d.max_connections),
+        max_in_flight: c
+            .max_in_flight
+            .map(|v| v as usize)
+            .unwrap_or(d.max_in_flight),
+        conn_buffer_bytes: c
+            .conn_buffer_mib
+            .map(|v| v.saturating_mul(1 << 20))
+            .unwrap_or(d.conn_buffer_bytes),
+        shard_buffer_bytes: c
+            .shard_buffer_mib
+            .map(|v| v.saturating_mul(1 << 20))
+            .unwrap_or(d.shard_buffer_bytes),
+        frame_timeout: ms(c.frame_timeout_ms, d.frame_timeout),
+        idle_timeout: ms(c.idle_timeout_ms, d.idle_timeout),
+        write_timeout: ms(c.write_timeout_ms, d.write_timeout),
+    };
     let s = Settings {
         listen,
         data_dir,
+        device: c.device,
         shards: c.shards,
         cpus,
         allow_oversubscribe: c.allow_oversubscribe.unwrap_or(false),
@@ -342,6 +393,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
         max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
         forward_queue: c.forward_queue.unwrap_or(defaults::FORWARD_QUEUE),
+        limits,
         metrics_addr,
         metrics_interval: Duration::from_millis(
             c.metrics_interval_ms
@@ -396,7 +448,32 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     if s.forward_queue == 0 {
         return Err(bad("forward_queue", "must be at least 1"));
     }
-    if s.metrics_interval < Duration::from_millis(50) || s.metrics_interval > Duration::from_secs(60)
+    let l = &s.limits;
+    for (key, v) in [
+        ("max_connections", l.max_connections),
+        ("max_in_flight", l.max_in_flight as u64),
+        ("conn_buffer_mib", l.conn_buffer_bytes),
+        ("shard_buffer_mib", l.shard_buffer_bytes),
+        ("frame_timeout_ms", l.frame_timeout.as_millis() as u64),
+        ("idle_timeout_ms", l.idle_timeout.as_millis() as u64),
+        ("write_timeout_ms", l.write_timeout.as_millis() as u64),
+    ] {
+        if v == 0 {
+            return Err(bad(key, "must be at least 1"));
+        }
+    }
+    if l.shard_buffer_bytes < l.conn_buffer_bytes {
+        return Err(bad(
+            "shard_buffer_mib",
+            format!(
+                "{} MiB is less than conn_buffer_mib ({} MiB): one connection could never use its share",
+                l.shard_buffer_bytes >> 20,
+                l.conn_buffer_bytes >> 20
+            ),
+        ));
+    }
+    if s.metrics_interval < Duration::from_millis(50)
+        || s.metrics_interval > Duration::from_secs(60)
     {
         return Err(bad(
             "metrics_interval_ms",
@@ -507,10 +584,7 @@ pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
         b.pop();
     }
     if b.is_empty() {
-        return Err(bad(
-            "auth_secret_file",
-            format!("{} is empty", p.display()),
-        ));
+        return Err(bad("auth_secret_file", format!("{} is empty", p.display())));
     }
     Ok(b)
 }
@@ -544,6 +618,7 @@ impl Settings {
         let f = FileConfig {
             listen: Some(self.listen),
             data_dir: Some(self.data_dir.clone()),
+            device: self.device.clone(),
             shards: self.shards,
             cpus: self.cpus.as_ref().map(|c| fmt_cpus(c)),
             allow_oversubscribe: Some(self.allow_oversubscribe),
@@ -554,6 +629,13 @@ impl Settings {
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
             forward_queue: Some(self.forward_queue),
+            max_connections: Some(self.limits.max_connections),
+            max_in_flight: Some(self.limits.max_in_flight as u64),
+            conn_buffer_mib: Some(self.limits.conn_buffer_bytes >> 20),
+            shard_buffer_mib: Some(self.limits.shard_buffer_bytes >> 20),
+            frame_timeout_ms: Some(self.limits.frame_timeout.as_millis() as u64),
+            idle_timeout_ms: Some(self.limits.idle_timeout.as_millis() as u64),
+            write_timeout_ms: Some(self.limits.write_timeout.as_millis() as u64),
             metrics_addr: Some(
                 self.metrics_addr
                     .map(|a| a.to_string())
@@ -599,6 +681,16 @@ const DOCS: &[Doc] = &[
         ],
     },
     Doc {
+        key: "device",
+        set: None,
+        default: "<none: data files in data_dir>",
+        help: &[
+            "Block device (or partition) holding the data areas, split into equal",
+            "per-shard ranges; data_dir still holds the node file and the indexes.",
+            "The service user needs read-write access to the device node.",
+        ],
+    },
+    Doc {
         key: "shards",
         set: None,
         default: "<the data folder's count, or one per allowed CPU>",
@@ -611,25 +703,19 @@ const DOCS: &[Doc] = &[
         key: "cpus",
         set: None,
         default: "<every CPU the process may use (taskset, CPUAffinity=)>",
-        help: &[
-            "CPU list to pin shards to, e.g. \"0-3,8\"; each must be allowed.",
-        ],
+        help: &["CPU list to pin shards to, e.g. \"0-3,8\"; each must be allowed."],
     },
     Doc {
         key: "allow_oversubscribe",
         set: None,
         default: "false",
-        help: &[
-            "Allow more shards than CPUs (shards then share cores: testing only).",
-        ],
+        help: &["Allow more shards than CPUs (shards then share cores: testing only)."],
     },
     Doc {
         key: "capacity_mib",
         set: None,
         default: "1024",
-        help: &[
-            "Data area per shard in MiB, preallocated when a shard is created.",
-        ],
+        help: &["Data area per shard in MiB, preallocated when a shard is created."],
     },
     Doc {
         key: "io_memory_kib",
@@ -659,9 +745,7 @@ const DOCS: &[Doc] = &[
         key: "max_payload",
         set: None,
         default: "8388608",
-        help: &[
-            "Largest payload of one request, bytes (a multiple of 4096, at most 8 MiB).",
-        ],
+        help: &["Largest payload of one request, bytes (a multiple of 4096, at most 8 MiB)."],
     },
     Doc {
         key: "max_chunk_size",
@@ -677,6 +761,54 @@ const DOCS: &[Doc] = &[
             "Bound of each shard's queue of requests forwarded by other shards;",
             "when full the sender answers BUSY.",
         ],
+    },
+    Doc {
+        key: "max_connections",
+        set: None,
+        default: "4096",
+        help: &["Open connections per shard; past it new ones get BUSY and are closed."],
+    },
+    Doc {
+        key: "max_in_flight",
+        set: None,
+        default: "256",
+        help: &[
+            "Requests executing per connection; past it the connection is not read",
+            "(TCP backpressure).",
+        ],
+    },
+    Doc {
+        key: "conn_buffer_mib",
+        set: None,
+        default: "16",
+        help: &["Payload buffers one connection may hold, MiB."],
+    },
+    Doc {
+        key: "shard_buffer_mib",
+        set: None,
+        default: "64",
+        help: &[
+            "Payload buffers all of a shard's connections may hold, MiB (at least",
+            "conn_buffer_mib); past it requests get BUSY.",
+        ],
+    },
+    Doc {
+        key: "frame_timeout_ms",
+        set: None,
+        default: "10000",
+        help: &["Longest time to receive the rest of a frame once it has started."],
+    },
+    Doc {
+        key: "idle_timeout_ms",
+        set: None,
+        default: "300000",
+        help: &["A connection with no request for this long is closed."],
+    },
+    Doc {
+        key: "write_timeout_ms",
+        set: None,
+        default: "10000",
+        help: &["Longest wait for a client to take reply bytes."],
     },
     Doc {
         key: "metrics_addr",
@@ -718,9 +850,7 @@ const DOCS: &[Doc] = &[
         key: "log_format",
         set: None,
         default: "\"auto\"",
-        help: &[
-            "\"text\", \"json\" or \"auto\" (text on a terminal, JSON under journald).",
-        ],
+        help: &["\"text\", \"json\" or \"auto\" (text on a terminal, JSON under journald)."],
     },
     Doc {
         key: "auth_secret_file",
@@ -809,7 +939,10 @@ mod tests {
         let e = check("capacity_mib = \"big\"\n").unwrap_err();
         assert!(e.starts_with("t.toml:1: capacity_mib: invalid type"), "{e}");
         let e = check("\nlog_format = \"xml\"\n").unwrap_err();
-        assert!(e.starts_with("t.toml:2: log_format: unknown variant"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2: log_format: unknown variant"),
+            "{e}"
+        );
         let e = check("listen = \"nowhere\"\n").unwrap_err();
         assert!(e.starts_with("t.toml:1: listen:"), "{e}");
     }
@@ -849,7 +982,10 @@ mod tests {
             return;
         }
         let e = check("data_dir = \"/dev/shm/shardstore-x/y\"\n").unwrap_err();
-        assert!(e.starts_with("data_dir: /dev/shm/shardstore-x/y is on tmpfs"), "{e}");
+        assert!(
+            e.starts_with("data_dir: /dev/shm/shardstore-x/y is on tmpfs"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -124,12 +124,32 @@ impl Outbox {
         self.holds.clear();
     }
 
-    /// Sends everything queued: vectored `sendmsg` with MSG_DONTWAIT while
-    /// the socket takes it, and glommio's poll-armed write when it is full.
-    async fn flush(&mut self, stream: &mut TcpStream, timeout: Duration) -> io::Result<()> {
-        let mut deadline = None;
+    /// Sends everything queued, then releases the replies' buffers.
+    async fn flush<S: Transport>(&mut self, stream: &mut S, timeout: Duration) -> io::Result<()> {
         let slices = self.slices();
-        let fd = stream.as_raw_fd();
+        stream.send_all(&slices, timeout).await?;
+        drop(slices);
+        self.clear();
+        Ok(())
+    }
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+pub(crate) trait Transport:
+    futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin
+{
+    /// Writes every slice, in order, within `timeout` of the socket first
+    /// refusing more (a peer that stopped reading is cut off).
+    async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()>;
+}
+
+impl Transport for TcpStream {
+    /// Vectored `sendmsg` with MSG_DONTWAIT while the socket takes it (read
+    /// payloads go from their DMA buffers to the kernel without a copy), and
+    /// glommio's poll-armed write when it is full.
+    async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
+        let mut deadline = None;
+        let fd = self.as_raw_fd();
         let mut idx = 0; // first slice not fully sent
         let mut off = 0; // bytes of slices[idx] already sent
         while idx < slices.len() {
@@ -139,12 +159,12 @@ impl Outbox {
             let sent = match send_vectored(fd, &iov) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Socket buffer full: let glommio wait for writability,
-                    // but not forever: a peer that stopped reading is cut off.
                     let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                    within(d, stream.write(&slices[idx][off..]))
+                    within(d, self.write(&slices[idx][off..]))
                         .await
-                        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies"))??
+                        .ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
+                        })??
                 }
                 Err(e) => return Err(e),
             };
@@ -165,9 +185,25 @@ impl Outbox {
                 off = 0;
             }
         }
-        drop(slices);
-        self.clear();
         Ok(())
+    }
+}
+
+impl Transport for futures_rustls::server::TlsStream<TcpStream> {
+    /// rustls encrypts into its own records, so this path copies; replies
+    /// are still batched into one flush per readiness.
+    async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
+        let write = async {
+            for s in slices {
+                self.write_all(s).await?;
+            }
+            self.flush().await
+        };
+        within(Instant::now() + timeout, write)
+            .await
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
+            })?
     }
 }
 
@@ -215,7 +251,9 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener)
                     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 let _ = stream.set_nodelay(true);
                 if ctx.counters.connections.get() >= ctx.limits.max_connections {
-                    ctx.counters.refused_connections.set(ctx.counters.refused_connections.get() + 1);
+                    ctx.counters
+                        .refused_connections
+                        .set(ctx.counters.refused_connections.get() + 1);
                     debug!(shard = ctx.id.0, %peer, "connection limit reached; refusing");
                     glommio::spawn_local(refuse(stream, ctx.limits.write_timeout)).detach();
                     continue;
@@ -255,7 +293,26 @@ pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: Socket
     let c = &ctx.counters;
     c.connections.set(c.connections.get() + 1);
     c.connections_total.set(c.connections_total.get() + 1);
-    let result = connection_loop(&ctx, stream, peer).await;
+    let result = match ctx.node.tls.clone() {
+        None => connection_loop(&ctx, stream, peer).await,
+        Some(acceptor) => {
+            // The TLS handshake is bounded like a frame.
+            let deadline = Instant::now() + ctx.limits.frame_timeout;
+            match within(deadline, acceptor.accept(stream)).await {
+                Some(Ok(tls)) => connection_loop(&ctx, tls, peer).await,
+                Some(Err(e)) => {
+                    c.tls_failures.set(c.tls_failures.get() + 1);
+                    debug!(shard = ctx.id.0, %peer, error = %e, "TLS handshake failed");
+                    Ok(())
+                }
+                None => {
+                    c.timeouts.set(c.timeouts.get() + 1);
+                    debug!(shard = ctx.id.0, %peer, "TLS handshake timed out");
+                    Ok(())
+                }
+            }
+        }
+    };
     c.connections.set(c.connections.get() - 1);
     if let Err(e) = result {
         debug!(shard = ctx.id.0, %peer, error = %e, "connection ended with an error");
@@ -272,7 +329,11 @@ struct Conn {
     frame_started: Option<Instant>,
 }
 
-async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+async fn connection_loop<S: Transport>(
+    ctx: &Rc<ShardCtx>,
+    stream: S,
+    peer: SocketAddr,
+) -> io::Result<()> {
     let lim = &ctx.limits;
     let mut reader = FrameReader::new(stream, ctx.node.max_payload);
     let mut conn = Conn {
@@ -292,7 +353,9 @@ async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr
             }
         };
         if !ok {
-            ctx.counters.auth_failures.set(ctx.counters.auth_failures.get() + 1);
+            ctx.counters
+                .auth_failures
+                .set(ctx.counters.auth_failures.get() + 1);
             reader.get_mut().close().await.ok();
             return Ok(());
         }
@@ -304,7 +367,9 @@ async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr
             conn.out.push_done(done);
         }
         let have_frame = reader.buffered() >= HEADER_LEN;
-        if !conn.out.is_empty() && (!have_frame || conn.out.bytes() >= FLUSH_THRESHOLD || stop.is_some()) {
+        if !conn.out.is_empty()
+            && (!have_frame || conn.out.bytes() >= FLUSH_THRESHOLD || stop.is_some())
+        {
             conn.out.flush(reader.get_mut(), lim.write_timeout).await?;
         }
         if stop.is_some() {
@@ -357,7 +422,12 @@ async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr
                     // The whole frame is here: no timer needed.
                     handle_frame(ctx, &mut reader, head, &mut conn, peer).await
                 } else {
-                    match within(deadline, handle_frame(ctx, &mut reader, head, &mut conn, peer)).await {
+                    match within(
+                        deadline,
+                        handle_frame(ctx, &mut reader, head, &mut conn, peer),
+                    )
+                    .await
+                    {
                         Some(r) => r,
                         None => {
                             ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
@@ -376,11 +446,18 @@ async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr
                 request_id,
                 opcode,
             }) => {
-                ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
+                ctx.counters
+                    .malformed_frames
+                    .set(ctx.counters.malformed_frames.get() + 1);
                 debug!(shard = ctx.id.0, %peer, error = %err, "bad frame header; closing");
                 if let Some(id) = request_id {
                     let start = conn.out.frames.len();
-                    encode_header_error(&mut conn.out.frames, opcode, id, &ErrReply::new(err.code(), err.to_string()));
+                    encode_header_error(
+                        &mut conn.out.frames,
+                        opcode,
+                        id,
+                        &ErrReply::new(err.code(), err.to_string()),
+                    );
                     conn.out.push_frames_since(start);
                 }
                 stop = Some(Stop::Close);
@@ -411,13 +488,15 @@ async fn connection_loop(ctx: &Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr
 /// The server side of the handshake in `shardstore_proto::auth`. Nothing
 /// but HELLO then AUTH is accepted; anything else, or a wrong proof, gets a
 /// typed UNAUTHORIZED and the connection closes. Returns whether it passed.
-async fn authenticate(
+async fn authenticate<S: Transport>(
     ctx: &ShardCtx,
-    reader: &mut FrameReader<TcpStream>,
+    reader: &mut FrameReader<S>,
     secret: &[u8],
     peer: SocketAddr,
 ) -> io::Result<bool> {
-    use shardstore_proto::{auth, encode_frame, ArchivedAuthRequest, AuthReply, HelloReply, Opcode};
+    use shardstore_proto::{
+        auth, encode_frame, ArchivedAuthRequest, AuthReply, HelloReply, Opcode,
+    };
     let mut out = Vec::new();
     let mut server_nonce = [0u8; 32];
     getrandom::getrandom(&mut server_nonce).map_err(|e| io::Error::other(e.to_string()))?;
@@ -482,9 +561,9 @@ enum Ev {
 
 /// The next frame header, under the idle timeout while nothing is buffered
 /// and under the frame timeout once its first byte has arrived. Cancel-safe.
-async fn next_head(
+async fn next_head<S: Transport>(
     ctx: &ShardCtx,
-    reader: &mut FrameReader<TcpStream>,
+    reader: &mut FrameReader<S>,
     frame_started: &mut Option<Instant>,
 ) -> Result<Option<RawFrameHead>, FrameError> {
     if reader.buffered() >= HEADER_LEN {
@@ -508,9 +587,9 @@ async fn next_head(
 
 /// Reads the rest of one frame and starts (or finishes) its request.
 /// Returns `Some(stop)` if the connection must stop reading.
-async fn handle_frame(
+async fn handle_frame<S: Transport>(
     ctx: &Rc<ShardCtx>,
-    reader: &mut FrameReader<TcpStream>,
+    reader: &mut FrameReader<S>,
     head: RawFrameHead,
     conn: &mut Conn,
     peer: SocketAddr,
@@ -526,15 +605,22 @@ async fn handle_frame(
         out.push_frames_since(start);
     };
     if head.header.is_response() {
-        ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
-        fail(out, ErrReply::new(ErrorCode::Malformed, "a reply frame was sent to the server"));
+        ctx.counters
+            .malformed_frames
+            .set(ctx.counters.malformed_frames.get() + 1);
+        fail(
+            out,
+            ErrReply::new(ErrorCode::Malformed, "a reply frame was sent to the server"),
+        );
         return Ok(Some(Stop::Close));
     }
     ctx.counters.request(op);
     let body = match reader.read_body(&head).await {
         Ok(b) => b,
         Err(FrameError::Body(e)) => {
-            ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
+            ctx.counters
+                .malformed_frames
+                .set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e, "bad frame body");
             fail(out, ErrReply::new(ErrorCode::Malformed, e.to_string()));
             return skip(reader, payload_len).await;
@@ -544,7 +630,9 @@ async fn handle_frame(
     let req = match Parsed::decode(op, body) {
         Ok(r) => r,
         Err(e) => {
-            ctx.counters.malformed_frames.set(ctx.counters.malformed_frames.get() + 1);
+            ctx.counters
+                .malformed_frames
+                .set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e.message, "invalid body");
             fail(out, e);
             return skip(reader, payload_len).await;
@@ -562,7 +650,10 @@ async fn handle_frame(
                 ctx.counters.busy.set(ctx.counters.busy.get() + 1);
                 fail(
                     out,
-                    ErrReply::new(ErrorCode::Busy, "shard request buffer budget exhausted; retry later"),
+                    ErrReply::new(
+                        ErrorCode::Busy,
+                        "shard request buffer budget exhausted; retry later",
+                    ),
                 );
                 return skip(reader, payload_len).await;
             }
@@ -607,13 +698,17 @@ async fn handle_frame(
     }
     match req {
         Parsed::Write(w) => {
-            let mut pw = match ctx.shard.prepare_write(ChunkId(w.chunk), w.offset, payload_len as u32) {
-                Ok(pw) => pw,
-                Err(e) => {
-                    fail(out, e.into());
-                    return skip(reader, payload_len).await;
-                }
-            };
+            let mut pw =
+                match ctx
+                    .shard
+                    .prepare_write(ChunkId(w.chunk), w.offset, payload_len as u32)
+                {
+                    Ok(pw) => pw,
+                    Err(e) => {
+                        fail(out, e.into());
+                        return skip(reader, payload_len).await;
+                    }
+                };
             // The payload goes from the socket buffer straight into the DMA
             // buffer that is written to disk.
             if let Err(e) = reader.read_payload(pw.payload_mut()).await {
@@ -626,8 +721,14 @@ async fn handle_frame(
             let ctx = ctx.clone();
             conn.pending.push(Box::pin(async move {
                 let mut frame = Vec::new();
-                let payload = ctx.execute(op, id, Parsed::Write(w), Some(pw), &mut frame).await;
-                Completed { frame, payload, hold }
+                let payload = ctx
+                    .execute(op, id, Parsed::Write(w), Some(pw), &mut frame)
+                    .await;
+                Completed {
+                    frame,
+                    payload,
+                    hold,
+                }
             }));
         }
         Parsed::Read(_) | Parsed::Delete(_) => {
@@ -635,7 +736,11 @@ async fn handle_frame(
             conn.pending.push(Box::pin(async move {
                 let mut frame = Vec::new();
                 let payload = ctx.execute(op, id, req, None, &mut frame).await;
-                Completed { frame, payload, hold }
+                Completed {
+                    frame,
+                    payload,
+                    hold,
+                }
             }));
         }
         Parsed::Ping
@@ -655,7 +760,7 @@ async fn handle_frame(
     Ok(None)
 }
 
-async fn skip(reader: &mut FrameReader<TcpStream>, n: usize) -> io::Result<Option<Stop>> {
+async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result<Option<Stop>> {
     match reader.skip_payload(n).await {
         Ok(()) => Ok(None),
         Err(FrameError::Io(e)) => Err(e),

@@ -10,16 +10,16 @@ use crate::stats::ShardCounters;
 use shardstore_proto::{
     access_body, encode_frame, limits, route, ArchivedChunkRequest, ArchivedListRequest,
     ArchivedReadRequest, ArchivedWriteRequest, ChunkId, ChunkRequest, DeleteReply, Empty,
-    ErrorBody, ErrorCode, ListEntry, ListReply, ListRequest, Opcode, ReadReply, ReadRequest,
-    ShardId, StatReply, StatsReply, TopologyReply, HelloReply, WriteReply, WriteRequest, FLAG_ERROR,
-    FLAG_RESPONSE, PROTOCOL_VERSION, ROUTE_FN_JUMP_SPLITMIX,
+    ErrorBody, ErrorCode, HelloReply, ListEntry, ListReply, ListRequest, Opcode, ReadReply,
+    ReadRequest, ShardId, StatReply, StatsReply, TopologyReply, WriteReply, WriteRequest,
+    FLAG_ERROR, FLAG_RESPONSE, PROTOCOL_VERSION, ROUTE_FN_JUMP_SPLITMIX,
 };
 use shardstore_shard::{ReadData, Shard, ShardError};
 use std::rc::Rc;
 use tracing::debug;
 
 /// What every shard knows about the node, fixed at start-up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeInfo {
     pub node_id: u128,
     pub shard_count: u32,
@@ -29,6 +29,8 @@ pub struct NodeInfo {
     pub limits: crate::conn_limits::ConnLimits,
     /// Shared secret every connection must prove before any other request.
     pub auth_secret: Option<std::sync::Arc<Vec<u8>>>,
+    /// TLS for every listener, when configured.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 /// A request handed to its owning shard. Only owned, `Send` data.
@@ -276,7 +278,10 @@ impl ShardCtx {
                 // Reaching here means no handshake is pending: either the
                 // server does not authenticate, or this connection already did.
                 if self.node.auth_secret.is_some() {
-                    return Err(ErrReply::new(ErrorCode::InvalidRequest, "already authenticated"));
+                    return Err(ErrReply::new(
+                        ErrorCode::InvalidRequest,
+                        "already authenticated",
+                    ));
                 }
                 let reply = HelloReply {
                     auth_required: false,

@@ -178,15 +178,20 @@ pub async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bo
     }
 }
 
+/// The watchdog period systemd asked for (WATCHDOG_USEC for our pid).
+pub fn watchdog_period() -> Option<Duration> {
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        Some(Duration::from_micros(usec))
+    } else {
+        None
+    }
+}
+
 /// Starts the watchdog thread if systemd asked for one: WATCHDOG=1 every
 /// half period, but only while every shard's last snapshot is fresh (a
 /// wedged executor stops the pings, and systemd restarts the service).
-pub fn start_watchdog(board: Arc<Board>) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let period = Duration::from_micros(usec);
+pub fn start_watchdog(board: Arc<Board>, period: Duration) {
     info!(
         watchdog_ms = period.as_millis() as u64,
         "systemd watchdog enabled"
@@ -197,7 +202,10 @@ pub fn start_watchdog(board: Arc<Board>) {
             std::thread::sleep(period / 2);
             match board.stale_shard(period / 2) {
                 Some(s) if !board.is_draining() => {
-                    warn!(shard = s, "shard has not published for half the watchdog period; not pinging");
+                    warn!(
+                        shard = s,
+                        "shard has not published for half the watchdog period; not pinging"
+                    );
                 }
                 _ => notify(&[NotifyState::Watchdog]),
             }

@@ -27,11 +27,7 @@ pub fn init(level: &str, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match effective(format) {
-        LogFormat::Json => b
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
         _ => b.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

@@ -2,10 +2,11 @@
 
 mod admin;
 mod budget;
+mod check;
 mod config;
 mod conn;
-mod handler;
 mod conn_limits;
+mod handler;
 mod lifecycle;
 mod logging;
 mod metrics;
@@ -26,7 +27,17 @@ use std::process::ExitCode;
 )]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: TopCmd,
+}
+
+/// `check` is handled here, apart from `Cmd` (the admin commands' enum).
+#[derive(Subcommand, Debug)]
+enum TopCmd {
+    /// Verify a stopped server's data offline; with --rebuild, rebuild every
+    /// shard's index from its data area.
+    Check(check::CheckArgs),
+    #[command(flatten)]
+    Other(Cmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,9 +174,42 @@ pub struct ServeArgs {
     /// (for scripts and tests that listen on port 0).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Put the data areas on this block device (or partition), split into
+    /// equal per-shard ranges, instead of files in the data folder.
+    #[arg(long, env = "SHARDSTORE_DEVICE")]
+    device: Option<PathBuf>,
+    /// Format over a foreign or damaged superblock (destroys what was there).
+    /// One-shot operator action: a flag only, never a config key or env.
+    #[arg(long)]
+    format: bool,
+    /// Rebuild a missing or damaged index from the data area at start-up.
+    /// One-shot operator action: a flag only, never a config key or env.
+    #[arg(long)]
+    rebuild_index: bool,
     /// Bound of each shard's queue of requests forwarded by other shards. [default: 1024]
     #[arg(long, env = "SHARDSTORE_FORWARD_QUEUE")]
     forward_queue: Option<u64>,
+    /// Open connections per shard. [default: 4096]
+    #[arg(long, env = "SHARDSTORE_MAX_CONNECTIONS")]
+    max_connections: Option<u64>,
+    /// Requests executing per connection (then TCP backpressure). [default: 256]
+    #[arg(long, env = "SHARDSTORE_MAX_IN_FLIGHT")]
+    max_in_flight: Option<u64>,
+    /// Payload buffers one connection may hold, MiB. [default: 16]
+    #[arg(long, env = "SHARDSTORE_CONN_BUFFER_MIB")]
+    conn_buffer_mib: Option<u64>,
+    /// Payload buffers a shard's connections may hold, MiB. [default: 64]
+    #[arg(long, env = "SHARDSTORE_SHARD_BUFFER_MIB")]
+    shard_buffer_mib: Option<u64>,
+    /// Time to receive the rest of a started frame, ms. [default: 10000]
+    #[arg(long, env = "SHARDSTORE_FRAME_TIMEOUT_MS")]
+    frame_timeout_ms: Option<u64>,
+    /// Idle connections are closed after this, ms. [default: 300000]
+    #[arg(long, env = "SHARDSTORE_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Longest wait for a client to take reply bytes, ms. [default: 10000]
+    #[arg(long, env = "SHARDSTORE_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
     /// Prometheus endpoint address (GET /metrics), or "off". [default: off]
     #[arg(long, env = "SHARDSTORE_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -192,6 +236,7 @@ impl ServeArgs {
         config::FileConfig {
             listen: self.listen,
             data_dir: self.data_dir.clone(),
+            device: self.device.clone(),
             shards: self.shards,
             cpus: self.cpus.clone(),
             allow_oversubscribe: self.allow_oversubscribe,
@@ -202,6 +247,13 @@ impl ServeArgs {
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
             forward_queue: self.forward_queue,
+            max_connections: self.max_connections,
+            max_in_flight: self.max_in_flight,
+            conn_buffer_mib: self.conn_buffer_mib,
+            shard_buffer_mib: self.shard_buffer_mib,
+            frame_timeout_ms: self.frame_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
             metrics_addr: self.metrics_addr.clone(),
             metrics_interval_ms: self.metrics_interval_ms,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
@@ -257,7 +309,18 @@ fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.cmd {
+    let cmd = match cli.cmd {
+        TopCmd::Check(c) => {
+            logging::init_for_cli();
+            let r = check::run(c);
+            return r.unwrap_or_else(|e| {
+                eprintln!("shardstore: {e:#}");
+                ExitCode::FAILURE
+            });
+        }
+        TopCmd::Other(cmd) => cmd,
+    };
+    let result = match cmd {
         Cmd::Serve(a) => serve_cmd(a),
         Cmd::Config { cmd } => config_cmd(cmd),
         other => {
@@ -294,12 +357,16 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         index_cache_bytes: s.index_cache_mib << 20,
         forward_queue: s.forward_queue as usize,
         ready_file: a.ready_file,
+        device: s.device,
+        format: a.format,
+        rebuild_index: a.rebuild_index,
         metrics_addr: s.metrics_addr,
         metrics_interval: s.metrics_interval,
         shutdown_timeout: s.shutdown_timeout,
         cache_bytes: s.cache_mib << 20,
-        limits: conn_limits::ConnLimits::default(),
+        limits: s.limits,
         auth_secret,
+        tls: None,
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -197,7 +197,12 @@ fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
         }
         req.extend_from_slice(&buf[..n]);
         if req.len() > 8192 {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "", false);
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "",
+                false,
+            );
         }
     }
     let line = String::from_utf8_lossy(&req);
@@ -408,27 +413,127 @@ pub fn render(board: &Board) -> String {
     }
 
     let fams: [(&str, &str, &str, fn(&Snapshot) -> u64); 21] = [
-        ("shardstore_received_bytes_total", "counter", "Write payload bytes stored.", |s| s.bytes_in),
-        ("shardstore_sent_bytes_total", "counter", "Read payload bytes served.", |s| s.bytes_out),
-        ("shardstore_in_flight_requests", "gauge", "Requests executing on the shard.", |s| s.in_flight),
-        ("shardstore_connections", "gauge", "Open client connections.", |s| s.connections),
-        ("shardstore_connections_accepted_total", "counter", "Connections accepted.", |s| s.connections_total),
-        ("shardstore_forwarded_out_total", "counter", "Requests sent to their owner shard.", |s| s.forwarded_out),
-        ("shardstore_forwarded_in_total", "counter", "Requests executed for another shard.", |s| s.forwarded_in),
-        ("shardstore_forward_busy_total", "counter", "Forwards refused because the owner's queue was full.", |s| s.forward_busy),
-        ("shardstore_malformed_frames_total", "counter", "Frames refused as malformed.", |s| s.malformed_frames),
-        ("shardstore_connections_refused_total", "counter", "Connections refused at the connection limit.", |s| s.refused_connections),
-        ("shardstore_connection_timeouts_total", "counter", "Connections closed by a frame, idle or write timeout.", |s| s.timeouts),
-        ("shardstore_auth_failures_total", "counter", "Connections refused for failed authentication.", |s| s.auth_failures),
-        ("shardstore_busy_total", "counter", "Requests refused with BUSY (buffer budget).", |s| s.busy),
+        (
+            "shardstore_received_bytes_total",
+            "counter",
+            "Write payload bytes stored.",
+            |s| s.bytes_in,
+        ),
+        (
+            "shardstore_sent_bytes_total",
+            "counter",
+            "Read payload bytes served.",
+            |s| s.bytes_out,
+        ),
+        (
+            "shardstore_in_flight_requests",
+            "gauge",
+            "Requests executing on the shard.",
+            |s| s.in_flight,
+        ),
+        (
+            "shardstore_connections",
+            "gauge",
+            "Open client connections.",
+            |s| s.connections,
+        ),
+        (
+            "shardstore_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+            |s| s.connections_total,
+        ),
+        (
+            "shardstore_forwarded_out_total",
+            "counter",
+            "Requests sent to their owner shard.",
+            |s| s.forwarded_out,
+        ),
+        (
+            "shardstore_forwarded_in_total",
+            "counter",
+            "Requests executed for another shard.",
+            |s| s.forwarded_in,
+        ),
+        (
+            "shardstore_forward_busy_total",
+            "counter",
+            "Forwards refused because the owner's queue was full.",
+            |s| s.forward_busy,
+        ),
+        (
+            "shardstore_malformed_frames_total",
+            "counter",
+            "Frames refused as malformed.",
+            |s| s.malformed_frames,
+        ),
+        (
+            "shardstore_connections_refused_total",
+            "counter",
+            "Connections refused at the connection limit.",
+            |s| s.refused_connections,
+        ),
+        (
+            "shardstore_connection_timeouts_total",
+            "counter",
+            "Connections closed by a frame, idle or write timeout.",
+            |s| s.timeouts,
+        ),
+        (
+            "shardstore_auth_failures_total",
+            "counter",
+            "Connections refused for failed authentication.",
+            |s| s.auth_failures,
+        ),
+        (
+            "shardstore_busy_total",
+            "counter",
+            "Requests refused with BUSY (buffer budget).",
+            |s| s.busy,
+        ),
         ("shardstore_chunks", "gauge", "Chunks stored.", |s| s.chunks),
-        ("shardstore_data_used_bytes", "gauge", "Data area in use, headers included.", |s| s.used_bytes),
-        ("shardstore_data_capacity_bytes", "gauge", "Data area size.", |s| s.capacity_bytes),
-        ("shardstore_data_free_bytes", "gauge", "Data area not in use.", |s| s.capacity_bytes.saturating_sub(s.used_bytes)),
-        ("shardstore_device_writes_total", "counter", "Device writes.", |s| s.device_writes),
-        ("shardstore_device_flushes_total", "counter", "Data file fdatasyncs.", |s| s.flushes),
-        ("shardstore_corrupt_errors_total", "counter", "Checksum mismatches found on reads from disk.", |s| s.corrupt_errors),
-        ("shardstore_fail_stopped", "gauge", "1 after an fsync error: the shard refuses writes.", |s| s.fail_stopped as u64),
+        (
+            "shardstore_data_used_bytes",
+            "gauge",
+            "Data area in use, headers included.",
+            |s| s.used_bytes,
+        ),
+        (
+            "shardstore_data_capacity_bytes",
+            "gauge",
+            "Data area size.",
+            |s| s.capacity_bytes,
+        ),
+        (
+            "shardstore_data_free_bytes",
+            "gauge",
+            "Data area not in use.",
+            |s| s.capacity_bytes.saturating_sub(s.used_bytes),
+        ),
+        (
+            "shardstore_device_writes_total",
+            "counter",
+            "Device writes.",
+            |s| s.device_writes,
+        ),
+        (
+            "shardstore_device_flushes_total",
+            "counter",
+            "Data file fdatasyncs.",
+            |s| s.flushes,
+        ),
+        (
+            "shardstore_corrupt_errors_total",
+            "counter",
+            "Checksum mismatches found on reads from disk.",
+            |s| s.corrupt_errors,
+        ),
+        (
+            "shardstore_fail_stopped",
+            "gauge",
+            "1 after an fsync error: the shard refuses writes.",
+            |s| s.fail_stopped as u64,
+        ),
     ];
     for (name, kind, help, f) in fams {
         family(&mut o, name, kind, help, &snaps, f);
@@ -488,7 +593,9 @@ mod tests {
         assert!(text.contains(
             "shardstore_request_duration_seconds_bucket{shard=\"1\",op=\"write\",le=\"+Inf\"} 3"
         ));
-        assert!(text.contains("shardstore_request_duration_seconds_count{shard=\"1\",op=\"write\"} 3"));
+        assert!(
+            text.contains("shardstore_request_duration_seconds_count{shard=\"1\",op=\"write\"} 3")
+        );
         // Shard 0 has not published: absent, and reported stale.
         assert!(!text.contains("shard=\"0\""));
         assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));

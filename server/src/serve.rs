@@ -40,6 +40,7 @@ pub struct ServeOptions {
     pub forward_queue: usize,
     pub limits: crate::conn_limits::ConnLimits,
     pub auth_secret: Option<std::sync::Arc<Vec<u8>>>,
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     pub ready_file: Option<PathBuf>,
     /// CPUs to pin shards to; None: every allowed CPU.
     pub cpus: Option<Vec<usize>>,
@@ -52,6 +53,12 @@ pub struct ServeOptions {
     pub shutdown_timeout: std::time::Duration,
     /// Configured node cache (reported only; the cache is not built yet).
     pub cache_bytes: u64,
+    /// Data areas on this block device (equal per-shard ranges) instead of files.
+    pub device: Option<PathBuf>,
+    /// Format over a foreign or damaged superblock.
+    pub format: bool,
+    /// Rebuild a missing or damaged index from the data area at start-up.
+    pub rebuild_index: bool,
 }
 
 const NODE_FILE: &str = "shardstore.node";
@@ -197,7 +204,10 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     {
         let board_cell = board_cell.clone();
         lifecycle::install_signals(move |sig| {
-            info!(signal = sig, "stopping: no new connections, draining in-flight requests");
+            info!(
+                signal = sig,
+                "stopping: no new connections, draining in-flight requests"
+            );
             lifecycle::notify(&[
                 sd_notify::NotifyState::Stopping,
                 sd_notify::NotifyState::Status("stopping: draining in-flight requests"),
@@ -244,6 +254,12 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     );
     let _ = board_cell.set(board.clone());
     let drain = Drain::new(n as usize, opts.shutdown_timeout);
+    // Shards publish often enough for the watchdog to judge their liveness.
+    let watchdog = lifecycle::watchdog_period();
+    let publish_every = match watchdog {
+        Some(p) => opts.metrics_interval.min(p / 4),
+        None => opts.metrics_interval,
+    };
 
     // Bind everything before starting shards. The front address is served
     // by every shard through SO_REUSEPORT (the kernel spreads connections);
@@ -282,6 +298,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         max_chunk_size: opts.max_chunk_size,
         limits: opts.limits.clone(),
         auth_secret: opts.auth_secret.clone(),
+        tls: opts.tls.clone().map(futures_rustls::TlsAcceptor::from),
     };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -291,6 +308,13 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         receivers.push(rx);
     }
 
+    let device_ranges = match &opts.device {
+        Some(p) => Some(
+            shardstore_shard::split_device(p, n)
+                .with_context(|| format!("using device {}", p.display()))?,
+        ),
+        None => None,
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u32, Result<String, String>)>();
     let mut handles = Vec::new();
     for (i, (lis, rx)) in listeners.into_iter().zip(receivers).enumerate() {
@@ -302,7 +326,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let rt = ShardRuntime {
             cpu,
             board: board.clone(),
-            interval: opts.metrics_interval,
+            interval: publish_every,
             stop: stop_rx.clone(),
             drain: drain.clone(),
         };
@@ -314,6 +338,10 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             capacity_bytes: opts.capacity_bytes,
             max_chunk_size: opts.max_chunk_size,
             index_cache_bytes: opts.index_cache_bytes,
+            device: device_ranges.as_ref().map(|r| r[i as usize].clone()),
+            format: opts.format,
+            rebuild_index: opts.rebuild_index,
+            ..ShardConfig::default()
         };
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
@@ -377,7 +405,9 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
-    lifecycle::start_watchdog(board.clone());
+    if let Some(p) = watchdog {
+        lifecycle::start_watchdog(board.clone(), p);
+    }
     let mut close_failed = 0;
     for h in handles {
         match h.join() {
@@ -485,7 +515,8 @@ async fn run_shard(
     rt.drain.mark_drained();
     // Keep serving requests forwarded by shards that are still draining.
     lifecycle::wait_until(deadline, || rt.drain.all_drained()).await;
-    rt.board.publish(id.0 as usize, metrics::Snapshot::take(&ctx, rt.cpu));
+    rt.board
+        .publish(id.0 as usize, metrics::Snapshot::take(&ctx, rt.cpu));
     ctx.shard
         .close()
         .await

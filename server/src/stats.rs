@@ -12,8 +12,8 @@ pub const OPCODE_SLOTS: usize = Opcode::ALL.len() + 1;
 /// Upper bounds of the latency buckets, microseconds (Prometheus `le`).
 /// Fixed so every shard and every scrape agree; the last bucket is +Inf.
 pub const LATENCY_BOUNDS_US: [u64; 18] = [
-    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 
@@ -54,6 +54,8 @@ pub struct ShardCounters {
     pub timeouts: Cell<u64>,
     /// Connections refused for failed authentication.
     pub auth_failures: Cell<u64>,
+    /// Connections whose TLS handshake failed.
+    pub tls_failures: Cell<u64>,
     /// Requests refused with BUSY (buffer budget exhausted).
     pub busy: Cell<u64>,
     /// Requests executing on this shard now (owned ones, including those

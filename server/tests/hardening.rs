@@ -15,7 +15,12 @@ const RSS_BUDGET_BYTES: u64 = 128 << 20;
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 fn raise_nofile() {
@@ -36,9 +41,17 @@ async fn healthy(srv: &TestServer, tag: u128) {
     c.write(id, 0, pattern(tag as u64, 4096)).await.unwrap();
     assert_eq!(c.read(id, 0, 4096).await.unwrap().data.len(), 4096);
     c.ping().await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(2), "normal client slowed to {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "normal client slowed to {:?}",
+        t.elapsed()
+    );
     let rss = rss_bytes(srv.child.id());
-    assert!(rss < RSS_BUDGET_BYTES, "server RSS {} MiB over budget", rss >> 20);
+    assert!(
+        rss < RSS_BUDGET_BYTES,
+        "server RSS {} MiB over budget",
+        rss >> 20
+    );
 }
 
 async fn closed_within(s: &mut TcpStream, d: Duration) -> bool {
@@ -66,7 +79,14 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
     let srv = TestServer::try_start(
         &dir,
         2,
-        &["--frame-timeout-ms", "400", "--idle-timeout-ms", "1500", "--write-timeout-ms", "1000"],
+        &[
+            "--frame-timeout-ms",
+            "400",
+            "--idle-timeout-ms",
+            "1500",
+            "--write-timeout-ms",
+            "1000",
+        ],
     )
     .unwrap();
     healthy(&srv, 1).await;
@@ -86,7 +106,10 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
             break;
         }
     }
-    assert!(cut || closed_within(&mut slow, Duration::from_secs(2)).await, "slowloris not cut off");
+    assert!(
+        cut || closed_within(&mut slow, Duration::from_secs(2)).await,
+        "slowloris not cut off"
+    );
     assert!(t.elapsed() < Duration::from_secs(3));
     healthy(&srv, 2).await;
 
@@ -104,7 +127,10 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
             closed += 1;
         }
     }
-    assert!(closed >= 1990, "only {closed} of 2000 idle connections closed");
+    assert!(
+        closed >= 1990,
+        "only {closed} of 2000 idle connections closed"
+    );
     drop(idle);
 
     // Connect/close flood.
@@ -116,7 +142,9 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
     // A client that pipelines reads and never reads the replies is cut
     // off once its replies cannot drain (write timeout); memory stays flat.
     let c = srv.client().await;
-    c.write(ChunkId(0xb16), 0, vec![9u8; 1 << 20]).await.unwrap();
+    c.write(ChunkId(0xb16), 0, vec![9u8; 1 << 20])
+        .await
+        .unwrap();
     let mut hog = TcpStream::connect(&srv.addr).await.unwrap();
     let mut reqs = Vec::new();
     for i in 0..2000u64 {
@@ -137,11 +165,19 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
     let mut hog = writer.await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Drain what the kernel buffered; the server must have closed.
-    assert!(closed_within(&mut hog, Duration::from_secs(5)).await, "non-reading client not cut off");
+    assert!(
+        closed_within(&mut hog, Duration::from_secs(5)).await,
+        "non-reading client not cut off"
+    );
     healthy(&srv, 6).await;
     let st = c.stats(ShardId(0)).await.unwrap();
     let st1 = c.stats(ShardId(1)).await.unwrap();
-    assert!(st.timeouts + st1.timeouts >= 3, "timeouts counted: {} {}", st.timeouts, st1.timeouts);
+    assert!(
+        st.timeouts + st1.timeouts >= 3,
+        "timeouts counted: {} {}",
+        st.timeouts,
+        st1.timeouts
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +202,10 @@ async fn connection_limit_answers_busy() {
     let mut body = vec![0u8; h.body_len as usize];
     s.read_exact(&mut body).await.unwrap();
     let e = access_body::<ArchivedErrorBody>(&body).unwrap();
-    assert_eq!(ErrorCode::from_u16(e.code.to_native()), Some(ErrorCode::Busy));
+    assert_eq!(
+        ErrorCode::from_u16(e.code.to_native()),
+        Some(ErrorCode::Busy)
+    );
     assert!(closed_within(&mut s, Duration::from_secs(2)).await);
     // Existing connections are unaffected; freeing one lets a new one in.
     c.ping().await.unwrap();
@@ -202,7 +241,10 @@ async fn overload_gets_typed_busy_and_memory_stays_flat() {
             let (mut ok, mut busy, mut other) = (0u64, 0u64, 0u64);
             let mut n = 0u128;
             while Instant::now() < deadline {
-                match c.write(ChunkId((i as u128) << 32 | n % 4), 0, data.clone()).await {
+                match c
+                    .write(ChunkId((i as u128) << 32 | n % 4), 0, data.clone())
+                    .await
+                {
                     Ok(_) => ok += 1,
                     Err(e) if e.code() == Some(ErrorCode::Busy) => busy += 1,
                     Err(e) => {
@@ -227,7 +269,11 @@ async fn overload_gets_typed_busy_and_memory_stays_flat() {
         busy += b;
         other += c;
     }
-    eprintln!("overload: ok {ok} busy {busy} other {other}, rss start {} MiB peak {} MiB", rss0 >> 20, peak >> 20);
+    eprintln!(
+        "overload: ok {ok} busy {busy} other {other}, rss start {} MiB peak {} MiB",
+        rss0 >> 20,
+        peak >> 20
+    );
     assert!(ok > 0, "goodput collapsed");
     assert!(busy > 0, "overload never answered BUSY");
     assert_eq!(other, 0, "only typed BUSY errors are acceptable");
@@ -247,7 +293,12 @@ async fn shared_secret_authentication() {
     let srv = TestServer::try_start(
         &dir,
         2,
-        &["--auth-secret-file", secret.to_str().unwrap(), "--frame-timeout-ms", "500"],
+        &[
+            "--auth-secret-file",
+            secret.to_str().unwrap(),
+            "--frame-timeout-ms",
+            "500",
+        ],
     )
     .unwrap();
     let cfg = |p: &std::path::Path| ClientConfig {
@@ -255,16 +306,22 @@ async fn shared_secret_authentication() {
         ..ClientConfig::default()
     };
     // Right secret: everything works, on every shard connection.
-    let c = shardstore_client::Client::connect_with(&srv.addr, cfg(&secret)).await.unwrap();
+    let c = shardstore_client::Client::connect_with(&srv.addr, cfg(&secret))
+        .await
+        .unwrap();
     c.write(ChunkId(1), 0, vec![1u8; 10]).await.unwrap();
     for s in 0..2 {
         c.ping_shard(ShardId(s)).await.unwrap();
     }
     // Wrong secret: typed failure, nothing executed.
-    let e = shardstore_client::Client::connect_with(&srv.addr, cfg(&wrong)).await.unwrap_err();
+    let e = shardstore_client::Client::connect_with(&srv.addr, cfg(&wrong))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ClientError::Auth(_)), "{e:?}");
     // No secret: the first request gets UNAUTHORIZED and the connection closes.
-    let e = shardstore_client::Client::connect(&srv.addr).await.unwrap_err();
+    let e = shardstore_client::Client::connect(&srv.addr)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{e:?}");
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     let mut f = Vec::new();
@@ -275,14 +332,20 @@ async fn shared_secret_authentication() {
     let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
     assert!(h.is_error() && h.request_id == 5);
     assert!(closed_within(&mut s, Duration::from_secs(2)).await);
-    assert_eq!(c.read(ChunkId(1), 0, 10).await.unwrap().data.len(), 10, "the DELETE was executed");
+    assert_eq!(
+        c.read(ChunkId(1), 0, 10).await.unwrap().data.len(),
+        10,
+        "the DELETE was executed"
+    );
     // Handshake deadline: say nothing and be cut off.
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(3)).await);
     // A client with a secret refuses a server that does not authenticate.
     let open_dir = data_dir("auth-open");
     let open = TestServer::start(&open_dir, 1);
-    let e = shardstore_client::Client::connect_with(&open.addr, cfg(&secret)).await.unwrap_err();
+    let e = shardstore_client::Client::connect_with(&open.addr, cfg(&secret))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ClientError::Auth(_)), "{e:?}");
 }
 
@@ -294,6 +357,7 @@ fn non_loopback_bind_needs_auth_or_explicit_insecure_flag() {
         Err(e) => e,
     };
     assert!(err.contains("--insecure-no-auth"), "{err}");
-    let srv = TestServer::try_start(&dir, 1, &["--listen", "0.0.0.0:0", "--insecure-no-auth"]).unwrap();
+    let srv =
+        TestServer::try_start(&dir, 1, &["--listen", "0.0.0.0:0", "--insecure-no-auth"]).unwrap();
     drop(srv);
 }

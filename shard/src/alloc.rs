@@ -516,7 +516,10 @@ mod tests {
         // (the end of the area): it wraps around.
         a.reserve(10, 1, 16);
         assert_eq!(a.reserved_runs()[0].start, DiskSector(2));
-        assert!(a.allocate(5).is_none(), "pending runs are not allocated from");
+        assert!(
+            a.allocate(5).is_none(),
+            "pending runs are not allocated from"
+        );
         a.activate_reservation();
         let z = a.allocate(5).unwrap();
         assert_eq!(z, DiskSector(2));

@@ -257,3 +257,31 @@ impl Storage for DmaStorage {
         self.what.clone()
     }
 }
+
+/// Smallest per-shard range `split_device` accepts.
+pub const MIN_DEVICE_RANGE_BYTES: u64 = 16 << 20;
+
+/// Splits a block device (or partition, or file) into `shard_count` equal,
+/// 1 MiB-aligned ranges, one per shard; refuses a device too small.
+pub fn split_device(path: &Path, shard_count: u32) -> io::Result<Vec<DeviceRange>> {
+    let size = device_size_bytes(path)?;
+    let align = 1u64 << 20;
+    let per = size / u64::from(shard_count.max(1)) / align * align;
+    if per < MIN_DEVICE_RANGE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "device {} has {size} bytes: too small for {shard_count} shards of at least {} MiB",
+                path.display(),
+                MIN_DEVICE_RANGE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok((0..u64::from(shard_count))
+        .map(|i| DeviceRange {
+            path: path.to_path_buf(),
+            offset_bytes: i * per,
+            len_bytes: per,
+        })
+        .collect())
+}

@@ -324,7 +324,11 @@ impl Kv {
         }
     }
 
-    fn last_in(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>) -> Result<Option<(Vec<u8>, Vec<u8>)>, ShardError> {
+    fn last_in(
+        &self,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, ShardError> {
         match self {
             Kv::Sled(db) => match db.range::<Vec<u8>, _>((lo, hi)).next_back() {
                 Some(r) => {
@@ -467,7 +471,9 @@ impl Index {
         self.kv.prefix(&[TOMB_PREFIX]).map(|item| {
             let (k, v) = item?;
             if k.len() != 17 {
-                return Err(ShardError::IndexCorrupt(format!("bad tombstone key {k:02x?}")));
+                return Err(ShardError::IndexCorrupt(format!(
+                    "bad tombstone key {k:02x?}"
+                )));
             }
             let mut id = [0u8; 16];
             id.copy_from_slice(&k[1..]);

@@ -215,8 +215,8 @@ struct ExtentHeaderRepr {
     created_ns: u64,     // 80: chunk creation time
     disk_sector: u64,    // 88: where this header was meant to land
     reserved2: [u8; 24], // 96
-    header_crc: u32,     // 120: crc32c seeded with the node id, over the whole header with this field zero
-    reserved3: u32,      // 124
+    header_crc: u32, // 120: crc32c seeded with the node id, over the whole header with this field zero
+    reserved3: u32,  // 124
 }
 const _: () = assert!(std::mem::size_of::<ExtentHeaderRepr>() == EXTENT_HEADER_FIXED);
 const _: () = assert!(

@@ -26,7 +26,10 @@ mod shard;
 mod sim;
 mod storage;
 
-pub use device::{device_size_bytes, is_block_device, DeviceRange, DmaStorage};
+pub use device::{
+    device_size_bytes, is_block_device, split_device, DeviceRange, DmaStorage,
+    MIN_DEVICE_RANGE_BYTES,
+};
 pub use error::ShardError;
 pub use layout::{FORMAT_VERSION, SECTOR};
 pub use read_data::ReadData;

@@ -40,7 +40,9 @@ use shardstore_proto::ChunkId;
 use crate::alloc::Run;
 use crate::error::ShardError;
 use crate::index::Checkpoint;
-use crate::layout::{DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR};
+use crate::layout::{
+    DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
+};
 use crate::shard::Inner;
 
 /// Sectors read per scan request.
@@ -91,7 +93,22 @@ async fn scan(
     let area_end = DATA_START_SECTOR + inner.capacity_sectors;
     let mut found = Vec::new();
     let mut max_generation = 0u64;
-    for run in runs {
+    // Adjacent runs (an in-flight run next to the reservation, or a pending
+    // reservation next to the active one) may hold one extent across their
+    // boundary: merge them.
+    let mut merged: Vec<Run> = runs.to_vec();
+    merged.sort_by_key(|r| r.start);
+    let mut runs: Vec<Run> = Vec::with_capacity(merged.len());
+    for r in merged {
+        match runs.last_mut() {
+            Some(last) if r.start.0 <= last.start.0 + last.len => {
+                let end = (r.start.0 + r.len).max(last.start.0 + last.len);
+                last.len = end - last.start.0;
+            }
+            _ => runs.push(r),
+        }
+    }
+    for run in &runs {
         let end = run.start.0 + run.len;
         if run.start.0 < DATA_START_SECTOR || end > area_end {
             return Err(ShardError::IndexCorrupt(format!(
@@ -239,7 +256,10 @@ fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), S
                 len: h.crcs.len() as u64,
             },
         ),
-        ExtentKind::Tombstone => inner.alloc.borrow_mut().mark_used(Run { start: f.at, len: 1 }),
+        ExtentKind::Tombstone => inner.alloc.borrow_mut().mark_used(Run {
+            start: f.at,
+            len: 1,
+        }),
     };
     if let Err(e) = marked {
         // Only a rebuild can meet this (an intact stale extent overlapping
@@ -295,7 +315,10 @@ pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryRe
 
 /// Rebuilds the index from the whole data area.
 pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError> {
-    tracing::warn!(shard = inner.id.0, "rebuilding the index from the data area");
+    tracing::warn!(
+        shard = inner.id.0,
+        "rebuilding the index from the data area"
+    );
     inner.index.clear()?;
     let mut report = RecoveryReport {
         rebuilt: true,
@@ -324,9 +347,11 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
         let s = SECTOR as usize;
         match Superblock::decode(&sb[copy * s..(copy + 1) * s]) {
             Ok(_) => r.superblock_copies_ok += 1,
-            Err(e) => r
-                .problems
-                .push((ChunkId(0), copy as u64, format!("superblock copy {copy}: {e}"))),
+            Err(e) => r.problems.push((
+                ChunkId(0),
+                copy as u64,
+                format!("superblock copy {copy}: {e}"),
+            )),
         }
     }
     r.chunks = count_chunks(inner)?;
@@ -339,11 +364,17 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
         r.extents += 1;
         r.sectors += rec.count();
         let _epoch = inner.begin_read();
-        match inner.read_bytes(chunk, rec.logical.0 * SECTOR, rec.end() * SECTOR).await {
+        match inner
+            .read_bytes(chunk, rec.logical.0 * SECTOR, rec.end() * SECTOR)
+            .await
+        {
             Ok(_) => {}
-            Err(ShardError::Corrupt { sector, detail, .. }) => r.problems.push((chunk, sector, detail)),
+            Err(ShardError::Corrupt { sector, detail, .. }) => {
+                r.problems.push((chunk, sector, detail))
+            }
             Err(ShardError::Io { context, source }) => {
-                r.problems.push((chunk, rec.logical.0, format!("{context}: {source}")))
+                r.problems
+                    .push((chunk, rec.logical.0, format!("{context}: {source}")))
             }
             Err(e) => return Err(e),
         }

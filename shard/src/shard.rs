@@ -281,6 +281,8 @@ pub(crate) struct Inner {
     /// Space unlinked since the last checkpoint began; reusable only after
     /// the next checkpoint is durable.
     quarantine: RefCell<Vec<Free>>,
+    /// Sectors a running checkpoint took from the quarantine.
+    releasing: Cell<u64>,
     /// Generations handed out whose index change is not applied yet, and
     /// the run each was written to.
     inflight: RefCell<BTreeMap<u64, Run>>,
@@ -343,17 +345,18 @@ impl Shard {
         validate_config(&cfg)?;
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| ShardError::io(format!("creating {}", cfg.dir.display()), e))?;
-        let storage: Box<dyn Storage> = match &cfg.device {
-            Some(range) => Box::new(DmaStorage::open_range(range).await.map_err(|e| {
-                ShardError::io(format!("opening device {}", range.path.display()), e)
-            })?),
-            None => {
-                let data_path = cfg.dir.join("data");
-                Box::new(DmaStorage::open(&data_path).await.map_err(|e| {
-                    ShardError::io(format!("opening {}", data_path.display()), e)
-                })?)
-            }
-        };
+        let storage: Box<dyn Storage> =
+            match &cfg.device {
+                Some(range) => Box::new(DmaStorage::open_range(range).await.map_err(|e| {
+                    ShardError::io(format!("opening device {}", range.path.display()), e)
+                })?),
+                None => {
+                    let data_path = cfg.dir.join("data");
+                    Box::new(DmaStorage::open(&data_path).await.map_err(|e| {
+                        ShardError::io(format!("opening {}", data_path.display()), e)
+                    })?)
+                }
+            };
         let index_existed = cfg.dir.join("index").exists();
         // Opening sled is blocking file I/O; it happens once, before serving.
         let db = match open_sled(&cfg) {
@@ -363,7 +366,12 @@ impl Shard {
                 let _ = std::fs::remove_dir_all(cfg.dir.join("index"));
                 open_sled(&cfg)?
             }
-            Err(e) => return Err(rebuild_hint(&cfg, &format!("the index does not open ({e})"))),
+            Err(e) => {
+                return Err(rebuild_hint(
+                    &cfg,
+                    &format!("the index does not open ({e})"),
+                ))
+            }
         };
         Self::open_with(cfg, storage, Index::new(db), index_existed).await
     }
@@ -470,9 +478,7 @@ impl Shard {
             start: DiskSector(DATA_START_SECTOR),
             len: superblock.capacity_sectors,
         };
-        let checkpoint_sectors = (cfg.checkpoint_bytes / SECTOR)
-            .clamp(2 * crate::layout::MAX_EXTENT_SECTORS + 8, u64::MAX)
-            .min(area.len.max(1));
+        let checkpoint_sectors = (cfg.checkpoint_bytes / SECTOR).max(64).min(area.len.max(1));
         let inner = Rc::new(Inner {
             id: cfg.shard,
             node_id: cfg.node_id,
@@ -483,6 +489,7 @@ impl Shard {
             alloc: RefCell::new(Allocator::new(area)),
             reclaim: RefCell::new(Reclaimer::new()),
             quarantine: RefCell::new(Vec::new()),
+            releasing: Cell::new(0),
             inflight: RefCell::new(BTreeMap::new()),
             data_sync: Group::new(),
             checkpoint_lock: Semaphore::new(1),
@@ -747,6 +754,16 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
     .detach();
 }
 
+fn free_sectors_of(frees: &[Free]) -> u64 {
+    frees
+        .iter()
+        .map(|f| match f {
+            Free::Piece(r) => r.data.len,
+            Free::Run(r) => r.len,
+        })
+        .sum()
+}
+
 /// Starts a background checkpoint if the reservation runs low and none is running.
 fn maybe_checkpoint(inner: &Rc<Inner>) {
     let low = inner.alloc.borrow().reserved_sectors() < inner.checkpoint_sectors / 2;
@@ -780,15 +797,10 @@ impl Inner {
         }
     }
 
+    /// Sectors that come back at the next checkpoint (quarantined, or taken
+    /// by a checkpoint in progress).
     fn quarantined_sectors(&self) -> u64 {
-        self.quarantine
-            .borrow()
-            .iter()
-            .map(|f| match f {
-                Free::Piece(r) => r.data.len,
-                Free::Run(r) => r.len,
-            })
-            .sum()
+        free_sectors_of(&self.quarantine.borrow()) + self.releasing.get()
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {
@@ -867,7 +879,6 @@ impl Inner {
         // reserves it.
         for _ in 0..2 {
             self.checkpoint(total).await?;
-            eprintln!("DBG after ckpt free={} q={} reserved={} runs={:?}", self.alloc.borrow().free_sectors(), self.quarantined_sectors(), self.alloc.borrow().reserved_sectors(), self.alloc.borrow().reserved_runs());
             self.check_writable()?;
             if fits(self) {
                 if let Some(at) = self.alloc.borrow_mut().allocate(total) {
@@ -1168,6 +1179,7 @@ impl Inner {
             let high_water = self.next_generation.get();
             let replay_from = inflight.keys().next().copied().unwrap_or(high_water);
             let freed = std::mem::take(&mut *self.quarantine.borrow_mut());
+            self.releasing.set(free_sectors_of(&freed));
             let want = self
                 .checkpoint_sectors
                 .saturating_sub(alloc.reserved_sectors());
@@ -1191,6 +1203,7 @@ impl Inner {
             Ok(()) => self.index.flush().await,
             Err(e) => Err(e),
         };
+        self.releasing.set(0);
         if let Err(e) = res {
             self.alloc.borrow_mut().drop_pending_reservation();
             self.fail_stop("checkpointing the index", &e);
@@ -1240,12 +1253,7 @@ impl Inner {
     }
 
     /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
-    async fn read(
-        &self,
-        chunk: ChunkId,
-        offset: u64,
-        len: u32,
-    ) -> Result<ReadOutcome, ShardError> {
+    async fn read(&self, chunk: ChunkId, offset: u64, len: u32) -> Result<ReadOutcome, ShardError> {
         if len > limits::MAX_PAYLOAD {
             return Err(ShardError::TooLarge(format!(
                 "read of {len} bytes exceeds {}",
@@ -1358,7 +1366,6 @@ impl Inner {
         assert_eq!(data.len() as u64, end - start);
         Ok(data)
     }
-
 }
 
 fn validate_config(cfg: &ShardConfig) -> Result<(), ShardError> {

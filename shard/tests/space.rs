@@ -50,7 +50,6 @@ fn fill_until_no_space_then_delete_frees() {
         assert_eq!(shard.delete(cid(4)).await.unwrap(), 1);
         // ... and writing resumes: the write waits for a checkpoint that
         // makes the freed space reusable.
-        eprintln!("before: {:?}", shard.stats());
         shard.write(cid(101), 0, &data).await.unwrap();
         assert!(shard.stats().checkpoint_waits > 0);
         // Every surviving chunk still reads back.

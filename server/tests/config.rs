@@ -1,0 +1,199 @@
+//! Configuration: precedence (flag > environment > file > default), errors
+//! that name the key on one line, `config check`, and `config default`
+//! staying identical to deploy/shardstore.toml.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args);
+    // The caller's environment must not leak settings into the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHARDSTORE_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The one-line error of a failed run.
+fn error(o: &Output) -> String {
+    assert!(!o.status.success(), "unexpectedly succeeded");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
+    e.trim_end().to_string()
+}
+
+fn value(show: &str, key: &str) -> String {
+    show.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("{key} missing from:\n{show}"))
+        .trim_matches('"')
+        .to_string()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn precedence_flag_env_file_default() {
+    let dir = data_dir("config-prec");
+    let file = write(
+        &dir,
+        "a.toml",
+        "capacity_mib = 10\nindex_cache_mib = 20\nforward_queue = 30\n",
+    );
+    let env = [
+        ("SHARDSTORE_INDEX_CACHE_MIB", "21"),
+        ("SHARDSTORE_FORWARD_QUEUE", "31"),
+    ];
+    let show = stdout(&run(
+        &["config", "show", "--config", &file, "--forward-queue", "32"],
+        &env,
+    ));
+    assert_eq!(value(&show, "capacity_mib"), "10", "file over default");
+    assert_eq!(value(&show, "index_cache_mib"), "21", "env over file");
+    assert_eq!(value(&show, "forward_queue"), "32", "flag over env");
+    assert_eq!(value(&show, "io_memory_kib"), "1024", "default");
+    assert_eq!(value(&show, "metrics_addr"), "off");
+    // The config file itself can come from the environment.
+    let show = stdout(&run(&["config", "show"], &[("SHARDSTORE_CONFIG", &file)]));
+    assert_eq!(value(&show, "capacity_mib"), "10");
+    // Booleans: the bare flag, and env overriding the file both ways.
+    let f2 = write(&dir, "b.toml", "allow_oversubscribe = true\n");
+    let show = stdout(&run(
+        &["config", "show", "--config", &f2],
+        &[("SHARDSTORE_ALLOW_OVERSUBSCRIBE", "false")],
+    ));
+    assert_eq!(value(&show, "allow_oversubscribe"), "false");
+    let show = stdout(&run(&["config", "show", "--allow-oversubscribe"], &[]));
+    assert_eq!(value(&show, "allow_oversubscribe"), "true");
+    // RUST_LOG is the lowest layer for log_level.
+    let show = stdout(&run(&["config", "show"], &[("RUST_LOG", "debug")]));
+    assert_eq!(value(&show, "log_level"), "debug");
+    let show = stdout(&run(
+        &["config", "show", "--log-level", "warn"],
+        &[("RUST_LOG", "debug")],
+    ));
+    assert_eq!(value(&show, "log_level"), "warn");
+}
+
+#[test]
+fn errors_name_the_key() {
+    let dir = data_dir("config-err");
+    let cases: &[(&str, &str)] = &[
+        ("capacity_mb = 1\n", "capacity_mb: unknown field"),
+        ("shards = \"two\"\n", "shards: invalid type"),
+        ("log_format = \"xml\"\n", "log_format: unknown variant"),
+        (
+            "max_payload = 1000\n",
+            "max_payload: 1000 is not a multiple",
+        ),
+        (
+            "cache_mib = 999999999\n",
+            "cache_mib: 999999999 MiB is more than",
+        ),
+        ("cpus = \"0,4000\"\n", "cpus:"),
+        ("metrics_addr = \"nowhere\"\n", "metrics_addr:"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let f = write(&dir, &format!("e{i}.toml"), text);
+        let e = error(&run(&["config", "check", &f], &[]));
+        assert!(e.contains(want), "{text:?}: got {e:?}, want {want:?}");
+        assert!(e.starts_with("shardstore: "), "{e}");
+    }
+    // `serve` refuses the same way, before creating anything.
+    let f = write(&dir, "serve.toml", "\n\nshards = \"two\"\n");
+    let data = dir.join("never-created");
+    let e = error(&run(
+        &[
+            "serve",
+            "--config",
+            &f,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(e.contains("serve.toml:3: shards: invalid type"), "{e}");
+    assert!(!data.exists());
+    // A flag value is checked like a file value.
+    let e = error(&run(&["config", "show", "--max-chunk-size", "0"], &[]));
+    assert!(e.contains("max_chunk_size:"), "{e}");
+    // Oversubscription needs the explicit override.
+    let n = std::thread::available_parallelism().unwrap().get() + 1;
+    let n = n.to_string();
+    let args = ["config", "show", "--io-memory-kib", "64", "--shards", &n];
+    let e = error(&run(&args, &[]));
+    assert!(
+        e.contains(&format!("shards: {n} shards but only")) && e.contains("allow_oversubscribe"),
+        "{e}"
+    );
+    let f = write(
+        &dir,
+        "over.toml",
+        &format!("shards = {n}\nio_memory_kib = 64\n"),
+    );
+    let e = error(&run(&["config", "check", &f], &[]));
+    assert!(e.contains("shards:"), "{e}");
+    stdout(&run(&[&args[..], &["--allow-oversubscribe"]].concat(), &[]));
+    // A missing file.
+    let e = error(&run(&["config", "check", "/nonexistent.toml"], &[]));
+    assert!(
+        e.contains("/nonexistent.toml: cannot read config file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tmpfs_data_dir_is_refused() {
+    let shm = Path::new("/dev/shm");
+    let on_tmpfs = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/dev/shm") && l.contains(" tmpfs "));
+    if !shm.is_dir() || !on_tmpfs {
+        eprintln!("skipped: /dev/shm is not a tmpfs mount here");
+        return;
+    }
+    let e = error(&run(
+        &["config", "show", "--data-dir", "/dev/shm/shardstore-test/x"],
+        &[],
+    ));
+    assert!(
+        e.contains("data_dir: /dev/shm/shardstore-test/x is on tmpfs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn default_config_is_the_deploy_example() {
+    let printed = stdout(&run(&["config", "default"], &[]));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/shardstore.toml");
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        printed == file,
+        "deploy/shardstore.toml is out of date: regenerate it with \
+         `cargo run --bin shardstore -- config default > deploy/shardstore.toml`"
+    );
+    let ok = stdout(&run(&["config", "check", path.to_str().unwrap()], &[]));
+    assert!(ok.ends_with(": ok\n"), "{ok}");
+}

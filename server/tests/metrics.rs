@@ -1,0 +1,254 @@
+//! The Prometheus endpoint: scraped over HTTP from a live 2-shard server,
+//! parsed as text exposition format, figures checked against the load sent.
+
+mod common;
+use common::*;
+use shardstore_proto::ChunkId;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("http response");
+    (head.to_string(), body.to_string())
+}
+
+/// A parsed exposition: samples by (name, sorted labels), and TYPE by family.
+struct Exposition {
+    samples: HashMap<(String, BTreeMap<String, String>), f64>,
+    types: HashMap<String, String>,
+}
+
+fn parse(text: &str) -> Exposition {
+    let mut samples = HashMap::new();
+    let mut types = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "bad type: {line}"
+            );
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "duplicate TYPE {name}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("labels: {line}"));
+                let mut m = BTreeMap::new();
+                for kv in body.split(',') {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("label: {line}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "label name: {line}"
+                    );
+                    let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                    m.insert(
+                        k.to_string(),
+                        v.unwrap_or_else(|| panic!("quotes: {line}")).to_string(),
+                    );
+                }
+                (n.to_string(), m)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "metric name: {line}"
+        );
+        // Every sample belongs to a family declared before it.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(&name)
+            .to_string();
+        assert!(
+            types.contains_key(&family),
+            "sample before its TYPE: {line}"
+        );
+        assert!(
+            samples.insert((name, labels), value).is_none(),
+            "duplicate series: {line}"
+        );
+    }
+    Exposition { samples, types }
+}
+
+impl Exposition {
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let l: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        *self
+            .samples
+            .get(&(name.to_string(), l))
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
+    }
+
+    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_and_parse() {
+    let dir = data_dir("metrics");
+    let maddr = free_port();
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &["--metrics-addr", &maddr, "--metrics-interval-ms", "100"],
+    )
+    .unwrap();
+    let c = srv.client().await;
+    let writes = 40u64;
+    for i in 0..writes {
+        c.write(ChunkId(i as u128), 0, pattern(i, 5000))
+            .await
+            .unwrap();
+    }
+    for i in 0..10u64 {
+        c.read(ChunkId(i as u128), 0, 5000).await.unwrap();
+    }
+    assert!(c.read(ChunkId(999_999), 0, 10).await.is_err());
+    // Figures are published every 100 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let (head, body) = tokio::task::spawn_blocking({
+        let m = maddr.clone();
+        move || http_get(&m, "/metrics")
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let m = parse(&body);
+
+    assert_eq!(m.types["shardstore_request_duration_seconds"], "histogram");
+    assert_eq!(m.types["shardstore_requests_total"], "counter");
+    assert_eq!(m.get("shardstore_shards", &[]), 2.0);
+    assert_eq!(
+        m.get(
+            "shardstore_build_info",
+            &[("version", env!("CARGO_PKG_VERSION")), ("profile", "debug")]
+        ) + m.sum("shardstore_build_info", &[("profile", "release")]),
+        1.0
+    );
+    assert_eq!(
+        m.sum("shardstore_requests_total", &[("op", "write")]),
+        writes as f64
+    );
+    assert_eq!(m.sum("shardstore_requests_total", &[("op", "read")]), 11.0);
+    assert_eq!(
+        m.sum("shardstore_request_errors_total", &[("op", "read")]),
+        1.0
+    );
+    assert_eq!(
+        m.sum("shardstore_received_bytes_total", &[]),
+        (writes * 5000) as f64
+    );
+    assert_eq!(m.sum("shardstore_sent_bytes_total", &[]), 50_000.0);
+    assert_eq!(m.sum("shardstore_chunks", &[]), writes as f64);
+    assert!(m.sum("shardstore_device_flushes_total", &[]) >= 1.0);
+    assert_eq!(m.sum("shardstore_fail_stopped", &[]), 0.0);
+    assert_eq!(m.sum("shardstore_in_flight_requests", &[]), 0.0);
+    assert!(
+        m.sum("shardstore_connections", &[]) >= 2.0,
+        "client connections"
+    );
+    assert!(m.get("shardstore_filesystem_free_bytes", &[]) > 0.0);
+    assert_eq!(m.get("shardstore_draining", &[]), 0.0);
+    for s in ["0", "1"] {
+        let cap = m.get("shardstore_data_capacity_bytes", &[("shard", s)]);
+        assert_eq!(cap, (64u64 << 20) as f64);
+        let used = m.get("shardstore_data_used_bytes", &[("shard", s)]);
+        let free = m.get("shardstore_data_free_bytes", &[("shard", s)]);
+        assert_eq!(used + free, cap);
+        assert!(m.sum("shardstore_snapshot_age_seconds", &[("shard", s)]) < 5.0);
+    }
+
+    // Histograms: cumulative buckets, +Inf == count, one count per write.
+    let name = "shardstore_request_duration_seconds";
+    let mut total = 0.0;
+    for s in ["0", "1"] {
+        let mut buckets: Vec<(f64, f64)> = m
+            .samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == &format!("{name}_bucket") && l["shard"] == s && l["op"] == "write"
+            })
+            .map(|((_, l), v)| {
+                let le = if l["le"] == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    l["le"].parse().unwrap()
+                };
+                (le, *v)
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+        assert!(buckets.len() > 5);
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "not cumulative: {buckets:?}"
+        );
+        let count = m.get(&format!("{name}_count"), &[("shard", s), ("op", "write")]);
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count));
+        let sum = m.get(&format!("{name}_sum"), &[("shard", s), ("op", "write")]);
+        assert!(count == 0.0 || sum > 0.0);
+        total += count;
+    }
+    assert_eq!(total, writes as f64);
+
+    // Other paths and methods.
+    let (head, _) = tokio::task::spawn_blocking({
+        let m = maddr.clone();
+        move || http_get(&m, "/nope")
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    drop(srv);
+}

@@ -1,0 +1,120 @@
+//! TLS on every listener, with certificates generated at test time (rcgen):
+//! server authentication, and optional client-certificate verification.
+
+mod common;
+use common::*;
+use shardstore_client::{Client, ClientConfig, ClientError, ClientTls};
+use shardstore_proto::{ChunkId, ShardId};
+use std::path::{Path, PathBuf};
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let w = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["client".into()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    let other_key = KeyPair::generate().unwrap();
+    let mut other_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key).unwrap();
+    Pki {
+        ca: w("ca.pem", ca.pem()),
+        server_cert: w("server.pem", server.pem()),
+        server_key: w("server.key", server_key.serialize_pem()),
+        client_cert: w("client.pem", client.pem()),
+        client_key: w("client.key", client_key.serialize_pem()),
+        other_ca: w("other-ca.pem", other.pem()),
+    }
+}
+
+fn tls_client(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientConfig {
+    ClientConfig {
+        tls: Some(ClientTls {
+            config: shardstore_net::tls::client_config(ca, identity).unwrap(),
+            server_name: Some("localhost".into()),
+        }),
+        ..ClientConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_server_and_client_certificates() {
+    let dir = data_dir("tls");
+    let pki = make_pki(&dir);
+    let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let (cert, key, ca) = (s(&pki.server_cert), s(&pki.server_key), s(&pki.ca));
+    let srv = TestServer::try_start(&dir, 2, &["--tls-cert-file", &cert, "--tls-key-file", &key])
+        .unwrap();
+    // Trusting the CA: every operation works on every shard connection.
+    let c = Client::connect_with(&srv.addr, tls_client(&pki.ca, None))
+        .await
+        .unwrap();
+    let data = pattern(5, 100_000);
+    c.write(ChunkId(7), 0, data.clone()).await.unwrap();
+    assert_eq!(
+        &c.read(ChunkId(7), 0, 100_000).await.unwrap().data[..],
+        &data[..]
+    );
+    for sh in 0..2 {
+        c.ping_shard(ShardId(sh)).await.unwrap();
+    }
+    // Trusting another CA: the handshake fails with a typed error.
+    let e = Client::connect_with(&srv.addr, tls_client(&pki.other_ca, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Tls(_)), "{e:?}");
+    // Plain TCP to a TLS server gets nowhere and does not hurt it.
+    assert!(Client::connect(&srv.addr).await.is_err());
+    c.ping().await.unwrap();
+    drop(srv);
+
+    // Client certificates required.
+    let dir2 = data_dir("mtls");
+    let srv = TestServer::try_start(
+        &dir2,
+        1,
+        &[
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-client-ca-file",
+            &ca,
+        ],
+    )
+    .unwrap();
+    let ok = Client::connect_with(
+        &srv.addr,
+        tls_client(&pki.ca, Some((&pki.client_cert, &pki.client_key))),
+    )
+    .await
+    .unwrap();
+    ok.write(ChunkId(8), 0, vec![1u8; 10]).await.unwrap();
+    let anon = Client::connect_with(&srv.addr, tls_client(&pki.ca, None)).await;
+    assert!(anon.is_err(), "a client without a certificate was served");
+    ok.ping().await.unwrap();
+}

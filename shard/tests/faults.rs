@@ -1,0 +1,223 @@
+//! Targeted faults on the simulated disk and the one-write-per-ack rule.
+mod common;
+
+use common::*;
+use shardstore_proto::{ChunkId, ErrorCode, ShardId};
+use shardstore_shard::{Shard, ShardConfig, ShardError, SimDisk, SimFaults};
+
+fn sim_config() -> ShardConfig {
+    ShardConfig {
+        shard: ShardId(0),
+        shard_count: 1,
+        node_id: NODE,
+        capacity_bytes: 4 * MIB,
+        checkpoint_interval_ms: 3_600_000,
+        ..ShardConfig::default()
+    }
+}
+
+/// The instrumented I/O layer counts exactly one device write and one flush
+/// per acknowledged write or delete (sequential, so no flush is shared), and
+/// no index checkpoint on the way.
+#[test]
+fn one_device_write_and_flush_per_acknowledged_write() {
+    let dir = tempdir();
+    run(|| async {
+        let mut cfg = config(dir.path(), 64 * MIB);
+        cfg.checkpoint_interval_ms = 3_600_000;
+        let shard = Shard::open(cfg).await.unwrap();
+        let before = shard.stats();
+        for n in 0..40u128 {
+            // New chunks, whole-sector overwrites and unaligned overwrites
+            // (read-modify-write reads, but writes once).
+            let (off, len) = match n % 3 {
+                0 => (0, 4096),
+                1 => (4096, 8192),
+                _ => (100, 300),
+            };
+            shard
+                .write(cid(n % 7), off, &pattern(n as u64, len))
+                .await
+                .unwrap();
+        }
+        let mid = shard.stats();
+        assert_eq!(mid.device_writes - before.device_writes, 40);
+        assert_eq!(mid.flushes - before.flushes, 40);
+        assert_eq!(
+            mid.checkpoints, before.checkpoints,
+            "no index flush on the ack path"
+        );
+        for n in 0..7u128 {
+            shard.delete(cid(n)).await.unwrap();
+        }
+        let after = shard.stats();
+        assert_eq!(
+            after.device_writes - mid.device_writes,
+            7,
+            "a delete is one tombstone write"
+        );
+        assert_eq!(after.flushes - mid.flushes, 7);
+        assert_eq!(after.checkpoints, before.checkpoints);
+    });
+}
+
+#[test]
+fn flush_eio_fail_stops_writes_but_reads_go_on() {
+    let disk = SimDisk::new(5 * MIB, 7);
+    run(|| async {
+        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
+        disk.set_faults(SimFaults {
+            flush_eio: 1,
+            ..SimFaults::default()
+        });
+        let e = shard.write(cid(2), 0, &pattern(2, 5000)).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Io, "{e}");
+        assert!(shard.stats().fail_stopped);
+        disk.set_faults(SimFaults::default());
+        // Never retried: the shard stays read-only even though the disk is fine now.
+        let e = shard.write(cid(3), 0, b"x").await.unwrap_err();
+        assert!(matches!(e, ShardError::ReadOnly), "{e}");
+        assert_eq!(e.code(), ErrorCode::ReadOnly);
+        assert!(matches!(
+            shard.delete(cid(1)).await,
+            Err(ShardError::ReadOnly)
+        ));
+        assert_eq!(
+            shard.read(cid(1), 0, 1 << 20).await.unwrap().data.to_vec(),
+            pattern(1, 10_000)
+        );
+        assert!(shard.stat(cid(1)).is_ok());
+    });
+    disk.crash();
+    // After a restart the shard writes again; the failed write is all or nothing.
+    run(|| async {
+        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        assert!(!shard.stats().fail_stopped);
+        match shard.read(cid(2), 0, 1 << 20).await {
+            Ok(r) => assert_eq!(r.data.to_vec(), pattern(2, 5000)),
+            Err(ShardError::NotFound(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        shard.write(cid(3), 0, b"x").await.unwrap();
+    });
+}
+
+#[test]
+fn enospc_from_the_device_is_no_space_and_writes_resume() {
+    let disk = SimDisk::new(5 * MIB, 8);
+    run(|| async {
+        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        shard.write(cid(1), 0, b"hello").await.unwrap();
+        disk.set_faults(SimFaults {
+            write_enospc: 1,
+            ..SimFaults::default()
+        });
+        let e = shard.write(cid(2), 0, b"world").await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::NoSpace, "{e}");
+        assert!(!shard.stats().fail_stopped);
+        assert_eq!(
+            shard.read(cid(1), 0, 5).await.unwrap().data.to_vec(),
+            b"hello"
+        );
+        disk.set_faults(SimFaults::default());
+        shard.write(cid(2), 0, b"world").await.unwrap();
+        assert_eq!(
+            shard.read(cid(2), 0, 5).await.unwrap().data.to_vec(),
+            b"world"
+        );
+    });
+}
+
+/// Silent faults (flipped bits, zeroed sectors, misdirected and dropped
+/// writes): every read returns the right bytes or a CORRUPT error naming the
+/// chunk; wrong bytes are never served.
+#[test]
+fn silent_faults_are_detected_never_served() {
+    for seed in 1..=6u64 {
+        let disk = SimDisk::new(9 * MIB, seed);
+        run(|| async {
+            let mut cfg = sim_config();
+            cfg.capacity_bytes = 8 * MIB;
+            let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+            disk.set_faults(SimFaults {
+                bit_flip: 6,
+                zero_sector: 6,
+                misdirect: 8,
+                drop_write: 8,
+                ..SimFaults::default()
+            });
+            let mut model = std::collections::BTreeMap::new();
+            for n in 0..60u64 {
+                let c = ChunkId(u128::from(n % 12));
+                let data = pattern(seed * 100 + n, 4096 * (1 + (n % 3) as usize));
+                if shard.write(c, 0, &data).await.is_ok() {
+                    let m: &mut Vec<u8> = model.entry(c).or_default();
+                    if m.len() < data.len() {
+                        m.resize(data.len(), 0);
+                    }
+                    m[..data.len()].copy_from_slice(&data);
+                } else {
+                    // A failed read-modify-write (corrupt old sector) changes nothing.
+                }
+            }
+            disk.set_faults(SimFaults::default());
+            let mut corrupt = 0;
+            for (c, m) in &model {
+                match shard.read(*c, 0, 1 << 20).await {
+                    Ok(r) => assert!(
+                        r.data.to_vec() == *m,
+                        "seed {seed}: wrong bytes served for {c}"
+                    ),
+                    Err(ShardError::Corrupt { chunk, .. }) => {
+                        assert_eq!(chunk, *c);
+                        corrupt += 1;
+                    }
+                    Err(e) => panic!("seed {seed}: {e}"),
+                }
+            }
+            let f = disk.fault_counts();
+            assert!(f.bit_flip + f.zero_sector + f.misdirect + f.drop_write > 0);
+            assert!(
+                corrupt > 0,
+                "seed {seed}: faults injected {f:?} but none detected"
+            );
+            // The scrubber finds them too.
+            assert!(shard.scrub_now().await.unwrap() > 0);
+            assert!(shard.stats().scrub_errors > 0);
+        });
+    }
+}
+
+/// A bit flip in a live sector found by the scrubber, counted, and named.
+#[test]
+fn scrubber_counts_bad_sectors() {
+    let disk = SimDisk::new(5 * MIB, 9);
+    run(|| async {
+        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        for n in 0..10u128 {
+            shard
+                .write(cid(n), 0, &pattern(n as u64, 8192))
+                .await
+                .unwrap();
+        }
+        assert_eq!(shard.scrub_now().await.unwrap(), 0);
+        let s = shard.stats();
+        assert_eq!(
+            (s.scrub_passes, s.scrub_sectors, s.scrub_errors),
+            (1, 20, 0)
+        );
+        // Find chunk 4's second sector on disk and flip a bit in it.
+        let want = pattern(4, 8192);
+        let at = (0..disk.sectors())
+            .find(|&s| disk.sector(s) == want[4096..])
+            .unwrap();
+        disk.flip_bit(at, 100);
+        assert_eq!(shard.scrub_now().await.unwrap(), 1);
+        assert_eq!(shard.stats().scrub_errors, 1);
+        assert!(matches!(
+            shard.read(cid(4), 0, 8192).await,
+            Err(ShardError::Corrupt { sector: 1, .. })
+        ));
+    });
+}

@@ -1,0 +1,193 @@
+//! Index loss and rebuild from the data area alone; recovery after a crash
+//! that lost unflushed index batches; the golden data folder of this format.
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use shardstore_proto::{ChunkId, ShardId};
+use shardstore_shard::{Shard, ShardConfig, ShardError, FORMAT_VERSION};
+
+async fn fill(shard: &Shard) {
+    for n in 0..12u128 {
+        shard
+            .write(
+                cid(n),
+                n as u64 * 700,
+                &pattern(n as u64, 3000 + n as usize * 999),
+            )
+            .await
+            .unwrap();
+    }
+    shard.write(cid(1), 100, &pattern(77, 5000)).await.unwrap();
+    shard.delete(cid(2)).await.unwrap();
+    shard.delete(cid(3)).await.unwrap();
+    shard.write(cid(3), 0, b"reborn").await.unwrap();
+}
+
+async fn check(shard: &Shard) {
+    for n in 0..12u128 {
+        let r = shard.read(cid(n), 0, 1 << 20).await;
+        match n {
+            2 => assert!(
+                matches!(r, Err(ShardError::NotFound(_))),
+                "deleted chunk came back"
+            ),
+            3 => {
+                let r = r.unwrap();
+                assert_eq!(r.data.to_vec(), b"reborn");
+                assert_eq!(r.version, 1);
+            }
+            _ => {
+                let mut m = vec![0u8; n as usize * 700];
+                m.extend(pattern(n as u64, 3000 + n as usize * 999));
+                let mut version = 1;
+                if n == 1 {
+                    m.resize(m.len().max(5100), 0);
+                    m[100..5100].copy_from_slice(&pattern(77, 5000));
+                    version = 2;
+                }
+                let r = r.unwrap();
+                assert!(r.data.to_vec() == m, "chunk {n} differs");
+                assert_eq!(r.version, version, "chunk {n} version");
+            }
+        }
+    }
+    assert_eq!(shard.stats().chunks, 11);
+}
+
+#[test]
+fn missing_index_refuses_start_then_rebuilds() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = open(dir.path(), 8 * MIB).await;
+        fill(&shard).await;
+        shard.close().await.unwrap();
+    });
+    std::fs::remove_dir_all(shard_dir(dir.path()).join("index")).unwrap();
+    run(|| async {
+        let e = Shard::open(config(dir.path(), 8 * MIB))
+            .await
+            .err()
+            .expect("refused");
+        let msg = e.to_string();
+        assert!(matches!(e, ShardError::IndexMissing(_)), "{msg}");
+        assert!(msg.contains("check") && msg.contains("--rebuild"), "{msg}");
+        assert!(msg.contains("--rebuild-index"), "{msg}");
+    });
+    run(|| async {
+        let mut cfg = config(dir.path(), 8 * MIB);
+        cfg.rebuild_index = true;
+        let shard = Shard::open(cfg).await.unwrap();
+        assert!(shard.recovery_report().rebuilt);
+        check(&shard).await;
+        // Generations continue above everything on disk.
+        shard.write(cid(1), 0, b"z").await.unwrap();
+        shard.close().await.unwrap();
+    });
+    run(|| async {
+        let shard = open(dir.path(), 8 * MIB).await;
+        assert!(!shard.recovery_report().rebuilt);
+        assert_eq!(shard.read(cid(1), 0, 1).await.unwrap().data.to_vec(), b"z");
+        assert_eq!(shard.stat(cid(1)).unwrap().version, 3);
+    });
+}
+
+/// Without close (no final checkpoint), dropping the index's unflushed
+/// batches: recovery replays the writes and deletes from the data area.
+#[test]
+fn recovery_replays_what_the_index_lost() {
+    let dir = tempdir();
+    // The state of the index at a checkpoint, then more writes that only the
+    // data area has; restoring the old index copy simulates losing them.
+    let saved = dir.path().join("index-at-checkpoint");
+    run(|| async {
+        let mut cfg = config(dir.path(), 8 * MIB);
+        cfg.checkpoint_interval_ms = 3_600_000;
+        let shard = Shard::open(cfg).await.unwrap();
+        shard.checkpoint().await.unwrap();
+        copy_dir(&shard_dir(dir.path()).join("index"), &saved);
+        fill(&shard).await;
+        std::mem::forget(shard); // no close, no checkpoint, no sled flush on drop
+    });
+    let index = shard_dir(dir.path()).join("index");
+    std::fs::remove_dir_all(&index).unwrap();
+    copy_dir(&saved, &index);
+    run(|| async {
+        let shard = open(dir.path(), 8 * MIB).await;
+        let r = shard.recovery_report();
+        assert!(r.replayed >= 13 && r.replayed_tombstones == 2, "{r:?}");
+        check(&shard).await;
+    });
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).unwrap();
+        }
+    }
+}
+
+const GOLDEN_NODE: u128 = 0x901d_e000_0000_0000_0000_0000_0000_0002;
+
+fn golden_config(dir: &Path) -> ShardConfig {
+    ShardConfig {
+        shard: ShardId(0),
+        shard_count: 1,
+        node_id: GOLDEN_NODE,
+        dir: dir.join("shard-000"),
+        capacity_bytes: 256 * 1024,
+        ..ShardConfig::default()
+    }
+}
+
+fn golden_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/golden-v{FORMAT_VERSION}"))
+}
+
+/// Regenerates the fixture: `cargo test -p shardstore-shard --test rebuild -- --ignored`.
+/// Only when the format version changes (and then keep the old one too).
+#[test]
+#[ignore]
+fn generate_golden_fixture() {
+    let out = golden_dir();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    run(|| async {
+        let shard = Shard::open(golden_config(&out)).await.unwrap();
+        fill(&shard).await;
+        shard.close().await.unwrap();
+    });
+}
+
+/// The committed data folder of this format version still opens and reads
+/// back, with its index and rebuilt from the data area alone.
+#[test]
+fn golden_data_folder_opens() {
+    let src = golden_dir();
+    assert!(
+        src.join("shard-000/data").exists(),
+        "fixture missing: {}",
+        src.display()
+    );
+    let dir = tempdir();
+    copy_dir(&src, dir.path());
+    run(|| async {
+        let shard = Shard::open(golden_config(dir.path())).await.unwrap();
+        check(&shard).await;
+        assert!(shard.verify().await.unwrap().problems.is_empty());
+    });
+    std::fs::remove_dir_all(dir.path().join("shard-000/index")).unwrap();
+    run(|| async {
+        let mut cfg = golden_config(dir.path());
+        cfg.rebuild_index = true;
+        let shard = Shard::open(cfg).await.unwrap();
+        check(&shard).await;
+    });
+}
