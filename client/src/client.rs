@@ -171,7 +171,7 @@ impl Client {
             .shard_addrs
             .iter()
             .cloned()
-            .map(Slot::new)
+            .map(|a| Slot::new(crate::rdma::shard_addr(addr, a)))
             .collect();
         Ok(Client {
             inner: Arc::new(Inner {

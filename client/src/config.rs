@@ -37,6 +37,23 @@ pub struct ClientTls {
     pub server_name: Option<String>,
 }
 
+impl ClientTls {
+    /// Trusts the CA in `ca` (PEM); with `identity` (certificate chain, key)
+    /// presents a client certificate to servers that require one.
+    pub fn from_pem_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+        server_name: Option<String>,
+    ) -> Result<ClientTls, crate::ClientError> {
+        let config = shardstore_net::tls::client_config(ca, identity)
+            .map_err(|e| crate::ClientError::Tls(e.to_string()))?;
+        Ok(ClientTls {
+            config,
+            server_name,
+        })
+    }
+}
+
 /// A shared secret; never printed.
 #[derive(Clone)]
 pub struct Secret(pub(crate) Arc<Vec<u8>>);

@@ -52,10 +52,10 @@ pub(crate) struct Reply {
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 
-struct Outgoing {
+pub(crate) struct Outgoing {
     /// Header and body.
-    head: Vec<u8>,
-    payload: Bytes,
+    pub(crate) head: Vec<u8>,
+    pub(crate) payload: Bytes,
 }
 
 #[derive(Default)]
@@ -64,7 +64,7 @@ struct Pending {
     closed: bool,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     addr: String,
     pending: Mutex<Pending>,
     dead: AtomicBool,
@@ -77,12 +77,12 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, id: u64) -> Option<Waiter> {
+    pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
         self.pending().waiters.remove(&id)
     }
 
     /// Marks the connection dead and fails every pending request.
-    fn close(&self, why: &str) {
+    pub(crate) fn close(&self, why: &str) {
         let drained = {
             let mut p = self.pending();
             if p.closed {
@@ -136,6 +136,9 @@ impl Drop for Connection {
 impl Connection {
     /// Opens a TCP connection (TCP_NODELAY) and starts its reader and writer.
     pub(crate) async fn open(addr: &str, cfg: &ClientConfig) -> Result<Arc<Self>, ClientError> {
+        if crate::rdma::rdma_target(addr).is_some() {
+            return crate::rdma::open(addr, cfg).await;
+        }
         let connect_err = |source| ClientError::Connect {
             addr: addr.to_owned(),
             source,
@@ -186,6 +189,21 @@ impl Connection {
                 (Box::new(rd), Box::new(wr))
             }
         };
+        tracing::debug!(addr, "connected");
+        Ok(Self::with_transport(addr, cfg, |shared, rx| {
+            tokio::spawn(writer_task(shared.clone(), rx, wr));
+            tokio::spawn(reader_task(shared, rd)).abort_handle()
+        }))
+    }
+
+    /// A connection whose frames are moved by the tasks `start` spawns: it
+    /// gets the shared state and the queue of outgoing frames, and returns
+    /// the reader's abort handle (TCP above; RDMA in `rdma.rs`).
+    pub(crate) fn with_transport(
+        addr: &str,
+        cfg: &ClientConfig,
+        start: impl FnOnce(Arc<Shared>, mpsc::UnboundedReceiver<Outgoing>) -> AbortHandle,
+    ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             addr: addr.to_owned(),
             pending: Mutex::new(Pending::default()),
@@ -193,15 +211,13 @@ impl Connection {
             in_flight: Semaphore::new(cfg.max_in_flight_per_connection.max(1)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer_task(shared.clone(), rx, wr));
-        let reader = tokio::spawn(reader_task(shared.clone(), rd)).abort_handle();
-        tracing::debug!(addr, "connected");
-        Ok(Arc::new(Connection {
+        let reader = start(shared.clone(), rx);
+        Arc::new(Connection {
             shared,
             next_id: AtomicU64::new(1),
             tx,
             reader,
-        }))
+        })
     }
 
     pub(crate) fn is_alive(&self) -> bool {

@@ -71,6 +71,10 @@ pub enum ClientError {
     /// TLS setup or handshake failed.
     #[error("TLS: {0}")]
     Tls(String),
+    /// An `rdma://` address, and this client was built without the `rdma`
+    /// feature.
+    #[error("built without rdma: {addr} needs shardstore-client's `rdma` feature")]
+    RdmaUnsupported { addr: String },
 }
 
 fn code_name(code: Option<ErrorCode>, raw: u16) -> String {

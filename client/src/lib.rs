@@ -67,10 +67,13 @@
 //! }
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod client;
 mod config;
 mod conn;
 mod error;
+mod rdma;
 mod topology;
 mod types;
 

@@ -121,6 +121,10 @@ pub struct Config {
     #[arg(long)]
     pub no_route_direct: bool,
 
+    #[command(flatten)]
+    #[serde(skip)]
+    pub security: shardstore_client::cli::SecurityArgs,
+
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -347,20 +347,24 @@ async fn wait_until(t: Instant) {
     }
 }
 
-fn client_config(cfg: &Config) -> ClientConfig {
-    ClientConfig {
+fn client_config(cfg: &Config) -> Result<ClientConfig, RunError> {
+    let mut c = ClientConfig {
         request_timeout: cfg.timeout,
         connect_timeout: Duration::from_secs(3),
         route_direct: !cfg.no_route_direct,
         max_in_flight_per_connection: cfg.pipeline as usize,
         ..ClientConfig::default()
-    }
+    };
+    cfg.security
+        .apply(&mut c)
+        .map_err(|e| RunError::Fatal(e.to_string()))?;
+    Ok(c)
 }
 
 /// Connects `cfg.connections` clients and opens every connection they will
 /// use, so connection setup is neither in the measurement nor a surprise.
 async fn connect_all(cfg: &Config) -> Result<Vec<Client>, RunError> {
-    let ccfg = client_config(cfg);
+    let ccfg = client_config(cfg)?;
     let mut clients = Vec::with_capacity(cfg.connections as usize);
     for _ in 0..cfg.connections {
         let c = Client::connect_with(&cfg.addr, ccfg.clone())

@@ -7,10 +7,14 @@
 //!   server passes the DMA buffer that goes to disk).
 //! - [`tcp`]: listener sockets with the options a server wants (socket2), and
 //!   with the `glommio` feature, glommio listeners built from them.
+//! - [`rdma`]: the same frames over RDMA (send/recv for small frames, RDMA
+//!   read/write of registered regions for bulk payloads), with an in-memory
+//!   loopback; the async-rdma backend is behind the `rdma` feature.
 //!
 //! The codec is runtime-agnostic: the server drives it over glommio streams,
 //! the client over tokio streams through `tokio-util`'s compat layer.
 
+pub mod rdma;
 mod reader;
 pub mod tcp;
 #[cfg(feature = "tls")]

@@ -18,10 +18,11 @@ pub fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(c: &ConnArgs) -> anyhow::Result<Client> {
-    let cfg = ClientConfig {
+    let mut cfg = ClientConfig {
         request_timeout: Duration::from_millis(c.timeout_ms),
         ..ClientConfig::default()
     };
+    c.security.apply(&mut cfg)?;
     Client::connect_with(&c.addr, cfg)
         .await
         .with_context(|| format!("connecting to {}", c.addr))

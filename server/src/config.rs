@@ -67,7 +67,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_queue: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<u64>,
+    pub max_connections_per_shard: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_listen: Option<SocketAddr>,
 }
 
 /// Built-in defaults (the lowest layer).
@@ -135,6 +137,8 @@ pub struct Settings {
     pub log_level: String,
     pub log_format: LogFormat,
     pub auth_secret_file: Option<PathBuf>,
+    /// RDMA front address (builds with the `rdma` feature only).
+    pub rdma_listen: Option<SocketAddr>,
 }
 
 /// A configuration error: one line, naming the key (and the file and line
@@ -230,7 +234,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         max_payload,
         max_chunk_size,
         forward_queue,
-        max_connections,
+        max_connections_per_shard,
         max_in_flight,
         conn_buffer_mib,
         shard_buffer_mib,
@@ -243,6 +247,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         log_level,
         log_format,
         auth_secret_file,
+        rdma_listen,
     )
 }
 
@@ -362,7 +367,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
     let d = ConnLimits::default();
     let ms = |v: Option<u64>, dflt: Duration| v.map(Duration::from_millis).unwrap_or(dflt);
     let limits = ConnLimits {
-        max_connections: c.max_connections.unwrap_or(d.max_connections),
+        max_connections: c.max_connections_per_shard.unwrap_or(d.max_connections),
         max_in_flight: c
             .max_in_flight
             .map(|v| v as usize)
@@ -408,12 +413,25 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
             .unwrap_or_else(|| defaults::LOG_LEVEL.to_string()),
         log_format: c.log_format.unwrap_or(LogFormat::Auto),
         auth_secret_file: c.auth_secret_file,
+        rdma_listen: c.rdma_listen,
     };
     validate(&s, m)?;
     Ok(s)
 }
 
 fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
+    if s.rdma_listen.is_some() && !cfg!(feature = "rdma") {
+        return Err(bad(
+            "rdma_listen",
+            "this shardstore was built without rdma (rebuild with --features rdma)",
+        ));
+    }
+    if s.rdma_listen.is_some() && s.auth_secret_file.is_some() {
+        return Err(bad(
+            "rdma_listen",
+            "RDMA connections cannot authenticate yet: unset auth_secret_file or rdma_listen",
+        ));
+    }
     if s.max_payload == 0
         || s.max_payload > limits::MAX_PAYLOAD
         || s.max_payload % limits::SECTOR_SIZE != 0
@@ -450,7 +468,7 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     }
     let l = &s.limits;
     for (key, v) in [
-        ("max_connections", l.max_connections),
+        ("max_connections_per_shard", l.max_connections),
         ("max_in_flight", l.max_in_flight as u64),
         ("conn_buffer_mib", l.conn_buffer_bytes),
         ("shard_buffer_mib", l.shard_buffer_bytes),
@@ -461,16 +479,6 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         if v == 0 {
             return Err(bad(key, "must be at least 1"));
         }
-    }
-    if l.shard_buffer_bytes < l.conn_buffer_bytes {
-        return Err(bad(
-            "shard_buffer_mib",
-            format!(
-                "{} MiB is less than conn_buffer_mib ({} MiB): one connection could never use its share",
-                l.shard_buffer_bytes >> 20,
-                l.conn_buffer_bytes >> 20
-            ),
-        ));
     }
     if s.metrics_interval < Duration::from_millis(50)
         || s.metrics_interval > Duration::from_secs(60)
@@ -568,18 +576,6 @@ pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
             format!("cannot read {}: {e}", p.display()),
         )
     })?;
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::metadata(p) {
-        if m.permissions().mode() & 0o004 != 0 {
-            return Err(bad(
-                "auth_secret_file",
-                format!(
-                    "{} is readable by every user; chmod o-r it (0600 or 0640)",
-                    p.display()
-                ),
-            ));
-        }
-    }
     while matches!(b.last(), Some(b'\n' | b'\r')) {
         b.pop();
     }
@@ -587,6 +583,12 @@ pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
         return Err(bad("auth_secret_file", format!("{} is empty", p.display())));
     }
     Ok(b)
+}
+
+/// True if every user may read the file (serve logs a warning).
+pub fn world_readable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
 }
 
 /// Refuses more shards than CPUs unless the operator said so.
@@ -629,7 +631,7 @@ impl Settings {
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
             forward_queue: Some(self.forward_queue),
-            max_connections: Some(self.limits.max_connections),
+            max_connections_per_shard: Some(self.limits.max_connections),
             max_in_flight: Some(self.limits.max_in_flight as u64),
             conn_buffer_mib: Some(self.limits.conn_buffer_bytes >> 20),
             shard_buffer_mib: Some(self.limits.shard_buffer_bytes >> 20),
@@ -646,6 +648,7 @@ impl Settings {
             log_level: Some(self.log_level.clone()),
             log_format: Some(self.log_format),
             auth_secret_file: self.auth_secret_file.clone(),
+            rdma_listen: self.rdma_listen,
         };
         toml::to_string(&f).expect("settings serialize")
     }
@@ -763,7 +766,7 @@ const DOCS: &[Doc] = &[
         ],
     },
     Doc {
-        key: "max_connections",
+        key: "max_connections_per_shard",
         set: None,
         default: "4096",
         help: &["Open connections per shard; past it new ones get BUSY and are closed."],
@@ -858,7 +861,17 @@ const DOCS: &[Doc] = &[
         default: "<none>",
         help: &[
             "File holding the shared secret clients must present (must exist and be",
-            "readable by the service user only).",
+            "readable by the service user only; a world-readable file is warned about).",
+        ],
+    },
+    Doc {
+        key: "rdma_listen",
+        set: None,
+        default: "<none: no RDMA>",
+        help: &[
+            "RDMA address (InfiniBand/RoCE; builds with the `rdma` feature only):",
+            "clients use rdma://HOST:PORT. Needs a device in /sys/class/infiniband;",
+            "no authentication or TLS over RDMA, so it refuses auth_secret_file.",
         ],
     },
 ];

@@ -10,6 +10,8 @@ mod handler;
 mod lifecycle;
 mod logging;
 mod metrics;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod serve;
 mod stats;
 
@@ -125,6 +127,8 @@ pub struct ConnArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub security: shardstore_client::cli::SecurityArgs,
 }
 
 /// `serve` settings. Every one (but `--config` and `--ready-file`) is also a
@@ -189,9 +193,9 @@ pub struct ServeArgs {
     /// Bound of each shard's queue of requests forwarded by other shards. [default: 1024]
     #[arg(long, env = "SHARDSTORE_FORWARD_QUEUE")]
     forward_queue: Option<u64>,
-    /// Open connections per shard. [default: 4096]
-    #[arg(long, env = "SHARDSTORE_MAX_CONNECTIONS")]
-    max_connections: Option<u64>,
+    /// Open connections per shard; past it new ones get BUSY. [default: 4096]
+    #[arg(long, env = "SHARDSTORE_MAX_CONNECTIONS_PER_SHARD")]
+    max_connections_per_shard: Option<u64>,
     /// Requests executing per connection (then TCP backpressure). [default: 256]
     #[arg(long, env = "SHARDSTORE_MAX_IN_FLIGHT")]
     max_in_flight: Option<u64>,
@@ -228,6 +232,9 @@ pub struct ServeArgs {
     /// File holding the shared secret clients must present.
     #[arg(long, env = "SHARDSTORE_AUTH_SECRET_FILE")]
     auth_secret_file: Option<PathBuf>,
+    /// RDMA address for rdma://HOST:PORT clients (builds with the `rdma` feature only). [default: none]
+    #[arg(long, env = "SHARDSTORE_RDMA_LISTEN")]
+    rdma_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -247,7 +254,7 @@ impl ServeArgs {
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
             forward_queue: self.forward_queue,
-            max_connections: self.max_connections,
+            max_connections_per_shard: self.max_connections_per_shard,
             max_in_flight: self.max_in_flight,
             conn_buffer_mib: self.conn_buffer_mib,
             shard_buffer_mib: self.shard_buffer_mib,
@@ -260,6 +267,7 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             log_format: self.log_format,
             auth_secret_file: self.auth_secret_file.clone(),
+            rdma_listen: self.rdma_listen,
         }
     }
 
@@ -341,7 +349,12 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let s = a.resolve()?;
     logging::init(&s.log_level, s.log_format);
     let auth_secret = match &s.auth_secret_file {
-        Some(p) => Some(std::sync::Arc::new(config::read_secret(p)?)),
+        Some(p) => {
+            if config::world_readable(p) {
+                tracing::warn!(file = %p.display(), "auth_secret_file is readable by every user; chmod o-r it");
+            }
+            Some(std::sync::Arc::new(config::read_secret(p)?))
+        }
         None => None,
     };
     serve::serve(serve::ServeOptions {
@@ -367,6 +380,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         limits: s.limits,
         auth_secret,
         tls: None,
+        rdma_listen: s.rdma_listen,
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,9 @@ pub struct ServeOptions {
     pub format: bool,
     /// Rebuild a missing or damaged index from the data area at start-up.
     pub rebuild_index: bool,
+    /// RDMA front address (feature `rdma`; config refuses it otherwise).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub rdma_listen: Option<SocketAddr>,
 }
 
 const NODE_FILE: &str = "shardstore.node";
@@ -306,6 +309,11 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let (tx, rx) = flume::bounded::<Forwarded>(opts.forward_queue);
         senders.push(tx);
         receivers.push(rx);
+    }
+    // RDMA front: its own thread, requests handed to shards through `senders`.
+    #[cfg(feature = "rdma")]
+    if let Some(a) = opts.rdma_listen {
+        crate::rdma::start(a, &opts, senders.clone(), stop_rx.clone())?;
     }
 
     let device_ranges = match &opts.device {

@@ -99,6 +99,12 @@ pub struct ShardConfig {
     pub checkpoint_interval_ms: u64,
     /// Period of a full scrub pass over live sectors; 0 disables the scrubber.
     pub scrub_period_secs: u64,
+    /// Write zeros over a new data file's area when formatting. A file
+    /// preallocated with fallocate holds "unwritten" extents: the first
+    /// write to each makes the next fdatasync commit a filesystem journal
+    /// transaction, which measured about 2.7x slower per durable 4 KiB write
+    /// on ext4 here. Not done for block devices (nothing to convert).
+    pub zero_fill: bool,
 }
 
 impl ShardConfig {
@@ -127,6 +133,7 @@ impl Default for ShardConfig {
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_interval_ms: 1000,
             scrub_period_secs: 0,
+            zero_fill: true,
         }
     }
 }
@@ -298,6 +305,33 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) scrub: ScrubCounters,
     recovery: Cell<RecoveryReport>,
+}
+
+/// See [`Inner::begin_extent`].
+struct InflightGuard<'a> {
+    inner: &'a Inner,
+    generation: u64,
+    run: Run,
+    armed: bool,
+}
+
+impl InflightGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.inflight.borrow_mut().remove(&self.generation);
+            if !self.inner.fail_stopped.get() {
+                // Not reusable before the next checkpoint: a crash before it
+                // may still find (and replay) whatever reached the disk.
+                self.inner.quarantine.borrow_mut().push(Free::Run(self.run));
+            }
+        }
+    }
 }
 
 /// Ends a read's reclaim epoch, also when the read is cancelled.
@@ -889,26 +923,29 @@ impl Inner {
         Err(self.no_space(total))
     }
 
-    /// Hands out the next generation for an extent written to `run`.
-    fn begin_extent(&self, run: Run) -> Generation {
+    /// Hands out the next generation for an extent written to `run`. The
+    /// guard keeps it in flight until the index change is applied; if the
+    /// request is cancelled (or fails) before that, the guard quarantines
+    /// the never-referenced run and ends the in-flight record.
+    fn begin_extent(&self, run: Run) -> (Generation, InflightGuard<'_>) {
         let g = self.next_generation.get();
         self.next_generation.set(g + 1);
         self.inflight.borrow_mut().insert(g, run);
-        Generation(g)
+        (
+            Generation(g),
+            InflightGuard {
+                inner: self,
+                generation: g,
+                run,
+                armed: true,
+            },
+        )
     }
 
     /// Writes an encoded extent and waits for the grouped flush: steps 6-7.
-    /// On a write error the run (never referenced) is quarantined.
-    async fn write_extent(
-        &self,
-        chunk: ChunkId,
-        generation: Generation,
-        run: Run,
-        buf: IoBuf,
-    ) -> Result<(), ShardError> {
+    /// On an error the caller's [`InflightGuard`] quarantines the run.
+    async fn write_extent(&self, chunk: ChunkId, run: Run, buf: IoBuf) -> Result<(), ShardError> {
         if let Err(e) = self.io.write(run.start, buf).await {
-            self.inflight.borrow_mut().remove(&generation.0);
-            self.quarantine.borrow_mut().push(Free::Run(run));
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(self.no_space(run.len));
             }
@@ -1079,7 +1116,7 @@ impl Inner {
             start: at,
             len: total,
         };
-        let generation = self.begin_extent(run);
+        let (generation, guard) = self.begin_extent(run);
         let chunk_len = old_len.max(end);
         let now = now_ns();
         let crcs: Vec<u32> = {
@@ -1108,12 +1145,13 @@ impl Inner {
         // Pair assertion, disk side: what goes out decodes to what we meant.
         assert_write_buffer(self.node_id, &header, w.buf.as_bytes());
 
-        self.write_extent(chunk, generation, run, w.buf).await?;
+        self.write_extent(chunk, run, w.buf).await?;
         self.alloc
             .borrow_mut()
             .register_extent(at, w.header_sectors, w.sectors);
         let (change, frees, meta) = self.data_extent_change(&header, at, old)?;
         self.apply_index(generation, change, frees)?;
+        guard.disarm();
         bump(&self.counters.writes, 1);
         bump(&self.counters.bytes_written, u64::from(w.len));
         if old.is_none() {
@@ -1136,7 +1174,7 @@ impl Inner {
             .ok_or(ShardError::NotFound(chunk))?;
         let at = self.allocate_run(1, 0).await?;
         let run = Run { start: at, len: 1 };
-        let generation = self.begin_extent(run);
+        let (generation, guard) = self.begin_extent(run);
         let header = ExtentHeader {
             kind: ExtentKind::Tombstone,
             chunk,
@@ -1152,9 +1190,10 @@ impl Inner {
         let mut buf = self.io.alloc_buffer(1);
         header.encode(self.node_id, buf.as_bytes_mut());
         assert_write_buffer(self.node_id, &header, buf.as_bytes());
-        self.write_extent(chunk, generation, run, buf).await?;
+        self.write_extent(chunk, run, buf).await?;
         let (change, frees) = self.tombstone_change(&header, at)?;
         self.apply_index(generation, change, frees)?;
+        guard.disarm();
         bump(&self.counters.deletes, 1);
         self.counters
             .chunks
@@ -1446,6 +1485,9 @@ async fn format_area(io: &Io, cfg: &ShardConfig, size: u64) -> Result<Superblock
     io.pre_allocate((DATA_START_SECTOR + sb.capacity_sectors) * SECTOR)
         .await
         .map_err(|e| ShardError::io("preallocating the data area", e))?;
+    if cfg.device.is_none() && cfg.zero_fill {
+        zero_fill(io, sb.capacity_sectors).await?;
+    }
     let mut buf = io.alloc_buffer(DATA_START_SECTOR);
     for copy in 0..DATA_START_SECTOR as usize {
         let s = SECTOR as usize;
@@ -1464,6 +1506,36 @@ async fn format_area(io: &Io, cfg: &ShardConfig, size: u64) -> Result<Superblock
         "formatted a new data area"
     );
     Ok(sb)
+}
+
+/// Writes zeros over the data area, four 1 MiB writes in flight.
+async fn zero_fill(io: &Io, capacity_sectors: u64) -> Result<(), ShardError> {
+    let started = Instant::now();
+    const PIECE: u64 = 256;
+    let end = DATA_START_SECTOR + capacity_sectors;
+    let mut at = DATA_START_SECTOR;
+    while at < end {
+        let mut batch = Vec::new();
+        for _ in 0..4 {
+            if at >= end {
+                break;
+            }
+            let n = PIECE.min(end - at);
+            let mut buf = io.alloc_buffer(n);
+            buf.as_bytes_mut().fill(0);
+            batch.push(io.write_uncounted(DiskSector(at), buf));
+            at += n;
+        }
+        for r in futures_util::future::join_all(batch).await {
+            r.map_err(|e| ShardError::io("zero-filling the data area", e))?;
+        }
+    }
+    tracing::info!(
+        sectors = capacity_sectors,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "zero-filled the new data area"
+    );
+    Ok(())
 }
 
 /// The buffer about to be written is a valid extent: its header decodes to

@@ -181,6 +181,12 @@ impl Io {
         self.inner.pre_allocate(bytes).await
     }
 
+    /// A write that is not part of serving a request (format-time zeroing):
+    /// not counted, so the counters describe the request path only.
+    pub async fn write_uncounted(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
+        self.inner.write(at, buf).await
+    }
+
     pub async fn write(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);

@@ -1,0 +1,539 @@
+//! `--rdma-listen`: the RDMA front of the node (feature `rdma`).
+//!
+//! async-rdma runs on tokio, and shards are glommio executors that must
+//! never block, so RDMA gets a thread of its own ("shardstore-rdma") with a
+//! current-thread tokio runtime. It accepts queue pairs, receives frames
+//! (`shardstore_net::rdma`: same header, body, crcs and limits as TCP), pulls
+//! bulk payloads by RDMA read, and hands every request to its owning shard
+//! through the same bounded flume queues shards forward to each other with
+//! ([`Forwarded`]); the owner executes it and sends the encoded reply back
+//! on the request's reply channel; the RDMA thread RDMA-writes a bulk reply
+//! payload into the request's sink and sends the reply.
+//!
+//! Routing is `shardstore_proto::route` through [`Parsed::owner`], with shard
+//! 0 answering PING, TOPOLOGY, STATS (and HELLO). A WRITE's payload crc is
+//! checked here, before the request leaves for the shard (invariant 4: bad
+//! bytes never reach state). Bounds: a full forward queue is a BUSY reply;
+//! at most `max_in_flight` requests per connection are in flight, after
+//! which the connection is not read (the peer's sends wait: RDMA's
+//! receiver-not-ready backpressure); registered memory per connection is a
+//! bounded pool.
+//!
+//! Not supported over RDMA (refused at start-up): authentication and TLS.
+
+use crate::handler::{
+    encode_error, encode_header_error, EncodedReply, ErrReply, Forwarded, Parsed,
+};
+use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
+use shardstore_proto::{ErrorCode, Opcode, ShardId};
+use std::rc::Rc;
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+/// Hands requests to their owning shards and brings replies back.
+#[derive(Clone)]
+pub struct Bridge {
+    peers: Arc<Vec<flume::Sender<Forwarded>>>,
+    shard_count: u32,
+}
+
+impl Bridge {
+    pub fn new(peers: Vec<flume::Sender<Forwarded>>) -> Bridge {
+        Bridge {
+            shard_count: peers.len() as u32,
+            peers: Arc::new(peers),
+        }
+    }
+
+    /// Executes one request on its owner; failures become error replies.
+    pub async fn call(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        body: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> EncodedReply {
+        match self.try_call(opcode, request_id, body, payload).await {
+            Ok(r) => r,
+            Err(e) => error_reply(opcode, request_id, &e),
+        }
+    }
+
+    async fn try_call(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        body: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<EncodedReply, ErrReply> {
+        let req = Parsed::decode(opcode, &body)?;
+        if let Parsed::Write(w) = &req {
+            let computed = crc32c::crc32c(&payload);
+            if computed != w.payload_crc {
+                return Err(ErrReply {
+                    code: ErrorCode::BadChecksum,
+                    chunk: shardstore_proto::ChunkId(w.chunk),
+                    sector: 0,
+                    message: format!(
+                        "payload crc32c {computed:#010x} does not match the request's {:#010x}; nothing written",
+                        w.payload_crc
+                    ),
+                });
+            }
+        }
+        let owner = req.owner(self.shard_count, ShardId(0));
+        let Some(peer) = self.peers.get(owner.0 as usize) else {
+            return Err(ErrReply::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "shard {owner} does not exist (shard count {})",
+                    self.shard_count
+                ),
+            ));
+        };
+        let (tx, rx) = flume::bounded(1);
+        let msg = Forwarded {
+            opcode,
+            request_id,
+            body,
+            payload,
+            reply: tx,
+        };
+        if peer.try_send(msg).is_err() {
+            return Err(ErrReply::new(
+                ErrorCode::Busy,
+                format!("queue to shard {owner} is full"),
+            ));
+        }
+        rx.recv_async().await.map_err(|_| {
+            ErrReply::new(
+                ErrorCode::Internal,
+                format!("shard {owner} dropped the request (stopping?)"),
+            )
+        })
+    }
+}
+
+fn error_reply(opcode: Opcode, request_id: u64, e: &ErrReply) -> EncodedReply {
+    let mut frame = Vec::new();
+    encode_error(&mut frame, opcode, request_id, e);
+    EncodedReply {
+        frame,
+        payload: Vec::new(),
+    }
+}
+
+/// Serves one connection until the peer goes away. Runs on a tokio
+/// `LocalSet` (requests are spawned with `spawn_local`).
+pub async fn serve_conn<E: Endpoint + 'static>(
+    conn: RdmaConn<E>,
+    bridge: Bridge,
+    max_in_flight: usize,
+) {
+    let conn = Rc::new(conn);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match conn.recv().await {
+            Ok(inc) => {
+                let conn = conn.clone();
+                let bridge = bridge.clone();
+                tokio::task::spawn_local(async move {
+                    handle(&conn, &bridge, inc).await;
+                    drop(slot);
+                });
+            }
+            Err(RdmaError::Closed) => return,
+            Err(RdmaError::Io(e)) => {
+                debug!(error = %e, "rdma connection failed");
+                return;
+            }
+            Err(e) => {
+                // Message boundaries survive a bad message: answer it when
+                // its request id can be trusted, then read the next one.
+                debug!(error = %e, "bad rdma message");
+                if let Some((id, op)) = e.request_id() {
+                    let mut frame = Vec::new();
+                    let code = match &e {
+                        RdmaError::Frame(shardstore_net::FrameError::Header { err, .. }) => {
+                            err.code()
+                        }
+                        _ => ErrorCode::Malformed,
+                    };
+                    encode_header_error(&mut frame, op, id, &ErrReply::new(code, e.to_string()));
+                    if conn.send_reply(&frame, &[], None).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incoming) {
+    let opcode = inc.head.opcode;
+    let request_id = inc.head.header.request_id;
+    if inc.head.header.is_response() {
+        let e = ErrReply::new(ErrorCode::InvalidRequest, "a reply frame sent as a request");
+        let r = error_reply(opcode, request_id, &e);
+        let _ = conn.send_reply(&r.frame, &[], None).await;
+        return;
+    }
+    let reply = match conn.fetch_payload(&mut inc).await {
+        Ok(payload) => {
+            let body = std::mem::take(&mut inc.body);
+            bridge.call(opcode, request_id, body, payload).await
+        }
+        Err(e) => {
+            let code = match e {
+                RdmaError::Pool(_) => ErrorCode::Busy,
+                _ => ErrorCode::InvalidRequest,
+            };
+            let msg = format!("fetching the payload by RDMA read: {e}");
+            error_reply(opcode, request_id, &ErrReply::new(code, msg))
+        }
+    };
+    match conn
+        .send_reply(&reply.frame, &reply.payload, inc.sink)
+        .await
+    {
+        Ok(()) => {}
+        Err(e @ RdmaError::NoSink { .. }) => {
+            let r = error_reply(
+                opcode,
+                request_id,
+                &ErrReply::new(ErrorCode::TooLarge, e.to_string()),
+            );
+            let _ = conn.send_reply(&r.frame, &[], None).await;
+        }
+        Err(e) => debug!(request_id, error = %e, "sending an rdma reply failed"),
+    }
+}
+
+/// Starts the RDMA thread on `addr`; returns the bound address once it
+/// listens. Refuses configurations RDMA cannot honour.
+pub fn start(
+    addr: std::net::SocketAddr,
+    opts: &crate::serve::ServeOptions,
+    peers: Vec<flume::Sender<Forwarded>>,
+    stop: flume::Receiver<()>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::{bail, Context};
+    if opts.auth_secret.is_some() {
+        bail!("rdma_listen: RDMA connections cannot authenticate yet; unset auth_secret_file or rdma_listen");
+    }
+    if opts.tls.is_some() {
+        bail!("rdma_listen: RDMA connections are not encrypted; TLS and rdma_listen cannot be combined");
+    }
+    let devices = shardstore_net::rdma::devices();
+    if devices.is_empty() {
+        bail!("rdma_listen {addr}: no RDMA device (/sys/class/infiniband is empty or missing: no NIC, or no InfiniBand/RXE support in this kernel)");
+    }
+    let pool = PoolConfig {
+        max_region: opts.max_payload as usize,
+        budget_bytes: opts
+            .limits
+            .conn_buffer_bytes
+            .max(2 * opts.max_payload as u64),
+        ..PoolConfig::default()
+    };
+    let max_payload = opts.max_payload;
+    let max_in_flight = opts.limits.max_in_flight;
+    let bridge = Bridge::new(peers);
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("shardstore-rdma".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(format!("tokio runtime: {e}")));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let listener = match shardstore_net::rdma::verbs::VerbsListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(format!("binding {addr}: {e}")));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
+                loop {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        _ = stop.recv_async() => {
+                            info!("rdma listener closed (stopping)");
+                            return;
+                        }
+                    };
+                    match accepted {
+                        Ok((ep, peer)) => {
+                            debug!(%peer, "rdma connection");
+                            let conn = RdmaConn::new(ep, pool.clone(), max_payload);
+                            tokio::task::spawn_local(serve_conn(
+                                conn,
+                                bridge.clone(),
+                                max_in_flight,
+                            ));
+                        }
+                        Err(e) => warn!(error = %e, "rdma connection set-up failed"),
+                    }
+                }
+            });
+        })
+        .context("starting the rdma thread")?;
+    let at = bound_rx
+        .recv()
+        .context("the rdma thread exited during start-up")?
+        .map_err(|e| anyhow::anyhow!("rdma_listen: {e}"))?;
+    info!(rdma = %at, devices = ?devices, "rdma listening");
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bridge without a device: loopback queue pairs on a tokio
+    //! current-thread runtime (as on the RDMA thread) -> flume -> real
+    //! glommio shard executors on simulated disks -> replies back.
+    use super::*;
+    use crate::handler::{NodeInfo, ShardCtx};
+    use shardstore_net::rdma::loopback::{self, LoopbackEndpoint};
+    use shardstore_net::rdma::PayloadRef;
+    use shardstore_proto::*;
+    use shardstore_shard::{Shard, ShardConfig, SimDisk};
+
+    const SHARDS: u32 = 2;
+
+    /// Starts `SHARDS` executors serving forwarded requests; returns their
+    /// queues. They stop when every sender is dropped.
+    fn start_shards() -> (
+        Vec<flume::Sender<Forwarded>>,
+        Vec<std::thread::JoinHandle<()>>,
+    ) {
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..SHARDS {
+            let (tx, rx) = flume::bounded::<Forwarded>(16);
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let mut joins = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let peers = senders.clone();
+            let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .name(&format!("test-shard-{i}"))
+                .io_memory(256 << 10)
+                .spawn(move || async move {
+                    let cfg = ShardConfig {
+                        shard: ShardId(i as u32),
+                        shard_count: SHARDS,
+                        node_id: 7,
+                        capacity_bytes: 4 << 20,
+                        ..ShardConfig::default()
+                    };
+                    let disk = SimDisk::new(5 << 20, i as u64 + 1);
+                    let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+                    let limits = crate::conn_limits::ConnLimits::default();
+                    let ctx = std::rc::Rc::new(ShardCtx {
+                        shard,
+                        id: ShardId(i as u32),
+                        node: NodeInfo {
+                            node_id: 7,
+                            shard_count: SHARDS,
+                            shard_addrs: vec!["a:1".into(), "b:2".into()],
+                            max_payload: limits::MAX_PAYLOAD,
+                            max_chunk_size: limits::MAX_CHUNK_SIZE,
+                            limits: limits.clone(),
+                            auth_secret: None,
+                            tls: None,
+                        },
+                        peers: Vec::new(),
+                        counters: Default::default(),
+                        budget: crate::budget::Budget::new(limits.shard_buffer_bytes),
+                        limits,
+                        conns: Default::default(),
+                    });
+                    drop(peers);
+                    ctx.serve_forwarded(rx).await;
+                })
+                .unwrap();
+            joins.push(std::thread::spawn(move || {
+                h.join().unwrap();
+            }));
+        }
+        (senders, joins)
+    }
+
+    macro_rules! frame {
+        ($op:expr, $id:expr, $body:expr, $len:expr) => {{
+            let mut f = Vec::new();
+            encode_frame($op, 0, $id, $body, $len, &mut f);
+            f
+        }};
+    }
+
+    /// Sends one request and returns (reply header, body, payload).
+    async fn call(
+        c: &RdmaConn<LoopbackEndpoint>,
+        f: &[u8],
+        payload: &[u8],
+    ) -> (FrameHeader, Vec<u8>, Vec<u8>) {
+        let held = c.send_request(f, payload).await.unwrap();
+        let mut inc = c.recv().await.unwrap();
+        let p = match &inc.payload {
+            PayloadRef::Inline(v) => v.clone(),
+            _ => RdmaConn::<LoopbackEndpoint>::written_payload(&held, &mut inc).unwrap(),
+        };
+        assert!(inc.head.header.is_response());
+        (inc.head.header, inc.body, p)
+    }
+
+    fn error_code(h: &FrameHeader, body: &[u8]) -> ErrorCode {
+        assert!(h.is_error(), "expected an error reply");
+        let e = access_body::<ArchivedErrorBody>(body).unwrap();
+        ErrorCode::from_u16(e.code.to_native()).unwrap()
+    }
+
+    #[test]
+    fn requests_reach_their_owning_shard_and_replies_come_back() {
+        let (senders, joins) = start_shards();
+        let bridge = Bridge::new(senders);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let (connector, listener) = loopback::listener();
+        local.block_on(&rt, async move {
+            let b = bridge.clone();
+            tokio::task::spawn_local(async move {
+                while let Some(ep) = listener.accept().await {
+                    let conn = RdmaConn::new(ep, PoolConfig::default(), limits::MAX_PAYLOAD);
+                    tokio::task::spawn_local(serve_conn(conn, b.clone(), 8));
+                }
+            });
+            let c = RdmaConn::new(
+                connector.connect().unwrap(),
+                PoolConfig::default(),
+                limits::MAX_PAYLOAD,
+            );
+            // PING and TOPOLOGY are answered by shard 0.
+            let (h, _, _) = call(&c, &frame!(Opcode::Ping, 1, &Empty {}, 0), &[]).await;
+            assert!(!h.is_error());
+            let (_, body, _) = call(&c, &frame!(Opcode::Topology, 2, &Empty {}, 0), &[]).await;
+            let t = access_body::<ArchivedTopologyReply>(&body).unwrap();
+            assert_eq!(t.answering_shard.to_native(), 0);
+            assert_eq!(t.shard_count.to_native(), SHARDS);
+
+            // Find chunks owned by each shard; write 256 KiB (RDMA read of
+            // the source) and read it back (RDMA write into the sink).
+            let mut id = 10;
+            for want in 0..SHARDS {
+                let chunk = (1u128..)
+                    .find(|c| route(ChunkId(*c), SHARDS).0 == want)
+                    .unwrap();
+                let data: Vec<u8> = (0..256 << 10)
+                    .map(|i| (i % 251) as u8 ^ want as u8)
+                    .collect();
+                let w = WriteRequest {
+                    chunk,
+                    offset: 0,
+                    payload_crc: payload_crc(&data),
+                    flags: 0,
+                };
+                id += 1;
+                let (h, body, _) =
+                    call(&c, &frame!(Opcode::Write, id, &w, data.len() as u32), &data).await;
+                assert!(!h.is_error(), "{:?}", error_code(&h, &body));
+                assert_eq!(h.request_id, id);
+                let r = ReadRequest {
+                    chunk,
+                    offset: 0,
+                    len: data.len() as u32,
+                    flags: 0,
+                };
+                id += 1;
+                let (h, body, payload) = call(&c, &frame!(Opcode::Read, id, &r, 0), &[]).await;
+                assert!(!h.is_error());
+                let rr = access_body::<ArchivedReadReply>(&body).unwrap();
+                assert_eq!(rr.payload_crc.to_native(), payload_crc(&payload));
+                assert_eq!(payload, data);
+                id += 1;
+                let (_, body, _) = call(
+                    &c,
+                    &frame!(Opcode::Stat, id, &ChunkRequest { chunk }, 0),
+                    &[],
+                )
+                .await;
+                let st = access_body::<ArchivedStatReply>(&body).unwrap();
+                assert_eq!(st.shard.to_native(), want, "executed on the owner");
+            }
+
+            // A payload that does not match its crc never reaches a shard.
+            let data = vec![9u8; 10_000];
+            let w = WriteRequest {
+                chunk: 5,
+                offset: 0,
+                payload_crc: payload_crc(&data) ^ 1,
+                flags: 0,
+            };
+            let (h, body, _) =
+                call(&c, &frame!(Opcode::Write, 90, &w, data.len() as u32), &data).await;
+            assert_eq!(error_code(&h, &body), ErrorCode::BadChecksum);
+            // LIST of a shard that does not exist.
+            let l = ListRequest {
+                shard: 9,
+                after: 0,
+                from_start: true,
+                limit: 10,
+            };
+            let (h, body, _) = call(&c, &frame!(Opcode::List, 91, &l, 0), &[]).await;
+            assert_eq!(error_code(&h, &body), ErrorCode::InvalidRequest);
+            // A corrupted body is answered with its request id; the
+            // connection stays usable.
+            let mut bad = frame!(Opcode::Stat, 92, &ChunkRequest { chunk: 1 }, 0);
+            let last = bad.len() - 1;
+            bad[last] ^= 0xff;
+            let (h, body, _) = call(&c, &bad, &[]).await;
+            assert_eq!(h.request_id, 92);
+            assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
+            let (h, _, _) = call(&c, &frame!(Opcode::Ping, 93, &Empty {}, 0), &[]).await;
+            assert!(!h.is_error());
+        });
+        // Dropping the LocalSet drops the serving tasks and their bridge
+        // clones: the shards' queues close and their executors end.
+        drop(local);
+        for j in joins {
+            j.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_full_shard_queue_is_busy_not_unbounded() {
+        // A queue nobody serves, of depth 1.
+        let (tx, _rx) = flume::bounded::<Forwarded>(1);
+        let bridge = Bridge::new(vec![tx]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ping = || bridge.call(Opcode::Ping, 1, Vec::new(), Vec::new());
+            // The first one waits in the queue forever; the second is BUSY.
+            let first = ping();
+            tokio::pin!(first);
+            assert!(futures_lite::future::poll_once(&mut first).await.is_none());
+            let r = ping().await;
+            let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
+            assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Busy);
+        });
+    }
+}
