@@ -93,6 +93,14 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_secret_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure_no_auth: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rdma_listen: Option<SocketAddr>,
 }
 
@@ -137,6 +145,13 @@ pub struct Settings {
     pub log_level: String,
     pub log_format: LogFormat,
     pub auth_secret_file: Option<PathBuf>,
+    /// Serve a non-loopback address without authentication (explicit opt-in).
+    pub insecure_no_auth: bool,
+    /// TLS server certificate chain and key (PEM); both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// With TLS: require client certificates signed by this CA (PEM).
+    pub tls_client_ca_file: Option<PathBuf>,
     /// RDMA front address (builds with the `rdma` feature only).
     pub rdma_listen: Option<SocketAddr>,
 }
@@ -151,7 +166,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: &str, message: impl Into<String>) -> ConfigError {
+    pub fn key(key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError {
             at: None,
             key: Some(key.to_string()),
@@ -247,6 +262,10 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         log_level,
         log_format,
         auth_secret_file,
+        insecure_no_auth,
+        tls_cert_file,
+        tls_key_file,
+        tls_client_ca_file,
         rdma_listen,
     )
 }
@@ -413,6 +432,10 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
             .unwrap_or_else(|| defaults::LOG_LEVEL.to_string()),
         log_format: c.log_format.unwrap_or(LogFormat::Auto),
         auth_secret_file: c.auth_secret_file,
+        insecure_no_auth: c.insecure_no_auth.unwrap_or(false),
+        tls_cert_file: c.tls_cert_file,
+        tls_key_file: c.tls_key_file,
+        tls_client_ca_file: c.tls_client_ca_file,
         rdma_listen: c.rdma_listen,
     };
     validate(&s, m)?;
@@ -564,25 +587,36 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     if let Some(p) = &s.auth_secret_file {
         read_secret(p)?;
     }
+    match (&s.tls_cert_file, &s.tls_key_file) {
+        (Some(_), None) => return Err(bad("tls_key_file", "is required with tls_cert_file")),
+        (None, Some(_)) => return Err(bad("tls_cert_file", "is required with tls_key_file")),
+        _ => {}
+    }
+    if s.tls_client_ca_file.is_some() && s.tls_cert_file.is_none() {
+        return Err(bad(
+            "tls_client_ca_file",
+            "needs TLS: set tls_cert_file and tls_key_file",
+        ));
+    }
+    let authenticated = s.auth_secret_file.is_some() || s.tls_client_ca_file.is_some();
+    if !s.listen.ip().is_loopback() && !authenticated && !s.insecure_no_auth {
+        return Err(bad(
+            "listen",
+            format!(
+                "{} is not a loopback address and no authentication is configured; set \
+                 auth_secret_file (or tls_client_ca_file), or pass --insecure-no-auth to serve \
+                 anyone who can reach it",
+                s.listen
+            ),
+        ));
+    }
     Ok(())
 }
 
-/// Reads the shared secret: the file's bytes without a trailing newline;
-/// refused if empty.
+/// Reads the shared secret with the protocol's rules (trailing whitespace
+/// trimmed, 16..=4096 bytes).
 pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
-    let mut b = std::fs::read(p).map_err(|e| {
-        bad(
-            "auth_secret_file",
-            format!("cannot read {}: {e}", p.display()),
-        )
-    })?;
-    while matches!(b.last(), Some(b'\n' | b'\r')) {
-        b.pop();
-    }
-    if b.is_empty() {
-        return Err(bad("auth_secret_file", format!("{} is empty", p.display())));
-    }
-    Ok(b)
+    shardstore_proto::auth::read_secret_file(p).map_err(|e| bad("auth_secret_file", e.to_string()))
 }
 
 /// True if every user may read the file (serve logs a warning).
@@ -648,6 +682,10 @@ impl Settings {
             log_level: Some(self.log_level.clone()),
             log_format: Some(self.log_format),
             auth_secret_file: self.auth_secret_file.clone(),
+            insecure_no_auth: Some(self.insecure_no_auth),
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            tls_client_ca_file: self.tls_client_ca_file.clone(),
             rdma_listen: self.rdma_listen,
         };
         toml::to_string(&f).expect("settings serialize")
@@ -863,6 +901,33 @@ const DOCS: &[Doc] = &[
             "File holding the shared secret clients must present (must exist and be",
             "readable by the service user only; a world-readable file is warned about).",
         ],
+    },
+    Doc {
+        key: "insecure_no_auth",
+        set: None,
+        default: "false",
+        help: &[
+            "Allow a non-loopback `listen` address without authentication (neither",
+            "auth_secret_file nor tls_client_ca_file). Off: such a start is refused.",
+        ],
+    },
+    Doc {
+        key: "tls_cert_file",
+        set: None,
+        default: "<none: plain TCP>",
+        help: &["TLS server certificate chain (PEM) for every TCP listener; needs tls_key_file."],
+    },
+    Doc {
+        key: "tls_key_file",
+        set: None,
+        default: "<none>",
+        help: &["Private key (PEM) of tls_cert_file; readable by the service user only."],
+    },
+    Doc {
+        key: "tls_client_ca_file",
+        set: None,
+        default: "<none: no client certificates>",
+        help: &["With TLS, require client certificates signed by this CA (PEM)."],
     },
     Doc {
         key: "rdma_listen",

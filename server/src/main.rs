@@ -45,7 +45,7 @@ enum TopCmd {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a chunk (or part of one) from a file or standard input.
     Put {
         #[command(flatten)]
@@ -232,6 +232,18 @@ pub struct ServeArgs {
     /// File holding the shared secret clients must present.
     #[arg(long, env = "SHARDSTORE_AUTH_SECRET_FILE")]
     auth_secret_file: Option<PathBuf>,
+    /// Serve a non-loopback address without authentication. [default: false]
+    #[arg(long, env = "SHARDSTORE_INSECURE_NO_AUTH", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    insecure_no_auth: Option<bool>,
+    /// TLS server certificate chain (PEM) for every TCP listener. [default: none]
+    #[arg(long, env = "SHARDSTORE_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert-file. [default: none]
+    #[arg(long, env = "SHARDSTORE_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM). [default: none]
+    #[arg(long, env = "SHARDSTORE_TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<PathBuf>,
     /// RDMA address for rdma://HOST:PORT clients (builds with the `rdma` feature only). [default: none]
     #[arg(long, env = "SHARDSTORE_RDMA_LISTEN")]
     rdma_listen: Option<SocketAddr>,
@@ -267,6 +279,10 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             log_format: self.log_format,
             auth_secret_file: self.auth_secret_file.clone(),
+            insecure_no_auth: self.insecure_no_auth,
+            tls_cert_file: self.tls_cert_file.clone(),
+            tls_key_file: self.tls_key_file.clone(),
+            tls_client_ca_file: self.tls_client_ca_file.clone(),
             rdma_listen: self.rdma_listen,
         }
     }
@@ -296,7 +312,7 @@ pub enum ConfigCmd {
     /// Print the commented example configuration (deploy/shardstore.toml).
     Default,
     /// Print the settings `serve` would run with, after flags, environment and file.
-    Show(ServeArgs),
+    Show(Box<ServeArgs>),
 }
 
 fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
@@ -329,7 +345,7 @@ fn main() -> ExitCode {
         TopCmd::Other(cmd) => cmd,
     };
     let result = match cmd {
-        Cmd::Serve(a) => serve_cmd(a),
+        Cmd::Serve(a) => serve_cmd(*a),
         Cmd::Config { cmd } => config_cmd(cmd),
         other => {
             logging::init_for_cli();
@@ -357,6 +373,13 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let tls = match (&s.tls_cert_file, &s.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            shardstore_net::tls::server_config(cert, key, s.tls_client_ca_file.as_deref())
+                .map_err(|e| config::ConfigError::key("tls_cert_file", e.to_string()))?,
+        ),
+        _ => None,
+    };
     serve::serve(serve::ServeOptions {
         listen: s.listen,
         data_dir: s.data_dir,
@@ -379,7 +402,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         cache_bytes: s.cache_mib << 20,
         limits: s.limits,
         auth_secret,
-        tls: None,
+        tls,
         rdma_listen: s.rdma_listen,
     })?;
     Ok(ExitCode::SUCCESS)

@@ -271,6 +271,14 @@ fn family(
     }
 }
 
+/// A per-shard metric family: name, type, help, value.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Snapshot) -> u64,
+);
+
 /// The whole exposition, Prometheus text format 0.0.4.
 pub fn render(board: &Board) -> String {
     let slots = board.read();
@@ -412,7 +420,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [(&str, &str, &str, fn(&Snapshot) -> u64); 21] = [
+    let fams: [Family; 21] = [
         (
             "shardstore_received_bytes_total",
             "counter",

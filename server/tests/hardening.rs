@@ -185,9 +185,8 @@ async fn connection_limit_answers_busy() {
     raise_nofile();
     let dir = data_dir("connlimit");
     let srv = TestServer::try_start(&dir, 1, &["--max-connections-per-shard", "20"]).unwrap();
-    let c = srv.client().await; // front + shard 0: 2 connections
     let mut held = Vec::new();
-    for _ in 0..18 {
+    for _ in 0..20 {
         let mut s = TcpStream::connect(&srv.addr).await.unwrap();
         s.write_all(&ping_frame(1)).await.unwrap();
         let mut h = [0u8; HEADER_LEN];
@@ -208,7 +207,10 @@ async fn connection_limit_answers_busy() {
     );
     assert!(closed_within(&mut s, Duration::from_secs(2)).await);
     // Existing connections are unaffected; freeing one lets a new one in.
-    c.ping().await.unwrap();
+    let s0 = held.last_mut().unwrap();
+    s0.write_all(&ping_frame(3)).await.unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s0.read_exact(&mut h).await.unwrap();
     held.pop();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
@@ -223,7 +225,12 @@ async fn connection_limit_answers_busy() {
 async fn overload_gets_typed_busy_and_memory_stays_flat() {
     raise_nofile();
     let dir = data_dir("overload");
-    let srv = TestServer::try_start(&dir, 2, &["--shard-buffer-mib", "4"]).unwrap();
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &["--shard-buffer-mib", "4", "--capacity-mib", "512"],
+    )
+    .unwrap();
     let rss0 = rss_bytes(srv.child.id());
     // 1000 connections (500 clients x 2 shards), each with writes of 256 KiB
     // in flight: far more than the 4 MiB per-shard buffer budget.

@@ -46,7 +46,7 @@ async fn sigterm_during_writes_drains_and_keeps_acked_writes() {
             let mut i = 0u128;
             // Write until the server stops answering.
             while !stop.load(Ordering::Relaxed) {
-                let id = ChunkId(t << 64 | i);
+                let id = ChunkId((t << 64) | i);
                 let len = 1 + (i as usize * 7919) % 30_000;
                 match c.write(id, 0, pattern(id.0 as u64, len)).await {
                     Ok(_) => acked.push((id, len)),

@@ -46,6 +46,9 @@ pub struct Release {
     pub data: Run,
 }
 
+/// Reservations prefer free runs at least this long (1 MiB).
+const BIG_RUN_SECTORS: u64 = 256;
+
 /// Space to give back: part of an extent, or a whole run (a tombstone, or an
 /// extent that never became referenced).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +114,11 @@ impl Allocator {
             .collect()
     }
 
+    /// Whether the active reservation has a run of `len` sectors.
+    pub fn has_run(&self, len: u64) -> bool {
+        self.reserved.iter().any(|r| r.len >= len)
+    }
+
     /// The checkpoint listing the pending runs is durable: allocate from them.
     pub fn activate_reservation(&mut self) {
         for run in std::mem::take(&mut self.pending) {
@@ -161,18 +169,29 @@ impl Allocator {
     /// a run of `min_len` is included.
     pub fn reserve(&mut self, target: u64, min_len: u64, max_runs: usize) {
         let mut got = 0;
+        // Big runs first: small holes left by overwrites would make the
+        // reservation (and the checkpoint listing it) long and the writes
+        // scattered; they are taken only when nothing bigger is free, and
+        // meanwhile coalesce as their neighbours are freed.
+        let mut piece = BIG_RUN_SECTORS.min(target.max(1));
         while got < target && self.reserved.len() + self.pending.len() < max_runs {
-            let Some(at) = self.take_next_fit(1) else {
+            let Some(at) = self.take_next_fit(piece) else {
+                if piece > 1 {
+                    piece = 1;
+                    continue;
+                }
                 break;
             };
             // Grow the piece taken at `at` to the rest of its free run.
             let start = at.0;
-            let mut len = 1;
-            if let Some((&s, &l)) = self.free.range(start + 1..).next() {
-                if s == start + 1 {
-                    let more = l.min(target.saturating_sub(got + 1));
-                    self.map_remove(s, more);
-                    len += more;
+            let mut len = piece;
+            if let Some((&s, &l)) = self.free.range(start + piece..).next() {
+                if s == start + piece {
+                    let more = l.min(target.saturating_sub(got + piece));
+                    if more > 0 {
+                        self.map_remove(s, more);
+                        len += more;
+                    }
                 }
             }
             self.cursor = start + len;

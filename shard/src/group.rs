@@ -1,11 +1,15 @@
 //! Group commit: many concurrent tasks of one executor share one flush.
 //!
 //! A caller takes a ticket *after* its own write completed, then waits until a
-//! flush that was *issued after* the ticket was taken has completed. At most
-//! one flush is in flight; tickets taken while it runs are covered by the next
-//! one, which one of their holders issues. So a flush covers exactly the
-//! writes completed before it was issued, and N concurrent writers cost about
-//! two flushes instead of N.
+//! flush that was *issued after* the ticket was taken has completed. If such
+//! a flush is already in flight it waits for it; otherwise it issues one,
+//! unless `max_in_flight` flushes are running (then it waits for one to end).
+//! A flush covers exactly the writes completed before it was issued, so the
+//! durable mark is the highest ticket covered by any completed flush, in
+//! whatever order flushes complete. With `max_in_flight` = 1, N concurrent
+//! writers cost about two flushes instead of N; more in flight lets a new
+//! group start its flush while the previous one is still running (the
+//! block layer merges concurrent flushes), which is what deep queues need.
 //!
 //! A failed flush is sticky: the group fails every current and future waiter
 //! (fail-stop, invariant 8: the flush is never retried).
@@ -21,20 +25,27 @@ pub struct Group {
     issued: Cell<u64>,
     /// All tickets up to this one are durable.
     durable: Cell<u64>,
-    in_flight: Cell<bool>,
+    /// Highest ticket covered by a flush issued so far.
+    covered: Cell<u64>,
+    in_flight: Cell<u32>,
+    max_in_flight: u32,
     failed: RefCell<Option<(io::ErrorKind, String)>>,
     /// Bumped whenever a flush ends; waiters wait for it to change.
     round: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
 }
 
-struct InFlight<'a>(&'a Group);
+struct InFlight<'a>(&'a Group, bool);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         // Also runs if the leader's future is dropped mid-flush: the others
-        // then elect a new leader instead of waiting forever.
-        self.0.in_flight.set(false);
+        // then elect a new leader instead of waiting forever (the abandoned
+        // flush no longer counts as covering their tickets).
+        if !self.1 {
+            self.0.covered.set(self.0.durable.get());
+        }
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
         self.0.round.set(self.0.round.get() + 1);
         for w in self.0.waiters.borrow_mut().drain(..) {
             w.wake();
@@ -60,11 +71,18 @@ impl Future for NextRound<'_> {
 }
 
 impl Group {
+    #[cfg(test)]
     pub fn new() -> Group {
+        Group::with_max_in_flight(1)
+    }
+
+    pub fn with_max_in_flight(max_in_flight: u32) -> Group {
         Group {
             issued: Cell::new(0),
             durable: Cell::new(0),
-            in_flight: Cell::new(false),
+            covered: Cell::new(0),
+            in_flight: Cell::new(0),
+            max_in_flight: max_in_flight.max(1),
             failed: RefCell::new(None),
             round: Cell::new(0),
             waiters: RefCell::new(Vec::new()),
@@ -99,16 +117,18 @@ impl Group {
             if self.durable.get() >= ticket {
                 return Ok(());
             }
-            if self.in_flight.get() {
+            if self.covered.get() >= ticket || self.in_flight.get() >= self.max_in_flight {
                 let seen = self.round.get();
                 NextRound { group: self, seen }.await;
                 continue;
             }
-            // Become the leader: this flush covers every ticket issued so far.
+            // Become a leader: this flush covers every ticket issued so far.
             let covers = self.issued.get();
-            self.in_flight.set(true);
-            let guard = InFlight(self);
+            self.covered.set(covers);
+            self.in_flight.set(self.in_flight.get() + 1);
+            let mut guard = InFlight(self, false);
             let res = flush().await;
+            guard.1 = true;
             match res {
                 Ok(()) => self.durable.set(self.durable.get().max(covers)),
                 Err(e) => {

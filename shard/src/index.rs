@@ -294,7 +294,8 @@ fn tomb_key(chunk: ChunkId) -> [u8; 17] {
     k
 }
 
-type KvItem = Result<(Vec<u8>, Vec<u8>), ShardError>;
+type KvPair = (Vec<u8>, Vec<u8>);
+type KvItem = Result<KvPair, ShardError>;
 
 /// The ordered key-value store under the index.
 pub enum Kv {
@@ -328,7 +329,7 @@ impl Kv {
         &self,
         lo: Bound<Vec<u8>>,
         hi: Bound<Vec<u8>>,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, ShardError> {
+    ) -> Result<Option<KvPair>, ShardError> {
         match self {
             Kv::Sled(db) => match db.range::<Vec<u8>, _>((lo, hi)).next_back() {
                 Some(r) => {

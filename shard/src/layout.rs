@@ -214,7 +214,8 @@ struct ExtentHeaderRepr {
     version: u64,        // 72: chunk version after this write (or at delete)
     created_ns: u64,     // 80: chunk creation time
     disk_sector: u64,    // 88: where this header was meant to land
-    reserved2: [u8; 24], // 96
+    durable_below: u64,  // 96: every lower generation was durable (or failed) when this was written
+    reserved2: [u8; 16], // 104
     header_crc: u32, // 120: crc32c seeded with the node id, over the whole header with this field zero
     reserved3: u32,  // 124
 }
@@ -250,6 +251,11 @@ pub struct ExtentHeader {
     pub version: u64,
     pub created_ns: u64,
     pub disk_sector: DiskSector,
+    /// When this extent was written, every write with a lower generation had
+    /// been made durable (acknowledged) or had failed. Recovery uses it to
+    /// tell a torn write (in flight at the crash: discard) from an
+    /// acknowledged extent damaged later (keep: reads report CORRUPT).
+    pub durable_below: u64,
     /// crc of each data sector, see [`sector_crc`]. Empty for a tombstone.
     pub crcs: Vec<u32>,
 }
@@ -295,6 +301,7 @@ impl ExtentHeader {
         out[72..80].copy_from_slice(&self.version.to_le_bytes());
         out[80..88].copy_from_slice(&self.created_ns.to_le_bytes());
         out[88..96].copy_from_slice(&self.disk_sector.0.to_le_bytes());
+        out[96..104].copy_from_slice(&self.durable_below.to_le_bytes());
         for (i, crc) in self.crcs.iter().enumerate() {
             let at = EXTENT_HEADER_FIXED + 4 * i;
             out[at..at + 4].copy_from_slice(&crc.to_le_bytes());
@@ -358,7 +365,7 @@ impl ExtentHeader {
         }
         if header[11] != 0
             || le_u32(header, 44) != 0
-            || header[96..120].iter().any(|&b| b != 0)
+            || header[104..120].iter().any(|&b| b != 0)
             || le_u32(header, 124) != 0
         {
             return Err("reserved extent header bytes are not zero".into());
@@ -380,6 +387,7 @@ impl ExtentHeader {
             version: le_u64(header, 72),
             created_ns: le_u64(header, 80),
             disk_sector: DiskSector(le_u64(header, 88)),
+            durable_below: le_u64(header, 96),
             crcs,
         })
     }
@@ -458,6 +466,7 @@ mod tests {
                 version: 3,
                 created_ns: 4,
                 disk_sector: DiskSector(1234),
+                durable_below: 2,
                 chunk: ChunkId(77),
                 first_sector: LogicalSector(5),
                 generation: Generation(9),
@@ -490,6 +499,7 @@ mod tests {
             version: 4,
             created_ns: 2,
             disk_sector: DiskSector(77),
+            durable_below: 10,
             crcs: vec![],
         };
         let mut buf = vec![0u8; SECTOR as usize];

@@ -21,10 +21,22 @@
 //! batches are in generation order (chunk lock), so "newer than what the
 //! index has" is exactly "not applied yet".
 //!
-//! An extent whose header is valid but whose data sectors fail their crcs was
-//! being written at the crash (it was not acknowledged: acks follow the
-//! flush): it is discarded whole, so an unacknowledged write is all or
-//! nothing. The generation counter restarts above the checkpoint's
+//! An extent whose header is valid but whose data sectors fail their crcs is
+//! either a torn write (in flight at the crash, never acknowledged: acks
+//! follow the flush) or an acknowledged extent damaged on the medium since.
+//! Every header records `durable_below`: all lower generations were durable
+//! or failed when it was written. With D the highest such mark found, a bad
+//! extent below D was acknowledged: it is kept (reads report CORRUPT naming
+//! the sector, and the scrubber counts it); one at or above D may be torn and
+//! is discarded whole, so an unacknowledged write is all or nothing, unless
+//! its last data sector is intact while an earlier one is not: a write torn
+//! by a crash loses a suffix (the device persists a prefix), so that pattern
+//! is taken as damage to an acknowledged write that no later header vouches
+//! for yet (the newest writes before a kill). Residual risk: a device that
+//! persists the sectors of one write out of order could make a torn
+//! unacknowledged write read as CORRUPT. The
+//! full rebuild cannot tell a damaged live extent from a stale one whose
+//! space was reused, so it discards every extent with a bad sector. The generation counter restarts above the checkpoint's
 //! high-water and every generation seen by the scan, so a generation that
 //! may be on disk is never handed out twice.
 //!
@@ -58,9 +70,12 @@ pub struct RecoveryReport {
     pub replayed_tombstones: u64,
     /// Extents found that the index already had (or that were superseded).
     pub already_indexed: u64,
-    /// Extents with a valid header but bad data: torn (never acknowledged),
-    /// overwritten, or corrupt. Discarded.
+    /// Extents with a valid header but bad data that may be torn (never
+    /// acknowledged), or (rebuild) overwritten or corrupt. Discarded.
     pub discarded: u64,
+    /// Acknowledged extents with a bad sector (media damage): kept, so reads
+    /// report CORRUPT instead of losing the write silently.
+    pub damaged_kept: u64,
     pub chunks: u64,
     /// The index was rebuilt from the whole data area.
     pub rebuilt: bool,
@@ -81,6 +96,10 @@ pub struct VerifyReport {
 struct Found {
     at: DiskSector,
     header: ExtentHeader,
+    /// Index of the first bad data sector.
+    bad: Option<usize>,
+    /// The last data sector is intact.
+    last_ok: bool,
 }
 
 /// Valid extents with a generation of at least `min_generation` inside `runs`.
@@ -161,32 +180,42 @@ async fn scan(
                 }
                 let total = h.total_sectors();
                 let hs = (h.header_sectors() * SECTOR) as usize;
-                let bad = if i + total <= n {
-                    h.first_bad_sector(&buf[s + hs..s + (total * SECTOR) as usize])
+                let check = |data: &[u8]| {
+                    let bad = h.first_bad_sector(data);
+                    let last_ok = bad.is_some() && {
+                        let k = h.crcs.len() - 1;
+                        let tail = &data[k * SECTOR as usize..];
+                        let last = crate::layout::LogicalSector(h.first_sector.0 + k as u64);
+                        crate::layout::sector_crc(h.chunk, last, h.generation, tail) == h.crcs[k]
+                    };
+                    (bad, last_ok)
+                };
+                let (bad, last_ok) = if i + total <= n {
+                    check(&buf[s + hs..s + (total * SECTOR) as usize])
                 } else {
                     let whole = inner
                         .io
                         .read(DiskSector(here), total)
                         .await
                         .map_err(|e| ShardError::io(format!("reading extent at {here}"), e))?;
-                    h.first_bad_sector(&whole[hs..])
+                    check(&whole[hs..])
                 };
-                if let Some(b) = bad {
-                    report.discarded += 1;
-                    tracing::warn!(
-                        shard = inner.id.0,
-                        chunk = %h.chunk,
-                        generation = h.generation.0,
-                        disk_sector = here,
-                        bad_sector = h.first_sector.0 + b as u64,
-                        "discarding an extent with a bad data sector (torn write, overwritten or corrupt)"
-                    );
+                if bad.is_some() {
+                    // Torn or damaged: decided once the whole scan is seen.
+                    found.push(Found {
+                        at: DiskSector(here),
+                        header: h,
+                        bad,
+                        last_ok,
+                    });
                     i += 1;
                     continue;
                 }
                 found.push(Found {
                     at: DiskSector(here),
                     header: h,
+                    bad: None,
+                    last_ok: true,
                 });
                 if i + total <= n {
                     i += total;
@@ -199,6 +228,53 @@ async fn scan(
         }
     }
     Ok((found, max_generation))
+}
+
+/// Drops bad extents that may be torn; keeps (with `keep_damaged`) those the
+/// durable marks prove were acknowledged. See the module docs.
+fn triage(
+    inner: &Inner,
+    found: Vec<Found>,
+    keep_damaged: bool,
+    report: &mut RecoveryReport,
+) -> Vec<Found> {
+    let durable_below = found
+        .iter()
+        .map(|f| f.header.durable_below)
+        .max()
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(found.len());
+    for f in found {
+        let Some(b) = f.bad else {
+            out.push(f);
+            continue;
+        };
+        let h = &f.header;
+        let not_a_tear = f.last_ok;
+        if keep_damaged && (h.generation.0 < durable_below || not_a_tear) {
+            report.damaged_kept += 1;
+            tracing::error!(
+                shard = inner.id.0,
+                chunk = %h.chunk,
+                generation = h.generation.0,
+                disk_sector = f.at.0,
+                sector = h.first_sector.0 + b as u64,
+                "an acknowledged extent has a bad sector (media damage): kept, reads of it report CORRUPT"
+            );
+            out.push(f);
+        } else {
+            report.discarded += 1;
+            tracing::warn!(
+                shard = inner.id.0,
+                chunk = %h.chunk,
+                generation = h.generation.0,
+                disk_sector = f.at.0,
+                sector = h.first_sector.0 + b as u64,
+                "discarding an extent with a bad data sector (torn write in flight at the crash, or stale)"
+            );
+        }
+    }
+    out
 }
 
 /// Marks everything the index references as used; returns the highest
@@ -302,7 +378,8 @@ fn count_chunks(inner: &Inner) -> Result<u64, ShardError> {
 pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryReport, ShardError> {
     let mut report = RecoveryReport::default();
     let index_max = load_allocator(inner)?;
-    let (mut found, scan_max) = scan(inner, &ck.scan, ck.replay_from, &mut report).await?;
+    let (found, scan_max) = scan(inner, &ck.scan, ck.replay_from, &mut report).await?;
+    let mut found = triage(inner, found, true, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;
@@ -325,7 +402,8 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
         ..RecoveryReport::default()
     };
     let area = inner.alloc.borrow().area();
-    let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
+    let (found, max) = scan(inner, &[area], 0, &mut report).await?;
+    let mut found = triage(inner, found, false, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;

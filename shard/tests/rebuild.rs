@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use shardstore_proto::{ChunkId, ShardId};
+use shardstore_proto::ShardId;
 use shardstore_shard::{Shard, ShardConfig, ShardError, FORMAT_VERSION};
 
 async fn fill(shard: &Shard) {
@@ -189,5 +189,58 @@ fn golden_data_folder_opens() {
         cfg.rebuild_index = true;
         let shard = Shard::open(cfg).await.unwrap();
         check(&shard).await;
+    });
+}
+
+/// An acknowledged write that only the data area has (the index lost it)
+/// and whose data was damaged on the medium afterwards is not mistaken for a
+/// torn write and silently dropped: it is kept and reads report CORRUPT.
+#[test]
+fn damaged_acknowledged_extent_is_corrupt_not_lost() {
+    let dir = tempdir();
+    let saved = dir.path().join("index-at-checkpoint");
+    let marker = b"ACKED-THEN-DAMAGED-MARKER";
+    run(|| async {
+        let mut cfg = config(dir.path(), 8 * MIB);
+        cfg.checkpoint_interval_ms = 3_600_000;
+        let shard = Shard::open(cfg).await.unwrap();
+        shard.checkpoint().await.unwrap();
+        copy_dir(&shard_dir(dir.path()).join("index"), &saved);
+        let mut data = pattern(5, 8192);
+        data[4096 + 10..4096 + 10 + marker.len()].copy_from_slice(marker);
+        shard.write(cid(42), 0, &data).await.unwrap();
+        // A later write: its header proves chunk 42's write was durable.
+        shard.write(cid(43), 0, b"later").await.unwrap();
+        std::mem::forget(shard);
+    });
+    let index = shard_dir(dir.path()).join("index");
+    std::fs::remove_dir_all(&index).unwrap();
+    copy_dir(&saved, &index);
+    let file = shard_dir(dir.path()).join("data");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let pos = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .unwrap();
+    bytes[pos] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    run(|| async {
+        let shard = open(dir.path(), 8 * MIB).await;
+        assert_eq!(shard.recovery_report().damaged_kept, 1);
+        match shard.read(cid(42), 0, 8192).await {
+            Err(ShardError::Corrupt { sector: 1, .. }) => {}
+            other => panic!(
+                "expected CORRUPT at sector 1, got {:?}",
+                other.map(|r| r.version)
+            ),
+        }
+        assert_eq!(
+            shard.read(cid(42), 0, 4096).await.unwrap().data.to_vec(),
+            pattern(5, 4096)
+        );
+        assert_eq!(
+            shard.read(cid(43), 0, 5).await.unwrap().data.to_vec(),
+            b"later"
+        );
     });
 }

@@ -40,21 +40,22 @@ impl TestServer {
             .append(true)
             .open(data_dir.join("server.log"))
             .unwrap();
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .args(if extra.contains(&"--listen") {
-                &[][..]
-            } else {
-                &["--listen", "127.0.0.1:0"][..]
-            })
-            .args([
-                "--capacity-mib",
-                "64",
-                "--io-memory-kib",
-                "512",
-                // Tests run 2-3 shards on small CI machines.
-                "--allow-oversubscribe",
-            ])
+        // Defaults a test may override by passing the same flag in `extra`.
+        let defaults = [
+            ("--listen", "127.0.0.1:0"),
+            ("--capacity-mib", "64"),
+            ("--io-memory-kib", "512"),
+        ];
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve");
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        let mut child = cmd
+            // Tests run 2-3 shards on small CI machines.
+            .arg("--allow-oversubscribe")
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--shards")
