@@ -42,9 +42,9 @@ start_server() { # $1 data dir, rest: extra flags
 stop_server() { kill -9 "$SRV" 2>/dev/null || true; wait "$SRV" 2>/dev/null || true; }
 trap stop_server EXIT
 
-fio_run() { # $1 iodepth -> prints "write+sync_median_us iops"
+fio_run() { # $1 iodepth (file written in full beforehand, see below) -> prints "write+sync_median_us iops"
   fio --name=w --filename="$WORK/fio.dat" --size=1G --rw=randwrite --bs=4k --direct=1 \
-      --fdatasync=1 --iodepth="$1" --ioengine=io_uring --runtime="$SECS" --time_based \
+      --fdatasync=1 --iodepth="$1" --ioengine=io_uring --runtime="$SECS" --time_based --fallocate=none \
       --cpus_allowed="$SERVER_CPU" --output-format=json 2>/dev/null |
   python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; \
 p=lambda d: d["percentile"]["50.000000"]/1000; \
@@ -52,6 +52,12 @@ print(p(w["clat_ns"]) + p(j["sync"]["lat_ns"]), w["iops"])'
 }
 # fio latency = median write completion + median fdatasync (fio reports them
 # apart; an acknowledged write of ours includes both).
+
+# fio's file is written in full first: our data area is zero-filled at
+# format, so neither side pays for converting unwritten (fallocated) extents.
+if [ ! -s "$WORK/fio.dat" ]; then
+  dd if=/dev/zero of="$WORK/fio.dat" bs=1M count=1024 oflag=direct status=none
+fi
 
 echo "# $(date -u +%FT%TZ) $(uname -r) fs: $(df -T "$WORK" | awk 'NR==2{print $2" "$1}') runs=$RUNS secs=$SECS"
 for qd in 1 32; do
@@ -70,7 +76,6 @@ for qd in 1 32; do
        "| latency ratio $(python3 -c "print(round($ss_lat/$fio_lat,3))") | IOPS ratio $(python3 -c "print(round($ss_iops/$fio_iops,3))")"
   echo "  per run (shardstore p50_us iops): $(tr '\n' ';' <"$WORK/ss.$qd")  (fio): $(tr '\n' ';' <"$WORK/fio.$qd")"
 done
-rm -f "$WORK/fio.dat"
 
 # Recovery: write RECOVERY_GIB GiB with 1 MiB writes at QD8, SIGKILL right
 # away, time the restart until ready and read the shard's own recovery log.

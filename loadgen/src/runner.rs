@@ -310,7 +310,7 @@ impl Worker {
                 Op::Write => self.write(&sh, idx).await,
             };
             let done = Instant::now();
-            let in_window = measured && sh.end.map_or(true, |end| done <= end);
+            let in_window = measured && sh.end.is_none_or(|end| done <= end);
             let lat = latency_ns(intended, done);
             let mut s = lock(&self.stats);
             let record = |stats: &mut Stats| {

@@ -71,7 +71,7 @@ impl Outbox {
         let start = self.frames.len();
         self.frames.extend_from_slice(frame);
         self.push_frames_since(start);
-        if payload.len() > 0 {
+        if !payload.is_empty() {
             self.parts.push(Part::Payload(payload));
         }
     }
@@ -134,10 +134,11 @@ impl Outbox {
     }
 }
 
-/// A connection's byte stream: plain TCP or TLS over it.
-pub(crate) trait Transport:
-    futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin
-{
+/// A connection's byte stream: plain TCP or TLS over it (or, in tests and
+/// fuzz targets, memory).
+// Shards are single-threaded executors: no `Send` bound is wanted on these futures.
+#[allow(async_fn_in_trait)]
+pub trait Transport: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin {
     /// Writes every slice, in order, within `timeout` of the socket first
     /// refusing more (a peer that stopped reading is cut off).
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()>;
@@ -329,7 +330,9 @@ struct Conn {
     frame_started: Option<Instant>,
 }
 
-async fn connection_loop<S: Transport>(
+/// Serves one connection over any transport until it closes: the request
+/// path exactly as a TCP client meets it (fuzz targets drive this).
+pub async fn connection_loop<S: Transport>(
     ctx: &Rc<ShardCtx>,
     stream: S,
     peer: SocketAddr,
@@ -754,7 +757,7 @@ async fn handle_frame<S: Transport>(
             let start = out.frames.len();
             let payload = ctx.execute(op, id, req, None, &mut out.frames).await;
             out.push_frames_since(start);
-            debug_assert!(payload.len() == 0);
+            debug_assert!(payload.is_empty());
         }
     }
     Ok(None)

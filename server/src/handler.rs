@@ -56,6 +56,10 @@ pub enum ReplyPayload {
 }
 
 impl ReplyPayload {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         match self {
             ReplyPayload::None => 0,
@@ -229,6 +233,27 @@ impl Parsed {
 }
 
 impl ShardCtx {
+    /// A shard's context with fresh counters, its buffer budget from the
+    /// node's limits and no open connections.
+    pub fn new(
+        shard: Shard,
+        id: ShardId,
+        node: NodeInfo,
+        peers: Vec<flume::Sender<Forwarded>>,
+    ) -> ShardCtx {
+        let limits = node.limits.clone();
+        ShardCtx {
+            shard,
+            id,
+            node,
+            peers,
+            counters: ShardCounters::default(),
+            budget: crate::budget::Budget::new(limits.shard_buffer_bytes),
+            limits,
+            conns: crate::lifecycle::ConnRegistry::default(),
+        }
+    }
+
     /// Executes a request this shard owns. For WRITE, `payload` holds the
     /// bytes already read (and checked by the caller against the crc).
     /// Appends the reply's header and body to `out` and returns its payload.

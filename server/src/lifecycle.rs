@@ -110,6 +110,11 @@ impl ConnRegistry {
     }
 
     #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.borrow().1.len()
     }

@@ -1,22 +1,10 @@
 //! `shardstore`: the server (`serve`) and its admin CLI.
 
 mod admin;
-mod budget;
-mod check;
-mod config;
-mod conn;
-mod conn_limits;
-mod handler;
-mod lifecycle;
-mod logging;
-mod metrics;
-#[cfg(feature = "rdma")]
-mod rdma;
-mod serve;
-mod stats;
 
 use clap::{Args, Parser, Subcommand};
 use shardstore_proto::ChunkId;
+use shardstore_server::{check, config, logging, serve};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,9 +9,8 @@
 
 use crate::conn::accept_loop;
 use crate::handler::{Forwarded, NodeInfo, ShardCtx};
-use crate::lifecycle::{self, ConnRegistry, Drain};
+use crate::lifecycle::{self, Drain};
 use crate::metrics::{self, Board, NodeFacts};
-use crate::stats::ShardCounters;
 use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement};
 use shardstore_net::tcp::{listen_socket, ListenOptions};
@@ -470,17 +469,7 @@ async fn run_shard(
         }
     };
     let st = shard.stats();
-    let limits = node.limits.clone();
-    let ctx = Rc::new(ShardCtx {
-        shard,
-        id,
-        node,
-        peers,
-        counters: ShardCounters::default(),
-        budget: crate::budget::Budget::new(limits.shard_buffer_bytes),
-        limits,
-        conns: ConnRegistry::default(),
-    });
+    let ctx = Rc::new(ShardCtx::new(shard, id, node, peers));
     glommio::spawn_local(metrics::publish_loop(
         ctx.clone(),
         rt.board.clone(),

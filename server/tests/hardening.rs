@@ -249,7 +249,7 @@ async fn overload_gets_typed_busy_and_memory_stays_flat() {
             let mut n = 0u128;
             while Instant::now() < deadline {
                 match c
-                    .write(ChunkId((i as u128) << 32 | n % 4), 0, data.clone())
+                    .write(ChunkId(((i as u128 % 64) << 32) | (n % 2)), 0, data.clone())
                     .await
                 {
                     Ok(_) => ok += 1,

@@ -99,7 +99,12 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                 let mut bad = 0u64;
                 loop {
                     let Some(inner) = weak.upgrade() else { return };
-                    let pace = crate::recover::pace(period, inner.scrub.last_pass_extents.get());
+                    // The first pass does not know how many extents there
+                    // are: it goes at a gentle fixed pace.
+                    let pace = match inner.scrub.last_pass_extents.get() {
+                        0 => Duration::from_millis(10),
+                        n => crate::recover::pace(period, n),
+                    };
                     match step(&inner, after).await {
                         Ok(Some((c, l, b))) => {
                             after = Some((c, l));

@@ -97,7 +97,8 @@ pub struct ShardConfig {
     pub checkpoint_bytes: u64,
     /// Longest time between checkpoints while writes happen.
     pub checkpoint_interval_ms: u64,
-    /// Period of a full scrub pass over live sectors; 0 disables the scrubber.
+    /// Period of a full scrub pass over live sectors (default one day); 0
+    /// disables the scrubber.
     pub scrub_period_secs: u64,
     /// Write zeros over a new data file's area when formatting. A file
     /// preallocated with fallocate holds "unwritten" extents: the first
@@ -134,7 +135,7 @@ impl Default for ShardConfig {
             rebuild_index: false,
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_interval_ms: 1000,
-            scrub_period_secs: 0,
+            scrub_period_secs: 24 * 3600,
             zero_fill: true,
             max_flushes_in_flight: 4,
         }

@@ -221,3 +221,34 @@ fn scrubber_counts_bad_sectors() {
         ));
     });
 }
+
+/// The background scrubber (its own low-shares task queue) passes over every
+/// live sector by itself and counts what it found.
+#[test]
+fn background_scrubber_runs_on_its_own() {
+    let disk = SimDisk::new(5 * MIB, 10);
+    run(|| async {
+        let mut cfg = sim_config();
+        cfg.scrub_period_secs = 1;
+        let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+        for n in 0..5u128 {
+            shard
+                .write(cid(n), 0, &pattern(n as u64, 4096))
+                .await
+                .unwrap();
+        }
+        let want = pattern(2, 4096);
+        let at = (0..disk.sectors())
+            .find(|&s| disk.sector(s) == want)
+            .unwrap();
+        disk.flip_bit(at, 7);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shard.stats().scrub_passes < 2 && std::time::Instant::now() < deadline {
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let s = shard.stats();
+        assert!(s.scrub_passes >= 2, "{s:?}");
+        assert!(s.scrub_errors >= 1, "{s:?}");
+        assert!(s.scrub_sectors >= 5, "{s:?}");
+    });
+}
