@@ -54,6 +54,8 @@ pub struct DmaStorage {
     base: u64,
     /// Length of the range for a block device (`file_size` is 0 there).
     range_len: Option<u64>,
+    /// Opened with O_DSYNC: every completed write is durable.
+    dsync: bool,
 }
 
 /// glommio decides once per block device (and caches it for the process)
@@ -86,7 +88,7 @@ fn to_io<T>(e: glommio::GlommioError<T>) -> io::Error {
 
 impl DmaStorage {
     /// Opens a range of a block device for O_DIRECT reads and writes.
-    pub async fn open_range(range: &DeviceRange) -> io::Result<DmaStorage> {
+    pub async fn open_range(range: &DeviceRange, dsync: bool) -> io::Result<DmaStorage> {
         if range.offset_bytes % SECTOR != 0 || range.len_bytes % SECTOR != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -107,6 +109,7 @@ impl DmaStorage {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
             .dma_open(&range.path)
             .await
             .map_err(to_io)?;
@@ -121,16 +124,19 @@ impl DmaStorage {
             ),
             base: range.offset_bytes,
             range_len: Some(range.len_bytes),
+            dsync,
         })
     }
 
-    /// Opens (creating if missing) the data file for O_DIRECT reads and writes.
-    pub async fn open(path: &Path) -> io::Result<DmaStorage> {
+    /// Opens (creating if missing) the data file for O_DIRECT reads and
+    /// writes; with `dsync`, also O_DSYNC (each write durable on completion).
+    pub async fn open(path: &Path, dsync: bool) -> io::Result<DmaStorage> {
         ensure_first_sectors_written(path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
+            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
             .dma_open(path)
             .await
             .map_err(to_io)?;
@@ -140,6 +146,7 @@ impl DmaStorage {
             what: path.display().to_string(),
             base: 0,
             range_len: None,
+            dsync,
         })
     }
 
@@ -255,6 +262,10 @@ impl Storage for DmaStorage {
 
     fn describe(&self) -> String {
         self.what.clone()
+    }
+
+    fn write_through(&self) -> bool {
+        self.dsync
     }
 }
 

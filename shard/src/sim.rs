@@ -90,6 +90,8 @@ struct DiskState {
     /// Sectors below this are never targets of injected corruption (the
     /// superblock copies), so tests of data faults stay about data.
     protect_below: u64,
+    /// Writes are durable on completion (O_DSYNC); see `set_write_through`.
+    write_through: bool,
 }
 
 /// The simulated disk. See the module docs.
@@ -111,6 +113,7 @@ impl SimDisk {
                 faults: SimFaults::default(),
                 counts: SimFaultCounts::default(),
                 protect_below: 2,
+                write_through: false,
             })),
             kv: MemKv::default(),
         }
@@ -119,6 +122,12 @@ impl SimDisk {
     /// The simulated index store that survives with this disk.
     pub fn kv(&self) -> MemKv {
         self.kv.clone()
+    }
+
+    /// Makes every write durable when it completes, like a file opened with
+    /// O_DSYNC; a flush fault then hits writes (torn, EIO).
+    pub fn set_write_through(&self, on: bool) {
+        self.state.borrow_mut().write_through = on;
     }
 
     pub fn set_faults(&self, faults: SimFaults) {
@@ -224,6 +233,18 @@ impl SimDisk {
                 st.counts.misdirect += 1;
             }
         }
+        if st.write_through {
+            // O_DSYNC: durable when the write completes. A failing write may
+            // have reached the media in part (torn at a sector boundary).
+            if st.rng.one_in(f.flush_eio) {
+                st.counts.flush_eio += 1;
+                let keep = st.rng.below(sectors as u64 + 1) as usize * SECTOR as usize;
+                st.durable[off..off + keep].copy_from_slice(&data[..keep]);
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            st.durable[off..off + data.len()].copy_from_slice(&data);
+            return Ok(());
+        }
         st.pending.push((off, data));
         Ok(())
     }
@@ -317,6 +338,10 @@ impl Storage for SimDisk {
 
     fn describe(&self) -> String {
         format!("simulated disk of {} sectors", self.sectors())
+    }
+
+    fn write_through(&self) -> bool {
+        self.state.borrow().write_through
     }
 }
 

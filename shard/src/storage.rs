@@ -125,6 +125,11 @@ pub trait Storage {
     fn sync(&self) -> IoFuture<'_, ()>;
     /// For logs: what this storage is.
     fn describe(&self) -> String;
+    /// Whether a completed write is already durable (O_DSYNC), so no
+    /// separate flush is needed to acknowledge it.
+    fn write_through(&self) -> bool {
+        false
+    }
 }
 
 /// Counters of what went to the device.
@@ -164,6 +169,10 @@ impl Io {
 
     pub fn describe(&self) -> String {
         self.inner.describe()
+    }
+
+    pub fn write_through(&self) -> bool {
+        self.inner.write_through()
     }
 
     pub fn alloc_buffer(&self, sectors: u64) -> IoBuf {

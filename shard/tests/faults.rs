@@ -16,49 +16,54 @@ fn sim_config() -> ShardConfig {
     }
 }
 
-/// The instrumented I/O layer counts exactly one device write and one flush
-/// per acknowledged write or delete (sequential, so no flush is shared), and
-/// no index checkpoint on the way.
+/// The instrumented I/O layer counts exactly one device write per
+/// acknowledged write or delete, and no index checkpoint on the way: with
+/// O_DSYNC (the default) no flush at all, with group commit one flush each
+/// (sequential requests share none).
 #[test]
-fn one_device_write_and_flush_per_acknowledged_write() {
-    let dir = tempdir();
-    run(|| async {
-        let mut cfg = config(dir.path(), 64 * MIB);
-        cfg.checkpoint_interval_ms = 3_600_000;
-        let shard = Shard::open(cfg).await.unwrap();
-        let before = shard.stats();
-        for n in 0..40u128 {
-            // New chunks, whole-sector overwrites and unaligned overwrites
-            // (read-modify-write reads, but writes once).
-            let (off, len) = match n % 3 {
-                0 => (0, 4096),
-                1 => (4096, 8192),
-                _ => (100, 300),
-            };
-            shard
-                .write(cid(n % 7), off, &pattern(n as u64, len))
-                .await
-                .unwrap();
-        }
-        let mid = shard.stats();
-        assert_eq!(mid.device_writes - before.device_writes, 40);
-        assert_eq!(mid.flushes - before.flushes, 40);
-        assert_eq!(
-            mid.checkpoints, before.checkpoints,
-            "no index flush on the ack path"
-        );
-        for n in 0..7u128 {
-            shard.delete(cid(n)).await.unwrap();
-        }
-        let after = shard.stats();
-        assert_eq!(
-            after.device_writes - mid.device_writes,
-            7,
-            "a delete is one tombstone write"
-        );
-        assert_eq!(after.flushes - mid.flushes, 7);
-        assert_eq!(after.checkpoints, before.checkpoints);
-    });
+fn one_device_write_per_acknowledged_write() {
+    for write_through in [true, false] {
+        let dir = tempdir();
+        run(|| async {
+            let mut cfg = config(dir.path(), 64 * MIB);
+            cfg.checkpoint_interval_ms = 3_600_000;
+            cfg.write_through = write_through;
+            let flushes_per_ack = u64::from(!write_through);
+            let shard = Shard::open(cfg).await.unwrap();
+            let before = shard.stats();
+            for n in 0..40u128 {
+                // New chunks, whole-sector overwrites and unaligned overwrites
+                // (read-modify-write reads, but writes once).
+                let (off, len) = match n % 3 {
+                    0 => (0, 4096),
+                    1 => (4096, 8192),
+                    _ => (100, 300),
+                };
+                shard
+                    .write(cid(n % 7), off, &pattern(n as u64, len))
+                    .await
+                    .unwrap();
+            }
+            let mid = shard.stats();
+            assert_eq!(mid.device_writes - before.device_writes, 40);
+            assert_eq!(mid.flushes - before.flushes, 40 * flushes_per_ack);
+            assert_eq!(
+                mid.checkpoints, before.checkpoints,
+                "no index flush on the ack path"
+            );
+            for n in 0..7u128 {
+                shard.delete(cid(n)).await.unwrap();
+            }
+            let after = shard.stats();
+            assert_eq!(
+                after.device_writes - mid.device_writes,
+                7,
+                "a delete is one tombstone write"
+            );
+            assert_eq!(after.flushes - mid.flushes, 7 * flushes_per_ack);
+            assert_eq!(after.checkpoints, before.checkpoints);
+        });
+    }
 }
 
 #[test]
