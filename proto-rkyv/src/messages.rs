@@ -150,6 +150,19 @@ pub struct StatsReply {
     /// Payload buffer bytes held now, and the shard's budget for them.
     pub buffer_bytes_used: u64,
     pub buffer_bytes_limit: u64,
+    /// Requests executing on the shard now.
+    pub in_flight: u64,
+    /// Upper bounds (microseconds) of the latency buckets; one more bucket,
+    /// unbounded, follows the last.
+    pub latency_bounds_us: Vec<u64>,
+    /// Per-opcode latency histograms, opcode-major: entry
+    /// `op * (latency_bounds_us.len() + 1) + bucket` counts requests of
+    /// opcode `op` whose execution took at most that bucket's bound.
+    pub latency_counts: Vec<u64>,
+    /// Background scrubber: passes finished, sectors verified, bad sectors found.
+    pub scrub_passes: u64,
+    pub scrub_sectors: u64,
+    pub scrub_errors: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

@@ -201,47 +201,124 @@ async fn run_async(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Stats { conn } => {
             let client = connect(&conn).await?;
-            println!(
-                "{:>5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>8} {:>6}",
-                "shard",
-                "requests",
-                "errors",
-                "fwd_out",
-                "fwd_in",
-                "chunks",
-                "used_MiB",
-                "dev_writes",
-                "flushes",
-                "corrupt",
-                "failed"
-            );
+            let mut all = Vec::new();
             for s in 0..client.topology().shard_count {
-                let st = client.stats(ShardId(s)).await?;
-                let reqs: u64 = st.requests.iter().sum();
-                let errs: u64 = st.errors.iter().sum();
-                println!(
-                    "{:>5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10.1} {:>12} {:>8} {:>8} {:>6}",
-                    s,
-                    reqs,
-                    errs,
-                    st.forwarded_out,
-                    st.forwarded_in,
-                    st.chunks,
-                    st.used_bytes as f64 / (1 << 20) as f64,
-                    st.device_writes,
-                    st.flushes,
-                    st.corrupt_errors,
-                    st.fail_stopped
-                );
-                for op in Opcode::ALL {
-                    let r = st.requests.get(op as usize).copied().unwrap_or(0);
-                    if r > 0 {
-                        let e = st.errors.get(op as usize).copied().unwrap_or(0);
-                        println!("      {:<9} {r} requests, {e} errors", op.name());
-                    }
-                }
+                all.push(client.stats(ShardId(s)).await?);
             }
+            print!("{}", stats_tables(&all));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Upper bound (us) of the bucket holding quantile `q` of a histogram, or
+/// `None` if it is empty; the unbounded last bucket is shown as `>max`.
+fn quantile_us(counts: &[u64], bounds: &[u64], q: f64) -> Option<String> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(match bounds.get(i) {
+                Some(b) => format!("<={b}"),
+                None => format!(">{}", bounds.last().copied().unwrap_or(0)),
+            });
+        }
+    }
+    None
+}
+
+/// The figures of STATS (the same as /metrics) as tables: one row per
+/// shard, then one row per shard and opcode with requests, errors and
+/// latency quantiles (bucket upper bounds, microseconds).
+fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let _ = writeln!(
+        out,
+        "{:>5} {:>8} {:>6} {:>11} {:>11} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6}",
+        "shard", "conns", "inflt", "MiB_in", "MiB_out", "fwd_out", "fwd_in", "chunks", "used_MiB", "cap_MiB",
+        "dev_wr", "flushes", "corrupt", "malform", "refuse", "tmout", "busy", "authf", "scrub", "failed"
+    );
+    for st in all {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>8} {:>6} {:>11.1} {:>11.1} {:>7} {:>7} {:>7} {:>8.1} {:>9.1} {:>9} {:>10} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6}",
+            st.shard,
+            st.connections,
+            st.in_flight,
+            mib(st.bytes_in),
+            mib(st.bytes_out),
+            st.forwarded_out,
+            st.forwarded_in,
+            st.chunks,
+            mib(st.used_bytes),
+            mib(st.capacity_bytes),
+            st.device_writes,
+            st.flushes,
+            st.corrupt_errors,
+            st.malformed_frames,
+            st.refused_connections,
+            st.timeouts,
+            st.busy,
+            st.auth_failures,
+            format!("{}/{}", st.scrub_passes, st.scrub_errors),
+            st.fail_stopped
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>5} {:<9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "shard", "op", "requests", "errors", "p50_us", "p90_us", "p99_us", "p99.9_us"
+    );
+    for st in all {
+        let width = st.latency_bounds_us.len() + 1;
+        for op in Opcode::ALL {
+            let i = op as usize;
+            let r = st.requests.get(i).copied().unwrap_or(0);
+            if r == 0 {
+                continue;
+            }
+            let e = st.errors.get(i).copied().unwrap_or(0);
+            let counts = st
+                .latency_counts
+                .get(i * width..(i + 1) * width)
+                .unwrap_or(&[]);
+            let q = |q| quantile_us(counts, &st.latency_bounds_us, q).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "{:>5} {:<9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                st.shard,
+                op.name(),
+                r,
+                e,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let bounds = [10, 100, 1000];
+        assert_eq!(quantile_us(&[0, 0, 0, 0], &bounds, 0.5), None);
+        let counts = [50, 40, 9, 1];
+        assert_eq!(quantile_us(&counts, &bounds, 0.5).unwrap(), "<=10");
+        assert_eq!(quantile_us(&counts, &bounds, 0.9).unwrap(), "<=100");
+        assert_eq!(quantile_us(&counts, &bounds, 0.99).unwrap(), "<=1000");
+        assert_eq!(quantile_us(&counts, &bounds, 0.999).unwrap(), ">1000");
+    }
 }

@@ -445,6 +445,16 @@ impl ShardCtx {
             auth_failures: c.auth_failures.get(),
             buffer_bytes_used: self.budget.used(),
             buffer_bytes_limit: self.budget.limit(),
+            in_flight: c.in_flight.get(),
+            latency_bounds_us: crate::stats::LATENCY_BOUNDS_US.to_vec(),
+            latency_counts: c
+                .latency
+                .iter()
+                .flat_map(|l| l.buckets.iter().map(|b| b.get()))
+                .collect(),
+            scrub_passes: s.scrub_passes,
+            scrub_sectors: s.scrub_sectors,
+            scrub_errors: s.scrub_errors,
         }
     }
 

@@ -368,3 +368,39 @@ fn non_loopback_bind_needs_auth_or_explicit_insecure_flag() {
         TestServer::try_start(&dir, 1, &["--listen", "0.0.0.0:0", "--insecure-no-auth"]).unwrap();
     drop(srv);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_forward_queue_answers_busy() {
+    let dir = data_dir("fwdbusy");
+    let srv = TestServer::try_start(&dir, 2, &["--forward-queue", "1"]).unwrap();
+    let front = srv
+        .client_with(ClientConfig {
+            route_direct: false,
+            ..ClientConfig::default()
+        })
+        .await;
+    // Many pipelined requests on one front connection: the shard that
+    // accepted it forwards about half of them through a queue of one.
+    let mut tasks = Vec::new();
+    for i in 0..400u128 {
+        let c = front.clone();
+        tasks.push(tokio::spawn(async move {
+            c.write(ChunkId(i), 0, vec![1u8; 512]).await
+        }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Some(ErrorCode::Busy) => busy += 1,
+            Err(e) => panic!("only BUSY is acceptable, got {e}"),
+        }
+    }
+    eprintln!("forward queue of 1: {ok} ok, {busy} busy");
+    assert!(busy > 0, "a full forward queue never answered BUSY");
+    assert!(
+        ok >= 200,
+        "requests owned by the receiving shard must not be refused"
+    );
+    healthy(&srv, 8).await;
+}

@@ -210,4 +210,19 @@ async fn malformed_frames_get_typed_errors_and_hurt_nobody() {
         malformed += client.stats(ShardId(sh)).await.unwrap().malformed_frames;
     }
     assert!(malformed >= 7, "malformed frames counted: {malformed}");
+    // Bounded latency for a normal request, and memory within the budget.
+    let t = std::time::Instant::now();
+    client.ping().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 128 << 10,
+        "server RSS {rss_kib} KiB over the 128 MiB budget"
+    );
 }

@@ -401,18 +401,25 @@ impl Shard {
         validate_config(&cfg)?;
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| ShardError::io(format!("creating {}", cfg.dir.display()), e))?;
-        let storage: Box<dyn Storage> =
-            match &cfg.device {
-                Some(range) => Box::new(DmaStorage::open_range(range, cfg.write_through).await.map_err(|e| {
-                    ShardError::io(format!("opening device {}", range.path.display()), e)
-                })?),
-                None => {
-                    let data_path = cfg.dir.join("data");
-                    Box::new(DmaStorage::open(&data_path, cfg.write_through).await.map_err(|e| {
-                        ShardError::io(format!("opening {}", data_path.display()), e)
-                    })?)
-                }
-            };
+        let storage: Box<dyn Storage> = match &cfg.device {
+            Some(range) => Box::new(
+                DmaStorage::open_range(range, cfg.write_through)
+                    .await
+                    .map_err(|e| {
+                        ShardError::io(format!("opening device {}", range.path.display()), e)
+                    })?,
+            ),
+            None => {
+                let data_path = cfg.dir.join("data");
+                Box::new(
+                    DmaStorage::open(&data_path, cfg.write_through)
+                        .await
+                        .map_err(|e| {
+                            ShardError::io(format!("opening {}", data_path.display()), e)
+                        })?,
+                )
+            }
+        };
         let index_existed = cfg.dir.join("index").exists();
         // Opening sled is blocking file I/O; it happens once, before serving.
         let db = match open_sled(&cfg) {
