@@ -159,8 +159,8 @@ RAW+=("GET shardstore: ${ss[*]} | redis: ${rd[*]} | server busy %: ${busy[*]} | 
 
 # ------------------------------------------------------ 4 KiB durable writes
 for qd in 1 32; do
-    if ((qd == 1)); then conns=1 pipe=1 fioargs=(--ioengine=psync --iodepth=1 --fdatasync=1)
-    else conns=4 pipe=8 fioargs=(--ioengine=io_uring --iodepth=32 --fdatasync=32); fi
+    if ((qd == 1)); then conns=1 pipe=1 fioargs=(--ioengine=io_uring --iodepth=1 --fdatasync=1)
+    else conns=4 pipe=8 fioargs=(--ioengine=io_uring --iodepth=32 --fdatasync=1); fi
     log "4 KiB durable write QD$qd: shardstore"
     ss=()
     p99=()

@@ -4,8 +4,9 @@ use shardstore_proto::{limits, FrameHeader, HeaderError, Opcode, ProtoError, HEA
 use std::io;
 
 /// Default size of a connection's receive buffer: large enough that one read
-/// takes many small frames.
-pub const DEFAULT_READ_BUFFER: usize = 32 << 10;
+/// takes many small frames, small enough that thousands of connections stay
+/// within the server's memory budget (bulk payloads bypass it).
+pub const DEFAULT_READ_BUFFER: usize = 24 << 10;
 
 /// Why reading a frame failed. After any variant but [`FrameError::Body`] the
 /// stream is out of step and the connection must be closed.

@@ -52,3 +52,17 @@ pub fn raise_nofile_limit() -> u64 {
         r.rlim_cur
     }
 }
+
+/// Keeps large payload buffers out of malloc's arenas: glibc raises its mmap
+/// threshold after the first large free, after which freed 256 KiB-8 MiB
+/// buffers stay in per-thread arenas and RSS only grows. A fixed threshold
+/// makes every buffer from 128 KiB up an mmap that is returned on free, so
+/// memory goes back to the budget when load stops.
+pub fn pin_malloc_thresholds() {
+    // SAFETY: mallopt only sets allocator parameters; called once at start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}

@@ -377,12 +377,9 @@ enum Found {
 }
 
 fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, sled::Error> {
-    // No background flushes: the checkpoint is the only flush (the data area
-    // is the durable copy between checkpoints).
     sled::Config::new()
         .path(cfg.dir.join("index"))
         .cache_capacity(cfg.index_cache_bytes)
-        .flush_every_ms(None)
         .open()
 }
 
