@@ -83,6 +83,77 @@ pub struct ShardCtx {
     pub conns: crate::lifecycle::ConnRegistry,
 }
 
+/// Checks a write's payload against the crc the client sent, before any
+/// state changes (invariant 4).
+pub fn check_write_payload(w: &WriteRequest, payload: &[u8]) -> Result<(), ErrReply> {
+    let computed = crc32c::crc32c(payload);
+    if computed != w.payload_crc {
+        return Err(ErrReply {
+            code: ErrorCode::BadChecksum,
+            chunk: ChunkId(w.chunk),
+            sector: 0,
+            message: format!(
+                "payload crc32c {computed:#010x} does not match the request's {:#010x}; nothing written",
+                w.payload_crc
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A request to hand to another shard (see [`enqueue_to_shard`]).
+pub struct ForwardMsg {
+    pub opcode: Opcode,
+    pub request_id: u64,
+    pub body: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Queues a request for shard `owner` without waiting: a missing shard is
+/// INVALID_REQUEST, a full queue BUSY (never unbounded growth). The reply
+/// arrives on the returned channel (see [`await_shard_reply`]). Used by
+/// shard-to-shard forwarding and by the RDMA bridge.
+pub fn enqueue_to_shard(
+    peers: &[flume::Sender<Forwarded>],
+    owner: ShardId,
+    msg: ForwardMsg,
+) -> Result<flume::Receiver<EncodedReply>, ErrReply> {
+    let Some(peer) = peers.get(owner.0 as usize) else {
+        return Err(ErrReply::new(
+            ErrorCode::InvalidRequest,
+            format!("shard {owner} does not exist (shard count {})", peers.len()),
+        ));
+    };
+    let (tx, rx) = flume::bounded(1);
+    let fwd = Forwarded {
+        opcode: msg.opcode,
+        request_id: msg.request_id,
+        body: msg.body,
+        payload: msg.payload,
+        reply: tx,
+    };
+    if peer.try_send(fwd).is_err() {
+        return Err(ErrReply::new(
+            ErrorCode::Busy,
+            format!("forwarding queue to shard {owner} is full"),
+        ));
+    }
+    Ok(rx)
+}
+
+/// Waits for the reply to a request queued by [`enqueue_to_shard`].
+pub async fn await_shard_reply(
+    owner: ShardId,
+    rx: flume::Receiver<EncodedReply>,
+) -> Result<EncodedReply, ErrReply> {
+    rx.recv_async().await.map_err(|_| {
+        ErrReply::new(
+            ErrorCode::Internal,
+            format!("shard {owner} dropped a forwarded request (stopping?)"),
+        )
+    })
+}
+
 /// Error reply parts.
 pub struct ErrReply {
     pub code: ErrorCode,
@@ -475,19 +546,7 @@ impl ShardCtx {
     /// Checks a write's payload against the crc the client sent, before any
     /// state changes (invariant 4).
     pub fn check_payload(&self, w: &WriteRequest, payload: &[u8]) -> Result<(), ErrReply> {
-        let computed = crc32c::crc32c(payload);
-        if computed != w.payload_crc {
-            return Err(ErrReply {
-                code: ErrorCode::BadChecksum,
-                chunk: ChunkId(w.chunk),
-                sector: 0,
-                message: format!(
-                    "payload crc32c {computed:#010x} does not match the request's {:#010x}; nothing written",
-                    w.payload_crc
-                ),
-            });
-        }
-        Ok(())
+        check_write_payload(w, payload)
     }
 
     /// Sends a request to its owner and waits for the encoded reply.
@@ -499,41 +558,27 @@ impl ShardCtx {
         body: Vec<u8>,
         payload: Vec<u8>,
     ) -> Result<EncodedReply, ErrReply> {
-        let Some(peer) = self.peers.get(owner.0 as usize) else {
-            return Err(ErrReply::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "shard {owner} does not exist (shard count {})",
-                    self.node.shard_count
-                ),
-            ));
-        };
-        let (tx, rx) = flume::bounded(1);
-        let msg = Forwarded {
+        let msg = ForwardMsg {
             opcode,
             request_id,
             body,
             payload,
-            reply: tx,
         };
-        if peer.try_send(msg).is_err() {
-            self.counters
-                .forward_busy
-                .set(self.counters.forward_busy.get() + 1);
-            return Err(ErrReply::new(
-                ErrorCode::Busy,
-                format!("forwarding queue to shard {owner} is full"),
-            ));
-        }
+        let rx = match enqueue_to_shard(&self.peers, owner, msg) {
+            Ok(rx) => rx,
+            Err(e) => {
+                if e.code == ErrorCode::Busy {
+                    self.counters
+                        .forward_busy
+                        .set(self.counters.forward_busy.get() + 1);
+                }
+                return Err(e);
+            }
+        };
         self.counters
             .forwarded_out
             .set(self.counters.forwarded_out.get() + 1);
-        rx.recv_async().await.map_err(|_| {
-            ErrReply::new(
-                ErrorCode::Internal,
-                format!("shard {owner} dropped a forwarded request"),
-            )
-        })
+        await_shard_reply(owner, rx).await
     }
 
     /// Serves requests forwarded by other shards until every sender is gone.

@@ -22,7 +22,8 @@
 //! Not supported over RDMA (refused at start-up): authentication and TLS.
 
 use crate::handler::{
-    encode_error, encode_header_error, EncodedReply, ErrReply, Forwarded, Parsed,
+    await_shard_reply, check_write_payload, encode_error, encode_header_error, enqueue_to_shard,
+    EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
 };
 use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
 use shardstore_proto::{ErrorCode, Opcode, ShardId};
@@ -68,49 +69,17 @@ impl Bridge {
     ) -> Result<EncodedReply, ErrReply> {
         let req = Parsed::decode(opcode, &body)?;
         if let Parsed::Write(w) = &req {
-            let computed = crc32c::crc32c(&payload);
-            if computed != w.payload_crc {
-                return Err(ErrReply {
-                    code: ErrorCode::BadChecksum,
-                    chunk: shardstore_proto::ChunkId(w.chunk),
-                    sector: 0,
-                    message: format!(
-                        "payload crc32c {computed:#010x} does not match the request's {:#010x}; nothing written",
-                        w.payload_crc
-                    ),
-                });
-            }
+            check_write_payload(w, &payload)?;
         }
         let owner = req.owner(self.shard_count, ShardId(0));
-        let Some(peer) = self.peers.get(owner.0 as usize) else {
-            return Err(ErrReply::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "shard {owner} does not exist (shard count {})",
-                    self.shard_count
-                ),
-            ));
-        };
-        let (tx, rx) = flume::bounded(1);
-        let msg = Forwarded {
+        let msg = ForwardMsg {
             opcode,
             request_id,
             body,
             payload,
-            reply: tx,
         };
-        if peer.try_send(msg).is_err() {
-            return Err(ErrReply::new(
-                ErrorCode::Busy,
-                format!("queue to shard {owner} is full"),
-            ));
-        }
-        rx.recv_async().await.map_err(|_| {
-            ErrReply::new(
-                ErrorCode::Internal,
-                format!("shard {owner} dropped the request (stopping?)"),
-            )
-        })
+        let rx = enqueue_to_shard(&self.peers, owner, msg)?;
+        await_shard_reply(owner, rx).await
     }
 }
 
