@@ -163,6 +163,26 @@ pub struct StatsReply {
     pub scrub_passes: u64,
     pub scrub_sectors: u64,
     pub scrub_errors: u64,
+    /// Read cache slice: configured and used bytes, entries (4 KiB sectors).
+    pub cache_capacity_bytes: u64,
+    pub cache_bytes: u64,
+    pub cache_entries: u64,
+    /// Sectors client reads found in the cache, and read from the device.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_evictions: u64,
+    /// READs served entirely from the cache, and the others.
+    pub cached_reads: u64,
+    pub uncached_reads: u64,
+    pub prefetch_enabled: bool,
+    /// Sectors read ahead; of those, read by a client; evicted unread.
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
+    /// READ execution time split by cached / uncached (buckets of
+    /// `latency_bounds_us`, one more unbounded).
+    pub read_cached_latency: Vec<u64>,
+    pub read_uncached_latency: Vec<u64>,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

@@ -273,10 +273,72 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:<9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "\n{:>5} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "shard",
+        "cache_MiB",
+        "used_MiB",
+        "hit_%",
+        "hits",
+        "misses",
+        "evicted",
+        "rd_cached",
+        "rd_uncach",
+        "pf_issued",
+        "pf_used",
+        "pf_wasted"
+    );
+    for st in all {
+        let looked = st.cache_hits + st.cache_misses;
+        let ratio = if looked == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}", 100.0 * st.cache_hits as f64 / looked as f64)
+        };
+        let pf = |v: u64| {
+            if st.prefetch_enabled {
+                v.to_string()
+            } else {
+                "off".to_string()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{:>5} {:>9.1} {:>9.1} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+            st.shard,
+            mib(st.cache_capacity_bytes),
+            mib(st.cache_bytes),
+            ratio,
+            st.cache_hits,
+            st.cache_misses,
+            st.cache_evictions,
+            st.cached_reads,
+            st.uncached_reads,
+            pf(st.prefetch_issued),
+            pf(st.prefetch_used),
+            pf(st.prefetch_wasted)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>5} {:<13} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
         "shard", "op", "requests", "errors", "p50_us", "p90_us", "p99_us", "p99.9_us"
     );
     for st in all {
+        let mut row = |name: &str, requests: u64, errors: String, counts: &[u64]| {
+            let q = |q| quantile_us(counts, &st.latency_bounds_us, q).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "{:>5} {:<13} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                st.shard,
+                name,
+                requests,
+                errors,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999)
+            );
+        };
         let width = st.latency_bounds_us.len() + 1;
         for op in Opcode::ALL {
             let i = op as usize;
@@ -289,19 +351,16 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
                 .latency_counts
                 .get(i * width..(i + 1) * width)
                 .unwrap_or(&[]);
-            let q = |q| quantile_us(counts, &st.latency_bounds_us, q).unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                out,
-                "{:>5} {:<9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
-                st.shard,
-                op.name(),
-                r,
-                e,
-                q(0.5),
-                q(0.9),
-                q(0.99),
-                q(0.999)
-            );
+            row(op.name(), r, e.to_string(), counts);
+        }
+        for (name, counts) in [
+            ("read(cached)", &st.read_cached_latency),
+            ("read(uncach)", &st.read_uncached_latency),
+        ] {
+            let n: u64 = counts.iter().sum();
+            if n > 0 {
+                row(name, n, "-".into(), counts);
+            }
         }
     }
     out

@@ -36,6 +36,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Sequential read-ahead into the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefetch {
+    /// No read-ahead (for comparison).
+    Off,
+    /// Read ahead of each sequential stream, window adapted to the stream.
+    Auto,
+}
+
 /// The config file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +68,8 @@ pub struct FileConfig {
     pub io_memory_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Prefetch>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index_cache_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,7 +122,7 @@ pub mod defaults {
     pub const DATA_DIR: &str = "./shardstore-data";
     pub const CAPACITY_MIB: u64 = 1024;
     pub const IO_MEMORY_KIB: u64 = 1024;
-    pub const CACHE_MIB: u64 = 0;
+    pub const CACHE_MIB: u64 = 256;
     pub const INDEX_CACHE_MIB: u64 = 16;
     pub const FORWARD_QUEUE: u64 = 1024;
     pub const METRICS_INTERVAL_MS: u64 = 500;
@@ -130,9 +142,9 @@ pub struct Settings {
     pub allow_oversubscribe: bool,
     pub capacity_mib: u64,
     pub io_memory_kib: u64,
-    /// Node-wide cache budget. Accepted and validated now; the cache itself
-    /// comes with the cache issue.
+    /// Node-wide read cache, split evenly between the shards.
     pub cache_mib: u64,
+    pub prefetch: Prefetch,
     pub index_cache_mib: u64,
     pub max_payload: u32,
     pub max_chunk_size: u64,
@@ -245,6 +257,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         capacity_mib,
         io_memory_kib,
         cache_mib,
+        prefetch,
         index_cache_mib,
         max_payload,
         max_chunk_size,
@@ -413,6 +426,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         capacity_mib: c.capacity_mib.unwrap_or(defaults::CAPACITY_MIB),
         io_memory_kib: c.io_memory_kib.unwrap_or(defaults::IO_MEMORY_KIB),
         cache_mib: c.cache_mib.unwrap_or(defaults::CACHE_MIB),
+        prefetch: c.prefetch.unwrap_or(Prefetch::Auto),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
         max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
@@ -661,6 +675,7 @@ impl Settings {
             capacity_mib: Some(self.capacity_mib),
             io_memory_kib: Some(self.io_memory_kib),
             cache_mib: Some(self.cache_mib),
+            prefetch: Some(self.prefetch),
             index_cache_mib: Some(self.index_cache_mib),
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
@@ -770,10 +785,19 @@ const DOCS: &[Doc] = &[
     Doc {
         key: "cache_mib",
         set: None,
-        default: "0",
+        default: "256",
         help: &[
-            "Chunk cache for the whole node, MiB, split between shards. Validated",
-            "(not more than RAM) but not used yet: the cache comes in a later release.",
+            "Read cache for the whole node, MiB, split evenly between the shards",
+            "(each shard owns its slice; S3-FIFO, scan-resistant). 0 disables it.",
+        ],
+    },
+    Doc {
+        key: "prefetch",
+        set: None,
+        default: "\"auto\"",
+        help: &[
+            "Sequential read-ahead into the cache: \"auto\" (adaptive window per",
+            "stream, up to 8 MiB or a sixteenth of the shard's cache slice) or \"off\".",
         ],
     },
     Doc {

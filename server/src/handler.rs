@@ -424,7 +424,14 @@ impl ShardCtx {
                         ),
                     ));
                 }
+                let started = std::time::Instant::now();
                 let res = self.shard.read(ChunkId(r.chunk), r.offset, r.len).await?;
+                let split = if res.cached {
+                    &self.counters.read_cached
+                } else {
+                    &self.counters.read_uncached
+                };
+                split.record(started.elapsed().as_micros() as u64);
                 let n = res.data.len();
                 self.counters
                     .bytes_out
@@ -518,14 +525,24 @@ impl ShardCtx {
             buffer_bytes_limit: self.budget.limit(),
             in_flight: c.in_flight.get(),
             latency_bounds_us: crate::stats::LATENCY_BOUNDS_US.to_vec(),
-            latency_counts: c
-                .latency
-                .iter()
-                .flat_map(|l| l.buckets.iter().map(|b| b.get()))
-                .collect(),
+            latency_counts: c.latency.iter().flat_map(|l| l.counts()).collect(),
             scrub_passes: s.scrub_passes,
             scrub_sectors: s.scrub_sectors,
             scrub_errors: s.scrub_errors,
+            cache_capacity_bytes: s.cache.capacity_bytes,
+            cache_bytes: s.cache.bytes,
+            cache_entries: s.cache.entries,
+            cache_hits: s.cache.hits,
+            cache_misses: s.cache.misses,
+            cache_evictions: s.cache.evictions,
+            cached_reads: s.cache.cached_reads,
+            uncached_reads: s.cache.uncached_reads,
+            prefetch_enabled: s.cache.prefetch_enabled,
+            prefetch_issued: s.cache.prefetch_issued,
+            prefetch_used: s.cache.prefetch_used,
+            prefetch_wasted: s.cache.prefetch_wasted,
+            read_cached_latency: c.read_cached.counts(),
+            read_uncached_latency: c.read_uncached.counts(),
         }
     }
 

@@ -150,7 +150,7 @@ pub struct ServeArgs {
     /// glommio registered I/O memory per shard, KiB (must fit RLIMIT_MEMLOCK across shards). [default: 1024]
     #[arg(long, env = "SHARDSTORE_IO_MEMORY_KIB")]
     io_memory_kib: Option<u64>,
-    /// Chunk cache for the node, MiB (validated against RAM; the cache itself is not built yet). [default: 0]
+    /// Read cache for the node, MiB, split evenly between the shards (0: none). [default: 256]
     #[arg(long, env = "SHARDSTORE_CACHE_MIB")]
     cache_mib: Option<u64>,
     /// Largest payload of one request, bytes. [default: 8388608]
@@ -159,6 +159,9 @@ pub struct ServeArgs {
     /// Largest chunk, bytes. [default: 67108864]
     #[arg(long, env = "SHARDSTORE_MAX_CHUNK_SIZE")]
     max_chunk_size: Option<u64>,
+    /// Sequential read-ahead into the cache. [default: auto]
+    #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
+    prefetch: Option<config::Prefetch>,
     /// sled index cache per shard, MiB. [default: 16]
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
@@ -250,6 +253,7 @@ impl ServeArgs {
             capacity_mib: self.capacity_mib,
             io_memory_kib: self.io_memory_kib,
             cache_mib: self.cache_mib,
+            prefetch: self.prefetch,
             index_cache_mib: self.index_cache_mib,
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
@@ -388,6 +392,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics_interval: s.metrics_interval,
         shutdown_timeout: s.shutdown_timeout,
         cache_bytes: s.cache_mib << 20,
+        prefetch: s.prefetch == config::Prefetch::Auto,
         limits: s.limits,
         auth_secret,
         tls,

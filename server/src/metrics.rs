@@ -10,7 +10,7 @@
 
 use crate::handler::ShardCtx;
 use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
-use shardstore_proto::Opcode;
+use shardstore_proto::{Opcode, StatsReply};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -26,72 +26,29 @@ use tracing::{debug, info, warn};
 pub struct Snapshot {
     pub taken: Instant,
     pub cpu: usize,
-    pub requests: [u64; OPCODE_SLOTS],
-    pub errors: [u64; OPCODE_SLOTS],
-    pub latency: [[u64; LATENCY_BUCKETS]; OPCODE_SLOTS],
+    /// The same figures STATS answers with.
+    pub stats: StatsReply,
+    /// Sum of execution times by opcode (for the histograms' `_sum`).
     pub latency_sum_us: [u64; OPCODE_SLOTS],
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub forwarded_out: u64,
-    pub forwarded_in: u64,
-    pub forward_busy: u64,
-    pub connections: u64,
-    pub connections_total: u64,
-    pub malformed_frames: u64,
-    pub refused_connections: u64,
-    pub timeouts: u64,
-    pub auth_failures: u64,
-    pub busy: u64,
-    pub in_flight: u64,
-    pub chunks: u64,
-    pub used_bytes: u64,
-    pub capacity_bytes: u64,
-    pub device_writes: u64,
-    pub flushes: u64,
-    pub corrupt_errors: u64,
-    pub fail_stopped: bool,
 }
 
 impl Snapshot {
     pub fn take(ctx: &ShardCtx, cpu: usize) -> Snapshot {
-        let c = &ctx.counters;
-        let s = ctx.shard.stats();
-        let mut latency = [[0; LATENCY_BUCKETS]; OPCODE_SLOTS];
-        let mut latency_sum_us = [0; OPCODE_SLOTS];
-        for (op, l) in c.latency.iter().enumerate() {
-            for (b, cell) in l.buckets.iter().enumerate() {
-                latency[op][b] = cell.get();
-            }
-            latency_sum_us[op] = l.sum_us.get();
-        }
         Snapshot {
             taken: Instant::now(),
             cpu,
-            requests: std::array::from_fn(|i| c.requests[i].get()),
-            errors: std::array::from_fn(|i| c.errors[i].get()),
-            latency,
-            latency_sum_us,
-            bytes_in: c.bytes_in.get(),
-            bytes_out: c.bytes_out.get(),
-            forwarded_out: c.forwarded_out.get(),
-            forwarded_in: c.forwarded_in.get(),
-            forward_busy: c.forward_busy.get(),
-            connections: c.connections.get(),
-            connections_total: c.connections_total.get(),
-            malformed_frames: c.malformed_frames.get(),
-            refused_connections: c.refused_connections.get(),
-            timeouts: c.timeouts.get(),
-            auth_failures: c.auth_failures.get(),
-            busy: c.busy.get(),
-            in_flight: c.in_flight.get(),
-            chunks: s.chunks,
-            used_bytes: s.used_bytes,
-            capacity_bytes: s.capacity_bytes,
-            device_writes: s.device_writes,
-            flushes: s.flushes,
-            corrupt_errors: s.corrupt_errors,
-            fail_stopped: s.fail_stopped,
+            stats: ctx.stats(),
+            latency_sum_us: std::array::from_fn(|op| ctx.counters.latency[op].sum_us.get()),
         }
+    }
+
+    /// Requests of opcode slot `op` in latency bucket `b`.
+    fn latency(&self, op: usize, b: usize) -> u64 {
+        self.stats
+            .latency_counts
+            .get(op * LATENCY_BUCKETS + b)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -100,7 +57,6 @@ impl Snapshot {
 pub struct NodeFacts {
     pub node_id: u128,
     pub data_dir: PathBuf,
-    pub cache_bytes: u64,
 }
 
 /// Where shards publish and scrapes read. One slot (and one mutex) per
@@ -327,12 +283,6 @@ pub fn render(board: &Board) -> String {
          # TYPE shardstore_draining gauge\nshardstore_draining {}",
         board.is_draining() as u8
     );
-    let _ = writeln!(
-        o,
-        "# HELP shardstore_cache_capacity_bytes Configured chunk cache (cache_mib); hit and miss counters come with the cache.\n\
-         # TYPE shardstore_cache_capacity_bytes gauge\nshardstore_cache_capacity_bytes {}",
-        board.facts.cache_bytes
-    );
     if let Some((size, free)) = statvfs(&board.facts.data_dir) {
         let _ = writeln!(
             o,
@@ -378,13 +328,13 @@ pub fn render(board: &Board) -> String {
         &mut o,
         "shardstore_requests_total",
         "Requests received, by opcode.",
-        &|s, op| s.requests[op],
+        &|s, op| s.stats.requests.get(op).copied().unwrap_or(0),
     );
     per_op(
         &mut o,
         "shardstore_request_errors_total",
         "Requests answered with an error, by opcode.",
-        &|s, op| s.errors[op],
+        &|s, op| s.stats.errors.get(op).copied().unwrap_or(0),
     );
 
     let name = "shardstore_request_duration_seconds";
@@ -398,7 +348,7 @@ pub fn render(board: &Board) -> String {
             let k = *op as usize;
             let mut cum = 0;
             for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-                cum += s.latency[k][b];
+                cum += s.latency(k, b);
                 let _ = writeln!(
                     o,
                     "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"{}\"}} {cum}",
@@ -406,7 +356,7 @@ pub fn render(board: &Board) -> String {
                     *bound as f64 / 1e6
                 );
             }
-            cum += s.latency[k][LATENCY_BUCKETS - 1];
+            cum += s.latency(k, LATENCY_BUCKETS - 1);
             let _ = writeln!(
                 o,
                 "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"+Inf\"}} {cum}\n\
@@ -420,127 +370,237 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 21] = [
+    for (name, which, help) in [
+        (
+            "shardstore_read_cached_duration_seconds",
+            0,
+            "READ execution time when every byte came from the cache.",
+        ),
+        (
+            "shardstore_read_uncached_duration_seconds",
+            1,
+            "READ execution time when the device was read.",
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, s) in &snaps {
+            let counts = if which == 0 {
+                &s.stats.read_cached_latency
+            } else {
+                &s.stats.read_uncached_latency
+            };
+            let mut cum = 0;
+            for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+                cum += counts.get(b).copied().unwrap_or(0);
+                let _ = writeln!(
+                    o,
+                    "{name}_bucket{{shard=\"{i}\",le=\"{}\"}} {cum}",
+                    *bound as f64 / 1e6
+                );
+            }
+            cum += counts.get(LATENCY_BUCKETS - 1).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {cum}\n{name}_count{{shard=\"{i}\"}} {cum}"
+            );
+        }
+    }
+
+    let fams: [Family; 33] = [
         (
             "shardstore_received_bytes_total",
             "counter",
             "Write payload bytes stored.",
-            |s| s.bytes_in,
+            |s| s.stats.bytes_in,
         ),
         (
             "shardstore_sent_bytes_total",
             "counter",
             "Read payload bytes served.",
-            |s| s.bytes_out,
+            |s| s.stats.bytes_out,
         ),
         (
             "shardstore_in_flight_requests",
             "gauge",
             "Requests executing on the shard.",
-            |s| s.in_flight,
+            |s| s.stats.in_flight,
         ),
         (
             "shardstore_connections",
             "gauge",
             "Open client connections.",
-            |s| s.connections,
+            |s| s.stats.connections,
         ),
         (
             "shardstore_connections_accepted_total",
             "counter",
             "Connections accepted.",
-            |s| s.connections_total,
+            |s| s.stats.connections_total,
         ),
         (
             "shardstore_forwarded_out_total",
             "counter",
             "Requests sent to their owner shard.",
-            |s| s.forwarded_out,
+            |s| s.stats.forwarded_out,
         ),
         (
             "shardstore_forwarded_in_total",
             "counter",
             "Requests executed for another shard.",
-            |s| s.forwarded_in,
+            |s| s.stats.forwarded_in,
         ),
         (
             "shardstore_forward_busy_total",
             "counter",
             "Forwards refused because the owner's queue was full.",
-            |s| s.forward_busy,
+            |s| s.stats.forward_busy,
         ),
         (
             "shardstore_malformed_frames_total",
             "counter",
             "Frames refused as malformed.",
-            |s| s.malformed_frames,
+            |s| s.stats.malformed_frames,
         ),
         (
             "shardstore_connections_refused_total",
             "counter",
             "Connections refused at the connection limit.",
-            |s| s.refused_connections,
+            |s| s.stats.refused_connections,
         ),
         (
             "shardstore_connection_timeouts_total",
             "counter",
             "Connections closed by a frame, idle or write timeout.",
-            |s| s.timeouts,
+            |s| s.stats.timeouts,
         ),
         (
             "shardstore_auth_failures_total",
             "counter",
             "Connections refused for failed authentication.",
-            |s| s.auth_failures,
+            |s| s.stats.auth_failures,
         ),
         (
             "shardstore_busy_total",
             "counter",
             "Requests refused with BUSY (buffer budget).",
-            |s| s.busy,
+            |s| s.stats.busy.saturating_sub(s.stats.forward_busy),
         ),
-        ("shardstore_chunks", "gauge", "Chunks stored.", |s| s.chunks),
+        ("shardstore_chunks", "gauge", "Chunks stored.", |s| {
+            s.stats.chunks
+        }),
         (
             "shardstore_data_used_bytes",
             "gauge",
             "Data area in use, headers included.",
-            |s| s.used_bytes,
+            |s| s.stats.used_bytes,
         ),
         (
             "shardstore_data_capacity_bytes",
             "gauge",
             "Data area size.",
-            |s| s.capacity_bytes,
+            |s| s.stats.capacity_bytes,
         ),
         (
             "shardstore_data_free_bytes",
             "gauge",
             "Data area not in use.",
-            |s| s.capacity_bytes.saturating_sub(s.used_bytes),
+            |s| s.stats.capacity_bytes.saturating_sub(s.stats.used_bytes),
         ),
         (
             "shardstore_device_writes_total",
             "counter",
             "Device writes.",
-            |s| s.device_writes,
+            |s| s.stats.device_writes,
         ),
         (
             "shardstore_device_flushes_total",
             "counter",
             "Data file fdatasyncs.",
-            |s| s.flushes,
+            |s| s.stats.flushes,
         ),
         (
             "shardstore_corrupt_errors_total",
             "counter",
             "Checksum mismatches found on reads from disk.",
-            |s| s.corrupt_errors,
+            |s| s.stats.corrupt_errors,
         ),
         (
             "shardstore_fail_stopped",
             "gauge",
             "1 after an fsync error: the shard refuses writes.",
-            |s| s.fail_stopped as u64,
+            |s| s.stats.fail_stopped as u64,
+        ),
+        (
+            "shardstore_cache_capacity_bytes",
+            "gauge",
+            "The shard's slice of the read cache.",
+            |s| s.stats.cache_capacity_bytes,
+        ),
+        (
+            "shardstore_cache_bytes",
+            "gauge",
+            "Bytes in the shard's read cache.",
+            |s| s.stats.cache_bytes,
+        ),
+        (
+            "shardstore_cache_entries",
+            "gauge",
+            "Sectors (4 KiB) in the shard's read cache.",
+            |s| s.stats.cache_entries,
+        ),
+        (
+            "shardstore_cache_hits_total",
+            "counter",
+            "Sectors client reads found in the cache.",
+            |s| s.stats.cache_hits,
+        ),
+        (
+            "shardstore_cache_misses_total",
+            "counter",
+            "Sectors client reads had to read from the device.",
+            |s| s.stats.cache_misses,
+        ),
+        (
+            "shardstore_cache_evictions_total",
+            "counter",
+            "Sectors evicted from the cache.",
+            |s| s.stats.cache_evictions,
+        ),
+        (
+            "shardstore_cached_reads_total",
+            "counter",
+            "READs served entirely from the cache.",
+            |s| s.stats.cached_reads,
+        ),
+        (
+            "shardstore_uncached_reads_total",
+            "counter",
+            "READs that needed the device.",
+            |s| s.stats.uncached_reads,
+        ),
+        (
+            "shardstore_prefetch_enabled",
+            "gauge",
+            "1 if sequential read-ahead is on.",
+            |s| s.stats.prefetch_enabled as u64,
+        ),
+        (
+            "shardstore_prefetch_issued_total",
+            "counter",
+            "Sectors read ahead into the cache.",
+            |s| s.stats.prefetch_issued,
+        ),
+        (
+            "shardstore_prefetch_used_total",
+            "counter",
+            "Read-ahead sectors later read by a client.",
+            |s| s.stats.prefetch_used,
+        ),
+        (
+            "shardstore_prefetch_wasted_total",
+            "counter",
+            "Read-ahead sectors evicted before any client read them.",
+            |s| s.stats.prefetch_wasted,
         ),
     ];
     for (name, kind, help, f) in fams {
@@ -554,36 +614,23 @@ mod tests {
     use super::*;
 
     fn snap() -> Snapshot {
-        let mut latency = [[0; LATENCY_BUCKETS]; OPCODE_SLOTS];
-        latency[Opcode::Write as usize][3] = 2;
-        latency[Opcode::Write as usize][LATENCY_BUCKETS - 1] = 1;
+        let mut latency_counts = vec![0; OPCODE_SLOTS * LATENCY_BUCKETS];
+        latency_counts[Opcode::Write as usize * LATENCY_BUCKETS + 3] = 2;
+        latency_counts[Opcode::Write as usize * LATENCY_BUCKETS + LATENCY_BUCKETS - 1] = 1;
+        let mut read_cached_latency = vec![0; LATENCY_BUCKETS];
+        read_cached_latency[0] = 4;
         Snapshot {
             taken: Instant::now(),
             cpu: 0,
-            requests: [3; OPCODE_SLOTS],
-            errors: [0; OPCODE_SLOTS],
-            latency,
+            stats: StatsReply {
+                requests: vec![3; OPCODE_SLOTS],
+                errors: vec![0; OPCODE_SLOTS],
+                latency_counts,
+                read_cached_latency,
+                cache_hits: 7,
+                ..StatsReply::default()
+            },
             latency_sum_us: [0; OPCODE_SLOTS],
-            bytes_in: 10,
-            bytes_out: 0,
-            forwarded_out: 0,
-            forwarded_in: 0,
-            forward_busy: 0,
-            connections: 1,
-            connections_total: 1,
-            malformed_frames: 0,
-            refused_connections: 0,
-            timeouts: 0,
-            auth_failures: 0,
-            busy: 0,
-            in_flight: 0,
-            chunks: 1,
-            used_bytes: 8192,
-            capacity_bytes: 1 << 20,
-            device_writes: 1,
-            flushes: 1,
-            corrupt_errors: 0,
-            fail_stopped: false,
         }
     }
 
@@ -604,6 +651,10 @@ mod tests {
         assert!(
             text.contains("shardstore_request_duration_seconds_count{shard=\"1\",op=\"write\"} 3")
         );
+        assert!(text.contains(
+            "shardstore_read_cached_duration_seconds_bucket{shard=\"1\",le=\"0.000025\"} 4"
+        ));
+        assert!(text.contains("shardstore_cache_hits_total{shard=\"1\"} 7"));
         // Shard 0 has not published: absent, and reported stale.
         assert!(!text.contains("shard=\"0\""));
         assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));

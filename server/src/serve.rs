@@ -51,7 +51,9 @@ pub struct ServeOptions {
     /// How long a graceful stop lets in-flight requests finish.
     pub shutdown_timeout: std::time::Duration,
     /// Configured node cache (reported only; the cache is not built yet).
+    /// Node-wide read cache, split evenly between the shards.
     pub cache_bytes: u64,
+    pub prefetch: bool,
     /// Data areas on this block device (equal per-shard ranges) instead of files.
     pub device: Option<PathBuf>,
     /// Format over a foreign or damaged superblock.
@@ -252,7 +254,6 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         NodeFacts {
             node_id: meta.node_id,
             data_dir: opts.data_dir.clone(),
-            cache_bytes: opts.cache_bytes,
         },
     );
     let _ = board_cell.set(board.clone());
@@ -349,6 +350,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             device: device_ranges.as_ref().map(|r| r[i as usize].clone()),
             format: opts.format,
             rebuild_index: opts.rebuild_index,
+            cache_bytes: opts.cache_bytes / u64::from(n),
+            prefetch: opts.prefetch,
             ..ShardConfig::default()
         };
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))

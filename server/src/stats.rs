@@ -25,6 +25,11 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Per-bucket counts.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.get()).collect()
+    }
+
     pub fn record(&self, us: u64) {
         let i = LATENCY_BOUNDS_US
             .iter()
@@ -63,6 +68,9 @@ pub struct ShardCounters {
     pub in_flight: Cell<u64>,
     /// Execution time on the owning shard, by opcode.
     pub latency: [Latency; OPCODE_SLOTS],
+    /// READ execution time by where the bytes came from.
+    pub read_cached: Latency,
+    pub read_uncached: Latency,
 }
 
 impl ShardCounters {

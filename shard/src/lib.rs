@@ -13,12 +13,14 @@
 //! ([`DmaStorage`]) or a seeded simulated disk with faults ([`SimDisk`]).
 
 mod alloc;
+mod cache;
 mod device;
 mod error;
 mod group;
 mod index;
 mod layout;
 mod locks;
+mod prefetch;
 mod read_data;
 mod recover;
 mod scrub;
@@ -35,7 +37,8 @@ pub use layout::{FORMAT_VERSION, SECTOR};
 pub use read_data::ReadData;
 pub use recover::{RecoveryReport, VerifyReport};
 pub use shard::{
-    ChunkStat, ListItem, PendingWrite, ReadOutcome, Shard, ShardConfig, ShardStats, WriteOutcome,
+    CacheStats, ChunkStat, ListItem, PendingWrite, ReadOutcome, Shard, ShardConfig, ShardStats,
+    WriteOutcome,
 };
 pub use sim::{MemKv, SimDisk, SimFaultCounts, SimFaults, SimRng};
 pub use storage::{IoBuf, IoFuture, ReadBuf, Storage};

@@ -55,6 +55,7 @@ use glommio::sync::Semaphore;
 use shardstore_proto::{limits, ChunkId, ShardId};
 
 use crate::alloc::{Allocator, Free, Reclaimer, Release, Run};
+use crate::cache::ReadCache;
 use crate::device::{DeviceRange, DmaStorage};
 use crate::error::ShardError;
 use crate::group::Group;
@@ -64,11 +65,12 @@ use crate::layout::{
     LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
 use crate::locks::ChunkLocks;
+use crate::prefetch::Prefetcher;
 use crate::read_data::ReadData;
 use crate::recover::{self, RecoveryReport};
 use crate::scrub::ScrubCounters;
 use crate::sim::SimDisk;
-use crate::storage::{Io, IoBuf, Storage};
+use crate::storage::{Io, IoBuf, ReadBuf, Storage};
 
 /// How to open a shard.
 #[derive(Clone, Debug)]
@@ -115,6 +117,10 @@ pub struct ShardConfig {
     /// of device it measured 52k vs 37k durable 4 KiB writes/s at depth 32
     /// (fio, `--sync=dsync` vs `--fdatasync=1`) and the same at depth 1.
     pub write_through: bool,
+    /// This shard's slice of the read cache, bytes (0: no cache).
+    pub cache_bytes: u64,
+    /// Sequential read-ahead into the cache (needs a cache slice).
+    pub prefetch: bool,
 }
 
 impl ShardConfig {
@@ -146,6 +152,8 @@ impl Default for ShardConfig {
             zero_fill: true,
             max_flushes_in_flight: 4,
             write_through: true,
+            cache_bytes: 0,
+            prefetch: true,
         }
     }
 }
@@ -165,6 +173,8 @@ pub struct ReadOutcome {
     /// crc32c of exactly the bytes of `data`.
     pub payload_crc: u32,
     pub data: ReadData,
+    /// Every byte came from the cache (or was a hole): no device read.
+    pub cached: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +223,28 @@ pub struct ShardStats {
     pub scrub_passes: u64,
     pub scrub_sectors: u64,
     pub scrub_errors: u64,
+    pub cache: CacheStats,
+}
+
+/// The shard's read cache and read-ahead (sector counts are 4 KiB sectors).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub capacity_bytes: u64,
+    pub bytes: u64,
+    pub entries: u64,
+    /// Sectors found in the cache by client reads, and read from disk.
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    /// Read requests served entirely from the cache, and the others.
+    pub cached_reads: u64,
+    pub uncached_reads: u64,
+    pub prefetch_enabled: bool,
+    /// Sectors read ahead, read ahead and then read by a client, and evicted
+    /// unread.
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
 }
 
 /// A validated write whose payload buffer is waiting to be filled.
@@ -323,6 +355,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) scrub: ScrubCounters,
     recovery: Cell<RecoveryReport>,
+    pub(crate) cache: ReadCache,
+    pub(crate) prefetch: Prefetcher,
 }
 
 /// See [`Inner::begin_extent`].
@@ -565,6 +599,8 @@ impl Shard {
             counters: Counters::default(),
             scrub: ScrubCounters::default(),
             recovery: Cell::new(RecoveryReport::default()),
+            cache: ReadCache::new(cfg.cache_bytes),
+            prefetch: Prefetcher::new(cfg.prefetch, cfg.cache_bytes),
         });
 
         let checkpoint = inner.index.checkpoint();
@@ -676,6 +712,12 @@ impl Shard {
         offset: u64,
         len: u32,
     ) -> Result<ReadOutcome, ShardError> {
+        self.inner.prefetch.on_read(
+            &self.inner,
+            chunk,
+            offset,
+            offset.saturating_add(u64::from(len)),
+        );
         self.inner.read(chunk, offset, len).await
     }
 
@@ -755,6 +797,7 @@ impl Shard {
             scrub_passes: s.scrub.passes.get(),
             scrub_sectors: s.scrub.sectors.get(),
             scrub_errors: s.scrub.errors.get(),
+            cache: s.cache_stats(),
         }
     }
 
@@ -1068,6 +1111,8 @@ impl Inner {
             }
             let from = rec.logical.0.max(new_first);
             let to = rec.end().min(new_end);
+            let disk_from = rec.disk.0 + (from - rec.logical.0);
+            self.cache.forget(rec.generation.0, disk_from, to - from);
             frees.push(Free::Piece(Release {
                 header: rec.header,
                 data: Run {
@@ -1114,7 +1159,9 @@ impl Inner {
         let mut change = Change::new();
         let mut frees = Vec::new();
         change.remove_meta(chunk);
+        self.prefetch.forget(chunk);
         for r in self.index.chunk_extents(chunk)? {
+            self.cache.forget(r.generation.0, r.disk.0, r.count());
             change.remove_extent(chunk, r.logical);
             frees.push(Free::Piece(Release {
                 header: r.header,
@@ -1368,7 +1415,7 @@ impl Inner {
             return Ok(());
         }
         let n = (end - at) as usize;
-        let data = self.read_bytes(chunk, at, end).await?;
+        let (data, _) = self.read_bytes(chunk, at, end).await?;
         data.copy_range(0, &mut dst[..n]);
         dst[n..].fill(0);
         Ok(())
@@ -1396,93 +1443,87 @@ impl Inner {
             .get_meta(chunk)?
             .ok_or(ShardError::NotFound(chunk))?;
         let end = want_end.min(meta.len);
-        let data = if offset >= end {
-            ReadData::default()
+        let (data, cached) = if offset >= end {
+            (ReadData::default(), true)
         } else {
             self.read_bytes(chunk, offset, end).await?
         };
         bump(&self.counters.reads, 1);
+        if cached {
+            bump(&self.cache.counters.cached_reads, 1);
+        } else {
+            bump(&self.cache.counters.uncached_reads, 1);
+        }
         bump(&self.counters.bytes_read, data.len() as u64);
         Ok(ReadOutcome {
             version: meta.version,
             chunk_len: meta.len,
             payload_crc: data.crc32c(),
             data,
+            cached,
         })
     }
 
-    /// Bytes `[start, end)` of the chunk (within its length), every sector
-    /// read from disk checked against its crc.
+    /// Bytes `[start, end)` of the chunk (within its length): sectors from
+    /// the cache where it has them, the others read from disk (every one
+    /// checked against its crc) and cached. Also says whether the device was
+    /// not needed at all.
     pub(crate) async fn read_bytes(
         &self,
         chunk: ChunkId,
         start: u64,
         end: u64,
-    ) -> Result<ReadData, ShardError> {
+    ) -> Result<(ReadData, bool), ShardError> {
         assert!(start < end);
         let _epoch = self.begin_read();
         let first = start / SECTOR;
         let last = end.div_ceil(SECTOR);
-        let recs: Vec<ExtentRec> = self
-            .index
-            .overlapping(chunk, first, last)?
-            .into_iter()
-            .map(|r| {
-                let from = r.logical.0.max(first);
-                let to = r.end().min(last);
-                r.slice(from, to)
+        // Read-ahead of these sectors in flight: wait for it rather than
+        // read them twice.
+        for p in self.prefetch.pending(chunk, first * SECTOR, last * SECTOR) {
+            p.await;
+        }
+        let mut parts = Vec::new();
+        for rec in self.index.overlapping(chunk, first, last)? {
+            let r = rec.slice(rec.logical.0.max(first), rec.end().min(last));
+            self.plan_extent(r, &mut parts);
+        }
+        let misses: Vec<&ExtentRec> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Miss(r) => Some(r),
+                Part::Hit { .. } => None,
             })
             .collect();
-        for r in &recs {
-            if r.disk.0 < DATA_START_SECTOR
-                || r.disk.0 + r.count() > DATA_START_SECTOR + self.capacity_sectors
-            {
-                return Err(ShardError::IndexCorrupt(format!(
-                    "chunk {chunk} extent at logical {} points outside the data area",
-                    r.logical.0
-                )));
-            }
-        }
-        let reads = recs.iter().map(|r| self.io.read(r.disk, r.count()));
-        let results = futures_util::future::join_all(reads).await;
+        let cached = misses.is_empty();
+        let reads = misses.iter().map(|r| self.read_verified(chunk, r));
+        let mut results = futures_util::future::join_all(reads).await.into_iter();
 
         let mut data = ReadData::default();
         let mut pos = start;
-        for (r, res) in recs.iter().zip(results) {
-            let rr = res.map_err(|e| {
-                ShardError::io(
-                    format!("reading chunk {chunk} sectors {}..{}", r.logical.0, r.end()),
-                    e,
-                )
-            })?;
-            // Pair assertion, memory side: every sector checked right after the read.
-            for (i, crc) in r.crcs.iter().enumerate() {
-                let s = &rr[i * SECTOR as usize..(i + 1) * SECTOR as usize];
-                let logical = LogicalSector(r.logical.0 + i as u64);
-                let got = sector_crc(chunk, logical, r.generation, s);
-                if got != *crc {
-                    bump(&self.counters.corrupt_errors, 1);
-                    tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = r.disk.0 + i as u64, "sector checksum mismatch");
-                    return Err(ShardError::Corrupt {
-                        chunk,
-                        sector: logical.0,
-                        detail: format!(
-                            "crc32c {got:#010x} != expected {crc:#010x} (disk sector {}, generation {})",
-                            r.disk.0 + i as u64,
-                            r.generation.0
-                        ),
-                    });
+        for part in parts {
+            let (logical, sectors, buf) = match part {
+                Part::Hit {
+                    logical,
+                    sectors,
+                    buf,
+                } => (logical, sectors, buf),
+                Part::Miss(r) => {
+                    let buf = results.next().expect("one result per miss")?;
+                    bump(&self.cache.counters.misses, r.count());
+                    self.cache.insert(r.generation.0, r.disk.0, &buf, false);
+                    (r.logical.0, r.count(), buf)
                 }
-            }
-            let piece_start = (r.logical.0 * SECTOR).max(start);
-            let piece_end = (r.end() * SECTOR).min(end);
+            };
+            let piece_start = (logical * SECTOR).max(start);
+            let piece_end = ((logical + sectors) * SECTOR).min(end);
             if piece_start > pos {
                 data.push_zeros((piece_start - pos) as usize);
             }
-            let off = (piece_start - r.logical.0 * SECTOR) as usize;
+            let off = (piece_start - logical * SECTOR) as usize;
             let len = (piece_end - piece_start) as usize;
-            let slice = rr.slice(off, len).ok_or_else(|| {
-                ShardError::Internal(format!("slice {off}+{len} of a {} byte read", rr.len()))
+            let slice = buf.slice(off, len).ok_or_else(|| {
+                ShardError::Internal(format!("slice {off}+{len} of a {} byte read", buf.len()))
             })?;
             data.push_disk(slice);
             pos = piece_end;
@@ -1491,8 +1532,112 @@ impl Inner {
             data.push_zeros((end - pos) as usize);
         }
         assert_eq!(data.len() as u64, end - start);
-        Ok(data)
+        Ok((data, cached))
     }
+
+    /// Splits extent slice `r` into runs found in the cache and runs to read.
+    fn plan_extent(&self, r: ExtentRec, parts: &mut Vec<Part>) {
+        if !self.cache.enabled() {
+            parts.push(Part::Miss(r));
+            return;
+        }
+        let n = r.count();
+        let mut i = 0;
+        let mut miss_from = None;
+        while i < n {
+            match self.cache.lookup(r.generation.0, r.disk.0 + i, n - i) {
+                Some(hit) => {
+                    if let Some(m) = miss_from.take() {
+                        parts.push(Part::Miss(r.slice(r.logical.0 + m, r.logical.0 + i)));
+                    }
+                    parts.push(Part::Hit {
+                        logical: r.logical.0 + i,
+                        sectors: hit.sectors,
+                        buf: hit.buf,
+                    });
+                    i += hit.sectors;
+                }
+                None => {
+                    miss_from.get_or_insert(i);
+                    i += 1;
+                }
+            }
+        }
+        if let Some(m) = miss_from {
+            parts.push(Part::Miss(r.slice(r.logical.0 + m, r.end())));
+        }
+    }
+
+    /// Reads the sectors of extent slice `r` from disk and checks each
+    /// against its crc (pair assertion, memory side: right after the read).
+    pub(crate) async fn read_verified(
+        &self,
+        chunk: ChunkId,
+        r: &ExtentRec,
+    ) -> Result<ReadBuf, ShardError> {
+        if r.disk.0 < DATA_START_SECTOR
+            || r.disk.0 + r.count() > DATA_START_SECTOR + self.capacity_sectors
+        {
+            return Err(ShardError::IndexCorrupt(format!(
+                "chunk {chunk} extent at logical {} points outside the data area",
+                r.logical.0
+            )));
+        }
+        let rr = self.io.read(r.disk, r.count()).await.map_err(|e| {
+            ShardError::io(
+                format!("reading chunk {chunk} sectors {}..{}", r.logical.0, r.end()),
+                e,
+            )
+        })?;
+        for (i, crc) in r.crcs.iter().enumerate() {
+            let s = &rr[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+            let logical = LogicalSector(r.logical.0 + i as u64);
+            let got = sector_crc(chunk, logical, r.generation, s);
+            if got != *crc {
+                bump(&self.counters.corrupt_errors, 1);
+                tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = r.disk.0 + i as u64, "sector checksum mismatch");
+                return Err(ShardError::Corrupt {
+                    chunk,
+                    sector: logical.0,
+                    detail: format!(
+                        "crc32c {got:#010x} != expected {crc:#010x} (disk sector {}, generation {})",
+                        r.disk.0 + i as u64,
+                        r.generation.0
+                    ),
+                });
+            }
+        }
+        Ok(rr)
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        let c = &self.cache.counters;
+        let (bytes, entries) = self.cache.usage();
+        CacheStats {
+            capacity_bytes: self.cache.capacity_bytes(),
+            bytes,
+            entries,
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            evictions: c.evictions.get(),
+            cached_reads: c.cached_reads.get(),
+            uncached_reads: c.uncached_reads.get(),
+            prefetch_enabled: self.prefetch.enabled(),
+            prefetch_issued: c.prefetch_issued.get(),
+            prefetch_used: c.prefetch_used.get(),
+            prefetch_wasted: c.prefetch_wasted.get(),
+        }
+    }
+}
+
+/// A piece of a read: sectors found in the cache, or an extent slice to read.
+enum Part {
+    Hit {
+        logical: u64,
+        sectors: u64,
+        buf: ReadBuf,
+    },
+    Miss(ExtentRec),
 }
 
 fn validate_config(cfg: &ShardConfig) -> Result<(), ShardError> {

@@ -24,7 +24,8 @@ use shardstore_shard::{Shard, ShardConfig, ShardError, SimDisk, SimFaults, SimRn
 const CAPACITY: u64 = 3 * MIB;
 
 /// Odd seeds run with O_DSYNC writes, even seeds with group commit, so the
-/// model checks both ways of making a write durable.
+/// model checks both ways of making a write durable; seeds modulo 3 pick the
+/// cache size.
 fn sim_config(seed: u64) -> ShardConfig {
     ShardConfig {
         write_through: seed % 2 == 1,
@@ -36,6 +37,9 @@ fn sim_config(seed: u64) -> ShardConfig {
         // start from all kinds of checkpoints.
         checkpoint_bytes: 256 * 1024,
         checkpoint_interval_ms: 5,
+        // No cache, a tiny one (constant eviction), or one large enough for
+        // read-ahead: reads must return the model's bytes in every case.
+        cache_bytes: [0, 96 << 10, 8 << 20][(seed % 3) as usize],
         ..ShardConfig::default()
     }
 }

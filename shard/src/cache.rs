@@ -1,0 +1,295 @@
+//! The shard's slice of the node's read cache.
+//!
+//! O_DIRECT bypasses the kernel's page cache, so each shard keeps its own:
+//! a `quick_cache` unsync cache (S3-FIFO: new entries enter a small probation
+//! queue and only entries read again while there, or recently evicted from
+//! it, reach the main queue, so a scan read once cannot flush the hot set).
+//! It is owned by the shard's executor alone: no lock on the read path.
+//!
+//! Entries are verified 4 KiB sectors keyed by `(generation, disk sector)`.
+//! A generation is never reused while the process runs and an extent's
+//! sectors never move, so a key always names the same bytes: a write or a
+//! delete needs no invalidation for correctness (reads find the new
+//! generation in the index and miss). Superseded sectors are dropped
+//! explicitly anyway ([`ReadCache::forget`]) so they do not hold memory.
+//!
+//! An entry does not own a copy of its sector: it holds the buffer the
+//! device read filled (shared, reference counted) and the sector's offset in
+//! it, so a hit is served by handing that buffer to the socket, and
+//! consecutive sectors from one read are served as one slice. A buffer stays
+//! alive while any of its sectors is cached (the weight counts the sectors
+//! cached, so a partly evicted large read holds more memory than it weighs
+//! until its last sector goes; sequential reads are evicted together).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use quick_cache::unsync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
+
+use crate::layout::SECTOR;
+use crate::shard::bump;
+use crate::storage::ReadBuf;
+
+/// Share of the cache for the main queue; the rest is the probation queue
+/// new entries (and read-ahead windows, see `prefetch`) wait in until read
+/// again. S3-FIFO suggests 10% for probation; read-ahead needs room for a
+/// few windows there, hence 20%.
+pub(crate) const HOT_ALLOCATION: f64 = 0.8;
+
+/// `(generation, disk sector)`.
+pub(crate) type Key = (u64, u64);
+
+/// One cached, verified sector.
+pub(crate) struct CachedSector {
+    /// The whole buffer of the read that brought it in.
+    parent: ReadBuf,
+    /// Byte offset of the sector in `parent`.
+    off: u32,
+    /// Brought in by read-ahead and not read since.
+    prefetched: Cell<bool>,
+}
+
+/// Counters of one shard's cache, in sectors (4 KiB) unless named bytes.
+#[derive(Default, Debug)]
+pub struct CacheCounters {
+    pub hits: Cell<u64>,
+    pub misses: Cell<u64>,
+    pub inserted: Cell<u64>,
+    pub evictions: Cell<u64>,
+    pub prefetch_issued: Cell<u64>,
+    pub prefetch_used: Cell<u64>,
+    pub prefetch_wasted: Cell<u64>,
+    /// Read requests served entirely from the cache, and the others.
+    pub cached_reads: Cell<u64>,
+    pub uncached_reads: Cell<u64>,
+}
+
+#[derive(Clone)]
+struct SectorWeight;
+
+impl Weighter<Key, CachedSector> for SectorWeight {
+    fn weight(&self, _: &Key, _: &CachedSector) -> u64 {
+        SECTOR
+    }
+}
+
+/// Counts evictions, and prefetched sectors evicted before anyone read them.
+#[derive(Clone)]
+struct Evictions(Rc<CacheCounters>);
+
+impl Lifecycle<Key, CachedSector> for Evictions {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: Key, val: CachedSector) {
+        bump(&self.0.evictions, 1);
+        if val.prefetched.get() {
+            bump(&self.0.prefetch_wasted, 1);
+        }
+    }
+}
+
+type Map = Cache<Key, CachedSector, SectorWeight, DefaultHashBuilder, Evictions>;
+
+/// A run of consecutive sectors found in the cache, as one slice.
+pub(crate) struct Hit {
+    pub sectors: u64,
+    pub buf: ReadBuf,
+}
+
+pub(crate) struct ReadCache {
+    map: Option<RefCell<Map>>,
+    capacity_bytes: u64,
+    pub(crate) counters: Rc<CacheCounters>,
+}
+
+impl ReadCache {
+    /// A cache of `bytes` (rounded down to whole sectors); 0 disables it.
+    pub(crate) fn new(bytes: u64) -> ReadCache {
+        let counters = Rc::new(CacheCounters::default());
+        let sectors = bytes / SECTOR;
+        let map = (sectors > 0).then(|| {
+            let options = OptionsBuilder::new()
+                .hot_allocation(HOT_ALLOCATION)
+                .estimated_items_capacity(sectors as usize)
+                .weight_capacity(sectors * SECTOR)
+                .build()
+                .expect("weight and item capacity are set");
+            RefCell::new(Map::with_options(
+                options,
+                SectorWeight,
+                DefaultHashBuilder::default(),
+                Evictions(counters.clone()),
+            ))
+        });
+        ReadCache {
+            map,
+            capacity_bytes: sectors * SECTOR,
+            counters,
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.map.is_some()
+    }
+
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Bytes cached now, and entries (sectors).
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        self.map.as_ref().map_or((0, 0), |m| {
+            let m = m.borrow();
+            (m.weight(), m.len() as u64)
+        })
+    }
+
+    /// The longest run of cached sectors of generation `generation` starting
+    /// at `disk`, at most `max` long, that lies in one buffer. Counts hits
+    /// (a miss is counted by the caller, per sector it reads).
+    ///
+    /// The first read of a read-ahead sector does not count as a reuse (it
+    /// stays in probation): a stream read once must not push the hot set
+    /// out of the main queue (DatenLord's MRU-for-sequential concern).
+    pub(crate) fn lookup(&self, generation: u64, disk: u64, max: u64) -> Option<Hit> {
+        let map = self.map.as_ref()?.borrow();
+        let c = &self.counters;
+        let get = |key: &Key| -> Option<&CachedSector> {
+            let e = map.peek(key)?;
+            if e.prefetched.replace(false) {
+                bump(&c.prefetch_used, 1);
+            } else {
+                // Marks it referenced.
+                map.get(key);
+            }
+            bump(&c.hits, 1);
+            Some(e)
+        };
+        let first = get(&(generation, disk))?;
+        let base = first.parent[..].as_ptr();
+        let mut n = 1;
+        while n < max {
+            let Some(e) = map.peek(&(generation, disk + n)) else {
+                break;
+            };
+            // Same buffer (distinct live buffers start at distinct
+            // addresses), next sector in it.
+            if e.parent[..].as_ptr() != base
+                || u64::from(e.off) != u64::from(first.off) + n * SECTOR
+            {
+                break;
+            }
+            get(&(generation, disk + n));
+            n += 1;
+        }
+        let buf = first
+            .parent
+            .slice(first.off as usize, (n * SECTOR) as usize)
+            .expect("cached sectors lie inside their buffer");
+        Some(Hit { sectors: n, buf })
+    }
+
+    /// Caches the verified sectors `buf` (whole sectors) of generation
+    /// `generation` read from disk sector `disk` on.
+    pub(crate) fn insert(&self, generation: u64, disk: u64, buf: &ReadBuf, prefetched: bool) {
+        let Some(map) = &self.map else { return };
+        let mut map = map.borrow_mut();
+        let n = buf.len() as u64 / SECTOR;
+        for i in 0..n {
+            map.insert(
+                (generation, disk + i),
+                CachedSector {
+                    parent: buf.clone(),
+                    off: (i * SECTOR) as u32,
+                    prefetched: Cell::new(prefetched),
+                },
+            );
+        }
+        bump(&self.counters.inserted, n);
+        if prefetched {
+            bump(&self.counters.prefetch_issued, n);
+        }
+    }
+
+    /// Whether sector `disk` of `generation` is cached (no hit counted).
+    pub(crate) fn contains(&self, generation: u64, disk: u64) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|m| m.borrow().contains_key(&(generation, disk)))
+    }
+
+    /// Drops the sectors `[disk, disk + count)` of `generation` (superseded
+    /// or deleted).
+    pub(crate) fn forget(&self, generation: u64, disk: u64, count: u64) {
+        let Some(map) = &self.map else { return };
+        let mut map = map.borrow_mut();
+        if map.is_empty() {
+            return;
+        }
+        for i in 0..count {
+            map.remove(&(generation, disk + i));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(sectors: u64, fill: u8) -> ReadBuf {
+        ReadBuf::from_vec(vec![fill; (sectors * SECTOR) as usize])
+    }
+
+    #[test]
+    fn runs_from_one_buffer_come_back_as_one_slice() {
+        let c = ReadCache::new(64 * SECTOR);
+        c.insert(7, 100, &buf(4, 1), false);
+        c.insert(7, 104, &buf(2, 2), false);
+        let h = c.lookup(7, 101, 10).unwrap();
+        assert_eq!(h.sectors, 3, "stops at the end of the first buffer");
+        assert!(h.buf.iter().all(|&b| b == 1));
+        let h = c.lookup(7, 104, 10).unwrap();
+        assert_eq!(h.sectors, 2);
+        assert!(h.buf.iter().all(|&b| b == 2));
+        assert!(c.lookup(8, 100, 1).is_none(), "another generation misses");
+        assert_eq!(c.counters.hits.get(), 5);
+        c.forget(7, 100, 2);
+        assert!(c.lookup(7, 100, 1).is_none());
+        assert!(c.contains(7, 102));
+        assert_eq!(c.usage(), (4 * SECTOR, 4));
+    }
+
+    #[test]
+    fn prefetched_sectors_count_used_or_wasted() {
+        let c = ReadCache::new(64 * SECTOR);
+        // A full cache first (an empty one admits new entries to its main
+        // queue directly).
+        for g in 1000..1200 {
+            c.insert(g, 0, &buf(1, 0), false);
+        }
+        c.insert(1, 0, &buf(4, 0), true);
+        assert_eq!(c.counters.prefetch_issued.get(), 4);
+        c.lookup(1, 0, 2).unwrap();
+        assert_eq!(c.counters.prefetch_used.get(), 2);
+        c.lookup(1, 0, 2).unwrap();
+        assert_eq!(c.counters.prefetch_used.get(), 2, "counted once");
+        // Push everything out: the two unread prefetched sectors are waste.
+        for g in 2..1000 {
+            c.insert(g, 0, &buf(1, 0), false);
+        }
+        assert_eq!(c.counters.prefetch_wasted.get(), 2, "{:?}", c.counters);
+        assert!(c.usage().0 <= 64 * SECTOR);
+    }
+
+    #[test]
+    fn disabled_cache_holds_nothing() {
+        let c = ReadCache::new(0);
+        assert!(!c.enabled());
+        c.insert(1, 0, &buf(1, 0), false);
+        assert!(c.lookup(1, 0, 1).is_none());
+        assert_eq!(c.usage(), (0, 0));
+    }
+}

@@ -1,0 +1,248 @@
+//! Sequential read-ahead into the shard's cache.
+//!
+//! Per chunk, the shard remembers where the last read ended. A read that
+//! starts exactly there continues a stream: its window (bytes to keep read
+//! ahead of the reader) starts at `MIN_WINDOW` (or twice the read) and
+//! doubles with each further sequential read up to a maximum (a sixteenth
+//! of the cache slice, at most `MAX_WINDOW`, so a few windows fit in the
+//! cache's probation queue, see `cache::HOT_ALLOCATION`). When less than half a window is
+//! left ahead of the reader, the next blocks up to a full window are read in
+//! the background, on a task queue with low shares, verified like any read
+//! and inserted into the cache marked as prefetched. A read that needs a
+//! block whose prefetch is still in flight waits for it instead of reading
+//! the same sectors twice.
+//!
+//! Counted (sectors): issued (read ahead and cached), used (a prefetched
+//! sector read by a client before eviction), wasted (evicted unread).
+//!
+//! Not done: streams that continue into the next chunk id. The protocol has
+//! no flag for a client to announce them, so read-ahead stops at the end of
+//! each chunk.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+
+use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
+use glommio::{Latency, Shares, TaskQueueHandle};
+use shardstore_proto::ChunkId;
+
+use crate::error::ShardError;
+use crate::layout::SECTOR;
+use crate::shard::Inner;
+
+/// Shares of the read-ahead task queue (the default queue has 1000).
+pub const PREFETCH_SHARES: usize = 250;
+/// Unit of read-ahead, and of waiting for it.
+pub const BLOCK: u64 = 256 << 10;
+pub const MIN_WINDOW: u64 = 512 << 10;
+pub const MAX_WINDOW: u64 = 8 << 20;
+/// Streams remembered per shard; the least recently used is forgotten.
+const MAX_STREAMS: usize = 512;
+
+type Pending = Shared<LocalBoxFuture<'static, ()>>;
+
+struct Stream {
+    /// Where the last read ended.
+    next: u64,
+    window: u64,
+    /// Everything before this offset has been read ahead (or was read).
+    ahead: u64,
+    last_used: u64,
+}
+
+pub(crate) struct Prefetcher {
+    max_window: u64,
+    streams: RefCell<HashMap<ChunkId, Stream>>,
+    /// Blocks `(chunk, offset / BLOCK)` being read ahead now.
+    pending: RefCell<HashMap<(ChunkId, u64), Pending>>,
+    queue: Cell<Option<TaskQueueHandle>>,
+    clock: Cell<u64>,
+}
+
+impl Prefetcher {
+    /// Read-ahead into a cache slice of `cache_bytes`; off if `enabled` is
+    /// false or the slice is too small to hold a window.
+    pub(crate) fn new(enabled: bool, cache_bytes: u64) -> Prefetcher {
+        let max_window = (cache_bytes / 16).min(MAX_WINDOW) / BLOCK * BLOCK;
+        Prefetcher {
+            max_window: if enabled && max_window >= MIN_WINDOW {
+                max_window
+            } else {
+                0
+            },
+            streams: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            queue: Cell::new(None),
+            clock: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_window > 0
+    }
+
+    /// Notes a read of `[offset, end)` of `chunk` and starts read-ahead if it
+    /// continues a stream.
+    pub(crate) fn on_read(&self, inner: &Rc<Inner>, chunk: ChunkId, offset: u64, end: u64) {
+        if !self.enabled() || end <= offset {
+            return;
+        }
+        let now = self.clock.get() + 1;
+        self.clock.set(now);
+        let issue = {
+            let mut streams = self.streams.borrow_mut();
+            match streams.get_mut(&chunk) {
+                Some(s) if s.next == offset => {
+                    s.window = if s.window == 0 {
+                        MIN_WINDOW.max(2 * (end - offset))
+                    } else {
+                        s.window * 2
+                    }
+                    .min(self.max_window);
+                    s.next = end;
+                    s.last_used = now;
+                    let from = s.ahead.max(end);
+                    let target = (end + s.window).div_ceil(BLOCK) * BLOCK;
+                    if from < target && from - end <= s.window / 2 {
+                        s.ahead = target;
+                        Some((from, target))
+                    } else {
+                        None
+                    }
+                }
+                Some(s) => {
+                    *s = Stream {
+                        next: end,
+                        window: 0,
+                        ahead: 0,
+                        last_used: now,
+                    };
+                    None
+                }
+                None => {
+                    if streams.len() >= MAX_STREAMS {
+                        let oldest = streams
+                            .iter()
+                            .min_by_key(|(_, s)| s.last_used)
+                            .map(|(c, _)| *c);
+                        if let Some(c) = oldest {
+                            streams.remove(&c);
+                        }
+                    }
+                    streams.insert(
+                        chunk,
+                        Stream {
+                            next: end,
+                            window: 0,
+                            ahead: 0,
+                            last_used: now,
+                        },
+                    );
+                    None
+                }
+            }
+        };
+        if let Some((from, to)) = issue {
+            self.issue(inner, chunk, from, to);
+        }
+    }
+
+    /// The chunk was deleted: forget its stream.
+    pub(crate) fn forget(&self, chunk: ChunkId) {
+        self.streams.borrow_mut().remove(&chunk);
+    }
+
+    fn queue(&self) -> TaskQueueHandle {
+        if let Some(q) = self.queue.get() {
+            return q;
+        }
+        let q = glommio::executor().create_task_queue(
+            Shares::Static(PREFETCH_SHARES),
+            Latency::NotImportant,
+            "prefetch",
+        );
+        self.queue.set(Some(q));
+        q
+    }
+
+    fn issue(&self, inner: &Rc<Inner>, chunk: ChunkId, from: u64, to: u64) {
+        let queue = self.queue();
+        for block in from / BLOCK..to.div_ceil(BLOCK) {
+            if self.pending.borrow().contains_key(&(chunk, block)) {
+                continue;
+            }
+            let weak: Weak<Inner> = Rc::downgrade(inner);
+            let fetch: Pending = async move {
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = fetch(&inner, chunk, block * BLOCK, (block + 1) * BLOCK).await {
+                    // A client's own read of these sectors reports it.
+                    tracing::debug!(shard = inner.id.0, chunk = %chunk, error = %e, "read-ahead failed");
+                }
+                inner.prefetch.pending.borrow_mut().remove(&(chunk, block));
+            }
+            .boxed_local()
+            .shared();
+            self.pending
+                .borrow_mut()
+                .insert((chunk, block), fetch.clone());
+            match glommio::spawn_local_into(fetch, queue) {
+                Ok(task) => task.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot spawn read-ahead");
+                    self.pending.borrow_mut().remove(&(chunk, block));
+                    return;
+                }
+            };
+        }
+    }
+
+    /// Read-aheads in flight over bytes `[start, end)` of `chunk`.
+    pub(crate) fn pending(&self, chunk: ChunkId, start: u64, end: u64) -> Vec<Pending> {
+        let pending = self.pending.borrow();
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        (start / BLOCK..end.div_ceil(BLOCK))
+            .filter_map(|b| pending.get(&(chunk, b)).cloned())
+            .collect()
+    }
+}
+
+/// Reads the sectors of `[start, end)` of `chunk` that are not cached yet
+/// into the cache.
+async fn fetch(inner: &Inner, chunk: ChunkId, start: u64, end: u64) -> Result<(), ShardError> {
+    let _epoch = inner.begin_read();
+    let Some(meta) = inner.index.get_meta(chunk)? else {
+        return Ok(());
+    };
+    let end = end.min(meta.len);
+    if start >= end {
+        return Ok(());
+    }
+    let (first, last) = (start / SECTOR, end.div_ceil(SECTOR));
+    let mut misses = Vec::new();
+    for rec in inner.index.overlapping(chunk, first, last)? {
+        let r = rec.slice(rec.logical.0.max(first), rec.end().min(last));
+        let mut i = 0;
+        while i < r.count() {
+            if inner.cache.contains(r.generation.0, r.disk.0 + i) {
+                i += 1;
+                continue;
+            }
+            let from = i;
+            while i < r.count() && !inner.cache.contains(r.generation.0, r.disk.0 + i) {
+                i += 1;
+            }
+            misses.push(r.slice(r.logical.0 + from, r.logical.0 + i));
+        }
+    }
+    let reads = misses.iter().map(|r| inner.read_verified(chunk, r));
+    for (r, res) in misses
+        .iter()
+        .zip(futures_util::future::join_all(reads).await)
+    {
+        inner.cache.insert(r.generation.0, r.disk.0, &res?, true);
+    }
+    Ok(())
+}

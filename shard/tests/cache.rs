@@ -1,0 +1,308 @@
+//! The read cache and read-ahead: read-your-writes through the cache, hits
+//! served from the cached buffer itself, scan resistance, prefetch counters.
+mod common;
+
+use common::*;
+use shardstore_shard::{Shard, ShardConfig, ShardError, SECTOR};
+
+fn cached_config(dir: &std::path::Path, cache_bytes: u64, prefetch: bool) -> ShardConfig {
+    ShardConfig {
+        cache_bytes,
+        prefetch,
+        scrub_period_secs: 0,
+        ..config(dir, 256 * MIB)
+    }
+}
+
+async fn read_all(shard: &Shard, c: shardstore_proto::ChunkId, len: u32) -> (Vec<u8>, bool) {
+    let r = shard.read(c, 0, len).await.unwrap();
+    (r.data.to_vec(), r.cached)
+}
+
+#[test]
+fn reads_never_return_an_older_version_than_an_acknowledged_write() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 4 * MIB, true))
+            .await
+            .unwrap();
+        let c = cid(1);
+        let v1 = pattern(1, 3 * SECTOR as usize);
+        shard.write(c, 0, &v1).await.unwrap();
+        assert_eq!(read_all(&shard, c, 1 << 20).await, (v1.clone(), false));
+        // Second read: every byte from the cache.
+        assert_eq!(read_all(&shard, c, 1 << 20).await, (v1.clone(), true));
+
+        // Overwrite the middle sector partly: the read sees it at once.
+        let patch = pattern(2, 100);
+        shard.write(c, SECTOR + 10, &patch).await.unwrap();
+        let mut want = v1.clone();
+        want[SECTOR as usize + 10..SECTOR as usize + 110].copy_from_slice(&patch);
+        let (got, cached) = read_all(&shard, c, 1 << 20).await;
+        assert_eq!(got, want);
+        assert!(!cached, "the rewritten sector is a new generation: a miss");
+        assert_eq!(read_all(&shard, c, 1 << 20).await, (want.clone(), true));
+
+        // Extend the chunk; the old sectors stay cached and correct.
+        let tail = pattern(3, 5000);
+        shard.write(c, 3 * SECTOR, &tail).await.unwrap();
+        want.extend_from_slice(&tail);
+        assert_eq!(read_all(&shard, c, 1 << 20).await.0, want);
+
+        // Delete, then re-create with other bytes: never the old ones.
+        shard.delete(c).await.unwrap();
+        assert!(matches!(
+            shard.read(c, 0, 4096).await,
+            Err(ShardError::NotFound(_))
+        ));
+        let v2 = pattern(4, 2 * SECTOR as usize);
+        shard.write(c, 0, &v2).await.unwrap();
+        assert_eq!(read_all(&shard, c, 1 << 20).await.0, v2);
+        assert_eq!(read_all(&shard, c, 1 << 20).await, (v2, true));
+
+        let st = shard.stats().cache;
+        assert!(st.hits > 0 && st.misses > 0, "{st:?}");
+        assert!(st.bytes <= st.capacity_bytes, "{st:?}");
+    });
+}
+
+#[test]
+fn a_hit_is_served_from_the_cached_buffer_without_a_copy() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 4 * MIB, false))
+            .await
+            .unwrap();
+        let c = cid(2);
+        shard
+            .write(c, 0, &pattern(9, 64 * SECTOR as usize))
+            .await
+            .unwrap();
+        let first = shard.read(c, 0, 64 * SECTOR as u32).await.unwrap();
+        assert!(!first.cached);
+        let reads_before = shard.stats().device_reads;
+        let a = shard.read(c, 4096, 8192).await.unwrap();
+        let b = shard.read(c, 4096, 8192).await.unwrap();
+        assert!(a.cached && b.cached);
+        assert_eq!(shard.stats().device_reads, reads_before, "no device read");
+        let pa: Vec<*const u8> = a.data.slices().map(|s| s.as_ptr()).collect();
+        let pb: Vec<*const u8> = b.data.slices().map(|s| s.as_ptr()).collect();
+        assert_eq!(pa, pb, "both replies point into the same cached buffer");
+        assert_eq!(pa.len(), 1, "consecutive cached sectors form one slice");
+        // And that buffer is the one the first (disk) read filled.
+        let disk_ptr = first.data.slices().next().unwrap().as_ptr();
+        assert_eq!(pa[0], disk_ptr.wrapping_add(4096));
+    });
+}
+
+/// A hot random working set, then one scan of 4x the cache read once, then
+/// the hot set again: its hit ratio must stay high right after the scan
+/// (S3-FIFO keeps once-read scan sectors in the small probation queue).
+#[test]
+fn a_scan_larger_than_the_cache_does_not_evict_the_hot_set() {
+    let dir = tempdir();
+    run(|| async {
+        let cache = 4 * MIB;
+        let shard = Shard::open(cached_config(dir.path(), cache, false))
+            .await
+            .unwrap();
+        let hot: Vec<_> = (0..256).map(|i| cid(1_000 + i)).collect();
+        let scan: Vec<_> = (0..4 * cache / SECTOR)
+            .map(|i| cid(100_000 + i as u128))
+            .collect();
+        for (i, c) in hot.iter().chain(scan.iter()).enumerate() {
+            shard
+                .write(*c, 0, &pattern(i as u64, SECTOR as usize))
+                .await
+                .unwrap();
+        }
+        let mut rng = Rng::new(7);
+        let mut picks = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|_| hot[rng.below(hot.len() as u64) as usize])
+                .collect()
+        };
+        // Warm up: twice, so the hot set is read more than once.
+        hot_pass(&shard, picks(2_000)).await;
+        let warm = hot_pass(&shard, picks(2_000)).await;
+        for c in &scan {
+            shard.read(*c, 0, SECTOR as u32).await.unwrap();
+        }
+        let scan_stats = shard.stats().cache;
+        let after_scan = hot_pass(&shard, picks(2_000)).await;
+        println!(
+            "hot set of {} sectors, cache {} sectors, scan {} sectors: hit ratio warm {:.3}, \
+             right after the scan {:.3} (evictions {})",
+            hot.len(),
+            cache / SECTOR,
+            scan.len(),
+            warm,
+            after_scan,
+            scan_stats.evictions
+        );
+        assert!(warm > 0.99, "warm hit ratio {warm}");
+        assert!(
+            after_scan > 0.95,
+            "the scan evicted the hot set: hit ratio {after_scan} after it"
+        );
+        assert!(scan_stats.evictions > 0, "the scan did not fill the cache");
+    });
+}
+
+/// Hit ratio of reading `picks` (one sector each).
+async fn hot_pass(shard: &Shard, picks: Vec<shardstore_proto::ChunkId>) -> f64 {
+    let before = shard.stats().cache;
+    for c in picks {
+        shard.read(c, 0, SECTOR as u32).await.unwrap();
+    }
+    let after = shard.stats().cache;
+    let hits = after.hits - before.hits;
+    let misses = after.misses - before.misses;
+    hits as f64 / (hits + misses) as f64
+}
+
+/// Sequential 128 KiB reads of a 16 MiB chunk: read-ahead runs in front of
+/// the reader, so most reads after the first few are cached; with prefetch
+/// off none is.
+#[test]
+fn sequential_reads_are_prefetched_and_counted() {
+    for prefetch in [true, false] {
+        let dir = tempdir();
+        run(|| async {
+            let shard = Shard::open(cached_config(dir.path(), 64 * MIB, prefetch))
+                .await
+                .unwrap();
+            let c = cid(3);
+            let total = 16 * MIB;
+            let piece: u64 = 1 << 20;
+            for off in (0..total).step_by(piece as usize) {
+                shard
+                    .write(c, off, &pattern(off, piece as usize))
+                    .await
+                    .unwrap();
+            }
+            let step: u32 = 128 << 10;
+            let mut cached = 0;
+            for off in (0..total).step_by(step as usize) {
+                let r = shard.read(c, off, step).await.unwrap();
+                let p = off - off % piece;
+                let want = &pattern(p, piece as usize)
+                    [(off - p) as usize..(off - p) as usize + step as usize];
+                assert!(r.data.to_vec() == want, "bytes at {off}");
+                cached += r.cached as u32;
+                // Give the low-priority read-ahead a chance to run, as a
+                // client's network round trip would.
+                glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            let reads = (total / u64::from(step)) as u32;
+            let st = shard.stats().cache;
+            println!("prefetch {prefetch}: {cached}/{reads} reads fully cached, {st:?}");
+            if prefetch {
+                assert!(st.prefetch_enabled);
+                assert!(cached > reads * 3 / 4, "{cached}/{reads} cached");
+                assert!(st.prefetch_issued > 0 && st.prefetch_used > 0);
+                assert!(st.prefetch_used <= st.prefetch_issued);
+            } else {
+                assert!(!st.prefetch_enabled);
+                assert_eq!(cached, 0);
+                assert_eq!(st.prefetch_issued, 0);
+            }
+        });
+    }
+}
+
+/// Read-ahead into a small cache that a competing reader keeps churning:
+/// prefetched sectors evicted before use are counted as wasted.
+#[test]
+fn prefetched_sectors_evicted_unread_are_counted_as_wasted() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 16 * MIB, true))
+            .await
+            .unwrap();
+        // Another chunk, read backwards (no stream): fills the cache (a
+        // cache that is filling up admits new entries to its main queue).
+        let o = cid(5);
+        let mib = MIB as usize;
+        for i in 0..32u64 {
+            shard.write(o, i * MIB, &pattern(i, mib)).await.unwrap();
+        }
+        let churn = || async {
+            for i in (0..32u64).rev() {
+                shard.read(o, i * MIB, MIB as u32).await.unwrap();
+            }
+        };
+        churn().await;
+        let c = cid(4);
+        shard.write(c, 0, &pattern(1, 4 << 20)).await.unwrap();
+        // Two sequential reads start a stream and read ahead.
+        shard.read(c, 0, 64 << 10).await.unwrap();
+        shard.read(c, 64 << 10, 64 << 10).await.unwrap();
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(shard.stats().cache.prefetch_issued > 0);
+        // The stream stops; the churn goes on.
+        churn().await;
+        churn().await;
+        let st = shard.stats().cache;
+        assert!(st.prefetch_wasted > 0, "{st:?}");
+        assert!(
+            st.prefetch_wasted + st.prefetch_used <= st.prefetch_issued,
+            "{st:?}"
+        );
+    });
+}
+
+/// The same hot set survives a sequential stream with read-ahead that is
+/// four times the cache: read-ahead sectors read once stay in probation.
+#[test]
+fn a_prefetched_sequential_stream_does_not_evict_the_hot_set() {
+    let dir = tempdir();
+    run(|| async {
+        let cache = 16 * MIB;
+        let shard = Shard::open(cached_config(dir.path(), cache, true))
+            .await
+            .unwrap();
+        let hot: Vec<_> = (0..1024).map(|i| cid(1_000 + i)).collect();
+        for (i, c) in hot.iter().enumerate() {
+            shard
+                .write(*c, 0, &pattern(i as u64, SECTOR as usize))
+                .await
+                .unwrap();
+        }
+        let stream = cid(7);
+        let mib = MIB as usize;
+        for i in 0..64u64 {
+            shard
+                .write(stream, i * MIB, &pattern(i, mib))
+                .await
+                .unwrap();
+        }
+        let mut rng = Rng::new(9);
+        let mut picks = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|_| hot[rng.below(hot.len() as u64) as usize])
+                .collect()
+        };
+        hot_pass(&shard, picks(8_000)).await;
+        let warm = hot_pass(&shard, picks(4_000)).await;
+        for i in 0..64 * 4u64 {
+            let r = shard
+                .read(stream, i * (256 << 10), 256 << 10)
+                .await
+                .unwrap();
+            assert_eq!(r.data.len(), 256 << 10);
+            glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+        }
+        let st = shard.stats().cache;
+        let after = hot_pass(&shard, picks(4_000)).await;
+        println!(
+            "hot set {} sectors, cache {} sectors, stream {} MiB with read-ahead: hit ratio warm \
+             {warm:.3}, after the stream {after:.3}; {st:?}",
+            hot.len(),
+            cache / SECTOR,
+            64
+        );
+        assert!(st.prefetch_used > 0, "{st:?}");
+        assert!(after > 0.95, "hit ratio {after} after the stream");
+    });
+}
