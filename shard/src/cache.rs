@@ -27,7 +27,7 @@ use std::rc::Rc;
 use quick_cache::unsync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
-use crate::layout::SECTOR;
+use crate::layout::{crc_then_sector, SECTOR};
 use crate::shard::bump;
 use crate::storage::ReadBuf;
 
@@ -46,6 +46,9 @@ pub(crate) struct CachedSector {
     parent: ReadBuf,
     /// Byte offset of the sector in `parent`.
     off: u32,
+    /// Plain crc32c of the sector's bytes (replies carry the payload's crc;
+    /// a hit does not recompute it).
+    crc: u32,
     /// Brought in by read-ahead and not read since.
     prefetched: Cell<bool>,
 }
@@ -97,6 +100,8 @@ type Map = Cache<Key, CachedSector, SectorWeight, DefaultHashBuilder, Evictions>
 pub(crate) struct Hit {
     pub sectors: u64,
     pub buf: ReadBuf,
+    /// Plain crc32c of `buf`.
+    pub crc: u32,
 }
 
 pub(crate) struct ReadCache {
@@ -170,6 +175,7 @@ impl ReadCache {
         };
         let first = get(&(generation, disk))?;
         let base = first.parent[..].as_ptr();
+        let mut crc = first.crc;
         let mut n = 1;
         while n < max {
             let Some(e) = map.peek(&(generation, disk + n)) else {
@@ -183,27 +189,41 @@ impl ReadCache {
                 break;
             }
             get(&(generation, disk + n));
+            crc = crc_then_sector(crc, e.crc);
             n += 1;
         }
         let buf = first
             .parent
             .slice(first.off as usize, (n * SECTOR) as usize)
             .expect("cached sectors lie inside their buffer");
-        Some(Hit { sectors: n, buf })
+        Some(Hit {
+            sectors: n,
+            buf,
+            crc,
+        })
     }
 
-    /// Caches the verified sectors `buf` (whole sectors) of generation
-    /// `generation` read from disk sector `disk` on.
-    pub(crate) fn insert(&self, generation: u64, disk: u64, buf: &ReadBuf, prefetched: bool) {
+    /// Caches the verified sectors `buf` of generation `generation` read
+    /// from disk sector `disk` on; `crcs`: the plain crc32c of each.
+    pub(crate) fn insert(
+        &self,
+        generation: u64,
+        disk: u64,
+        buf: &ReadBuf,
+        crcs: &[u32],
+        prefetched: bool,
+    ) {
         let Some(map) = &self.map else { return };
         let mut map = map.borrow_mut();
-        let n = buf.len() as u64 / SECTOR;
-        for i in 0..n {
+        let n = crcs.len() as u64;
+        debug_assert_eq!(buf.len() as u64, n * SECTOR);
+        for (i, crc) in (0..n).zip(crcs) {
             map.insert(
                 (generation, disk + i),
                 CachedSector {
                     parent: buf.clone(),
                     off: (i * SECTOR) as u32,
+                    crc: *crc,
                     prefetched: Cell::new(prefetched),
                 },
             );
@@ -243,14 +263,24 @@ mod tests {
         ReadBuf::from_vec(vec![fill; (sectors * SECTOR) as usize])
     }
 
+    fn crcs(b: &ReadBuf) -> Vec<u32> {
+        b.chunks(SECTOR as usize).map(crc32c::crc32c).collect()
+    }
+
+    /// Inserts `buf` with its true crcs.
+    fn put(c: &ReadCache, generation: u64, disk: u64, buf: ReadBuf, prefetched: bool) {
+        c.insert(generation, disk, &buf, &crcs(&buf), prefetched);
+    }
+
     #[test]
     fn runs_from_one_buffer_come_back_as_one_slice() {
         let c = ReadCache::new(64 * SECTOR);
-        c.insert(7, 100, &buf(4, 1), false);
-        c.insert(7, 104, &buf(2, 2), false);
+        put(&c, 7, 100, buf(4, 1), false);
+        put(&c, 7, 104, buf(2, 2), false);
         let h = c.lookup(7, 101, 10).unwrap();
         assert_eq!(h.sectors, 3, "stops at the end of the first buffer");
         assert!(h.buf.iter().all(|&b| b == 1));
+        assert_eq!(h.crc, crc32c::crc32c(&h.buf), "the run's crc is chained");
         let h = c.lookup(7, 104, 10).unwrap();
         assert_eq!(h.sectors, 2);
         assert!(h.buf.iter().all(|&b| b == 2));
@@ -268,9 +298,9 @@ mod tests {
         // A full cache first (an empty one admits new entries to its main
         // queue directly).
         for g in 1000..1200 {
-            c.insert(g, 0, &buf(1, 0), false);
+            put(&c, g, 0, buf(1, 0), false);
         }
-        c.insert(1, 0, &buf(4, 0), true);
+        put(&c, 1, 0, buf(4, 0), true);
         assert_eq!(c.counters.prefetch_issued.get(), 4);
         c.lookup(1, 0, 2).unwrap();
         assert_eq!(c.counters.prefetch_used.get(), 2);
@@ -278,7 +308,7 @@ mod tests {
         assert_eq!(c.counters.prefetch_used.get(), 2, "counted once");
         // Push everything out: the two unread prefetched sectors are waste.
         for g in 2..1000 {
-            c.insert(g, 0, &buf(1, 0), false);
+            put(&c, g, 0, buf(1, 0), false);
         }
         assert_eq!(c.counters.prefetch_wasted.get(), 2, "{:?}", c.counters);
         assert!(c.usage().0 <= 64 * SECTOR);
@@ -288,7 +318,7 @@ mod tests {
     fn disabled_cache_holds_nothing() {
         let c = ReadCache::new(0);
         assert!(!c.enabled());
-        c.insert(1, 0, &buf(1, 0), false);
+        put(&c, 1, 0, buf(1, 0), false);
         assert!(c.lookup(1, 0, 1).is_none());
         assert_eq!(c.usage(), (0, 0));
     }

@@ -37,8 +37,10 @@ pub const PREFETCH_SHARES: usize = 250;
 pub const BLOCK: u64 = 256 << 10;
 pub const MIN_WINDOW: u64 = 512 << 10;
 pub const MAX_WINDOW: u64 = 8 << 20;
-/// Streams remembered per shard; the least recently used is forgotten.
-const MAX_STREAMS: usize = 512;
+/// Streams remembered per shard, in a direct-mapped table: a chunk's slot
+/// is a hash of its id, and a new chunk takes the slot over (O(1) per read,
+/// no allocation; two interleaved streams that collide restart each other).
+const STREAM_SLOTS: usize = 512;
 
 type Pending = Shared<LocalBoxFuture<'static, ()>>;
 
@@ -48,16 +50,19 @@ struct Stream {
     window: u64,
     /// Everything before this offset has been read ahead (or was read).
     ahead: u64,
-    last_used: u64,
 }
 
 pub(crate) struct Prefetcher {
     max_window: u64,
-    streams: RefCell<HashMap<ChunkId, Stream>>,
+    streams: RefCell<Vec<Option<(ChunkId, Stream)>>>,
     /// Blocks `(chunk, offset / BLOCK)` being read ahead now.
     pending: RefCell<HashMap<(ChunkId, u64), Pending>>,
     queue: Cell<Option<TaskQueueHandle>>,
-    clock: Cell<u64>,
+}
+
+fn slot(chunk: ChunkId) -> usize {
+    let h = (chunk.0 as u64 ^ (chunk.0 >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 32) as usize % STREAM_SLOTS
 }
 
 impl Prefetcher {
@@ -71,10 +76,9 @@ impl Prefetcher {
             } else {
                 0
             },
-            streams: RefCell::new(HashMap::new()),
+            streams: RefCell::new((0..STREAM_SLOTS).map(|_| None).collect()),
             pending: RefCell::new(HashMap::new()),
             queue: Cell::new(None),
-            clock: Cell::new(0),
         }
     }
 
@@ -88,12 +92,10 @@ impl Prefetcher {
         if !self.enabled() || end <= offset {
             return;
         }
-        let now = self.clock.get() + 1;
-        self.clock.set(now);
         let issue = {
             let mut streams = self.streams.borrow_mut();
-            match streams.get_mut(&chunk) {
-                Some(s) if s.next == offset => {
+            match &mut streams[slot(chunk)] {
+                Some((c, s)) if *c == chunk && s.next == offset => {
                     s.window = if s.window == 0 {
                         MIN_WINDOW.max(2 * (end - offset))
                     } else {
@@ -101,7 +103,6 @@ impl Prefetcher {
                     }
                     .min(self.max_window);
                     s.next = end;
-                    s.last_used = now;
                     let from = s.ahead.max(end);
                     let target = (end + s.window).div_ceil(BLOCK) * BLOCK;
                     if from < target && from - end <= s.window / 2 {
@@ -111,34 +112,15 @@ impl Prefetcher {
                         None
                     }
                 }
-                Some(s) => {
-                    *s = Stream {
-                        next: end,
-                        window: 0,
-                        ahead: 0,
-                        last_used: now,
-                    };
-                    None
-                }
-                None => {
-                    if streams.len() >= MAX_STREAMS {
-                        let oldest = streams
-                            .iter()
-                            .min_by_key(|(_, s)| s.last_used)
-                            .map(|(c, _)| *c);
-                        if let Some(c) = oldest {
-                            streams.remove(&c);
-                        }
-                    }
-                    streams.insert(
+                other => {
+                    *other = Some((
                         chunk,
                         Stream {
                             next: end,
                             window: 0,
                             ahead: 0,
-                            last_used: now,
                         },
-                    );
+                    ));
                     None
                 }
             }
@@ -150,7 +132,11 @@ impl Prefetcher {
 
     /// The chunk was deleted: forget its stream.
     pub(crate) fn forget(&self, chunk: ChunkId) {
-        self.streams.borrow_mut().remove(&chunk);
+        let mut streams = self.streams.borrow_mut();
+        let entry = &mut streams[slot(chunk)];
+        if entry.as_ref().is_some_and(|(c, _)| *c == chunk) {
+            *entry = None;
+        }
     }
 
     fn queue(&self) -> TaskQueueHandle {
@@ -221,28 +207,39 @@ async fn fetch(inner: &Inner, chunk: ChunkId, start: u64, end: u64) -> Result<()
         return Ok(());
     }
     let (first, last) = (start / SECTOR, end.div_ceil(SECTOR));
+    let recs = inner.index.overlapping(chunk, first, last)?;
+    // (record, from, to) of every run not cached yet.
     let mut misses = Vec::new();
-    for rec in inner.index.overlapping(chunk, first, last)? {
-        let r = rec.slice(rec.logical.0.max(first), rec.end().min(last));
-        let mut i = 0;
-        while i < r.count() {
-            if inner.cache.contains(r.generation.0, r.disk.0 + i) {
-                i += 1;
+    for r in &recs {
+        let cached = |l: u64| {
+            inner
+                .cache
+                .contains(r.generation.0, r.disk.0 + (l - r.logical.0))
+        };
+        let mut at = r.logical.0.max(first);
+        let to = r.end().min(last);
+        while at < to {
+            if cached(at) {
+                at += 1;
                 continue;
             }
-            let from = i;
-            while i < r.count() && !inner.cache.contains(r.generation.0, r.disk.0 + i) {
-                i += 1;
+            let from = at;
+            while at < to && !cached(at) {
+                at += 1;
             }
-            misses.push(r.slice(r.logical.0 + from, r.logical.0 + i));
+            misses.push((r, from, at));
         }
     }
-    let reads = misses.iter().map(|r| inner.read_verified(chunk, r));
-    for (r, res) in misses
+    let reads = misses
+        .iter()
+        .map(|(r, from, to)| inner.read_verified(chunk, r, *from, *to));
+    for ((r, from, _), res) in misses
         .iter()
         .zip(futures_util::future::join_all(reads).await)
     {
-        inner.cache.insert(r.generation.0, r.disk.0, &res?, true);
+        let (buf, crcs) = res?;
+        let disk = r.disk.0 + (from - r.logical.0);
+        inner.cache.insert(r.generation.0, disk, &buf, &crcs, true);
     }
     Ok(())
 }

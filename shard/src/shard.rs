@@ -61,8 +61,8 @@ use crate::error::ShardError;
 use crate::group::Group;
 use crate::index::{Change, Checkpoint, ChunkMeta, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS};
 use crate::layout::{
-    header_sectors_for, sector_crc, DiskSector, ExtentHeader, ExtentKind, Generation,
-    LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
+    crc_then_sector, header_sectors_for, sector_crc, sector_crc_from_plain, DiskSector,
+    ExtentHeader, ExtentKind, Generation, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
 use crate::locks::ChunkLocks;
 use crate::prefetch::Prefetcher;
@@ -1483,36 +1483,50 @@ impl Inner {
         for p in self.prefetch.pending(chunk, first * SECTOR, last * SECTOR) {
             p.await;
         }
-        let mut parts = Vec::new();
-        for rec in self.index.overlapping(chunk, first, last)? {
-            let r = rec.slice(rec.logical.0.max(first), rec.end().min(last));
-            self.plan_extent(r, &mut parts);
+        let recs = self.index.overlapping(chunk, first, last)?;
+        let mut parts = Vec::with_capacity(recs.len());
+        for (i, r) in recs.iter().enumerate() {
+            let span = Span {
+                rec: i,
+                from: r.logical.0.max(first),
+                to: r.end().min(last),
+            };
+            self.plan_span(r, span, &mut parts);
         }
-        let misses: Vec<&ExtentRec> = parts
+        let misses: Vec<Span> = parts
             .iter()
             .filter_map(|p| match p {
-                Part::Miss(r) => Some(r),
+                Part::Miss(s) => Some(*s),
                 Part::Hit { .. } => None,
             })
             .collect();
         let cached = misses.is_empty();
-        let reads = misses.iter().map(|r| self.read_verified(chunk, r));
+        let reads = misses
+            .iter()
+            .map(|s| self.read_verified(chunk, &recs[s.rec], s.from, s.to));
         let mut results = futures_util::future::join_all(reads).await.into_iter();
 
         let mut data = ReadData::default();
         let mut pos = start;
         for part in parts {
-            let (logical, sectors, buf) = match part {
+            let (logical, sectors, buf, crc) = match part {
                 Part::Hit {
                     logical,
                     sectors,
                     buf,
-                } => (logical, sectors, buf),
-                Part::Miss(r) => {
-                    let buf = results.next().expect("one result per miss")?;
-                    bump(&self.cache.counters.misses, r.count());
-                    self.cache.insert(r.generation.0, r.disk.0, &buf, false);
-                    (r.logical.0, r.count(), buf)
+                    crc,
+                } => (logical, sectors, buf, crc),
+                Part::Miss(s) => {
+                    let (buf, crcs) = results.next().expect("one result per miss")?;
+                    let r = &recs[s.rec];
+                    let disk = r.disk.0 + (s.from - r.logical.0);
+                    bump(&self.cache.counters.misses, s.to - s.from);
+                    self.cache.insert(r.generation.0, disk, &buf, &crcs, false);
+                    let crc = crcs
+                        .iter()
+                        .skip(1)
+                        .fold(crcs[0], |a, c| crc_then_sector(a, *c));
+                    (s.from, s.to - s.from, buf, crc)
                 }
             };
             let piece_start = (logical * SECTOR).max(start);
@@ -1522,10 +1536,11 @@ impl Inner {
             }
             let off = (piece_start - logical * SECTOR) as usize;
             let len = (piece_end - piece_start) as usize;
+            let whole = off == 0 && len == buf.len();
             let slice = buf.slice(off, len).ok_or_else(|| {
                 ShardError::Internal(format!("slice {off}+{len} of a {} byte read", buf.len()))
             })?;
-            data.push_disk(slice);
+            data.push_disk(slice, whole.then_some(crc));
             pos = piece_end;
         }
         if end > pos {
@@ -1535,46 +1550,59 @@ impl Inner {
         Ok((data, cached))
     }
 
-    /// Splits extent slice `r` into runs found in the cache and runs to read.
-    fn plan_extent(&self, r: ExtentRec, parts: &mut Vec<Part>) {
+    /// Splits `span` of extent record `r` into runs found in the cache and
+    /// runs to read.
+    fn plan_span(&self, r: &ExtentRec, span: Span, parts: &mut Vec<Part>) {
         if !self.cache.enabled() {
-            parts.push(Part::Miss(r));
+            parts.push(Part::Miss(span));
             return;
         }
-        let n = r.count();
-        let mut i = 0;
+        let disk_of = |logical: u64| r.disk.0 + (logical - r.logical.0);
+        let mut at = span.from;
         let mut miss_from = None;
-        while i < n {
-            match self.cache.lookup(r.generation.0, r.disk.0 + i, n - i) {
+        while at < span.to {
+            match self.cache.lookup(r.generation.0, disk_of(at), span.to - at) {
                 Some(hit) => {
-                    if let Some(m) = miss_from.take() {
-                        parts.push(Part::Miss(r.slice(r.logical.0 + m, r.logical.0 + i)));
+                    if let Some(from) = miss_from.take() {
+                        parts.push(Part::Miss(Span {
+                            to: at,
+                            from,
+                            ..span
+                        }));
                     }
                     parts.push(Part::Hit {
-                        logical: r.logical.0 + i,
+                        logical: at,
                         sectors: hit.sectors,
                         buf: hit.buf,
+                        crc: hit.crc,
                     });
-                    i += hit.sectors;
+                    at += hit.sectors;
                 }
                 None => {
-                    miss_from.get_or_insert(i);
-                    i += 1;
+                    miss_from.get_or_insert(at);
+                    at += 1;
                 }
             }
         }
-        if let Some(m) = miss_from {
-            parts.push(Part::Miss(r.slice(r.logical.0 + m, r.end())));
+        if let Some(from) = miss_from {
+            parts.push(Part::Miss(Span { from, ..span }));
         }
     }
 
-    /// Reads the sectors of extent slice `r` from disk and checks each
-    /// against its crc (pair assertion, memory side: right after the read).
+    /// Reads logical sectors `[from, to)` of extent record `r` from disk and
+    /// checks each against its crc (pair assertion, memory side: right after
+    /// the read). Returns the bytes and each sector's plain crc32c.
     pub(crate) async fn read_verified(
         &self,
         chunk: ChunkId,
         r: &ExtentRec,
-    ) -> Result<ReadBuf, ShardError> {
+        from: u64,
+        to: u64,
+    ) -> Result<(ReadBuf, Vec<u32>), ShardError> {
+        assert!(r.logical.0 <= from && from < to && to <= r.end());
+        let skip = from - r.logical.0;
+        let disk = r.disk.0 + skip;
+        let count = to - from;
         if r.disk.0 < DATA_START_SECTOR
             || r.disk.0 + r.count() > DATA_START_SECTOR + self.capacity_sectors
         {
@@ -1583,31 +1611,32 @@ impl Inner {
                 r.logical.0
             )));
         }
-        let rr = self.io.read(r.disk, r.count()).await.map_err(|e| {
-            ShardError::io(
-                format!("reading chunk {chunk} sectors {}..{}", r.logical.0, r.end()),
-                e,
-            )
+        let rr = self.io.read(DiskSector(disk), count).await.map_err(|e| {
+            ShardError::io(format!("reading chunk {chunk} sectors {from}..{to}"), e)
         })?;
-        for (i, crc) in r.crcs.iter().enumerate() {
-            let s = &rr[i * SECTOR as usize..(i + 1) * SECTOR as usize];
-            let logical = LogicalSector(r.logical.0 + i as u64);
-            let got = sector_crc(chunk, logical, r.generation, s);
-            if got != *crc {
+        let mut plain = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let s = &rr[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize];
+            let logical = LogicalSector(from + i);
+            let want = r.crcs[(skip + i) as usize];
+            let crc = crc32c::crc32c(s);
+            let got = sector_crc_from_plain(chunk, logical, r.generation, crc);
+            if got != want {
                 bump(&self.counters.corrupt_errors, 1);
-                tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = r.disk.0 + i as u64, "sector checksum mismatch");
+                tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = disk + i, "sector checksum mismatch");
                 return Err(ShardError::Corrupt {
                     chunk,
                     sector: logical.0,
                     detail: format!(
-                        "crc32c {got:#010x} != expected {crc:#010x} (disk sector {}, generation {})",
-                        r.disk.0 + i as u64,
+                        "crc32c {got:#010x} != expected {want:#010x} (disk sector {}, generation {})",
+                        disk + i,
                         r.generation.0
                     ),
                 });
             }
+            plain.push(crc);
         }
-        Ok(rr)
+        Ok((rr, plain))
     }
 
     fn cache_stats(&self) -> CacheStats {
@@ -1630,14 +1659,23 @@ impl Inner {
     }
 }
 
-/// A piece of a read: sectors found in the cache, or an extent slice to read.
+/// Logical sectors `[from, to)` of the `rec`-th extent record of a read.
+#[derive(Clone, Copy)]
+struct Span {
+    rec: usize,
+    from: u64,
+    to: u64,
+}
+
+/// A piece of a read: sectors found in the cache, or a span to read.
 enum Part {
     Hit {
         logical: u64,
         sectors: u64,
         buf: ReadBuf,
+        crc: u32,
     },
-    Miss(ExtentRec),
+    Miss(Span),
 }
 
 fn validate_config(cfg: &ShardConfig) -> Result<(), ShardError> {
