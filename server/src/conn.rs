@@ -70,10 +70,17 @@ impl Outbox {
     fn push(&mut self, frame: &[u8], payload: ReplyPayload) {
         let start = self.frames.len();
         self.frames.extend_from_slice(frame);
+        self.push_inline(start, payload, None);
+    }
+
+    /// Records a reply appended to `frames` in place from `start`, its
+    /// payload, and the reservation to release once it is sent.
+    fn push_inline(&mut self, start: usize, payload: ReplyPayload, hold: Option<Reservation>) {
         self.push_frames_since(start);
         if !payload.is_empty() {
             self.parts.push(Part::Payload(payload));
         }
+        self.holds.extend(hold);
     }
 
     /// Records that `frames[start..]` was appended in place.
@@ -734,17 +741,16 @@ async fn handle_frame<S: Transport>(
                 }
             }));
         }
+        Parsed::Read(ref r) if ctx.shard_has_cache() => {
+            // A cache hit is answered inline, straight into the outbox.
+            let start = out.frames.len();
+            match ctx.read_now(op, id, r, &mut out.frames) {
+                Some(payload) => out.push_inline(start, payload, hold),
+                None => conn.pending.push(execute_later(ctx, op, id, req, hold)),
+            }
+        }
         Parsed::Read(_) | Parsed::Delete(_) => {
-            let ctx = ctx.clone();
-            conn.pending.push(Box::pin(async move {
-                let mut frame = Vec::new();
-                let payload = ctx.execute(op, id, req, None, &mut frame).await;
-                Completed {
-                    frame,
-                    payload,
-                    hold,
-                }
-            }));
+            conn.pending.push(execute_later(ctx, op, id, req, hold));
         }
         Parsed::Ping
         | Parsed::Topology
@@ -761,6 +767,26 @@ async fn handle_frame<S: Transport>(
         }
     }
     Ok(None)
+}
+
+/// A request executed by its own task, its reply queued when done.
+fn execute_later(
+    ctx: &Rc<ShardCtx>,
+    op: shardstore_proto::Opcode,
+    id: u64,
+    req: Parsed,
+    hold: Option<Reservation>,
+) -> Pending {
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        let mut frame = Vec::new();
+        let payload = ctx.execute(op, id, req, None, &mut frame).await;
+        Completed {
+            frame,
+            payload,
+            hold,
+        }
+    })
 }
 
 async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result<Option<Stop>> {

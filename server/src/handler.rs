@@ -16,6 +16,7 @@ use shardstore_proto::{
 };
 use shardstore_shard::{ReadData, Shard, ShardError};
 use std::rc::Rc;
+use std::time::Instant;
 use tracing::debug;
 
 /// What every shard knows about the node, fixed at start-up.
@@ -424,31 +425,9 @@ impl ShardCtx {
                         ),
                     ));
                 }
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 let res = self.shard.read(ChunkId(r.chunk), r.offset, r.len).await?;
-                let split = if res.cached {
-                    &self.counters.read_cached
-                } else {
-                    &self.counters.read_uncached
-                };
-                split.record(started.elapsed().as_micros() as u64);
-                let n = res.data.len();
-                self.counters
-                    .bytes_out
-                    .set(self.counters.bytes_out.get() + n as u64);
-                encode_frame(
-                    opcode,
-                    ok,
-                    request_id,
-                    &ReadReply {
-                        version: res.version,
-                        chunk_len: res.chunk_len,
-                        payload_crc: res.payload_crc,
-                    },
-                    n as u32,
-                    out,
-                );
-                return Ok(ReplyPayload::Disk(res.data));
+                return Ok(self.encode_read(opcode, request_id, res, started, out));
             }
             Parsed::Stat(c) => {
                 let s = self.shard.stat(ChunkId(c.chunk))?;
@@ -493,6 +472,71 @@ impl ShardCtx {
             }
         }
         Ok(ReplyPayload::None)
+    }
+
+    /// Whether the shard has a read cache (READs may be answered inline).
+    pub fn shard_has_cache(&self) -> bool {
+        self.shard.has_cache()
+    }
+
+    /// Answers a READ inline when it needs no device I/O (see
+    /// `Shard::read_now`): appends the reply to `out` and returns its
+    /// payload, or `None` if the request must go through [`Self::execute`].
+    pub fn read_now(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        r: &ReadRequest,
+        out: &mut Vec<u8>,
+    ) -> Option<ReplyPayload> {
+        if r.len > self.node.max_payload {
+            return None;
+        }
+        let started = Instant::now();
+        let res = self.shard.read_now(ChunkId(r.chunk), r.offset, r.len)?;
+        self.counters.record(opcode, started);
+        Some(match res {
+            Ok(res) => self.encode_read(opcode, request_id, res, started, out),
+            Err(e) => {
+                self.counters.error(opcode);
+                encode_error(out, opcode, request_id, &e.into());
+                ReplyPayload::None
+            }
+        })
+    }
+
+    /// Encodes a READ's reply and counts it.
+    fn encode_read(
+        &self,
+        opcode: Opcode,
+        request_id: u64,
+        res: shardstore_shard::ReadOutcome,
+        started: Instant,
+        out: &mut Vec<u8>,
+    ) -> ReplyPayload {
+        let split = if res.cached {
+            &self.counters.read_cached
+        } else {
+            &self.counters.read_uncached
+        };
+        split.record(started.elapsed().as_micros() as u64);
+        let n = res.data.len();
+        self.counters
+            .bytes_out
+            .set(self.counters.bytes_out.get() + n as u64);
+        encode_frame(
+            opcode,
+            FLAG_RESPONSE,
+            request_id,
+            &ReadReply {
+                version: res.version,
+                chunk_len: res.chunk_len,
+                payload_crc: res.payload_crc,
+            },
+            n as u32,
+            out,
+        );
+        ReplyPayload::Disk(res.data)
     }
 
     pub fn stats(&self) -> StatsReply {

@@ -84,6 +84,13 @@ impl ShardCounters {
         c.set(c.get() + 1);
     }
 
+    /// Records the latency of a request answered inline (never in flight).
+    pub fn record(&self, op: Opcode, started: Instant) {
+        if let Some(l) = self.latency.get(op as usize) {
+            l.record(started.elapsed().as_micros() as u64);
+        }
+    }
+
     /// Counts a request as in flight until the guard drops, then records its
     /// latency (also when the request's future is dropped unfinished).
     pub fn start(&self, op: Opcode) -> InFlight<'_> {

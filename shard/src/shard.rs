@@ -721,6 +721,30 @@ impl Shard {
         self.inner.read(chunk, offset, len).await
     }
 
+    /// Answers a READ at once when it needs no device I/O (every sector is
+    /// cached, or the range is empty, or the request fails): `None` means
+    /// "use [`Shard::read`]". Lets a server answer cache hits inline.
+    pub fn read_now(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Option<Result<ReadOutcome, ShardError>> {
+        let out = self.inner.read_now(chunk, offset, len)?;
+        self.inner.prefetch.on_read(
+            &self.inner,
+            chunk,
+            offset,
+            offset.saturating_add(u64::from(len)),
+        );
+        Some(out)
+    }
+
+    /// Whether reads can be served from a cache (see [`Shard::read_now`]).
+    pub fn has_cache(&self) -> bool {
+        self.inner.cache.enabled()
+    }
+
     /// Metadata of a chunk.
     pub fn stat(&self, chunk: ChunkId) -> Result<ChunkStat, ShardError> {
         let m = self
@@ -1428,6 +1452,23 @@ impl Inner {
 
     /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
     async fn read(&self, chunk: ChunkId, offset: u64, len: u32) -> Result<ReadOutcome, ShardError> {
+        let _epoch = self.begin_read();
+        let (meta, end) = self.read_bounds(chunk, offset, len)?;
+        let (data, cached) = if offset >= end {
+            (ReadData::default(), true)
+        } else {
+            self.read_bytes(chunk, offset, end).await?
+        };
+        Ok(self.read_outcome(meta, data, cached))
+    }
+
+    /// Checks a READ and returns the chunk's meta and where the read ends.
+    fn read_bounds(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<(ChunkMeta, u64), ShardError> {
         if len > limits::MAX_PAYLOAD {
             return Err(ShardError::TooLarge(format!(
                 "read of {len} bytes exceeds {}",
@@ -1437,17 +1478,14 @@ impl Inner {
         let want_end = offset
             .checked_add(u64::from(len))
             .ok_or_else(|| ShardError::InvalidArgument(format!("offset {offset} overflows")))?;
-        let _epoch = self.begin_read();
         let meta = self
             .index
             .get_meta(chunk)?
             .ok_or(ShardError::NotFound(chunk))?;
-        let end = want_end.min(meta.len);
-        let (data, cached) = if offset >= end {
-            (ReadData::default(), true)
-        } else {
-            self.read_bytes(chunk, offset, end).await?
-        };
+        Ok((meta, want_end.min(meta.len)))
+    }
+
+    fn read_outcome(&self, meta: ChunkMeta, data: ReadData, cached: bool) -> ReadOutcome {
         bump(&self.counters.reads, 1);
         if cached {
             bump(&self.cache.counters.cached_reads, 1);
@@ -1455,13 +1493,60 @@ impl Inner {
             bump(&self.cache.counters.uncached_reads, 1);
         }
         bump(&self.counters.bytes_read, data.len() as u64);
-        Ok(ReadOutcome {
+        ReadOutcome {
             version: meta.version,
             chunk_len: meta.len,
             payload_crc: data.crc32c(),
             data,
             cached,
-        })
+        }
+    }
+
+    /// A READ answered without waiting: `None` if it needs the device (or
+    /// waits for read-ahead in flight), else its outcome (errors included).
+    fn read_now(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Option<Result<ReadOutcome, ShardError>> {
+        if !self.cache.enabled() {
+            return None;
+        }
+        let _epoch = self.begin_read();
+        let (meta, end) = match self.read_bounds(chunk, offset, len) {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        if offset >= end {
+            return Some(Ok(self.read_outcome(meta, ReadData::default(), true)));
+        }
+        let (first, last) = (offset / SECTOR, end.div_ceil(SECTOR));
+        if !self
+            .prefetch
+            .pending(chunk, first * SECTOR, last * SECTOR)
+            .is_empty()
+        {
+            return None;
+        }
+        let recs = match self.index.overlapping(chunk, first, last) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        // Probe without side effects first: a read that needs the device
+        // starts over on the asynchronous path.
+        let all_cached = recs.iter().all(|r| {
+            (r.logical.0.max(first)..r.end().min(last)).all(|l| {
+                self.cache
+                    .contains(r.generation.0, r.disk.0 + (l - r.logical.0))
+            })
+        });
+        if !all_cached {
+            return None;
+        }
+        let parts = self.plan(&recs, first, last);
+        let data = self.assemble(offset, end, &recs, parts, std::iter::empty());
+        Some(data.map(|d| self.read_outcome(meta, d, true)))
     }
 
     /// Bytes `[start, end)` of the chunk (within its length): sectors from
@@ -1484,15 +1569,7 @@ impl Inner {
             p.await;
         }
         let recs = self.index.overlapping(chunk, first, last)?;
-        let mut parts = Vec::with_capacity(recs.len());
-        for (i, r) in recs.iter().enumerate() {
-            let span = Span {
-                rec: i,
-                from: r.logical.0.max(first),
-                to: r.end().min(last),
-            };
-            self.plan_span(r, span, &mut parts);
-        }
+        let parts = self.plan(&recs, first, last);
         let misses: Vec<Span> = parts
             .iter()
             .filter_map(|p| match p {
@@ -1504,8 +1581,36 @@ impl Inner {
         let reads = misses
             .iter()
             .map(|s| self.read_verified(chunk, &recs[s.rec], s.from, s.to));
-        let mut results = futures_util::future::join_all(reads).await.into_iter();
+        let results = futures_util::future::join_all(reads).await;
+        let data = self.assemble(start, end, &recs, parts, results.into_iter())?;
+        Ok((data, cached))
+    }
 
+    /// The parts of a read of logical sectors `[first, last)` covered by
+    /// `recs`: runs found in the cache and spans to read.
+    fn plan(&self, recs: &[ExtentRec], first: u64, last: u64) -> Vec<Part> {
+        let mut parts = Vec::with_capacity(recs.len());
+        for (i, r) in recs.iter().enumerate() {
+            let span = Span {
+                rec: i,
+                from: r.logical.0.max(first),
+                to: r.end().min(last),
+            };
+            self.plan_span(r, span, &mut parts);
+        }
+        parts
+    }
+
+    /// Bytes `[start, end)` from the planned parts, the spans read from disk
+    /// (`results`, one per `Part::Miss`, in order) going into the cache.
+    fn assemble(
+        &self,
+        start: u64,
+        end: u64,
+        recs: &[ExtentRec],
+        parts: Vec<Part>,
+        mut results: impl Iterator<Item = Result<(ReadBuf, Vec<u32>), ShardError>>,
+    ) -> Result<ReadData, ShardError> {
         let mut data = ReadData::default();
         let mut pos = start;
         for part in parts {
@@ -1517,7 +1622,9 @@ impl Inner {
                     crc,
                 } => (logical, sectors, buf, crc),
                 Part::Miss(s) => {
-                    let (buf, crcs) = results.next().expect("one result per miss")?;
+                    let (buf, crcs) = results.next().ok_or_else(|| {
+                        ShardError::Internal("a read span without its device read".into())
+                    })??;
                     let r = &recs[s.rec];
                     let disk = r.disk.0 + (s.from - r.logical.0);
                     bump(&self.cache.counters.misses, s.to - s.from);
@@ -1547,7 +1654,7 @@ impl Inner {
             data.push_zeros((end - pos) as usize);
         }
         assert_eq!(data.len() as u64, end - start);
-        Ok((data, cached))
+        Ok(data)
     }
 
     /// Splits `span` of extent record `r` into runs found in the cache and
