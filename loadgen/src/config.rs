@@ -10,8 +10,18 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Verify mode writes a 32-byte self-describing header in every value.
+/// Verify mode writes a 32-byte self-describing header in every piece.
 pub const VERIFY_MIN_SIZE: u64 = 32;
+/// Largest value (chunk) the loadgen writes: the server's default chunk
+/// limit, and what keeps a piece's offset within the u32 of its header.
+pub const MAX_VALUE_SIZE: u64 = 64 << 20;
+/// Largest request: the server's default payload limit.
+pub const MAX_IO_SIZE: u64 = 8 << 20;
+/// Most (key, piece) slots a run tracks (8 bytes of state each).
+pub const MAX_SLOTS: u64 = 1 << 26;
+
+const _: () = assert!(VERIFY_MIN_SIZE <= MAX_IO_SIZE && MAX_IO_SIZE <= MAX_VALUE_SIZE);
+const _: () = assert!(MAX_VALUE_SIZE <= u32::MAX as u64);
 
 /// Load generator for shardstore. Closed loop (as fast as the pipeline
 /// allows) by default; open loop with --rate, where latency is measured
@@ -38,9 +48,19 @@ pub struct Config {
     pub read_ratio: ReadRatio,
 
     /// Value size: a fixed size (4096, 4k, 1m, 1MiB) or a uniform range
-    /// (1k..64k). Each write's size is derived from (key, version, seed).
+    /// (1k..64k), at most 64 MiB. Each write's size is derived from (key,
+    /// version, seed).
     #[arg(long, default_value = "4k")]
     pub size: SizeSpec,
+
+    /// Bytes per operation (at most 8 MiB; must divide a fixed --size).
+    /// Each op reads or writes this many bytes at an io-size-aligned offset
+    /// of the chunk: in order with --distribution sequential (a chunk's
+    /// offsets, then the next key), else a uniformly random one. Default:
+    /// the value size (each op is a whole value).
+    #[arg(long, value_parser = parse_bytes)]
+    #[serde(skip)]
+    pub io_size: Option<u64>,
 
     /// Number of keys (chunks) in the key space.
     #[arg(long, default_value_t = 100_000)]
@@ -52,7 +72,7 @@ pub struct Config {
     pub key_offset: u64,
 
     /// Key distribution: uniform, zipf[:THETA] (0<THETA<1, default 0.99) or
-    /// sequential.
+    /// sequential (with --io-size: through each chunk's offsets in order).
     #[arg(long, default_value = "uniform")]
     pub distribution: Distribution,
 
@@ -88,7 +108,7 @@ pub struct Config {
     pub warmup: Duration,
 
     /// Write every key once before the run, so reads hit (implied by
-    /// --verify).
+    /// --verify); with --io-size, whole chunks in io-size pieces.
     #[arg(long)]
     pub preload: bool,
 
@@ -157,6 +177,82 @@ impl Config {
         self.preload || self.verify
     }
 
+    /// Bytes per operation: `--io-size`, or the value size.
+    pub fn io_spec(&self) -> SizeSpec {
+        match self.io_size {
+            Some(n) => SizeSpec::Fixed(n),
+            None => self.size,
+        }
+    }
+
+    /// Pieces (operations' worth of bytes) per chunk: `size / io_size`, 1
+    /// without `--io-size` (call after [`Config::validate`]).
+    pub fn pieces(&self) -> u64 {
+        match self.io_size {
+            Some(n) => self.size.max() / n,
+            None => 1,
+        }
+    }
+
+    /// The configuration as reports show it: every option, with `io_size`
+    /// resolved (the value size unless `--io-size` is given).
+    pub fn effective(&self) -> Effective<'_> {
+        Effective {
+            options: self,
+            io_size: self.io_spec(),
+        }
+    }
+
+    /// The `--size` / `--io-size` checks.
+    fn validate_sizes(&self) -> Result<(), String> {
+        if self.size.max() > MAX_VALUE_SIZE {
+            return Err(format!(
+                "--size {} is above the largest chunk, {MAX_VALUE_SIZE} bytes (64 MiB)",
+                self.size
+            ));
+        }
+        let Some(io) = self.io_size else {
+            if self.size.max() > MAX_IO_SIZE {
+                return Err(format!(
+                    "--size {} is above the largest request, {MAX_IO_SIZE} bytes (8 MiB): \
+                     give --io-size to read and write the value in pieces",
+                    self.size
+                ));
+            }
+            return Ok(());
+        };
+        if io == 0 || io > MAX_IO_SIZE {
+            return Err(format!(
+                "--io-size {io} must be between 1 and {MAX_IO_SIZE} bytes (8 MiB, the largest request)"
+            ));
+        }
+        let SizeSpec::Fixed(size) = self.size else {
+            return Err(format!(
+                "--io-size needs a fixed --size, not the range {}",
+                self.size
+            ));
+        };
+        if size % io != 0 {
+            return Err(format!(
+                "--io-size {io} must divide --size {size} (every op is a whole io-size piece; \
+                 there is no short tail)"
+            ));
+        }
+        if self.verify && io < VERIFY_MIN_SIZE {
+            return Err(format!(
+                "--verify needs --io-size of at least {VERIFY_MIN_SIZE} bytes (every piece carries a header)"
+            ));
+        }
+        if self.keys.saturating_mul(size / io) > MAX_SLOTS {
+            return Err(format!(
+                "--keys {} x {} pieces per chunk is more than {MAX_SLOTS} pieces to track",
+                self.keys,
+                size / io
+            ));
+        }
+        Ok(())
+    }
+
     /// Cross-field checks clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if self.connections == 0 || self.pipeline == 0 || self.threads == 0 {
@@ -174,6 +270,7 @@ impl Config {
                 "--verify needs values of at least {VERIFY_MIN_SIZE} bytes (they carry a header)"
             ));
         }
+        self.validate_sizes()?;
         if let Some(rate) = self.rate {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(format!("--rate {rate} must be a positive number"));
@@ -193,6 +290,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// [`Config`] as the reports write it; see [`Config::effective`].
+#[derive(Serialize)]
+pub struct Effective<'a> {
+    #[serde(flatten)]
+    options: &'a Config,
+    io_size: SizeSpec,
 }
 
 /// `--read-ratio`: a number or a named mix.
@@ -399,5 +504,52 @@ mod tests {
         assert!(c.preload_enabled());
         let c = Config::parse_from(["loadgen", "--rate", "0"]);
         assert!(c.validate().is_err());
+    }
+
+    fn check(args: &[&str]) -> Result<Config, String> {
+        let c = Config::try_parse_from([&["loadgen"], args].concat()).map_err(|e| e.to_string())?;
+        c.validate().map(|()| c)
+    }
+
+    #[test]
+    fn io_size_validation() {
+        let c = check(&["--size", "64m", "--io-size", "1m"]).unwrap();
+        assert_eq!(c.pieces(), 64);
+        assert_eq!(c.io_spec(), SizeSpec::Fixed(1 << 20));
+        let c = check(&["--size", "1m"]).unwrap();
+        assert_eq!((c.pieces(), c.io_spec()), (1, SizeSpec::Fixed(1 << 20)));
+        let c = check(&["--size", "1k..8k"]).unwrap();
+        assert_eq!(c.io_spec(), c.size, "default: the whole value");
+        assert_eq!(
+            check(&["--size", "4k", "--io-size", "4k"])
+                .unwrap()
+                .pieces(),
+            1
+        );
+
+        let err = |args: &[&str]| check(args).unwrap_err();
+        assert!(err(&["--size", "64m", "--io-size", "0"]).contains("between 1 and"));
+        assert!(err(&["--size", "64m", "--io-size", "16m"]).contains("between 1 and"));
+        assert!(err(&["--size", "1m", "--io-size", "3k"]).contains("must divide"));
+        assert!(err(&["--size", "1k..8k", "--io-size", "1k"]).contains("fixed --size"));
+        assert!(err(&["--size", "128m", "--io-size", "1m"]).contains("largest chunk"));
+        assert!(err(&["--size", "16m"]).contains("give --io-size"));
+        assert!(err(&["--size", "64m", "--io-size", "16", "--verify"]).contains("at least 32"));
+        assert!(
+            err(&["--size", "64m", "--io-size", "512", "--keys", "10000"])
+                .contains("pieces to track")
+        );
+        assert!(check(&["--io-size", "4q"]).is_err(), "unparsable size");
+    }
+
+    #[test]
+    fn reports_carry_the_resolved_io_size() {
+        let c = check(&["--size", "8m", "--io-size", "1m"]).unwrap();
+        let v = serde_json::to_value(c.effective()).unwrap();
+        assert_eq!(v["io_size"], "1048576");
+        assert_eq!(v["size"], "8388608");
+        let c = check(&["--size", "4k"]).unwrap();
+        let v = serde_json::to_value(c.effective()).unwrap();
+        assert_eq!(v["io_size"], "4096");
     }
 }

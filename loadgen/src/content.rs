@@ -1,20 +1,30 @@
 //! Values written in verify mode and how a read is checked.
 //!
-//! A value is a 32-byte header followed by a byte stream; both are a pure
-//! function of (key, version, seed), so the reader recomputes exactly what
-//! the key's single writer wrote:
+//! The unit of verification is a *piece*: the bytes one write puts at one
+//! offset of a chunk. Without `--io-size` a chunk is one piece (offset 0,
+//! the whole value); with it, a chunk of `--size` bytes is `size / io_size`
+//! pieces, piece `p` covering `[p * io_size, (p + 1) * io_size)`. Each piece
+//! has its own version (the writer's write count for that piece, from 1), so
+//! rewriting one piece never changes what the others must hold, and every
+//! piece carries its own header, so a read at any aligned offset explains
+//! itself. A piece is a 32-byte header followed by a byte stream, both a pure
+//! function of (key, offset, version, seed), so the reader recomputes
+//! exactly what the piece's single writer wrote:
 //!
 //! ```text
 //! 0..8    magic "SSLGVAL1"
 //! 8..16   key (u64 LE)
-//! 16..24  version: the loadgen's write count for this key, from 1 (u64 LE)
+//! 16..20  version of this piece (u32 LE)
+//! 20..24  byte offset of this piece in the chunk (u32 LE; 0 for whole values)
 //! 24..28  low 32 bits of the seed (u32 LE)
-//! 28..32  value length (u32 LE)
-//! 32..    stream(key, version, seed)
+//! 28..32  piece length (u32 LE)
+//! 32..    stream(key, offset, version, seed)
 //! ```
 //!
-//! The header makes a failure explainable: a misdirected write shows another
-//! key, a lost or stale write an older version, a torn one a wrong tail.
+//! (A whole value's header is the same bytes as before pieces existed: the
+//! version was a u64 whose high half was always zero.) The header makes a
+//! failure explainable: a misdirected write shows another key or offset, a
+//! lost or stale write an older version, a torn one a wrong tail.
 
 use crate::keys::{hash_words, mix64};
 use std::fmt;
@@ -22,9 +32,9 @@ use std::fmt;
 pub const MAGIC: [u8; 8] = *b"SSLGVAL1";
 pub const HEADER_LEN: usize = 32;
 
-/// The stream part: 8 bytes per step, seeded by (key, version, seed).
-fn fill_stream(out: &mut [u8], key: u64, version: u64, seed: u64) {
-    let mut state = hash_words(&[seed, key, version]);
+/// The stream part: 8 bytes per step, seeded by (key, offset, version, seed).
+fn fill_stream(out: &mut [u8], key: u64, offset: u64, version: u64, seed: u64) {
+    let mut state = hash_words(&[seed, key, version, offset]);
     for chunk in out.chunks_mut(8) {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let w = mix64(state).to_le_bytes();
@@ -32,19 +42,31 @@ fn fill_stream(out: &mut [u8], key: u64, version: u64, seed: u64) {
     }
 }
 
-/// The full value of `version` of `key`, `len` bytes (`len >= HEADER_LEN`).
-pub fn value(key: u64, version: u64, seed: u64, len: usize) -> Vec<u8> {
+/// Where a piece lives: its chunk's key and its byte offset in the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PieceAt {
+    pub key: u64,
+    pub offset: u64,
+}
+
+/// The full piece `version` at `at`, `len` bytes (`len >= HEADER_LEN`;
+/// versions and offsets fit in u32: the loadgen counts versions in u32 and
+/// chunks are at most `MAX_VALUE_SIZE`).
+pub fn value(at: PieceAt, version: u64, seed: u64, len: usize) -> Vec<u8> {
     assert!(
         len >= HEADER_LEN,
         "verify values carry a {HEADER_LEN}-byte header"
     );
+    let version32 = u32::try_from(version).expect("piece versions are counted in u32");
+    let offset32 = u32::try_from(at.offset).expect("chunk offsets fit in u32");
     let mut v = vec![0u8; len];
     v[0..8].copy_from_slice(&MAGIC);
-    v[8..16].copy_from_slice(&key.to_le_bytes());
-    v[16..24].copy_from_slice(&version.to_le_bytes());
+    v[8..16].copy_from_slice(&at.key.to_le_bytes());
+    v[16..20].copy_from_slice(&version32.to_le_bytes());
+    v[20..24].copy_from_slice(&offset32.to_le_bytes());
     v[24..28].copy_from_slice(&(seed as u32).to_le_bytes());
     v[28..32].copy_from_slice(&(len as u32).to_le_bytes());
-    fill_stream(&mut v[HEADER_LEN..], key, version, seed);
+    fill_stream(&mut v[HEADER_LEN..], at.key, at.offset, version, seed);
     v
 }
 
@@ -61,6 +83,10 @@ pub enum Mismatch {
     },
     WrongSeed {
         found: u32,
+    },
+    /// The piece belongs at another offset of the chunk.
+    WrongOffset {
+        found: u64,
     },
     /// The value's version is outside what may be on the server.
     WrongVersion {
@@ -89,6 +115,9 @@ impl fmt::Display for Mismatch {
             Mismatch::WrongSeed { found } => {
                 write!(f, "value written with seed {found:#x} (another run?)")
             }
+            Mismatch::WrongOffset { found } => {
+                write!(f, "piece belongs at offset {found} (misplaced write?)")
+            }
             Mismatch::WrongVersion { found, low, high } => {
                 if low == high {
                     write!(f, "version {found}, expected {low} (lost or stale write?)")
@@ -109,14 +138,14 @@ impl fmt::Display for Mismatch {
     }
 }
 
-/// Checks `data`, a read of `requested` bytes at offset 0 of `key`, whose
+/// Checks `data`, a read of `requested` bytes of the piece at `at`, whose
 /// last write was version `high` and whose last *acknowledged* write was
 /// `low` (they differ after a failed write, which may or may not have
 /// landed). `len_of(version)` gives the length that version was written with.
 pub fn check(
     data: &[u8],
     requested: usize,
-    key: u64,
+    at: PieceAt,
     seed: u64,
     low: u64,
     high: u64,
@@ -138,14 +167,20 @@ pub fn check(
         u64::from_le_bytes(b)
     };
     let found_key = word(8..16);
-    if found_key != key {
+    if found_key != at.key {
         return Err(Mismatch::WrongKey { found: found_key });
     }
-    let version = word(16..24);
     let found_seed = word(24..28) as u32;
     if found_seed != seed as u32 {
         return Err(Mismatch::WrongSeed { found: found_seed });
     }
+    let found_offset = word(20..24);
+    if found_offset != at.offset {
+        return Err(Mismatch::WrongOffset {
+            found: found_offset,
+        });
+    }
+    let version = word(16..20);
     if version < low || version > high {
         return Err(Mismatch::WrongVersion {
             found: version,
@@ -171,7 +206,7 @@ pub fn check(
             want: expect_len,
         });
     }
-    let want = value(key, version, seed, len as usize);
+    let want = value(at, version, seed, len as usize);
     if let Some(i) = (HEADER_LEN..expect_len).find(|&i| data[i] != want[i]) {
         return Err(Mismatch::Bytes {
             first_bad_offset: i,
@@ -184,18 +219,22 @@ pub fn check(
 mod tests {
     use super::*;
 
+    fn at(key: u64) -> PieceAt {
+        PieceAt { key, offset: 0 }
+    }
+
     #[test]
     fn good_values_pass_and_damage_is_named() {
         let len_of = |_v| 4096;
-        let v = value(7, 3, 99, 4096);
-        assert_eq!(check(&v, 4096, 7, 99, 3, 3, len_of), Ok(3));
-        assert_eq!(check(&v, 4096, 7, 99, 2, 3, len_of), Ok(3));
+        let v = value(at(7), 3, 99, 4096);
+        assert_eq!(check(&v, 4096, at(7), 99, 3, 3, len_of), Ok(3));
+        assert_eq!(check(&v, 4096, at(7), 99, 2, 3, len_of), Ok(3));
         assert_eq!(
-            check(&v, 4096, 8, 99, 3, 3, len_of),
+            check(&v, 4096, at(8), 99, 3, 3, len_of),
             Err(Mismatch::WrongKey { found: 7 })
         );
         assert_eq!(
-            check(&v, 4096, 7, 99, 4, 4, len_of),
+            check(&v, 4096, at(7), 99, 4, 4, len_of),
             Err(Mismatch::WrongVersion {
                 found: 3,
                 low: 4,
@@ -203,44 +242,66 @@ mod tests {
             })
         );
         assert!(matches!(
-            check(&v, 4096, 7, 98, 3, 3, len_of),
+            check(&v, 4096, at(7), 98, 3, 3, len_of),
             Err(Mismatch::WrongSeed { .. })
         ));
         let mut bad = v.clone();
         bad[1000] ^= 1;
         assert_eq!(
-            check(&bad, 4096, 7, 99, 3, 3, len_of),
+            check(&bad, 4096, at(7), 99, 3, 3, len_of),
             Err(Mismatch::Bytes {
                 first_bad_offset: 1000
             })
         );
         assert!(matches!(
-            check(&v[..100], 4096, 7, 99, 3, 3, len_of),
+            check(&v[..100], 4096, at(7), 99, 3, 3, len_of),
             Err(Mismatch::Short { .. })
         ));
         let mut zeros = v.clone();
         zeros[..8].fill(0);
         assert_eq!(
-            check(&zeros, 4096, 7, 99, 3, 3, len_of),
+            check(&zeros, 4096, at(7), 99, 3, 3, len_of),
             Err(Mismatch::BadMagic)
         );
     }
 
     #[test]
     fn a_shorter_new_version_over_a_longer_old_one_checks_out() {
-        let old = value(1, 1, 5, 200);
-        let new = value(1, 2, 5, 100);
+        let old = value(at(1), 1, 5, 200);
+        let new = value(at(1), 2, 5, 100);
         let mut on_disk = old.clone();
         on_disk[..100].copy_from_slice(&new);
         let len_of = |v| if v == 1 { 200 } else { 100 };
-        assert_eq!(check(&on_disk, 100, 1, 5, 2, 2, len_of), Ok(2));
-        assert_eq!(check(&on_disk, 200, 1, 5, 2, 2, len_of), Ok(2));
+        assert_eq!(check(&on_disk, 100, at(1), 5, 2, 2, len_of), Ok(2));
+        assert_eq!(check(&on_disk, 200, at(1), 5, 2, 2, len_of), Ok(2));
     }
 
     #[test]
     fn values_differ_by_version_and_key() {
-        assert_ne!(value(1, 1, 0, 64), value(1, 2, 0, 64));
-        assert_ne!(value(1, 1, 0, 64), value(2, 1, 0, 64));
-        assert_eq!(value(1, 1, 0, 64), value(1, 1, 0, 64));
+        assert_ne!(value(at(1), 1, 0, 64), value(at(1), 2, 0, 64));
+        assert_ne!(value(at(1), 1, 0, 64), value(at(2), 1, 0, 64));
+        assert_eq!(value(at(1), 1, 0, 64), value(at(1), 1, 0, 64));
+    }
+
+    #[test]
+    fn pieces_name_their_offset_and_do_not_pass_for_each_other() {
+        let p0 = PieceAt { key: 3, offset: 0 };
+        let p1 = PieceAt {
+            key: 3,
+            offset: 1 << 20,
+        };
+        let len_of = |_v| 4096;
+        let v1 = value(p1, 2, 9, 4096);
+        assert_eq!(check(&v1, 4096, p1, 9, 2, 2, len_of), Ok(2));
+        assert_eq!(
+            check(&v1, 4096, p0, 9, 2, 2, len_of),
+            Err(Mismatch::WrongOffset { found: 1 << 20 })
+        );
+        // Same key, version and seed at another offset: other bytes.
+        assert_ne!(value(p0, 2, 9, 4096)[HEADER_LEN..], v1[HEADER_LEN..]);
+        // A whole value keeps the header it had before pieces: version as a
+        // u64 whose high half is zero.
+        let whole = value(p0, 7, 9, 64);
+        assert_eq!(whole[16..24], 7u64.to_le_bytes());
     }
 }

@@ -6,7 +6,12 @@
 //!   any machine (no `rand` crate whose streams may change between versions);
 //! - a worker draws only from its own partition of the key space (see
 //!   [`Partition`]), so each key has exactly one writer and its expected
-//!   content is always known (verify mode relies on it).
+//!   content is always known (verify mode relies on it);
+//! - with `--io-size` an operation targets one piece of a chunk ([`Pick`]):
+//!   sequential walks a chunk's pieces in order before the next key, the
+//!   other distributions draw the key as before and the piece uniformly from
+//!   a stream of their own, so the key stream of a seed does not depend on
+//!   the io size.
 
 use serde::Serialize;
 use std::fmt;
@@ -193,13 +198,27 @@ impl Partition {
     }
 }
 
-/// Draws local key indexes (`0..partition.len`) for one worker.
+/// Draws local key indexes (`0..partition.len`) for one worker, and the
+/// piece of the key's chunk each operation targets.
 #[derive(Debug, Clone)]
 pub struct KeyGen {
     dist: Sampler,
     rng: Rng,
     len: u64,
     next_seq: u64,
+    /// Pieces per chunk (1: every op is the whole value).
+    pieces: u64,
+    piece_rng: Rng,
+    /// Sequential: the key being walked and its next piece.
+    seq_pick: Pick,
+}
+
+/// Where an operation lands: local key index and piece of that key's chunk
+/// (the piece at byte offset `piece * io_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub index: u64,
+    pub piece: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -227,7 +246,35 @@ impl KeyGen {
             rng: Rng::new(seed),
             len,
             next_seq: 0,
+            pieces: 1,
+            piece_rng: Rng::new(hash_words(&[seed, 0x0ff5])),
+            seq_pick: Pick { index: 0, piece: 0 },
         }
+    }
+
+    /// Chunks of `pieces` pieces (`>= 1`) instead of whole values.
+    pub fn with_pieces(mut self, pieces: u64) -> Self {
+        assert!(pieces >= 1);
+        self.pieces = pieces;
+        self
+    }
+
+    /// The next operation's key and piece.
+    pub fn next_pick(&mut self) -> Pick {
+        if let Sampler::Sequential = self.dist {
+            if self.seq_pick.piece == 0 {
+                self.seq_pick.index = self.next_index();
+            }
+            let pick = self.seq_pick;
+            self.seq_pick.piece = (pick.piece + 1) % self.pieces;
+            return pick;
+        }
+        let index = self.next_index();
+        let piece = match self.pieces {
+            1 => 0,
+            n => self.piece_rng.below(n),
+        };
+        Pick { index, piece }
     }
 
     /// The next local key index.
@@ -330,6 +377,42 @@ mod tests {
         let mut s = KeyGen::new(Distribution::Sequential, 5, 99, None);
         let got: Vec<u64> = (0..12).map(|_| s.next_index()).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]);
+    }
+
+    #[test]
+    fn sequential_walks_every_piece_of_a_chunk_then_the_next_key() {
+        // 3 keys of 4 pieces: a chunk's offsets in order, then the next key,
+        // and around again.
+        let mut s = KeyGen::new(Distribution::Sequential, 3, 5, None).with_pieces(4);
+        let got: Vec<(u64, u64)> = (0..14)
+            .map(|_| s.next_pick())
+            .map(|p| (p.index, p.piece))
+            .collect();
+        let want: Vec<(u64, u64)> = (0..3)
+            .flat_map(|k| (0..4).map(move |p| (k, p)))
+            .chain([(0, 0), (0, 1)])
+            .collect();
+        assert_eq!(got, want);
+        // One piece per chunk is the plain key walk.
+        let mut s = KeyGen::new(Distribution::Sequential, 3, 5, None);
+        let got: Vec<Pick> = (0..4).map(|_| s.next_pick()).collect();
+        assert_eq!(
+            got.iter().map(|p| (p.index, p.piece)).collect::<Vec<_>>(),
+            vec![(0, 0), (1, 0), (2, 0), (0, 0)]
+        );
+    }
+
+    #[test]
+    fn random_picks_keep_the_key_stream_and_spread_over_pieces() {
+        let mut plain = KeyGen::new(Distribution::Uniform, 100, 8, None);
+        let mut pieced = KeyGen::new(Distribution::Uniform, 100, 8, None).with_pieces(16);
+        let mut seen = [0u32; 16];
+        for _ in 0..16_000 {
+            let p = pieced.next_pick();
+            assert_eq!(p.index, plain.next_index(), "same key stream");
+            seen[p.piece as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
     }
 
     #[test]

@@ -74,8 +74,13 @@ fn real_main(cfg: Config) -> i32 {
     }
     if let Some(path) = &cfg.plot {
         let title = format!(
-            "{} read ratio {}, size {}, {}x{} loops",
-            cfg.addr, cfg.read_ratio.0, cfg.size, cfg.connections, cfg.pipeline
+            "{} read ratio {}, size {}, io {}, {}x{} loops",
+            cfg.addr,
+            cfg.read_ratio.0,
+            cfg.size,
+            cfg.io_spec(),
+            cfg.connections,
+            cfg.pipeline
         );
         if let Err(e) = plot::draw(path, &title, &data.totals, &data.timeline) {
             eprintln!("shardstore-loadgen: {e}");

@@ -5,10 +5,11 @@
 //! rates per second of the measured duration):
 //!
 //! ```text
-//! { schema, version, started_unix_s, config: {every CLI option},
+//! { schema, version, started_unix_s,
+//!   config: {every CLI option; io_size resolved, a size like size},
 //!   target: {addr, shard_count, shard_addrs, route_direct},
 //!   client: {threads, pinned_cpus, cpu_user_s, cpu_sys_s, cpu_us_per_op, cpu_utilization},
-//!   measured_s, preload: {keys, seconds, errors} | null,
+//!   measured_s, preload: {keys, writes, seconds, errors} | null,
 //!   ops: {read: OpReport, write: OpReport, total: OpReport},
 //!   open_loop: {target_ops_per_s, achieved_ops_per_s, schedule_deficit} | null,
 //!   verify: {enabled, reads_checked, integrity_failures},
@@ -19,7 +20,8 @@
 //!   errors_total, errors: {kind: count}}
 //! ```
 //!
-//! MB is 10^6 bytes, as fio and iperf3 print MB/s.
+//! MB is 10^6 bytes, as fio and iperf3 print MB/s; bytes are the payload
+//! bytes of each operation (io-size bytes with `--io-size`).
 
 use crate::config::Config;
 use crate::recorder::{Op, OpStats, Stats};
@@ -141,6 +143,8 @@ pub struct ClientCpu {
 #[derive(Debug, Clone, Serialize)]
 pub struct Preload {
     pub keys: u64,
+    /// Writes: keys x pieces per chunk.
+    pub writes: u64,
     pub seconds: f64,
     pub errors: u64,
 }
@@ -210,6 +214,7 @@ pub struct Report {
     pub schema: &'static str,
     pub version: &'static str,
     pub started_unix_s: f64,
+    #[serde(serialize_with = "ser_config")]
     pub config: Config,
     pub target: Target,
     pub client: ClientCpu,
@@ -220,6 +225,10 @@ pub struct Report {
     pub verify: Verify,
     pub timeline: Vec<Interval>,
     pub result: Outcome,
+}
+
+fn ser_config<S: serde::Serializer>(c: &Config, s: S) -> Result<S::Ok, S::Error> {
+    c.effective().serialize(s)
 }
 
 pub const EXIT_OK: i32 = 0;
@@ -283,7 +292,7 @@ impl Report {
         let c = &self.config;
         let _ = writeln!(
             out,
-            "\n{} over {:.2}s against {} ({} shard{}), {} x {} loops, {} thread{}, {}, read ratio {}, size {}, {} keys {}",
+            "\n{} over {:.2}s against {} ({} shard{}), {} x {} loops, {} thread{}, {}, read ratio {}, size {}{}, {} keys {}",
             if c.rate.is_some() { "open loop" } else { "closed loop" },
             self.measured_s,
             self.target.addr,
@@ -299,6 +308,10 @@ impl Report {
             },
             c.read_ratio.0,
             c.size,
+            match c.io_size {
+                Some(n) => format!(" in ops of {n}"),
+                None => String::new(),
+            },
             c.keys,
             c.distribution,
         );
@@ -357,8 +370,8 @@ impl Report {
         if let Some(p) = &self.preload {
             let _ = writeln!(
                 out,
-                "preload: {} keys in {:.2}s ({} errors)",
-                p.keys, p.seconds, p.errors
+                "preload: {} keys, {} writes in {:.2}s ({} errors)",
+                p.keys, p.writes, p.seconds, p.errors
             );
         }
         if let Some(o) = &self.open_loop {
@@ -462,6 +475,7 @@ pub fn check_schema(v: &serde_json::Value) -> Result<(), String> {
         "config.addr",
         "config.read_ratio",
         "config.size",
+        "config.io_size",
         "config.keys",
         "config.distribution",
         "config.connections",
@@ -591,6 +605,7 @@ mod tests {
         assert_eq!(v["ops"]["write"]["errors"]["timeout"], 1);
         assert_eq!(v["config"]["read_ratio"], 0.9);
         assert_eq!(v["config"]["size"], "4096");
+        assert_eq!(v["config"]["io_size"], "4096");
         assert_eq!(v["config"]["distribution"], "uniform");
         assert_eq!(v["config"]["duration"], 10.0);
         let p50 = v["ops"]["read"]["latency_us"]["p50"].as_f64().unwrap();

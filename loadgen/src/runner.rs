@@ -6,8 +6,11 @@
 //!   outstanding on each connection;
 //! - request loop `w` of `W` owns keys `w, w+W, ...` ([`Partition`]): it is
 //!   the only writer of its keys, so it always knows which version of each
-//!   key is on the server (or, after a failed write, which two may be);
-//! - preload (optional) writes every key once; warmup runs the workload
+//!   piece of each key is on the server (or, after a failed write, which two
+//!   may be); a piece is the `--io-size` bytes at one aligned offset of the
+//!   chunk, or the whole value without `--io-size` (see `content`);
+//! - preload (optional) writes every piece of every key once, in order;
+//!   warmup runs the workload
 //!   unmeasured; the measurement counts operations *started* in the measured
 //!   window (and, with a duration, completed in it);
 //! - each loop records into its client's [`ConnStats`] (an uncontended lock
@@ -17,8 +20,9 @@
 
 use crate::config::Config;
 use crate::content;
+use crate::content::PieceAt;
 use crate::cpu::CpuTimes;
-use crate::keys::{hash_words, KeyGen, Partition, Rng, Zipf};
+use crate::keys::{hash_words, KeyGen, Partition, Pick, Rng, Zipf};
 use crate::progress::Progress;
 use crate::recorder::{
     error_kind, is_integrity_failure, latency_ns, Op, Pacer, Stats, VERIFY_MISMATCH,
@@ -97,7 +101,7 @@ fn lock(m: &Mutex<ConnStats>) -> MutexGuard<'_, ConnStats> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What a key's owner knows about it: versions `low..=high` may be on the
+/// What a piece's owner knows about it: versions `low..=high` may be on the
 /// server (equal unless a write failed and might or might not have landed);
 /// 0 means "never written by this run".
 #[derive(Debug, Clone, Copy, Default)]
@@ -143,6 +147,9 @@ struct Worker {
     part: Partition,
     keys: KeyGen,
     rng: Rng,
+    /// Pieces per chunk (`Config::pieces`).
+    pieces: u64,
+    /// Piece `p` of local key `i` is at `i * pieces + p`.
     state: Vec<KeyState>,
     stats: Arc<Mutex<ConnStats>>,
 }
@@ -154,19 +161,42 @@ enum Outcome {
 }
 
 impl Worker {
+    /// Length of `version` of a piece of `key`: the io size, or without
+    /// `--io-size` the value size that version was written with.
     fn len_of(cfg: &Config, key: u64, version: u64) -> u64 {
-        cfg.size.size_of(cfg.seed, key, version)
+        match cfg.io_size {
+            Some(n) => n,
+            None => cfg.size.size_of(cfg.seed, key, version),
+        }
     }
 
-    async fn write(&mut self, sh: &Shared, idx: u64) -> Outcome {
+    /// Where `pick` is: the piece's key and offset, and its state's slot.
+    fn locate(&self, cfg: &Config, pick: Pick) -> (PieceAt, usize) {
+        let key = cfg.key_offset + self.part.key(pick.index);
+        let offset = pick.piece * cfg.io_size.unwrap_or(0);
+        let slot = pick.index * self.pieces + pick.piece;
+        (PieceAt { key, offset }, slot as usize)
+    }
+
+    /// Whether some write to the chunk of local key `index` was acknowledged
+    /// (then the chunk must exist).
+    fn chunk_acknowledged(&self, index: u64) -> bool {
+        let first = (index * self.pieces) as usize;
+        self.state[first..first + self.pieces as usize]
+            .iter()
+            .any(|s| s.low > 0)
+    }
+
+    async fn write(&mut self, sh: &Shared, pick: Pick) -> Outcome {
         let cfg = &sh.cfg;
-        let key = cfg.key_offset + self.part.key(idx);
-        let st = &mut self.state[idx as usize];
+        let (at, slot) = self.locate(cfg, pick);
+        let key = at.key;
+        let st = &mut self.state[slot];
         let version = st.high + 1;
         let len = Self::len_of(cfg, key, u64::from(version));
         let payload = if cfg.verify {
             Bytes::from(content::value(
-                key,
+                at,
                 u64::from(version),
                 cfg.seed,
                 len as usize,
@@ -174,7 +204,7 @@ impl Worker {
         } else {
             sh.pool.slice(0..len as usize)
         };
-        match self.client.write(chunk_of(key), 0, payload).await {
+        match self.client.write(chunk_of(key), at.offset, payload).await {
             Ok(_) => {
                 *st = KeyState {
                     low: version,
@@ -190,10 +220,11 @@ impl Worker {
         }
     }
 
-    async fn read(&mut self, sh: &Shared, idx: u64) -> Outcome {
+    async fn read(&mut self, sh: &Shared, pick: Pick) -> Outcome {
         let cfg = &sh.cfg;
-        let key = cfg.key_offset + self.part.key(idx);
-        let st = self.state[idx as usize];
+        let (at, slot) = self.locate(cfg, pick);
+        let key = at.key;
+        let st = self.state[slot];
         let len = if st.high == 0 {
             Self::len_of(cfg, key, 0)
         } else {
@@ -204,14 +235,17 @@ impl Worker {
                 hi.max(Self::len_of(cfg, key, u64::from(st.low)))
             }
         };
-        match self.client.read(chunk_of(key), 0, len as u32).await {
+        match self.client.read(chunk_of(key), at.offset, len as u32).await {
+            // Past the end of a chunk whose other pieces exist: this piece
+            // was never written either.
+            Ok(r) if r.data.is_empty() && st.high == 0 => Outcome::Miss,
             Ok(r) => {
                 if cfg.verify && st.high > 0 {
                     sh.reads_checked.fetch_add(1, Ordering::Relaxed);
                     let checked = content::check(
                         &r.data,
                         len as usize,
-                        key,
+                        at,
                         cfg.seed,
                         u64::from(st.low.max(1)),
                         u64::from(st.high),
@@ -221,12 +255,13 @@ impl Worker {
                         Ok(v) => {
                             // Version v is on the server: older ones can no
                             // longer come back (a failed newer write still may).
-                            self.state[idx as usize].low = v as u32;
+                            self.state[slot].low = v as u32;
                         }
                         Err(m) => {
                             sh.report_integrity_failure(format!(
-                                "key {key} (chunk {}) read of {len} bytes by loop {}: {m}",
+                                "key {key} (chunk {}) read of {len} bytes at offset {} by loop {}: {m}",
                                 chunk_of(key),
+                                at.offset,
                                 self.id
                             ));
                             return Outcome::Err(VERIFY_MISMATCH);
@@ -235,7 +270,7 @@ impl Worker {
                 }
                 Outcome::Ok(r.data.len() as u64)
             }
-            Err(ClientError::NotFound(_)) if st.low == 0 => Outcome::Miss,
+            Err(ClientError::NotFound(_)) if !self.chunk_acknowledged(pick.index) => Outcome::Miss,
             Err(e) => Outcome::Err(self.failed(sh, Op::Read, key, &e)),
         }
     }
@@ -252,15 +287,18 @@ impl Worker {
         kind
     }
 
-    /// Writes every key of the partition once. Returns (writes, errors).
-    async fn preload(&mut self, sh: &Shared) -> (u64, u64) {
+    /// Writes every piece of every key of the partition once, each chunk
+    /// from its start to its end. Returns (keys, writes, errors).
+    async fn preload(&mut self, sh: &Shared) -> (u64, u64, u64) {
         let mut errors = 0;
-        for idx in 0..self.part.len {
-            if let Outcome::Err(_) = self.write(sh, idx).await {
-                errors += 1;
+        for index in 0..self.part.len {
+            for piece in 0..self.pieces {
+                if let Outcome::Err(_) = self.write(sh, Pick { index, piece }).await {
+                    errors += 1;
+                }
             }
         }
-        (self.part.len, errors)
+        (self.part.len, self.part.len * self.pieces, errors)
     }
 
     /// The request loop. Returns (last measured completion, schedule deficit).
@@ -299,15 +337,15 @@ impl Worker {
             if intended > now {
                 wait_until(intended).await;
             }
-            let idx = self.keys.next_index();
+            let pick = self.keys.next_pick();
             let op = if self.rng.unit() < read_ratio {
                 Op::Read
             } else {
                 Op::Write
             };
             let outcome = match op {
-                Op::Read => self.read(&sh, idx).await,
-                Op::Write => self.write(&sh, idx).await,
+                Op::Read => self.read(&sh, pick).await,
+                Op::Write => self.write(&sh, pick).await,
             };
             let done = Instant::now();
             let in_window = measured && sh.end.is_none_or(|end| done <= end);
@@ -394,10 +432,10 @@ async fn connect_all(cfg: &Config) -> Result<Vec<Client>, RunError> {
 pub async fn run(cfg: Config) -> Result<RunData, RunError> {
     let clients = connect_all(&cfg).await?;
     let topology = clients[0].topology().clone();
-    if cfg.size.max() > u64::from(topology.max_payload) {
+    let io_max = cfg.io_spec().max();
+    if io_max > u64::from(topology.max_payload) {
         return Err(RunError::Fatal(format!(
-            "--size up to {} bytes exceeds the node's max payload of {} bytes",
-            cfg.size.max(),
+            "requests of up to {io_max} bytes (--io-size, or --size without it) exceed the node's max payload of {} bytes",
             topology.max_payload
         )));
     }
@@ -409,7 +447,8 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
     }
 
     let workers = cfg.workers();
-    let mut pool = vec![0u8; cfg.size.max() as usize];
+    let pieces = cfg.pieces();
+    let mut pool = vec![0u8; io_max as usize];
     let mut r = Rng::new(hash_words(&[cfg.seed, 0x9001]));
     for c in pool.chunks_mut(8) {
         c.copy_from_slice(&r.next_u64().to_le_bytes()[..c.len()]);
@@ -439,9 +478,11 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
                 part.len,
                 hash_words(&[cfg.seed, w, 1]),
                 zipf,
-            ),
+            )
+            .with_pieces(pieces),
             rng: Rng::new(hash_words(&[cfg.seed, w, 2])),
-            state: vec![KeyState::default(); part.len as usize],
+            pieces,
+            state: vec![KeyState::default(); (part.len * pieces) as usize],
             part,
             stats: conn_stats[c].clone(),
         });
@@ -467,8 +508,10 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
     let preload = if sh.cfg.preload_enabled() {
         if !quiet {
             eprintln!(
-                "preloading {} keys of {} bytes...",
-                sh.cfg.keys, sh.cfg.size
+                "preloading {} keys of {} bytes in writes of {} bytes...",
+                sh.cfg.keys,
+                sh.cfg.size,
+                sh.cfg.io_spec()
             );
         }
         let t = Instant::now();
@@ -484,12 +527,13 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
             })
             .collect();
         let mut back = Vec::with_capacity(handles.len());
-        let (mut keys, mut errors) = (0, 0);
+        let (mut keys, mut writes, mut errors) = (0, 0, 0);
         for h in handles {
-            let (w, (k, e)) = h
+            let (w, (k, n, e)) = h
                 .await
                 .map_err(|e| RunError::Fatal(format!("preload task: {e}")))?;
             keys += k;
+            writes += n;
             errors += e;
             back.push(w);
         }
@@ -497,7 +541,7 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
         sh = Arc::try_unwrap(shp).unwrap_or_else(|_| unreachable!("every preload task has ended"));
         if errors > 0 {
             return Err(RunError::Fatal(format!(
-                "preload failed: {errors} of {keys} writes failed (see the errors above, or run with RUST_LOG=debug); \
+                "preload failed: {errors} of {writes} writes failed (see the errors above, or run with RUST_LOG=debug); \
                  figures on a partly loaded key space would mislead"
             )));
         }
@@ -507,6 +551,7 @@ pub async fn run(cfg: Config) -> Result<RunData, RunError> {
         }
         Some(Preload {
             keys,
+            writes,
             seconds: t.elapsed().as_secs_f64(),
             errors,
         })
@@ -602,7 +647,7 @@ async fn report_loop(
             )
             .add_comment(&format!(
                 "config: {}",
-                serde_json::to_string(cfg).unwrap_or_default()
+                serde_json::to_string(&cfg.effective()).unwrap_or_default()
             ));
         Some(
             b.begin_log_with(&mut hdr_buf, &mut serializer)

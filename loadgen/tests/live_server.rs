@@ -353,3 +353,76 @@ fn unreachable_target_exits_non_zero() {
     let out = run_loadgen(&["--addr", &addr, "--keys", "2", "--connections", "4"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn io_size_pieces_verify_and_count_io_bytes() {
+    let server = Server::start("pieces", 2);
+    for dist in ["sequential", "uniform"] {
+        let json = server.dir.join(format!("pieces-{dist}.json"));
+        let out = run_loadgen(&[
+            "--addr",
+            &server.addr,
+            "--verify",
+            "--size",
+            "1m",
+            "--io-size",
+            "64k",
+            "--keys",
+            "6",
+            "--connections",
+            "2",
+            "--pipeline",
+            "1",
+            "--read-ratio",
+            "0.8",
+            "--distribution",
+            dist,
+            "--ops",
+            "400",
+            "--warmup",
+            "0s",
+            "--seed",
+            if dist == "uniform" { "2" } else { "1" },
+            "-q",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{dist}: {:?}\n{stderr}", out.status);
+        let v = read_json(&json);
+        check_schema(&v).unwrap();
+        assert_eq!(v["config"]["io_size"], "65536");
+        assert_eq!(v["config"]["size"], "1048576");
+        // Preload wrote every chunk in 16 pieces.
+        assert_eq!(num(&v, "preload.keys"), 6.0);
+        assert_eq!(num(&v, "preload.writes"), 96.0);
+        assert_eq!(num(&v, "verify.integrity_failures"), 0.0);
+        assert!(num(&v, "verify.reads_checked") > 0.0);
+        // Every op moved exactly one piece.
+        for op in ["read", "write"] {
+            let ops = num(&v, &format!("ops.{op}.ops"));
+            assert!(ops > 0.0, "{dist}: no {op}s");
+            assert_eq!(num(&v, &format!("ops.{op}.bytes")), ops * 65536.0);
+        }
+        assert_eq!(num(&v, "ops.total.misses"), 0.0);
+    }
+
+    // An io size that does not divide the value size is a usage error.
+    let out = run_loadgen(&[
+        "--addr",
+        &server.addr,
+        "--size",
+        "1m",
+        "--io-size",
+        "3k",
+        "--keys",
+        "6",
+        "--connections",
+        "1",
+        "--pipeline",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("must divide"));
+}
