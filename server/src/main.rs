@@ -159,7 +159,7 @@ pub struct ServeArgs {
     /// Largest chunk, bytes. [default: 67108864]
     #[arg(long, env = "SHARDSTORE_MAX_CHUNK_SIZE")]
     max_chunk_size: Option<u64>,
-    /// sled index cache per shard, MiB. [default: 16]
+    /// sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints). [default: 16]
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
     /// Once every shard is ready, write the front address to this file
