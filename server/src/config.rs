@@ -804,7 +804,9 @@ const DOCS: &[Doc] = &[
         key: "index_cache_mib",
         set: None,
         default: "16",
-        help: &["sled index cache per shard, MiB."],
+        help: &[
+            "sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints).",
+        ],
     },
     Doc {
         key: "max_payload",

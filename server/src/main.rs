@@ -162,7 +162,7 @@ pub struct ServeArgs {
     /// Sequential read-ahead into the cache. [default: auto]
     #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
     prefetch: Option<config::Prefetch>,
-    /// sled index cache per shard, MiB. [default: 16]
+    /// sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints). [default: 16]
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
     /// Once every shard is ready, write the front address to this file

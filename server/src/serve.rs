@@ -12,7 +12,7 @@ use crate::handler::{Forwarded, NodeInfo, ShardCtx};
 use crate::lifecycle::{self, Drain};
 use crate::metrics::{self, Board, NodeFacts};
 use anyhow::{bail, Context};
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use shardstore_net::tcp::{listen_socket, ListenOptions};
 use shardstore_proto::{limits, ShardId};
 use shardstore_shard::{Shard, ShardConfig};
@@ -354,9 +354,14 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             prefetch: opts.prefetch,
             ..ShardConfig::default()
         };
+        // The blocking thread writes the shard's index checkpoints to sled
+        // (see shardstore_shard's `index`). Not pinned to the shard's CPU,
+        // so that work does not take turns with the shard thread; sled's own
+        // flusher threads are not pinned either.
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move { run_shard(cfg, node, peers, rx, lis, ready, rt).await })
             .map_err(|e| anyhow::anyhow!("starting shard {i}'s executor on cpu {cpu}: {e}"))?;
         handles.push(h);

@@ -1,13 +1,14 @@
 //! shardstore's per-core storage engine.
 //!
 //! A [`Shard`] owns one data area (a file, or a range of a block device,
-//! O_DIRECT through glommio) and one sled index, inside one executor. It
-//! stores chunks as copy-on-write, self-describing extents (see `layout`),
-//! checks every sector's crc32c on every read from disk, and acknowledges a
-//! write after ONE device write plus a grouped flush: the data area is the
-//! source of truth and the index is brought up to date from it at start-up
-//! (see `shard` for the order of durable steps and `recover` for why the
-//! recovery scan is bounded). Nothing is shared between shards.
+//! O_DIRECT through glommio) and one in-memory index checkpointed to sled,
+//! inside one executor. It stores chunks as copy-on-write, self-describing
+//! extents (see `layout`), checks every sector's crc32c on every read from
+//! disk, and acknowledges a write after ONE device write plus a grouped
+//! flush: the data area is the source of truth and the index is brought up
+//! to date from it at start-up (see `shard` for the order of durable steps,
+//! `index` for how it reaches sled and `recover` for why the recovery scan is
+//! bounded). Nothing is shared between shards.
 //!
 //! All device I/O goes through the [`Storage`] trait: glommio DMA
 //! ([`DmaStorage`]) or a seeded simulated disk with faults ([`SimDisk`]).

@@ -199,7 +199,7 @@ impl Prefetcher {
 /// into the cache.
 async fn fetch(inner: &Inner, chunk: ChunkId, start: u64, end: u64) -> Result<(), ShardError> {
     let _epoch = inner.begin_read();
-    let Some(meta) = inner.index.get_meta(chunk)? else {
+    let Some(meta) = inner.index.get_meta(chunk) else {
         return Ok(());
     };
     let end = end.min(meta.len);
@@ -207,7 +207,7 @@ async fn fetch(inner: &Inner, chunk: ChunkId, start: u64, end: u64) -> Result<()
         return Ok(());
     }
     let (first, last) = (start / SECTOR, end.div_ceil(SECTOR));
-    let recs = inner.index.overlapping(chunk, first, last)?;
+    let recs = inner.index.overlapping(chunk, first, last);
     // (record, from, to) of every run not cached yet.
     let mut misses = Vec::new();
     for r in &recs {

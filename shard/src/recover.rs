@@ -3,8 +3,8 @@
 //!
 //! Why a bounded scan finds every write the index lacks: a checkpoint (see
 //! `shard`, steps a-c) records `replay_from` (every write with a lower
-//! generation was applied to the index before the checkpoint batch, so the
-//! checkpoint's flush made it durable), `high_water` (no generation at or
+//! generation was applied to the in-memory index before the checkpoint's
+//! batch was taken, so that batch carries it), `high_water` (no generation at or
 //! above it had been handed out) and `scan`: the runs of the writes then in
 //! flight plus the allocator's reservation. Every extent written after the
 //! checkpoint comes from the reservation (the allocator never allocates
@@ -14,12 +14,25 @@
 //! is overwritten twice in one checkpoint interval. The scan is therefore
 //! bounded by the reservation size (`checkpoint_bytes`).
 //!
+//! What the store holds after a crash: the in-memory index is written only
+//! by checkpoint batches, each one atomic and holding every key changed since
+//! the previous one, taken in one synchronous step between two index changes
+//! (see `index`). So the store holds exactly the index as of the last
+//! checkpoint whose batch landed: every change applied before that batch was
+//! taken, none after. That checkpoint's record is in the same batch, so the
+//! record found always describes the state found. (A batch may land without
+//! the shard seeing its flush complete; then the shard never allocated from
+//! the reservation it added, and the runs it used are listed anyway.)
+//!
 //! Replay, in generation order, is idempotent: a data extent is applied only
 //! if the chunk's indexed generation and tombstone are older; a tombstone
-//! only if the chunk's indexed write and tombstone are older. sled recovers
-//! a prefix of the batches applied after the checkpoint, and per chunk the
-//! batches are in generation order (chunk lock), so "newer than what the
-//! index has" is exactly "not applied yet".
+//! only if the chunk's indexed write and tombstone are older. The batch may
+//! include writes at or above `replay_from` that completed after the record
+//! was built (whole changes: per chunk in generation order, under the chunk
+//! lock), so "newer than what the index has" is exactly "not applied yet".
+//! Recovery never needs anything after the checkpoint to have reached the
+//! store: an earlier version let sled persist later batches too, which replay
+//! skipped as already indexed.
 //!
 //! An extent whose header is valid but whose data sectors fail their crcs is
 //! either a torn write (in flight at the crash, never acknowledged: acks
@@ -282,8 +295,7 @@ fn triage(
 fn load_allocator(inner: &Inner) -> Result<u64, ShardError> {
     let mut alloc = inner.alloc.borrow_mut();
     let mut max_generation = 0u64;
-    for item in inner.index.all_extents() {
-        let (chunk, rec) = item?;
+    inner.index.for_each_extent(|chunk, rec| {
         max_generation = max_generation.max(rec.generation.0);
         alloc
             .rebuild_piece(
@@ -294,10 +306,9 @@ fn load_allocator(inner: &Inner) -> Result<u64, ShardError> {
                     len: rec.count(),
                 },
             )
-            .map_err(|e| ShardError::IndexCorrupt(format!("chunk {chunk}: {e}")))?;
-    }
-    for item in inner.index.all_tombs() {
-        let (chunk, t) = item?;
+            .map_err(|e| ShardError::IndexCorrupt(format!("chunk {chunk}: {e}")))
+    })?;
+    for (chunk, t) in inner.index.tombs() {
         max_generation = max_generation.max(t.generation.0);
         alloc
             .mark_used(Run {
@@ -314,8 +325,8 @@ fn load_allocator(inner: &Inner) -> Result<u64, ShardError> {
 fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), ShardError> {
     let h = &f.header;
     let g = h.generation.0;
-    let meta = inner.index.get_meta(h.chunk)?;
-    let tomb = inner.index.get_tomb(h.chunk)?;
+    let meta = inner.index.get_meta(h.chunk);
+    let tomb = inner.index.get_tomb(h.chunk);
     let meta_gen = meta.map_or(0, |m| m.generation);
     let tomb_gen = tomb.map_or(0, |t| t.generation.0);
     if meta_gen >= g || tomb_gen >= g {
@@ -355,7 +366,7 @@ fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), S
             inner.tombstone_change(h, f.at)?
         }
     };
-    change.apply(&inner.index)?;
+    change.apply(&inner.index);
     // Nothing reads yet and a checkpoint follows before any allocation.
     let mut alloc = inner.alloc.borrow_mut();
     for fr in frees {
@@ -363,15 +374,6 @@ fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), S
     }
     tracing::debug!(shard = inner.id.0, chunk = %h.chunk, generation = g, kind = ?h.kind, "replayed");
     Ok(())
-}
-
-fn count_chunks(inner: &Inner) -> Result<u64, ShardError> {
-    let mut n = 0;
-    for item in inner.index.metas_after(None) {
-        item?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 /// Normal start: index plus the data area written since the checkpoint.
@@ -386,7 +388,7 @@ pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryRe
     }
     let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
     inner.next_generation.set(next);
-    report.chunks = count_chunks(inner)?;
+    report.chunks = inner.index.chunk_count();
     Ok(report)
 }
 
@@ -409,7 +411,7 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
         replay(inner, f, &mut report)?;
     }
     inner.next_generation.set(max + 1);
-    report.chunks = count_chunks(inner)?;
+    report.chunks = inner.index.chunk_count();
     Ok(report)
 }
 
@@ -432,12 +434,9 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
             )),
         }
     }
-    r.chunks = count_chunks(inner)?;
+    r.chunks = inner.index.chunk_count();
     let mut after: Option<(ChunkId, LogicalSector)> = None;
-    loop {
-        let next = inner.index.extents_after(after).next();
-        let Some(item) = next else { break };
-        let (chunk, rec) = item?;
+    while let Some((chunk, rec)) = inner.index.extent_after(after) {
         after = Some((chunk, rec.logical));
         r.extents += 1;
         r.sectors += rec.count();
@@ -457,8 +456,7 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
             Err(e) => return Err(e),
         }
     }
-    for item in inner.index.all_tombs() {
-        let (chunk, t) = item?;
+    for (chunk, t) in inner.index.tombs() {
         r.tombstones += 1;
         let ok = match inner.io.read(t.disk, 1).await {
             Ok(b) => match ExtentHeader::decode(inner.node_id, &b) {

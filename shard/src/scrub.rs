@@ -37,9 +37,9 @@ async fn step(
     after: Option<(ChunkId, LogicalSector)>,
 ) -> Result<Option<(ChunkId, LogicalSector, u64)>, ShardError> {
     let _epoch = inner.begin_read();
-    let next = inner.index.extents_after(after).next();
-    let Some(item) = next else { return Ok(None) };
-    let (chunk, rec) = item?;
+    let Some((chunk, rec)) = inner.index.extent_after(after) else {
+        return Ok(None);
+    };
     let rb = inner
         .io
         .read(rec.disk, rec.count())

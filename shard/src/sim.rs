@@ -5,7 +5,9 @@
 //! durable by a `sync`. Reads see both. At [`SimDisk::crash`] every unsynced
 //! write is, independently and in a random order (reordering), lost, kept, or
 //! torn at a 512-byte boundary; the index store keeps its last flushed state
-//! plus a random prefix of the batches applied since (what sled promises).
+//! plus a random prefix of the batches applied since (what sled promises;
+//! the shard's index applies one checkpoint batch at a time and flushes it
+//! right away, so that is at most the batch being flushed).
 //!
 //! Faults ([`SimFaults`], each "one in N", 0 = never): EIO on read, write or
 //! flush, ENOSPC on write, and silent ones: a flipped bit, a zeroed sector, a

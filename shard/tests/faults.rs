@@ -2,19 +2,8 @@
 mod common;
 
 use common::*;
-use shardstore_proto::{ChunkId, ErrorCode, ShardId};
-use shardstore_shard::{Shard, ShardConfig, ShardError, SimDisk, SimFaults};
-
-fn sim_config() -> ShardConfig {
-    ShardConfig {
-        shard: ShardId(0),
-        shard_count: 1,
-        node_id: NODE,
-        capacity_bytes: 4 * MIB,
-        checkpoint_interval_ms: 3_600_000,
-        ..ShardConfig::default()
-    }
-}
+use shardstore_proto::{ChunkId, ErrorCode};
+use shardstore_shard::{Shard, ShardError, SimDisk, SimFaults};
 
 /// The instrumented I/O layer counts exactly one device write per
 /// acknowledged write or delete, and no index checkpoint on the way: with
@@ -70,7 +59,7 @@ fn one_device_write_per_acknowledged_write() {
 fn flush_eio_fail_stops_writes_but_reads_go_on() {
     let disk = SimDisk::new(5 * MIB, 7);
     run(|| async {
-        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
         shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
         disk.set_faults(SimFaults {
             flush_eio: 1,
@@ -97,7 +86,7 @@ fn flush_eio_fail_stops_writes_but_reads_go_on() {
     disk.crash();
     // After a restart the shard writes again; the failed write is all or nothing.
     run(|| async {
-        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
         assert!(!shard.stats().fail_stopped);
         match shard.read(cid(2), 0, 1 << 20).await {
             Ok(r) => assert_eq!(r.data.to_vec(), pattern(2, 5000)),
@@ -112,7 +101,7 @@ fn flush_eio_fail_stops_writes_but_reads_go_on() {
 fn enospc_from_the_device_is_no_space_and_writes_resume() {
     let disk = SimDisk::new(5 * MIB, 8);
     run(|| async {
-        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
         shard.write(cid(1), 0, b"hello").await.unwrap();
         disk.set_faults(SimFaults {
             write_enospc: 1,
@@ -142,7 +131,7 @@ fn silent_faults_are_detected_never_served() {
     for seed in 1..=6u64 {
         let disk = SimDisk::new(9 * MIB, seed);
         run(|| async {
-            let mut cfg = sim_config();
+            let mut cfg = sim_shard_config();
             cfg.capacity_bytes = 8 * MIB;
             let shard = Shard::open_sim(cfg, &disk).await.unwrap();
             disk.set_faults(SimFaults {
@@ -199,13 +188,8 @@ fn silent_faults_are_detected_never_served() {
 fn scrubber_counts_bad_sectors() {
     let disk = SimDisk::new(5 * MIB, 9);
     run(|| async {
-        let shard = Shard::open_sim(sim_config(), &disk).await.unwrap();
-        for n in 0..10u128 {
-            shard
-                .write(cid(n), 0, &pattern(n as u64, 8192))
-                .await
-                .unwrap();
-        }
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
+        write_chunks(&shard, 10, 8192).await;
         assert_eq!(shard.scrub_now().await.unwrap(), 0);
         let s = shard.stats();
         assert_eq!(
@@ -233,7 +217,7 @@ fn scrubber_counts_bad_sectors() {
 fn background_scrubber_runs_on_its_own() {
     let disk = SimDisk::new(5 * MIB, 10);
     run(|| async {
-        let mut cfg = sim_config();
+        let mut cfg = sim_shard_config();
         cfg.scrub_period_secs = 1;
         let shard = Shard::open_sim(cfg, &disk).await.unwrap();
         for n in 0..5u128 {

@@ -1,8 +1,9 @@
 //! Randomized model test on the simulated disk (sled's `fuzz_model` habit,
 //! TigerBeetle's storage faults): random writes, overwrites, reads, deletes,
 //! and `Reboot` steps that crash the disk while operations are in flight
-//! (unsynced writes lost, torn at 512 B or reordered; the index keeps a
-//! prefix of its unflushed batches), for many seeds, against a `BTreeMap`.
+//! (unsynced writes lost, torn at 512 B or reordered; the index store keeps
+//! its last checkpoint, or the one being flushed), for many seeds, against a
+//! `BTreeMap`.
 //!
 //! After every reboot: every acknowledged write is visible byte for byte,
 //! every unacknowledged one is wholly there or wholly absent, and no read

@@ -43,6 +43,18 @@ pub fn config(dir: &Path, capacity_bytes: u64) -> ShardConfig {
     }
 }
 
+/// Shard 0 of 1 on a simulated disk of at least 4 MiB, no timed checkpoints.
+pub fn sim_shard_config() -> ShardConfig {
+    ShardConfig {
+        shard: ShardId(0),
+        shard_count: 1,
+        node_id: NODE,
+        capacity_bytes: 4 * MIB,
+        checkpoint_interval_ms: 3_600_000,
+        ..ShardConfig::default()
+    }
+}
+
 pub fn shard_dir(dir: &Path) -> PathBuf {
     dir.join("shard-001")
 }
@@ -64,6 +76,16 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// Writes `pattern(n, len)` at offset 0 of chunks `0..count`.
+pub async fn write_chunks(shard: &Shard, count: u128, len: usize) {
+    for n in 0..count {
+        shard
+            .write(cid(n), 0, &pattern(n as u64, len))
+            .await
+            .expect("write");
+    }
 }
 
 pub fn cid(n: u128) -> ChunkId {
