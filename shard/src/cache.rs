@@ -234,6 +234,13 @@ impl ReadCache {
         }
     }
 
+    /// Takes back `n` hits counted by lookups whose read was then planned
+    /// again.
+    pub(crate) fn uncount_hits(&self, n: u64) {
+        let h = &self.counters.hits;
+        h.set(h.get().saturating_sub(n));
+    }
+
     /// Whether sector `disk` of `generation` is cached (no hit counted).
     pub(crate) fn contains(&self, generation: u64, disk: u64) -> bool {
         self.map

@@ -3,6 +3,8 @@
 //! disk), so a server can hand them to the socket without copying. Holes
 //! read as zeros from one static buffer.
 
+use smallvec::SmallVec;
+
 use crate::storage::ReadBuf;
 
 const ZEROS_LEN: usize = 64 << 10;
@@ -20,7 +22,8 @@ enum Segment {
 /// The bytes of a read, in order, as borrowed segments.
 #[derive(Clone, Debug, Default)]
 pub struct ReadData {
-    segments: Vec<Segment>,
+    /// Inline room for the common one- or two-piece read (no allocation).
+    segments: SmallVec<[Segment; 2]>,
     len: usize,
 }
 

@@ -1536,18 +1536,21 @@ impl Inner {
             return None;
         }
         let recs = self.index.overlapping(chunk, first, last);
-        // Probe without side effects first: a read that needs the device
-        // starts over on the asynchronous path.
-        let all_cached = recs.iter().all(|r| {
-            (r.logical.0.max(first)..r.end().min(last)).all(|l| {
-                self.cache
-                    .contains(r.generation.0, r.disk.0 + (l - r.logical.0))
-            })
-        });
-        if !all_cached {
+        let parts = self.plan(&recs, first, last);
+        if parts.iter().any(|p| matches!(p, Part::Miss(_))) {
+            // The asynchronous path plans this read again: its cache hits
+            // must not be counted twice (a repeated lookup only marks an
+            // entry used again, and a read-ahead sector counts as used once).
+            let hits = parts
+                .iter()
+                .map(|p| match p {
+                    Part::Hit { sectors, .. } => *sectors,
+                    Part::Miss(_) => 0,
+                })
+                .sum();
+            self.cache.uncount_hits(hits);
             return None;
         }
-        let parts = self.plan(&recs, first, last);
         let data = self.assemble(offset, end, &recs, parts, std::iter::empty());
         Some(data.map(|d| self.read_outcome(meta, d, true)))
     }
