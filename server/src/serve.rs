@@ -354,10 +354,10 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             prefetch: opts.prefetch,
             ..ShardConfig::default()
         };
-        // The blocking thread writes the shard's index checkpoints to sled
-        // (see shardstore_shard's `index`). Not pinned to the shard's CPU,
-        // so that work does not take turns with the shard thread; sled's own
-        // flusher threads are not pinned either.
+        // The blocking thread opens sled and writes the shard's index
+        // checkpoints to it (see shardstore_shard's `index`). Not pinned to
+        // the shard's CPU, so that work does not take turns with the shard
+        // thread, nor do the threads sled starts from it.
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)

@@ -328,6 +328,27 @@ fn chunk_of(key: &[u8]) -> Result<ChunkId, ShardError> {
     Ok(ChunkId::from_be_bytes(id))
 }
 
+/// Nice value of the thread that writes checkpoint batches: when it shares
+/// a CPU with a shard thread (it is not pinned), the shard thread wins. Not
+/// 19: it must still progress when every CPU is busy, or writers end up
+/// waiting for their reservation. Measured at 32 writes in flight, with the
+/// server confined to one CPU: +8% writes/s and p99 6.7 -> 5.4 ms.
+const PERSIST_NICE: libc::c_int = 10;
+
+/// Gives the calling thread [`PERSIST_NICE`] (once per thread; best effort).
+/// Called on the shard executor's blocking pool, which only the index uses.
+fn lower_priority() {
+    thread_local!(static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if !DONE.replace(true) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // SAFETY: integer arguments only; on failure the priority stays.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, PERSIST_NICE) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the index persist thread's priority");
+        }
+    }
+}
+
 /// The persistent copy under the index: sled, or [`MemKv`] on the simulated disk.
 enum Store {
     Sled(sled::Db),
@@ -365,6 +386,7 @@ impl Store {
                 let db = db.clone();
                 glommio::executor()
                     .spawn_blocking(move || -> Result<(), sled::Error> {
+                        lower_priority();
                         let mut b = sled::Batch::default();
                         for (k, v) in batch {
                             match v {

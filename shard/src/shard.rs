@@ -422,11 +422,17 @@ enum Found {
     Foreign(String),
 }
 
-fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, sled::Error> {
-    sled::Config::new()
+/// Opens sled on the executor's blocking thread pool, off the shard thread:
+/// the threads sled starts (its flusher, and the first time its
+/// process-wide I/O pool) inherit the CPU mask of the thread that opens it,
+/// and the shard thread is pinned to its CPU.
+async fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, sled::Error> {
+    let config = sled::Config::new()
         .path(cfg.dir.join("index"))
-        .cache_capacity(cfg.index_cache_bytes)
-        .open()
+        .cache_capacity(cfg.index_cache_bytes);
+    glommio::executor()
+        .spawn_blocking(move || config.open())
+        .await
 }
 
 pub(crate) fn rebuild_hint(cfg: &ShardConfig, why: &str) -> ShardError {
@@ -464,13 +470,12 @@ impl Shard {
             }
         };
         let index_existed = cfg.dir.join("index").exists();
-        // Opening sled is blocking file I/O; it happens once, before serving.
-        let db = match open_sled(&cfg) {
+        let db = match open_sled(&cfg).await {
             Ok(db) => db,
             Err(e) if cfg.rebuild_index => {
                 tracing::warn!(shard = cfg.shard.0, error = %e, "index does not open; discarding it to rebuild");
                 let _ = std::fs::remove_dir_all(cfg.dir.join("index"));
-                open_sled(&cfg)?
+                open_sled(&cfg).await?
             }
             Err(e) => {
                 return Err(rebuild_hint(
