@@ -1,17 +1,41 @@
 #!/usr/bin/env bash
-# Peer comparison in one run, on this machine.
+# Peer comparison of the read path (and durable writes), in one run, on this
+# machine.
 #
 # shardstore (one shard pinned to SERVER_CPU) against its peers on the same
-# core: redis-server for in-memory GETs, fio on the same filesystem for the
-# disk limit, iperf3 over loopback for the network limit. The load
-# generators (shardstore-loadgen, redis-benchmark, the iperf3 client) run on
-# CLIENT_CPU. Every figure is the median of RUNS runs. Prints the table
-#   workload | shardstore | peer | ratio | notes
-# and writes it to $BENCH_DIR/compare.md, raw per-run figures included.
+# core; the load generators (shardstore-loadgen, redis-benchmark, the iperf3
+# client) run on CLIENT_CPU. Every figure is the median of RUNS runs. Rows:
 #
-# Usage: bash bench/compare.sh            (about 5 minutes with the defaults)
+#  1. Cached 4 KiB random reads, 32 connections x 16 pipelined, vs redis GET
+#     (-d 4096 -c 32 -P 16). The 20,000 x 4 KiB set fits in the read cache
+#     and is read WARM_PASSES times unmeasured first; the cache hit ratio over
+#     the measured runs (from `shardstore stats`) is in the notes, with the
+#     server core's busy %.
+#  2. Uncached 4 KiB random reads, 32 outstanding (4 x 8), on the same data
+#     with the server restarted with --cache-mib 0, vs fio randread 4k
+#     O_DIRECT io_uring QD32 on the same filesystem. Target ratio >= 0.85.
+#  3. 1 MiB sequential reads of a cold chunk set (SEQ_CHUNKS x 64 MiB,
+#     preloaded in 1 MiB pieces), one connection, one request outstanding
+#     (--distribution sequential --io-size 1m), two rows: --prefetch off and
+#     auto. The server is restarted before every run (empty cache) and a run
+#     reads the set exactly once (--ops), so no byte is read twice. vs fio
+#     read 1 MiB O_DIRECT with its default sync engine (QD1). Target >= 0.9
+#     with prefetch; read-ahead counters in the notes.
+#  4. Cached 1 MiB random reads, 1 connection x 4 outstanding, of a 64 x
+#     1 MiB set (fits in the cache, warmed like row 1), vs one iperf3 stream
+#     over loopback. Target >= 0.5.
+#  5. Durable 4 KiB writes at QD1 and QD32 vs fio randwrite with
+#     --fdatasync=1 at the same depth.
+#
+# Prints the table  workload | shardstore | peer | ratio | notes  and writes
+# it to $BENCH_DIR/compare.md, raw per-run figures included. About 5 minutes
+# with the defaults.
+#
+# Usage: bash bench/compare.sh
 # Env:   RUNS=3 DUR=5 SERVER_CPU=1 CLIENT_CPU=0 BENCH_DIR=target/bench
-#        REDIS_N=600000 (GETs per redis-benchmark run)
+#        REDIS_N=600000 (GETs per redis-benchmark run)  SEQ_CHUNKS=16
+#        WARM_PASSES=2 (unmeasured read passes before the cached rows: the
+#        cache admits a sector to its main queue when it is read again)
 #        SHARDSTORE_BIN=path  use this server binary instead of building one
 #        (e.g. while the work tree does not build); the loadgen is still built
 set -euo pipefail
@@ -26,6 +50,8 @@ BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
 REDIS_N=${REDIS_N:-600000}
 REDIS_PORT=${REDIS_PORT:-6399}
 IPERF_PORT=${IPERF_PORT:-5299}
+SEQ_CHUNKS=${SEQ_CHUNKS:-16}
+WARM_PASSES=${WARM_PASSES:-2}
 LG=$ROOT/target/release/shardstore-loadgen
 SS=${SHARDSTORE_BIN:-$ROOT/target/release/shardstore}
 
@@ -57,7 +83,9 @@ fi
 [[ -x $SS ]] || die "no server binary at $SS"
 
 PIDS=()
+SS_PID=
 cleanup() {
+    [[ -z $SS_PID ]] || kill "$SS_PID" 2>/dev/null || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
@@ -73,20 +101,93 @@ jget() { py 'import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.
 fmt() { py 'import sys; x = float(sys.argv[1]); print(f"{x:,.0f}" if x >= 100 else f"{x:.1f}")' "$1"; }
 ratio() { py 'import sys; a, b = map(float, sys.argv[1:]); print(f"{a / b:.2f}" if b else "n/a")' "$1" "$2"; }
 
-# ---------------------------------------------------------------- servers
+# ---------------------------------------------------------------- shardstore
 SS_DIR=$BENCH_DIR/shardstore
 rm -rf "$SS_DIR"
 mkdir -p "$SS_DIR"
-log "starting shardstore on cpu $SERVER_CPU"
-taskset -c "$SERVER_CPU" "$SS" serve --listen 127.0.0.1:0 --data-dir "$SS_DIR/data" --shards 1 \
-    --capacity-mib 2048 --io-memory-kib 1024 --ready-file "$SS_DIR/ready" 2>"$SS_DIR/server.log" &
-SS_PID=$!
-PIDS+=("$SS_PID")
-for _ in $(seq 300); do [[ -s $SS_DIR/ready ]] && break; sleep 0.1; done
-[[ -s $SS_DIR/ready ]] || die "shardstore did not start: $(tail -5 "$SS_DIR/server.log")"
-ADDR=$(cat "$SS_DIR/ready")
 
-log "starting redis-server on cpu $SERVER_CPU"
+# ss_start [serve flags...]: starts shardstore on SERVER_CPU over the one
+# data folder (created on the first start), waits for its ready file; sets
+# SS_PID and ADDR.
+ss_start() {
+    [[ -z $SS_PID ]] || die "ss_start: shardstore already running"
+    rm -f "$SS_DIR/ready"
+    echo "--- start $* ($(date +%T))" >>"$SS_DIR/server.log"
+    taskset -c "$SERVER_CPU" "$SS" serve --listen 127.0.0.1:0 --data-dir "$SS_DIR/data" --shards 1 \
+        --capacity-mib 4096 --io-memory-kib 1024 --ready-file "$SS_DIR/ready" "$@" 2>>"$SS_DIR/server.log" &
+    SS_PID=$!
+    for _ in $(seq 600); do
+        [[ -s $SS_DIR/ready ]] && break
+        kill -0 "$SS_PID" 2>/dev/null || die "shardstore exited at start: $(tail -5 "$SS_DIR/server.log")"
+        sleep 0.1
+    done
+    [[ -s $SS_DIR/ready ]] || die "shardstore not ready after 60 s: $(tail -5 "$SS_DIR/server.log")"
+    ADDR=$(cat "$SS_DIR/ready")
+}
+
+# ss_stop: SIGTERM (graceful shutdown) and wait for the process to end.
+ss_stop() {
+    kill -TERM "$SS_PID"
+    local rc=0
+    wait "$SS_PID" || rc=$?
+    SS_PID=
+    ((rc == 0)) || die "shardstore exited with status $rc on SIGTERM: $(tail -5 "$SS_DIR/server.log")"
+}
+
+# ss_restart [serve flags...]
+ss_restart() { ss_stop; ss_start "$@"; }
+
+# Cache counters summed over the shards, from `shardstore stats`:
+#   hits misses evicted rd_cached rd_uncach pf_issued pf_used pf_wasted
+# (hits..pf_wasted in 4 KiB sectors, rd_* in reads; prefetch "off" is 0).
+CACHE_COLS="hits misses evicted rd_cached rd_uncach pf_issued pf_used pf_wasted"
+cache_counters() {
+    "$SS" stats --addr "$ADDR" | py '
+import sys
+cols = sys.argv[1].split()
+total = dict.fromkeys(cols, 0)
+head = None
+for line in sys.stdin:
+    f = line.split()
+    if f[:2] == ["shard", "cache_MiB"]:
+        head = f
+    elif head and not f:
+        break
+    elif head:
+        row = dict(zip(head, f))
+        for c in cols:
+            total[c] += int(row[c]) if row[c].isdigit() else 0
+if head is None:
+    sys.exit("no cache table in shardstore stats")
+print(" ".join(str(total[c]) for c in cols))' "$CACHE_COLS"
+}
+
+# cache_note BEFORE AFTER: what the cache did between two cache_counters.
+cache_note() {
+    py '
+import sys
+cols = sys.argv[1].split()
+b, a = (dict(zip(cols, map(int, s.split()))) for s in sys.argv[2:4])
+d = {c: a[c] - b[c] for c in cols}
+pct = lambda x, y: f"{100 * x / (x + y):.1f}%" if x + y else "-"
+mib = lambda s: f"{s * 4096 / 2**20:,.0f}"
+out = "cache hits %s of sectors, %s of reads all from cache" % (
+    pct(d["hits"], d["misses"]), pct(d["rd_cached"], d["rd_uncach"]))
+if d["pf_issued"]:
+    out += "; read-ahead MiB issued %s, used %s, wasted %s" % (
+        mib(d["pf_issued"]), mib(d["pf_used"]), mib(d["pf_wasted"]))
+print(out)' "$CACHE_COLS" "$1" "$2"
+}
+
+# cache_add BEFORE AFTER TOTAL: TOTAL plus what the counters moved (sums
+# runs of servers restarted in between).
+cache_add() { py 'import sys; a, b, t = (s.split() for s in sys.argv[1:]); print(" ".join(str(int(z) + int(y) - int(x)) for x, y, z in zip(a, b, t)))' "$1" "$2" "$3"; }
+CACHE_ZERO="0 0 0 0 0 0 0 0"
+
+log "starting shardstore on cpu $SERVER_CPU"
+ss_start
+
+log "starting redis-server and iperf3 -s on cpu $SERVER_CPU"
 taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --save '' --appendonly no \
     --bind 127.0.0.1 >"$BENCH_DIR/redis.log" 2>&1 &
 PIDS+=("$!")
@@ -102,12 +203,17 @@ lg() {
         die "loadgen failed ($*): $(tail -5 "$json.txt")"
 }
 
-# Data sets: 4 KiB values (keys 0..20000) and 1 MiB values (keys 1e6..1e6+256).
+# Data sets: 4 KiB values (keys 0..20000), 1 MiB values (keys 1e6..1e6+64),
+# 64 MiB chunks written in 1 MiB pieces (keys 2e6..2e6+SEQ_CHUNKS).
 K4="--keys 20000 --size 4k"
-K1M="--key-offset 1000000 --keys 256 --size 1m"
+K1M="--key-offset 1000000 --keys 64 --size 1m"
+KSEQ="--key-offset 2000000 --keys $SEQ_CHUNKS --size 64m --io-size 1m"
+SEQ_OPS=$((SEQ_CHUNKS * 64))
 log "preloading shardstore"
-lg "$BENCH_DIR/preload-4k.json" $K4 --preload --read-ratio read-only --duration 1s --warmup 0s
-lg "$BENCH_DIR/preload-1m.json" $K1M --preload --read-ratio read-only --duration 1s --warmup 0s \
+lg "$BENCH_DIR/preload-4k.json" $K4 --preload --read-ratio read-only --ops 1 --warmup 0s
+lg "$BENCH_DIR/preload-1m.json" $K1M --preload --read-ratio read-only --ops 1 --warmup 0s \
+    --connections 1 --pipeline 4
+lg "$BENCH_DIR/preload-seq.json" $KSEQ --preload --read-ratio read-only --ops 1 --warmup 0s \
     --connections 1 --pipeline 4
 log "preloading redis"
 taskset -c "$CLIENT_CPU" redis-benchmark -p "$REDIS_PORT" -t set -d 4096 -r 20000 -n 200000 -c 32 -P 16 -q >/dev/null
@@ -124,120 +230,151 @@ taskset -c "$SERVER_CPU" fio --name=layout --filename="$FIO_FILE" --size=512M --
     --direct=1 --output-format=json --output="$BENCH_DIR/fio-layout.json" >/dev/null
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# What was measured: the commit, and files the work tree changes on top.
+BUILD="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | awk '{print $2}' | xargs)
+[[ -z $dirty ]] || BUILD+=" + uncommitted changes to $dirty"
+[[ -z ${SHARDSTORE_BIN:-} ]] || BUILD+=" (server binary $SHARDSTORE_BIN)"
+# Rows by number, so the table keeps its order whatever order they run in.
 ROWS=()
 RAW=()
-row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 |"); }
+row() { ROWS[$1]="| $2 | $3 | $4 | $5 | $6 |"; }
 
-# --------------------------------------------------- 4 KiB cached GET-equivalent
-log "4 KiB GET-equivalent: shardstore"
-ss=()
-busy=()
-cpuop=()
-p99=()
-for i in $(seq "$RUNS"); do
-    t0=$(cpu_ticks "$SS_PID")
-    j=$BENCH_DIR/get-$i.json
-    lg "$j" $K4 --read-ratio read-only --connections 32 --pipeline 16 --duration "${DUR}s" --warmup 1s
-    t1=$(cpu_ticks "$SS_PID")
-    ss+=("$(jget "$j" 'd["ops"]["read"]["ops_per_s"]')")
-    # Server core busy over warmup + run.
-    busy+=("$(py "print(100 * ($t1 - $t0) / $clk_tck / ($DUR + 1))")")
-    cpuop+=("$(jget "$j" 'd["client"]["cpu_us_per_op"]')")
-    p99+=("$(jget "$j" 'd["ops"]["read"]["latency_us"]["p99"]')")
-done
-log "4 KiB GET: redis-server"
+# warm KEYS CONNS PIPELINE keyset-flags...: WARM_PASSES unmeasured
+# sequential read passes over a key set.
+warm() {
+    local keys=$1 conns=$2 pipe=$3
+    shift 3
+    lg "$BENCH_DIR/warm.json" "$@" --read-ratio read-only --distribution sequential \
+        --connections "$conns" --pipeline "$pipe" --ops $((keys * WARM_PASSES)) --warmup 0s
+}
+
+# measure NAME OP METRIC loadgen-flags...: RUNS shardstore-loadgen runs
+# (the flags say how long). With RESTART_FLAGS set (an array), the server is
+# restarted with them before every run. Sets ss (METRIC of OP, per run),
+# p99 (us), busy (server core % busy over the run), cpuop (loadgen CPU us
+# per op) and cache (what the read cache did over all runs).
+measure() {
+    local name=$1 op=$2 metric=$3 i j c0 c1 t0 t1 w0 w1 total=$CACHE_ZERO
+    shift 3
+    ss=() p99=() busy=() cpuop=()
+    for i in $(seq "$RUNS"); do
+        [[ -z ${RESTART_FLAGS+x} ]] || ss_restart "${RESTART_FLAGS[@]}"
+        j=$BENCH_DIR/$name-$i.json
+        c0=$(cache_counters) t0=$(cpu_ticks "$SS_PID") w0=$(date +%s.%N)
+        lg "$j" "$@"
+        w1=$(date +%s.%N) t1=$(cpu_ticks "$SS_PID") c1=$(cache_counters)
+        total=$(cache_add "$c0" "$c1" "$total")
+        ss+=("$(jget "$j" "d['ops']['$op']['$metric']")")
+        p99+=("$(jget "$j" "d['ops']['$op']['latency_us']['p99']")")
+        cpuop+=("$(jget "$j" 'd["client"]["cpu_us_per_op"]')")
+        busy+=("$(py "print(100 * ($t1 - $t0) / $clk_tck / ($w1 - $w0))")")
+    done
+    cache=$(cache_note "$CACHE_ZERO" "$total")
+    RAW+=("$name shardstore $op $metric: ${ss[*]} | server busy %: ${busy[*]} | cache counters ($CACHE_COLS): $total")
+}
+
+# fio_measure NAME EXPR fio-flags...: RUNS fio runs; sets fo (EXPR of the
+# JSON report `d`, per run).
+fio_measure() {
+    local name=$1 expr=$2 i j
+    shift 2
+    fo=()
+    for i in $(seq "$RUNS"); do
+        j=$BENCH_DIR/fio-$name-$i.json
+        fio_run "$j" "$@"
+        fo+=("$(jget "$j" "$expr")")
+    done
+    RAW+=("$name fio: ${fo[*]}")
+}
+
+p99_note() { echo "p99 $(fmt "$(median "${p99[@]}")") us"; }
+TIMED=(--duration "${DUR}s" --warmup 1s)
+
+# ------------------------------------------------ 1. cached 4 KiB random read
+log "1. cached 4 KiB random read: shardstore"
+warm 20000 4 8 $K4
+measure get read ops_per_s $K4 --read-ratio read-only --connections 32 --pipeline 16 "${TIMED[@]}"
+a=$(median "${ss[@]}")
+note="$cache; server core $(fmt "$(median "${busy[@]}")")% busy, loadgen $(median "${cpuop[@]}" | xargs printf '%.2f') us CPU/op, $(p99_note)"
+log "1. 4 KiB GET: redis-server"
 rd=()
 for i in $(seq "$RUNS"); do
     out=$(taskset -c "$CLIENT_CPU" redis-benchmark -p "$REDIS_PORT" -t get -d 4096 -r 20000 \
         -n "$REDIS_N" -c 32 -P 16 --csv | tail -1)
     rd+=("$(echo "$out" | cut -d, -f2 | tr -d '"')")
 done
-a=$(median "${ss[@]}") b=$(median "${rd[@]}")
-row "4 KiB GET-equivalent, 32 conns x 16 pipelined (ops/s)" "$(fmt "$a")" "$(fmt "$b") (redis GET)" "$(ratio "$a" "$b")" \
-    "no server cache yet: every shardstore read goes to disk (O_DIRECT); server core $(fmt "$(median "${busy[@]}")")% busy, loadgen $(median "${cpuop[@]}" | xargs printf '%.2f') us CPU/op, p99 $(fmt "$(median "${p99[@]}")") us"
-RAW+=("GET shardstore: ${ss[*]} | redis: ${rd[*]} | server busy %: ${busy[*]} | loadgen us/op: ${cpuop[*]}")
+RAW+=("get redis: ${rd[*]}")
+b=$(median "${rd[@]}")
+row 1 "4 KiB cached random read, 32 conns x 16 pipelined (ops/s)" "$(fmt "$a")" "$(fmt "$b") (redis GET -c 32 -P 16)" "$(ratio "$a" "$b")" "$note"
 
-# ------------------------------------------------------ 4 KiB durable writes
-for qd in 1 32; do
-    if ((qd == 1)); then conns=1 pipe=1 fioargs=(--ioengine=io_uring --iodepth=1 --fdatasync=1)
-    else conns=4 pipe=8 fioargs=(--ioengine=io_uring --iodepth=32 --fdatasync=1); fi
-    log "4 KiB durable write QD$qd: shardstore"
-    ss=()
-    p99=()
-    for i in $(seq "$RUNS"); do
-        j=$BENCH_DIR/write-qd$qd-$i.json
-        lg "$j" $K4 --read-ratio write-only --connections $conns --pipeline $pipe --duration "${DUR}s" --warmup 1s
-        ss+=("$(jget "$j" 'd["ops"]["write"]["ops_per_s"]')")
-        p99+=("$(jget "$j" 'd["ops"]["write"]["latency_us"]["p99"]')")
-    done
-    log "4 KiB durable write QD$qd: fio"
-    fo=()
-    for i in $(seq "$RUNS"); do
-        j=$BENCH_DIR/fio-write-qd$qd-$i.json
-        fio_run "$j" --rw=randwrite --bs=4k "${fioargs[@]}"
-        fo+=("$(jget "$j" 'd["jobs"][0]["write"]["iops"]')")
-    done
-    a=$(median "${ss[@]}") b=$(median "${fo[@]}")
-    row "4 KiB durable write QD$qd (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randwrite ${fioargs[*]})" "$(ratio "$a" "$b")" \
-        "shardstore p99 $(fmt "$(median "${p99[@]}")") us"
-    RAW+=("write QD$qd shardstore: ${ss[*]} | fio: ${fo[*]}")
-done
-
-# -------------------------------------------------- 4 KiB random read QD32
-log "4 KiB random read QD32: shardstore"
-ss=()
-p99=()
-for i in $(seq "$RUNS"); do
-    j=$BENCH_DIR/randread-$i.json
-    lg "$j" $K4 --read-ratio read-only --connections 4 --pipeline 8 --duration "${DUR}s" --warmup 1s
-    ss+=("$(jget "$j" 'd["ops"]["read"]["ops_per_s"]')")
-    p99+=("$(jget "$j" 'd["ops"]["read"]["latency_us"]["p99"]')")
-done
-log "4 KiB random read QD32: fio"
-fo=()
-for i in $(seq "$RUNS"); do
-    j=$BENCH_DIR/fio-randread-$i.json
-    fio_run "$j" --rw=randread --bs=4k --ioengine=io_uring --iodepth=32
-    fo+=("$(jget "$j" 'd["jobs"][0]["read"]["iops"]')")
-done
-a=$(median "${ss[@]}") b=$(median "${fo[@]}")
-row "4 KiB uncached random read QD32 (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randread io_uring QD32)" "$(ratio "$a" "$b")" \
-    "shardstore p99 $(fmt "$(median "${p99[@]}")") us"
-RAW+=("randread shardstore: ${ss[*]} | fio: ${fo[*]}")
-
-# ------------------------------------------------- 1 MiB sequential read
-log "1 MiB sequential read: shardstore"
-ss=()
-for i in $(seq "$RUNS"); do
-    j=$BENCH_DIR/seqread-$i.json
-    lg "$j" $K1M --read-ratio read-only --distribution sequential --connections 1 --pipeline 4 \
-        --duration "${DUR}s" --warmup 1s
-    ss+=("$(jget "$j" 'd["ops"]["read"]["mb_per_s"]')")
-done
-log "1 MiB sequential read: fio"
-fo=()
-for i in $(seq "$RUNS"); do
-    j=$BENCH_DIR/fio-seqread-$i.json
-    fio_run "$j" --rw=read --bs=1m --ioengine=io_uring --iodepth=4
-    fo+=("$(jget "$j" 'd["jobs"][0]["read"]["bw_bytes"] / 1e6')")
-done
-log "loopback: iperf3"
+# ------------------------------------------------ 4. cached 1 MiB random read
+log "4. cached 1 MiB random read: shardstore"
+warm 64 1 4 $K1M
+measure read1m read mb_per_s $K1M --read-ratio read-only --connections 1 --pipeline 4 "${TIMED[@]}"
+a=$(median "${ss[@]}")
+note="target >= 0.5; $cache; $(p99_note)"
+log "4. loopback: iperf3"
 ip=()
 for i in $(seq "$RUNS"); do
     j=$BENCH_DIR/iperf3-$i.json
     taskset -c "$CLIENT_CPU" iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$DUR" -J >"$j"
     ip+=("$(jget "$j" 'd["end"]["sum_received"]["bits_per_second"] / 8e6')")
 done
-a=$(median "${ss[@]}") b=$(median "${fo[@]}") c=$(median "${ip[@]}")
-row "1 MiB sequential read, 4 outstanding (MB/s)" "$(fmt "$a")" "$(fmt "$b") (fio read 1 MiB QD4)" "$(ratio "$a" "$b")" "disk limit"
-row "1 MiB sequential read vs loopback (MB/s)" "$(fmt "$a")" "$(fmt "$c") (iperf3 1 stream)" "$(ratio "$a" "$c")" "network limit"
-RAW+=("seqread MB/s shardstore: ${ss[*]} | fio: ${fo[*]} | iperf3: ${ip[*]}")
+RAW+=("loopback MB/s iperf3: ${ip[*]}")
+b=$(median "${ip[@]}")
+row 5 "1 MiB cached random read, 1 conn x 4 outstanding (MB/s)" "$(fmt "$a")" "$(fmt "$b") (iperf3 1 stream, loopback)" "$(ratio "$a" "$b")" "$note"
+
+# ------------------------------------------------------ 5. durable writes
+for qd in 1 32; do
+    if ((qd == 1)); then conns=1 pipe=1; else conns=4 pipe=8; fi
+    fioargs=(--ioengine=io_uring --iodepth=$qd --fdatasync=1)
+    log "5. 4 KiB durable write QD$qd: shardstore"
+    measure write-qd$qd write ops_per_s $K4 --read-ratio write-only --connections $conns --pipeline $pipe "${TIMED[@]}"
+    a=$(median "${ss[@]}")
+    note="shardstore $(p99_note)"
+    log "5. 4 KiB durable write QD$qd: fio"
+    fio_measure write-qd$qd 'd["jobs"][0]["write"]["iops"]' --rw=randwrite --bs=4k "${fioargs[@]}"
+    b=$(median "${fo[@]}")
+    row $((qd == 1 ? 6 : 7)) "4 KiB durable write QD$qd (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randwrite ${fioargs[*]})" "$(ratio "$a" "$b")" "$note"
+done
+
+# ---------------------------------------------- 2. uncached 4 KiB random read
+log "2. uncached 4 KiB random read QD32: shardstore --cache-mib 0"
+ss_restart --cache-mib 0
+measure randread read ops_per_s $K4 --read-ratio read-only --connections 4 --pipeline 8 "${TIMED[@]}"
+a=$(median "${ss[@]}")
+note="target >= 0.85; server --cache-mib 0 ($cache); $(p99_note)"
+log "2. 4 KiB random read QD32: fio"
+fio_measure randread 'd["jobs"][0]["read"]["iops"]' --rw=randread --bs=4k --ioengine=io_uring --iodepth=32
+b=$(median "${fo[@]}")
+row 2 "4 KiB uncached random read QD32, 4 conns x 8 (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randread io_uring QD32)" "$(ratio "$a" "$b")" "$note"
+
+# ----------------------------------------- 3. cold 1 MiB sequential read QD1
+log "3. 1 MiB sequential read QD1: fio"
+fio_measure seqread 'd["jobs"][0]["read"]["bw_bytes"] / 1e6' --rw=read --bs=1m
+b=$(median "${fo[@]}")
+for pf in off auto; do
+    log "3. cold 1 MiB sequential read QD1, prefetch $pf: shardstore (restarted before each run)"
+    RESTART_FLAGS=(--prefetch "$pf")
+    # One pass over the set per run: every read is of bytes this server
+    # process has not read before.
+    measure seqread-$pf read mb_per_s $KSEQ --read-ratio read-only --distribution sequential \
+        --connections 1 --pipeline 1 --ops "$SEQ_OPS" --warmup 0s
+    unset RESTART_FLAGS
+    a=$(median "${ss[@]}")
+    if [[ $pf == off ]]; then n=3 note="$SEQ_CHUNKS x 64 MiB chunks, each run one pass after a restart"
+    else n=4 note="target >= 0.9"; fi
+    row $n "1 MiB sequential read, cold, QD1, prefetch $pf (MB/s)" "$(fmt "$a")" "$(fmt "$b") (fio read 1 MiB sync QD1)" \
+        "$(ratio "$a" "$b")" "$note; $cache; $(p99_note)"
+done
 
 # ---------------------------------------------------------------- report
 {
-    echo "shardstore vs peers, $(date -u +%Y-%m-%dT%H:%MZ), medians of $RUNS runs of ${DUR}s"
+    echo "shardstore vs peers, $(date -u +%Y-%m-%dT%H:%MZ), medians of $RUNS runs of ${DUR}s (cold sequential rows: one pass per run)"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $fstype on $(df "$BENCH_DIR" | awk 'NR==2 {print $1}'), kernel $(uname -r)"
-    echo "servers on cpu $SERVER_CPU, load generators on cpu $CLIENT_CPU; load average before the run: $LOAD_BEFORE (other work on the machine skews figures)"
+    echo "build: $BUILD"
+    echo "servers on cpu $SERVER_CPU, load generators on cpu $CLIENT_CPU; load average before the run: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews figures)"
     echo
     echo "| workload | shardstore | peer | ratio | notes |"
     echo "|---|---|---|---|---|"
