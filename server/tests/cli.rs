@@ -82,6 +82,13 @@ fn cli_commands_work_end_to_end() {
     assert!(ping.contains("shard 1"), "{ping}");
     let stats = ok(&cli(&addr, &["stats"]));
     assert!(stats.contains("write"), "{stats}");
+    // Cache table, and the read latency split: the second get of the same
+    // sectors was a cache hit.
+    assert!(
+        stats.contains("hit_%") && stats.contains("pf_wasted"),
+        "{stats}"
+    );
+    assert!(stats.contains("read(cached)"), "{stats}");
     ok(&cli(&addr, &["rm", "abc123"]));
 
     // Errors: non-zero exit and a one-line message.

@@ -1,6 +1,7 @@
 //! Hostile and broken clients against a live server. After each scenario,
 //! normal clients still get answers with bounded latency and the server's
-//! RSS stays within its budget (no cache yet: 128 MiB).
+//! RSS stays within its budget: 128 MiB plus the read cache, which these
+//! scenarios barely fill (one test fills a small cache on purpose).
 
 mod common;
 use common::*;
@@ -403,4 +404,83 @@ async fn full_forward_queue_answers_busy() {
         "requests owned by the receiving shard must not be refused"
     );
     healthy(&srv, 8).await;
+}
+
+/// The read cache stays within its size: 48 MiB of chunks read through a
+/// 32 MiB cache, in 1 MiB and 4 KiB reads, in an order that evicts pieces
+/// of large reads. RSS stays within cache + the 128 MiB budget, and the
+/// cache's own figure within its capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_stays_within_its_budget() {
+    let dir = data_dir("cachebudget");
+    let cache_mib = 32u64;
+    let srv = TestServer::try_start(
+        &dir,
+        1,
+        &[
+            "--cache-mib",
+            &cache_mib.to_string(),
+            "--capacity-mib",
+            "256",
+        ],
+    )
+    .unwrap();
+    let c = srv.client().await;
+    let mib = 1usize << 20;
+    let chunks = 48u64;
+    let data: Vec<Vec<u8>> = (0..chunks).map(|i| pattern(i, mib)).collect();
+    for (i, d) in data.iter().enumerate() {
+        c.write(ChunkId(0xcac0_0000 + i as u128), 0, d.clone())
+            .await
+            .unwrap();
+    }
+    let mut x = 0x9e37_79b9u64;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut peak = 0;
+    for round in 0..3 {
+        for _ in 0..chunks {
+            let i = next(chunks);
+            let id = ChunkId(0xcac0_0000 + u128::from(i));
+            let r = c.read(id, 0, mib as u32).await.unwrap();
+            assert!(r.data == data[i as usize], "chunk {i}");
+            // Small reads at random places: they promote single sectors
+            // of large cached reads and leave the rest to be evicted.
+            for _ in 0..64 {
+                let off = next(256) * 4096;
+                let j = next(chunks);
+                let id = ChunkId(0xcac0_0000 + u128::from(j));
+                let r = c.read(id, off, 4096).await.unwrap();
+                assert!(
+                    r.data[..] == data[j as usize][off as usize..off as usize + 4096],
+                    "chunk {j} at {off}"
+                );
+            }
+        }
+        peak = peak.max(rss_bytes(srv.child.id()));
+        eprintln!("round {round}: rss {} MiB", rss_bytes(srv.child.id()) >> 20);
+    }
+    let st = c.stats(shardstore_proto::ShardId(0)).await.unwrap();
+    eprintln!(
+        "cache {} of {} MiB, {} hits, {} misses, {} evictions; peak rss {} MiB",
+        st.cache_bytes >> 20,
+        st.cache_capacity_bytes >> 20,
+        st.cache_hits,
+        st.cache_misses,
+        st.cache_evictions,
+        peak >> 20
+    );
+    assert!(st.cache_bytes <= cache_mib << 20);
+    assert!(st.cache_evictions > 0, "the cache never filled");
+    assert!(
+        peak < RSS_BUDGET_BYTES + (cache_mib << 20),
+        "peak RSS {} MiB over cache {cache_mib} + budget {} MiB",
+        peak >> 20,
+        RSS_BUDGET_BYTES >> 20
+    );
+    healthy(&srv, 9).await;
 }

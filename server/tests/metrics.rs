@@ -152,6 +152,10 @@ async fn scrape_and_parse() {
     for i in 0..10u64 {
         c.read(ChunkId(i as u128), 0, 5000).await.unwrap();
     }
+    // The same 10 reads again: served from the cache (2 sectors each).
+    for i in 0..10u64 {
+        c.read(ChunkId(i as u128), 0, 5000).await.unwrap();
+    }
     assert!(c.read(ChunkId(999_999), 0, 10).await.is_err());
     // Figures are published every 100 ms.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -180,7 +184,7 @@ async fn scrape_and_parse() {
         m.sum("shardstore_requests_total", &[("op", "write")]),
         writes as f64
     );
-    assert_eq!(m.sum("shardstore_requests_total", &[("op", "read")]), 11.0);
+    assert_eq!(m.sum("shardstore_requests_total", &[("op", "read")]), 21.0);
     assert_eq!(
         m.sum("shardstore_request_errors_total", &[("op", "read")]),
         1.0
@@ -189,7 +193,30 @@ async fn scrape_and_parse() {
         m.sum("shardstore_received_bytes_total", &[]),
         (writes * 5000) as f64
     );
-    assert_eq!(m.sum("shardstore_sent_bytes_total", &[]), 50_000.0);
+    assert_eq!(m.sum("shardstore_sent_bytes_total", &[]), 100_000.0);
+    // Cache: the first 10 reads missed (2 sectors each), the next 10 hit.
+    assert_eq!(m.sum("shardstore_cache_misses_total", &[]), 20.0);
+    assert_eq!(m.sum("shardstore_cache_hits_total", &[]), 20.0);
+    assert_eq!(m.sum("shardstore_cached_reads_total", &[]), 10.0);
+    assert_eq!(m.sum("shardstore_uncached_reads_total", &[]), 10.0);
+    assert_eq!(m.sum("shardstore_cache_bytes", &[]), 20.0 * 4096.0);
+    assert_eq!(
+        m.sum("shardstore_cache_capacity_bytes", &[]),
+        256.0 * 1024.0 * 1024.0,
+        "the default 256 MiB split between the shards"
+    );
+    assert_eq!(
+        m.types["shardstore_read_cached_duration_seconds"],
+        "histogram"
+    );
+    assert_eq!(
+        m.sum("shardstore_read_cached_duration_seconds_count", &[]),
+        10.0
+    );
+    assert_eq!(
+        m.sum("shardstore_read_uncached_duration_seconds_count", &[]),
+        10.0
+    );
     assert_eq!(m.sum("shardstore_chunks", &[]), writes as f64);
     assert!(m.sum("shardstore_device_flushes_total", &[]) >= 1.0);
     assert_eq!(m.sum("shardstore_fail_stopped", &[]), 0.0);
