@@ -73,6 +73,9 @@ fuzz_target!(|data: &[u8]| {
                 shard_count: 1,
                 node_id: 1,
                 capacity_bytes: 2 << 20,
+                // A small cache: READs take both the inline (cached) and
+                // the asynchronous path.
+                cache_bytes: 256 << 10,
                 ..ShardConfig::default()
             };
             let disk = SimDisk::new(3 << 20, 1);

@@ -71,6 +71,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<Prefetch>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub_period_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index_cache_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<u32>,
@@ -123,6 +125,7 @@ pub mod defaults {
     pub const CAPACITY_MIB: u64 = 1024;
     pub const IO_MEMORY_KIB: u64 = 1024;
     pub const CACHE_MIB: u64 = 256;
+    pub const SCRUB_PERIOD_SECS: u64 = 24 * 3600;
     pub const INDEX_CACHE_MIB: u64 = 16;
     pub const FORWARD_QUEUE: u64 = 1024;
     pub const METRICS_INTERVAL_MS: u64 = 500;
@@ -145,6 +148,8 @@ pub struct Settings {
     /// Node-wide read cache, split evenly between the shards.
     pub cache_mib: u64,
     pub prefetch: Prefetch,
+    /// One scrub pass over every live sector per this period; 0: off.
+    pub scrub_period_secs: u64,
     pub index_cache_mib: u64,
     pub max_payload: u32,
     pub max_chunk_size: u64,
@@ -258,6 +263,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         io_memory_kib,
         cache_mib,
         prefetch,
+        scrub_period_secs,
         index_cache_mib,
         max_payload,
         max_chunk_size,
@@ -427,6 +433,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         io_memory_kib: c.io_memory_kib.unwrap_or(defaults::IO_MEMORY_KIB),
         cache_mib: c.cache_mib.unwrap_or(defaults::CACHE_MIB),
         prefetch: c.prefetch.unwrap_or(Prefetch::Auto),
+        scrub_period_secs: c.scrub_period_secs.unwrap_or(defaults::SCRUB_PERIOD_SECS),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
         max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
@@ -676,6 +683,7 @@ impl Settings {
             io_memory_kib: Some(self.io_memory_kib),
             cache_mib: Some(self.cache_mib),
             prefetch: Some(self.prefetch),
+            scrub_period_secs: Some(self.scrub_period_secs),
             index_cache_mib: Some(self.index_cache_mib),
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
@@ -798,6 +806,15 @@ const DOCS: &[Doc] = &[
         help: &[
             "Sequential read-ahead into the cache: \"auto\" (adaptive window per",
             "stream, up to 8 MiB or a sixteenth of the shard's cache slice) or \"off\".",
+        ],
+    },
+    Doc {
+        key: "scrub_period_secs",
+        set: None,
+        default: "86400",
+        help: &[
+            "The background scrubber re-reads and verifies every live sector once per",
+            "this period, on a low-priority task queue. 0 turns it off.",
         ],
     },
     Doc {

@@ -159,6 +159,9 @@ pub struct ServeArgs {
     /// Largest chunk, bytes. [default: 67108864]
     #[arg(long, env = "SHARDSTORE_MAX_CHUNK_SIZE")]
     max_chunk_size: Option<u64>,
+    /// Seconds per scrub pass over every live sector (0: no scrubber). [default: 86400]
+    #[arg(long, env = "SHARDSTORE_SCRUB_PERIOD_SECS")]
+    scrub_period_secs: Option<u64>,
     /// Sequential read-ahead into the cache. [default: auto]
     #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
     prefetch: Option<config::Prefetch>,
@@ -254,6 +257,7 @@ impl ServeArgs {
             io_memory_kib: self.io_memory_kib,
             cache_mib: self.cache_mib,
             prefetch: self.prefetch,
+            scrub_period_secs: self.scrub_period_secs,
             index_cache_mib: self.index_cache_mib,
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
@@ -393,6 +397,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown_timeout: s.shutdown_timeout,
         cache_bytes: s.cache_mib << 20,
         prefetch: s.prefetch == config::Prefetch::Auto,
+        scrub_period_secs: s.scrub_period_secs,
         limits: s.limits,
         auth_secret,
         tls,

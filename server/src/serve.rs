@@ -54,6 +54,7 @@ pub struct ServeOptions {
     /// Node-wide read cache, split evenly between the shards.
     pub cache_bytes: u64,
     pub prefetch: bool,
+    pub scrub_period_secs: u64,
     /// Data areas on this block device (equal per-shard ranges) instead of files.
     pub device: Option<PathBuf>,
     /// Format over a foreign or damaged superblock.
@@ -352,6 +353,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             rebuild_index: opts.rebuild_index,
             cache_bytes: opts.cache_bytes / u64::from(n),
             prefetch: opts.prefetch,
+            scrub_period_secs: opts.scrub_period_secs,
             ..ShardConfig::default()
         };
         // The blocking thread opens sled and writes the shard's index
