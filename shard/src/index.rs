@@ -630,6 +630,11 @@ impl Index {
         range.take(limit).map(|(&c, &m)| (c, m)).collect()
     }
 
+    /// Extent records (for the scrubber's pace).
+    pub fn extent_count(&self) -> u64 {
+        self.maps.borrow().extents.len() as u64
+    }
+
     pub fn chunk_count(&self) -> u64 {
         self.maps.borrow().metas.len() as u64
     }

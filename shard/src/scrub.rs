@@ -27,8 +27,6 @@ pub struct ScrubCounters {
     pub passes: Cell<u64>,
     pub sectors: Cell<u64>,
     pub errors: Cell<u64>,
-    /// Extents seen in the last full pass (for pacing).
-    pub last_pass_extents: Cell<u64>,
 }
 
 /// Checks the extent record after `after`; returns its key, or None at the end.
@@ -69,16 +67,13 @@ async fn step(
 pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, ShardError> {
     let mut after = None;
     let mut bad = 0;
-    let mut extents = 0;
     while let Some((c, l, b)) = step(inner, after).await? {
         after = Some((c, l));
         bad += b;
-        extents += 1;
         if let Some(p) = pace {
             glommio::timer::sleep(p).await;
         }
     }
-    inner.scrub.last_pass_extents.set(extents);
     bump(&inner.scrub.passes, 1);
     Ok(bad)
 }
@@ -99,12 +94,8 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                 let mut bad = 0u64;
                 loop {
                     let Some(inner) = weak.upgrade() else { return };
-                    // The first pass does not know how many extents there
-                    // are: it goes at a gentle fixed pace.
-                    let pace = match inner.scrub.last_pass_extents.get() {
-                        0 => Duration::from_millis(10),
-                        n => crate::recover::pace(period, n),
-                    };
+                    // Spread over the period by the extents indexed now.
+                    let pace = crate::recover::pace(period, inner.index.extent_count().max(1));
                     match step(&inner, after).await {
                         Ok(Some((c, l, b))) => {
                             after = Some((c, l));
@@ -112,7 +103,6 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                             bad += b;
                         }
                         Ok(None) => {
-                            inner.scrub.last_pass_extents.set(extents);
                             bump(&inner.scrub.passes, 1);
                             tracing::info!(
                                 shard = inner.id.0,
