@@ -2,11 +2,18 @@
 //! owned by the shard's executor; sled (or [`MemKv`] on the simulated disk)
 //! holds its persistent copy, written only by checkpoints.
 //!
-//! In memory (typed ordered maps, no locks: the shard is `!Send`):
-//! - chunk -> [`ChunkMeta`] (length, version, times, live sectors);
-//! - (chunk, logical start sector) -> [`ExtentRec`]: a run of logical
-//!   sectors stored contiguously on disk, with its generation, the position
-//!   of the physical extent's header and every sector's crc;
+//! In memory (no locks: the shard is `!Send`):
+//! - one hash table, chunk -> entry, so a point read (meta, then the
+//!   records a READ covers) probes one table: the entry holds the chunk's
+//!   [`ChunkMeta`] (length, version, times, live sectors) and its
+//!   [`ExtentRec`]s by logical start sector, each a run of logical sectors
+//!   stored contiguously on disk, with its generation, the position of the
+//!   physical extent's header and every sector's crc. A chunk's records are
+//!   a sorted vector (the first inline) up to 32, a B-tree past that. The
+//!   hasher is foldhash with a per-process seed from the OS (chunk ids are
+//!   client-chosen);
+//! - the same chunk ids in an ordered set, for what needs id order: LIST
+//!   and the walks in key order (scrubber, `verify`, recovery's sweep);
 //! - chunk -> [`TombRec`]: the chunk's latest durable delete (its tombstone
 //!   extent on disk is live space while this record exists);
 //! - the recovery [`Checkpoint`] (see `recover`);
@@ -32,22 +39,26 @@
 //! whose batch landed), and recovery replays the data area written since.
 //! The whole store is read into memory at open ([`Index::load`]).
 //!
-//! Memory (measured: heap growth for 200,000 chunks with random ids): a
-//! chunk of one 4 KiB extent costs about 340 bytes (meta and extent record,
-//! the crc vector's allocation, B-tree nodes about two-thirds full), each
-//! further extent record of a chunk about 215 bytes plus 4 bytes per sector
-//! past the first, and each key changed since the last checkpoint about 45
-//! bytes more in the dirty set until the checkpoint. So about 8% of the data
-//! size for 4 KiB chunks, 0.13% for 1 MiB single-extent chunks: the index
-//! must fit in RAM. sled's page cache (`ShardConfig::index_cache_bytes`) now
+//! Memory (measured: heap growth, `mallinfo2`, for 200,000 chunks with
+//! random ids, dirty set emptied): a chunk of one 4 KiB extent costs about
+//! 293 bytes (its hash table slot, the record inline; its share of the
+//! ordered id set; the crc vector's allocation); 299 with the three B-trees
+//! this replaced, measured the same way (340 was an older measurement).
+//! Each further extent record of a chunk costs about 175 bytes plus 4 bytes
+//! per sector past the first, and each key changed since the last
+//! checkpoint about 45 bytes more in the dirty set until the checkpoint. So
+//! about 7% of the data size for 4 KiB chunks, 0.13% for 1 MiB
+//! single-extent chunks: the index must fit in RAM. sled's page cache (`ShardConfig::index_cache_bytes`) now
 //! serves only the checkpoint batches and the load at open.
 
 use std::cell::RefCell;
-use std::collections::{btree_map, BTreeMap, HashSet};
+use std::collections::{hash_map, BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::ops::Bound;
 
 use glommio::sync::Semaphore;
 use shardstore_proto::ChunkId;
+use smallvec::SmallVec;
 
 use crate::alloc::Run;
 use crate::error::ShardError;
@@ -427,27 +438,238 @@ impl Store {
     }
 }
 
+/// Builds the hasher of the chunk table: foldhash, seeded from the OS's
+/// random source once per process (chunk ids are client-chosen; an
+/// unseeded hash would let a client pick colliding ids).
+#[derive(Clone)]
+struct ChunkHasher(foldhash::fast::SeedableRandomState);
+
+impl Default for ChunkHasher {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<(u64, foldhash::SharedSeed)> = std::sync::OnceLock::new();
+        let (per_hasher, shared) = SEED.get_or_init(|| {
+            // std's RandomState holds keys from the OS's random source.
+            let r = || std::collections::hash_map::RandomState::new().hash_one(0u8);
+            (r(), foldhash::SharedSeed::from_u64(r()))
+        });
+        ChunkHasher(foldhash::fast::SeedableRandomState::with_seed(
+            *per_hasher,
+            shared,
+        ))
+    }
+}
+
+impl BuildHasher for ChunkHasher {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+
+    #[inline]
+    fn build_hasher(&self) -> Self::Hasher {
+        self.0.build_hasher()
+    }
+}
+
+/// The extent records of one chunk overlapping a range, in logical order;
+/// inline when there is one (a point read of a chunk written in one piece).
+pub type Overlapping = SmallVec<[ExtentRec; 1]>;
+
+/// Most records a chunk keeps in its sorted vector; past this they move to a
+/// B-tree (a 64 MiB chunk overwritten in random 4 KiB pieces has 16,384, and
+/// a vector's insert would move them all).
+const EXTENTS_INLINE_MAX: usize = 32;
+
+/// A chunk's extent records, keyed by logical start sector. Almost every
+/// chunk has one or a few: a sorted vector, the first record inline; many
+/// records: a B-tree.
+enum Extents {
+    Few(SmallVec<[ExtentRec; 1]>),
+    Many(BTreeMap<u64, ExtentRec>),
+}
+
+impl Default for Extents {
+    fn default() -> Self {
+        Extents::Few(SmallVec::new())
+    }
+}
+
+impl Extents {
+    fn len(&self) -> usize {
+        match self {
+            Extents::Few(v) => v.len(),
+            Extents::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Extents::Few(v) => v.is_empty(),
+            Extents::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn get(&self, logical: u64) -> Option<&ExtentRec> {
+        match self {
+            Extents::Few(v) => v
+                .binary_search_by_key(&logical, |r| r.logical.0)
+                .ok()
+                .map(|i| &v[i]),
+            Extents::Many(m) => m.get(&logical),
+        }
+    }
+
+    fn insert(&mut self, rec: ExtentRec) {
+        match self {
+            Extents::Few(v) => match v.binary_search_by_key(&rec.logical.0, |r| r.logical.0) {
+                Ok(i) => v[i] = rec,
+                Err(i) if v.len() < EXTENTS_INLINE_MAX => v.insert(i, rec),
+                Err(_) => {
+                    let mut m: BTreeMap<u64, ExtentRec> =
+                        v.drain(..).map(|r| (r.logical.0, r)).collect();
+                    m.insert(rec.logical.0, rec);
+                    *self = Extents::Many(m);
+                }
+            },
+            Extents::Many(m) => {
+                m.insert(rec.logical.0, rec);
+            }
+        }
+    }
+
+    fn remove(&mut self, logical: u64) {
+        match self {
+            Extents::Few(v) => {
+                if let Ok(i) = v.binary_search_by_key(&logical, |r| r.logical.0) {
+                    v.remove(i);
+                }
+            }
+            Extents::Many(m) => {
+                m.remove(&logical);
+                // Back to a vector well below the limit, so a chunk
+                // hovering at it does not convert on every write.
+                if m.len() <= EXTENTS_INLINE_MAX / 2 {
+                    *self = Extents::Few(std::mem::take(m).into_values().collect());
+                }
+            }
+        }
+    }
+
+    /// Records with a logical start in `(lo, hi)`, in order.
+    fn between(&self, lo: Bound<u64>, hi: Bound<u64>) -> impl Iterator<Item = &ExtentRec> {
+        let (few, many) = match self {
+            Extents::Few(v) => {
+                let from = match lo {
+                    Bound::Included(l) => v.partition_point(|r| r.logical.0 < l),
+                    Bound::Excluded(l) => v.partition_point(|r| r.logical.0 <= l),
+                    Bound::Unbounded => 0,
+                };
+                let rest = v[from..].iter().take_while(move |r| match hi {
+                    Bound::Included(h) => r.logical.0 <= h,
+                    Bound::Excluded(h) => r.logical.0 < h,
+                    Bound::Unbounded => true,
+                });
+                (Some(rest), None)
+            }
+            Extents::Many(m) => (None, Some(m.range((lo, hi)).map(|(_, r)| r))),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+
+    /// The record starting at or before `logical`, if any.
+    fn at_or_before(&self, logical: u64) -> Option<&ExtentRec> {
+        match self {
+            Extents::Few(v) => match v.partition_point(|r| r.logical.0 <= logical) {
+                0 => None,
+                i => Some(&v[i - 1]),
+            },
+            Extents::Many(m) => m.range(..=logical).next_back().map(|(_, r)| r),
+        }
+    }
+
+    /// Records overlapping logical sectors `[first, end)`, in order.
+    fn overlapping(&self, first: u64, end: u64) -> Overlapping {
+        let mut out = Overlapping::new();
+        if end <= first {
+            return out;
+        }
+        // The record starting at or before `first` may reach into the range.
+        if let Some(r) = self.at_or_before(first) {
+            if r.end() > first {
+                out.push(r.clone());
+            }
+        }
+        out.extend(
+            self.between(Bound::Excluded(first), Bound::Excluded(end))
+                .cloned(),
+        );
+        out
+    }
+}
+
+/// Everything the index holds about one chunk that has a meta or extents.
+#[derive(Default)]
+struct ChunkEntry {
+    meta: Option<ChunkMeta>,
+    extents: Extents,
+}
+
 /// The in-memory index and the keys changed since the last flush.
+///
+/// Invariant: `chunks` holds an entry exactly for the chunks that have a meta
+/// or an extent record, and `order` holds exactly the keys of `chunks`.
 #[derive(Default)]
 struct Maps {
-    metas: BTreeMap<ChunkId, ChunkMeta>,
-    extents: BTreeMap<(ChunkId, LogicalSector), ExtentRec>,
+    /// Point lookups (reads, writes): one hash probe.
+    chunks: HashMap<ChunkId, ChunkEntry, ChunkHasher>,
+    /// The chunks of `chunks` in id order, for LIST and the walks in key
+    /// order (scrubber, `verify`).
+    order: BTreeSet<ChunkId>,
     tombs: BTreeMap<ChunkId, TombRec>,
     checkpoint: Option<Checkpoint>,
-    dirty: HashSet<Key>,
+    dirty: HashSet<Key, ChunkHasher>,
 }
 
 impl Maps {
+    /// The entry of `chunk`, created if absent.
+    fn entry(&mut self, chunk: ChunkId) -> &mut ChunkEntry {
+        match self.chunks.entry(chunk) {
+            hash_map::Entry::Occupied(e) => e.into_mut(),
+            hash_map::Entry::Vacant(e) => {
+                self.order.insert(chunk);
+                e.insert(ChunkEntry::default())
+            }
+        }
+    }
+
+    /// Changes the entry of `chunk` (if any) with `f`, then drops it if it
+    /// holds nothing any more.
+    fn update(&mut self, chunk: ChunkId, f: impl FnOnce(&mut ChunkEntry)) {
+        let hash_map::Entry::Occupied(mut e) = self.chunks.entry(chunk) else {
+            return;
+        };
+        f(e.get_mut());
+        if e.get().meta.is_none() && e.get().extents.is_empty() {
+            e.remove();
+            self.order.remove(&chunk);
+        }
+    }
+
+    fn put_meta(&mut self, chunk: ChunkId, meta: ChunkMeta) {
+        self.entry(chunk).meta = Some(meta);
+    }
+
+    fn put_extent(&mut self, chunk: ChunkId, rec: ExtentRec) {
+        self.entry(chunk).extents.insert(rec);
+    }
+
     /// Adds one record read from the store.
     fn load(&mut self, k: &[u8], v: &[u8]) -> Result<(), ShardError> {
         match k.first() {
             Some(&META_PREFIX) => {
                 let chunk = chunk_of(k)?;
-                self.metas.insert(chunk, ChunkMeta::decode(chunk, v)?);
+                self.put_meta(chunk, ChunkMeta::decode(chunk, v)?);
             }
             Some(&EXTENT_PREFIX) => {
                 let (chunk, rec) = ExtentRec::decode(k, v)?;
-                self.extents.insert((chunk, rec.logical), rec);
+                self.put_extent(chunk, rec);
             }
             Some(&TOMB_PREFIX) => {
                 self.tombs.insert(chunk_of(k)?, TombRec::decode(v)?);
@@ -461,19 +683,26 @@ impl Maps {
     /// The encoded current value of `key` (None: absent).
     fn value(&self, key: Key) -> Option<Vec<u8>> {
         match key {
-            Key::Meta(c) => self.metas.get(&c).map(|m| m.encode().to_vec()),
-            Key::Extent(c, l) => self.extents.get(&(c, l)).map(ExtentRec::encode),
+            Key::Meta(c) => self
+                .chunks
+                .get(&c)
+                .and_then(|e| e.meta)
+                .map(|m| m.encode().to_vec()),
+            Key::Extent(c, l) => self
+                .chunks
+                .get(&c)
+                .and_then(|e| e.extents.get(l.0))
+                .map(ExtentRec::encode),
             Key::Tomb(c) => self.tombs.get(&c).map(|t| t.encode().to_vec()),
             Key::Checkpoint => self.checkpoint.as_ref().map(Checkpoint::encode),
         }
     }
 
-    fn extent_range(
-        &self,
-        lo: Bound<(ChunkId, LogicalSector)>,
-        hi: Bound<(ChunkId, LogicalSector)>,
-    ) -> btree_map::Range<'_, (ChunkId, LogicalSector), ExtentRec> {
-        self.extents.range((lo, hi))
+    /// The entries of the chunks from `lo` on, in id order.
+    fn entries_from(&self, lo: Bound<ChunkId>) -> impl Iterator<Item = (ChunkId, &ChunkEntry)> {
+        self.order
+            .range((lo, Bound::Unbounded))
+            .map(|&c| (c, &self.chunks[&c]))
     }
 }
 
@@ -548,7 +777,7 @@ impl Index {
     }
 
     pub fn get_meta(&self, chunk: ChunkId) -> Option<ChunkMeta> {
-        self.maps.borrow().metas.get(&chunk).copied()
+        self.maps.borrow().chunks.get(&chunk).and_then(|e| e.meta)
     }
 
     pub fn get_tomb(&self, chunk: ChunkId) -> Option<TombRec> {
@@ -557,38 +786,23 @@ impl Index {
 
     /// Extent records of `chunk` overlapping logical sectors `[first, end)`,
     /// in logical order.
-    pub fn overlapping(&self, chunk: ChunkId, first: u64, end: u64) -> Vec<ExtentRec> {
-        if end <= first {
-            return Vec::new();
-        }
+    pub fn overlapping(&self, chunk: ChunkId, first: u64, end: u64) -> Overlapping {
         let maps = self.maps.borrow();
-        let at = |s: u64| (chunk, LogicalSector(s));
-        let mut out = Vec::new();
-        // The record starting at or before `first` may reach into the range.
-        if let Some((_, rec)) = maps
-            .extent_range(Bound::Included(at(0)), Bound::Included(at(first)))
-            .next_back()
-        {
-            if rec.end() > first {
-                out.push(rec.clone());
-            }
+        match maps.chunks.get(&chunk) {
+            Some(e) => e.extents.overlapping(first, end),
+            None => Overlapping::new(),
         }
-        out.extend(
-            maps.extent_range(Bound::Excluded(at(first)), Bound::Excluded(at(end)))
-                .map(|(_, r)| r.clone()),
-        );
-        out
     }
 
     /// All extent records of `chunk`, in logical order.
     pub fn chunk_extents(&self, chunk: ChunkId) -> Vec<ExtentRec> {
-        self.maps
-            .borrow()
-            .extent_range(
-                Bound::Included((chunk, LogicalSector(0))),
-                Bound::Included((chunk, LogicalSector(u64::MAX))),
-            )
-            .map(|(_, r)| r.clone())
+        let maps = self.maps.borrow();
+        let Some(e) = maps.chunks.get(&chunk) else {
+            return Vec::new();
+        };
+        e.extents
+            .between(Bound::Unbounded, Bound::Unbounded)
+            .cloned()
             .collect()
     }
 
@@ -598,8 +812,11 @@ impl Index {
         &self,
         mut f: impl FnMut(ChunkId, &ExtentRec) -> Result<(), E>,
     ) -> Result<(), E> {
-        for ((chunk, _), rec) in &self.maps.borrow().extents {
-            f(*chunk, rec)?;
+        let maps = self.maps.borrow();
+        for (chunk, e) in maps.entries_from(Bound::Unbounded) {
+            for rec in e.extents.between(Bound::Unbounded, Bound::Unbounded) {
+                f(chunk, rec)?;
+            }
         }
         Ok(())
     }
@@ -610,10 +827,18 @@ impl Index {
         &self,
         after: Option<(ChunkId, LogicalSector)>,
     ) -> Option<(ChunkId, ExtentRec)> {
-        let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
         let maps = self.maps.borrow();
-        let mut next = maps.extent_range(lo, Bound::Unbounded);
-        next.next().map(|(&(chunk, _), rec)| (chunk, rec.clone()))
+        let lo = after.map_or(Bound::Unbounded, |(c, _)| Bound::Included(c));
+        for (chunk, e) in maps.entries_from(lo) {
+            let from = match after {
+                Some((c, l)) if c == chunk => Bound::Excluded(l.0),
+                _ => Bound::Unbounded,
+            };
+            if let Some(rec) = e.extents.between(from, Bound::Unbounded).next() {
+                return Some((chunk, rec.clone()));
+            }
+        }
+        None
     }
 
     /// Every tombstone record of the shard, in chunk order.
@@ -626,17 +851,22 @@ impl Index {
     pub fn metas_after(&self, after: Option<ChunkId>, limit: usize) -> Vec<(ChunkId, ChunkMeta)> {
         let lo = after.map_or(Bound::Unbounded, Bound::Excluded);
         let maps = self.maps.borrow();
-        let range = maps.metas.range((lo, Bound::Unbounded));
-        range.take(limit).map(|(&c, &m)| (c, m)).collect()
+        maps.entries_from(lo)
+            .filter_map(|(c, e)| Some((c, e.meta?)))
+            .take(limit)
+            .collect()
     }
 
-    /// Extent records (for the scrubber's pace).
+    /// Extent records (counts them: asked once per scrub pass).
     pub fn extent_count(&self) -> u64 {
-        self.maps.borrow().extents.len() as u64
+        let maps = self.maps.borrow();
+        maps.chunks.values().map(|e| e.extents.len() as u64).sum()
     }
 
+    /// Chunks with a meta (counts them: asked at recovery, not per request).
     pub fn chunk_count(&self) -> u64 {
-        self.maps.borrow().metas.len() as u64
+        let maps = self.maps.borrow();
+        maps.chunks.values().filter(|e| e.meta.is_some()).count() as u64
     }
 
     /// The backing store holds nothing (asked at open, before `load`).
@@ -704,20 +934,20 @@ impl Change {
         for op in self.ops {
             let key = match op {
                 Op::PutMeta(c, m) => {
-                    maps.metas.insert(c, m);
+                    maps.put_meta(c, m);
                     Key::Meta(c)
                 }
                 Op::RemoveMeta(c) => {
-                    maps.metas.remove(&c);
+                    maps.update(c, |e| e.meta = None);
                     Key::Meta(c)
                 }
                 Op::PutExtent(c, r) => {
                     let l = r.logical;
-                    maps.extents.insert((c, l), r);
+                    maps.put_extent(c, r);
                     Key::Extent(c, l)
                 }
                 Op::RemoveExtent(c, l) => {
-                    maps.extents.remove(&(c, l));
+                    maps.update(c, |e| e.extents.remove(l.0));
                     Key::Extent(c, l)
                 }
                 Op::PutTomb(c, t) => {
@@ -804,10 +1034,10 @@ mod tests {
         let c = ChunkId(5);
         assert_eq!(index.get_meta(c).unwrap().version, 2);
         assert_eq!(index.get_meta(ChunkId(6)), None);
-        assert_eq!(index.overlapping(c, 2, 11), vec![ext(0, 4), ext(10, 2)]);
+        assert_eq!(index.overlapping(c, 2, 11)[..], [ext(0, 4), ext(10, 2)]);
         assert!(index.overlapping(c, 4, 10).is_empty());
         assert!(index.overlapping(c, 3, 3).is_empty());
-        assert_eq!(index.overlapping(c, 11, 12), vec![ext(10, 2)]);
+        assert_eq!(index.overlapping(c, 11, 12)[..], [ext(10, 2)]);
         assert_eq!(index.chunk_extents(c).len(), 2);
         let mut all = Vec::new();
         index
@@ -889,6 +1119,140 @@ mod tests {
         assert_eq!(reloaded.get_meta(c).unwrap().version, 4);
         assert_eq!(reloaded.chunk_extents(c), vec![ext(0, 4)]);
         assert_eq!(reloaded.chunk_extents(ChunkId(9)), vec![ext(0, 1)]);
+    }
+
+    /// `overlapping` at its edges: a record starting before the range, holes
+    /// on either side, an empty range, a chunk of one record, one of many
+    /// (past the vector limit, so the B-tree form is taken too).
+    #[test]
+    fn overlapping_edges() {
+        let index = Index::new_mem(MemKv::default());
+        let (one, holes, many) = (ChunkId(1), ChunkId(2), ChunkId(3));
+        let mut ch = Change::new();
+        ch.put_extent(one, ext(0, 1));
+        // Records [2, 6) and [10, 12); holes [0, 2), [6, 10), [12, ..).
+        ch.put_extent(holes, ext(10, 2));
+        ch.put_extent(holes, ext(2, 4));
+        for l in (0..2 * EXTENTS_INLINE_MAX as u64).rev() {
+            ch.put_extent(many, ext(3 * l, 2));
+        }
+        ch.apply(&index);
+        let logicals = |chunk, first, end| -> Vec<u64> {
+            let recs = index.overlapping(chunk, first, end);
+            recs.iter().map(|r| r.logical.0).collect()
+        };
+        assert_eq!(logicals(one, 0, 1), [0]);
+        assert_eq!(logicals(one, 0, 100), [0]);
+        assert!(logicals(one, 1, 2).is_empty());
+        assert!(logicals(ChunkId(9), 0, 1).is_empty());
+        for chunk in [holes, many] {
+            assert!(logicals(chunk, 5, 5).is_empty());
+            assert!(logicals(chunk, 6, 5).is_empty());
+        }
+        assert!(logicals(holes, 0, 2).is_empty());
+        assert_eq!(logicals(holes, 0, 3), [2]);
+        assert_eq!(logicals(holes, 5, 6), [2], "starts before the range");
+        assert!(logicals(holes, 6, 10).is_empty());
+        assert_eq!(logicals(holes, 5, 11), [2, 10]);
+        assert_eq!(logicals(holes, 11, 1000), [10]);
+        assert!(logicals(holes, 12, 1000).is_empty());
+        // Records [3l, 3l + 2): sector 3l + 2 is a hole.
+        assert_eq!(logicals(many, 1, 2), [0]);
+        assert!(logicals(many, 2, 3).is_empty());
+        assert_eq!(logicals(many, 4, 10), [3, 6, 9]);
+        assert_eq!(logicals(many, 2, 6), [3]);
+        assert_eq!(logicals(many, 190, 1000), [189]);
+        // Back below the limit: the vector form again, same answers.
+        let mut ch = Change::new();
+        for l in 2..2 * EXTENTS_INLINE_MAX as u64 {
+            ch.remove_extent(many, LogicalSector(3 * l));
+        }
+        ch.apply(&index);
+        assert_eq!(logicals(many, 0, 1000), [0, 3]);
+        assert_eq!(logicals(many, 4, 10), [3]);
+    }
+
+    /// The ordered walks (LIST, the scrubber's, `for_each_extent`) see every
+    /// chunk in id order and its records in logical order, whatever order
+    /// they were inserted in, and a chunk whose last record goes is gone.
+    #[test]
+    fn walks_in_key_order_after_random_inserts() {
+        let index = Index::new_mem(MemKv::default());
+        // A fixed permutation of 0..n (7919 is prime to n), over the high
+        // and low halves of the id so the order is by the whole u128.
+        let n = 1000u64;
+        let ids: Vec<ChunkId> = (0..n)
+            .map(|i| (i * 7919) % n)
+            .map(|i| ChunkId((u128::from(i % 10) << 64) | u128::from(i / 10)))
+            .collect();
+        for (i, &c) in ids.iter().enumerate() {
+            let mut ch = Change::new();
+            let records = 1 + i as u64 % 3;
+            for l in (0..records).rev() {
+                ch.put_extent(c, ext(10 * l, 2));
+            }
+            // Every seventh chunk has no meta (a walk sees its extents).
+            if i % 7 != 0 {
+                ch.put_meta(c, meta(i as u64));
+            }
+            ch.apply(&index);
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+
+        let mut walked = Vec::new();
+        let mut after = None;
+        while let Some((c, rec)) = index.extent_after(after) {
+            walked.push((c, rec.logical));
+            after = Some((c, rec.logical));
+        }
+        let mut each = Vec::new();
+        index
+            .for_each_extent(|c, r| -> Result<(), ()> {
+                each.push((c, r.logical));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(walked, each);
+        let mut want = walked.clone();
+        want.sort();
+        assert_eq!(walked, want);
+        let mut chunks: Vec<ChunkId> = walked.iter().map(|&(c, _)| c).collect();
+        chunks.dedup();
+        assert_eq!(chunks, sorted);
+
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = index.metas_after(after, 64);
+            let Some(&(last, _)) = page.last() else { break };
+            listed.extend(page.iter().map(|&(c, _)| c));
+            after = Some(last);
+        }
+        let with_meta: Vec<ChunkId> = sorted
+            .iter()
+            .copied()
+            .filter(|c| index.get_meta(*c).is_some())
+            .collect();
+        assert_eq!(listed, with_meta);
+        assert_eq!(index.chunk_count(), with_meta.len() as u64);
+
+        // Emptied chunks leave the walks.
+        let mut ch = Change::new();
+        for &(c, l) in &walked {
+            if c < sorted[500] {
+                ch.remove_extent(c, l);
+                ch.remove_meta(c);
+            }
+        }
+        ch.apply(&index);
+        assert_eq!(index.extent_after(None).unwrap().0, sorted[500]);
+        assert_eq!(
+            index.metas_after(None, 1)[0].0,
+            with_meta[with_meta.len() - listed.iter().filter(|&&c| c >= sorted[500]).count()]
+        );
+        assert_eq!(index.maps.borrow().order.len(), 500);
+        assert_eq!(index.maps.borrow().chunks.len(), 500);
     }
 
     #[test]

@@ -92,10 +92,14 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                 let mut after = None;
                 let mut extents = 0u64;
                 let mut bad = 0u64;
+                // Spread over the period by the extents indexed at the start.
+                let total = match weak.upgrade() {
+                    Some(inner) => inner.index.extent_count().max(1),
+                    None => return,
+                };
                 loop {
                     let Some(inner) = weak.upgrade() else { return };
-                    // Spread over the period by the extents indexed now.
-                    let pace = crate::recover::pace(period, inner.index.extent_count().max(1));
+                    let pace = crate::recover::pace(period, total);
                     match step(&inner, after).await {
                         Ok(Some((c, l, b))) => {
                             after = Some((c, l));
