@@ -227,6 +227,33 @@ fn family(
     }
 }
 
+/// The cumulative buckets (bounds `LATENCY_BOUNDS_US`, then +Inf), the
+/// sum if known and the count of one histogram series; `count(b)`: requests
+/// in bucket `b` alone.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    count: impl Fn(usize) -> u64,
+    sum_seconds: Option<f64>,
+) {
+    let mut cum = 0;
+    for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+        cum += count(b);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"{}\"}} {cum}",
+            *bound as f64 / 1e6
+        );
+    }
+    cum += count(LATENCY_BUCKETS - 1);
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cum}");
+    if let Some(sum) = sum_seconds {
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    }
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cum}");
+}
+
 /// A per-shard metric family: name, type, help, value.
 type Family = (
     &'static str,
@@ -346,62 +373,38 @@ pub fn render(board: &Board) -> String {
     for (i, s) in &snaps {
         for op in &ops {
             let k = *op as usize;
-            let mut cum = 0;
-            for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-                cum += s.latency(k, b);
-                let _ = writeln!(
-                    o,
-                    "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"{}\"}} {cum}",
-                    op.name(),
-                    *bound as f64 / 1e6
-                );
-            }
-            cum += s.latency(k, LATENCY_BUCKETS - 1);
-            let _ = writeln!(
-                o,
-                "{name}_bucket{{shard=\"{i}\",op=\"{}\",le=\"+Inf\"}} {cum}\n\
-                 {name}_sum{{shard=\"{i}\",op=\"{}\"}} {}\n\
-                 {name}_count{{shard=\"{i}\",op=\"{}\"}} {cum}",
-                op.name(),
-                op.name(),
-                s.latency_sum_us[k] as f64 / 1e6,
-                op.name()
-            );
+            let labels = format!("shard=\"{i}\",op=\"{}\"", op.name());
+            let sum = s.latency_sum_us[k] as f64 / 1e6;
+            histogram(&mut o, name, &labels, |b| s.latency(k, b), Some(sum));
         }
     }
 
-    for (name, which, help) in [
+    for (name, cached, help) in [
         (
             "shardstore_read_cached_duration_seconds",
-            0,
+            true,
             "READ execution time when every byte came from the cache.",
         ),
         (
             "shardstore_read_uncached_duration_seconds",
-            1,
+            false,
             "READ execution time when the device was read.",
         ),
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, s) in &snaps {
-            let counts = if which == 0 {
+            let counts = if cached {
                 &s.stats.read_cached_latency
             } else {
                 &s.stats.read_uncached_latency
             };
-            let mut cum = 0;
-            for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
-                cum += counts.get(b).copied().unwrap_or(0);
-                let _ = writeln!(
-                    o,
-                    "{name}_bucket{{shard=\"{i}\",le=\"{}\"}} {cum}",
-                    *bound as f64 / 1e6
-                );
-            }
-            cum += counts.get(LATENCY_BUCKETS - 1).copied().unwrap_or(0);
-            let _ = writeln!(
-                o,
-                "{name}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {cum}\n{name}_count{{shard=\"{i}\"}} {cum}"
+            let labels = format!("shard=\"{i}\"");
+            histogram(
+                &mut o,
+                name,
+                &labels,
+                |b| counts.get(b).copied().unwrap_or(0),
+                None,
             );
         }
     }
