@@ -55,9 +55,11 @@ async fn in_flight_is_bounded_per_connection() {
     let client = Client::connect_with(&fake.addr, cfg).await.unwrap();
     client.write(ChunkId(1), 0, &b"abc"[..]).await.unwrap();
     let before = fake.ctl.requests.load(SeqCst);
-    // The fake answers only once 3 requests are in: with 2 allowed in
-    // flight, the third call waits for a slot and never reaches it.
-    fake.ctl.reorder.store(3, SeqCst);
+    // The fake goes silent: with 2 allowed in flight, the third call waits
+    // for a slot. Each call times out whether it is stuck on the slot or on
+    // a reply, so the outcome does not hang on when the third task starts
+    // (once the first two time out it may send, and still gets no answer).
+    fake.ctl.silent.store(true, SeqCst);
     let reads: Vec<_> = (0..3)
         .map(|_| {
             let c = client.clone();
