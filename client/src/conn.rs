@@ -270,17 +270,33 @@ async fn writer_task(
     while let Some(first) = rx.recv().await {
         // Take everything queued so far: one write for the whole batch.
         let mut next = Some(first);
-        while let Some(out) = next {
-            small.extend_from_slice(&out.head);
-            if out.payload.len() <= COPY_PAYLOAD_MAX {
-                small.extend_from_slice(&out.payload);
-            } else {
-                if !small.is_empty() {
-                    queue.push_back(small.split().freeze());
+        let mut yielded = false;
+        loop {
+            while let Some(out) = next {
+                small.extend_from_slice(&out.head);
+                if out.payload.len() <= COPY_PAYLOAD_MAX {
+                    small.extend_from_slice(&out.payload);
+                } else {
+                    if !small.is_empty() {
+                        queue.push_back(small.split().freeze());
+                    }
+                    queue.push_back(out.payload);
                 }
-                queue.push_back(out.payload);
+                next = rx.try_recv().ok();
             }
+            if yielded {
+                break;
+            }
+            // One batch of replies wakes many callers, and the runtime runs
+            // this task as soon as the first of them queues its next
+            // request. Yield once so the others queue theirs too: without
+            // this a pipelined client made one write per request.
+            tokio::task::yield_now().await;
+            yielded = true;
             next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
+            }
         }
         if !small.is_empty() {
             queue.push_back(small.split().freeze());
@@ -320,8 +336,13 @@ async fn write_all_vectored(wr: &mut WriteHalf, queue: &mut VecDeque<Bytes>) -> 
     Ok(())
 }
 
+/// Bytes the reader takes from the socket per call at most: 32 replies of a
+/// 4 KiB read.
+const READ_BUFFER: usize = 136 << 10;
+
 async fn reader_task(shared: Arc<Shared>, rd: ReadHalf) {
-    let mut reader = FrameReader::new(rd.compat(), limits::MAX_PAYLOAD);
+    // Large enough for a burst of pipelined small replies per read call.
+    let mut reader = FrameReader::with_capacity(rd.compat(), limits::MAX_PAYLOAD, READ_BUFFER);
     let why = loop {
         match read_reply(&shared, &mut reader).await {
             Ok(true) => continue,

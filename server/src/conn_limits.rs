@@ -53,16 +53,15 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Keeps large payload buffers out of malloc's arenas: glibc raises its mmap
-/// threshold after the first large free, after which freed 256 KiB-8 MiB
-/// buffers stay in per-thread arenas and RSS only grows. A fixed threshold
-/// makes every buffer from 128 KiB up an mmap that is returned on free, so
-/// memory goes back to the budget when load stops.
-pub fn pin_malloc_thresholds() {
-    // SAFETY: mallopt only sets allocator parameters; called once at start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
+/// Keeps the allocator's footprint to what it uses. The server allocates
+/// with mimalloc (see `main.rs`), which maps memory in large aligned regions;
+/// with transparent huge pages on ("always", common), touching one byte of
+/// such a region can commit 2 MiB, and RSS no longer tracks the memory
+/// budget. THP is turned off for this process only.
+pub fn limit_allocator_footprint() {
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not turn transparent huge pages off: RSS may exceed the memory budget");
     }
 }

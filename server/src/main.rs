@@ -9,6 +9,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc keeps freed pages of large buffers (the DMA buffers of 1 MiB
+/// reads, payloads) in per-thread free lists for reuse, where glibc with a
+/// pinned mmap threshold maps and faults in every such buffer afresh; and it
+/// gives memory back to the OS on its own after a short delay.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shardstore",

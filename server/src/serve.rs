@@ -203,7 +203,7 @@ struct ShardListeners {
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     let nofile = crate::conn_limits::raise_nofile_limit();
-    crate::conn_limits::pin_malloc_thresholds();
+    crate::conn_limits::limit_allocator_footprint();
     // Signals first: from here on SIGTERM drains instead of killing.
     let (stop_tx, stop_rx) = flume::unbounded::<()>();
     let board_cell = Arc::new(std::sync::OnceLock::<Arc<Board>>::new());

@@ -25,8 +25,9 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use quick_cache::unsync::Cache;
-use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
+use crate::index::ChunkHasher;
 use crate::layout::{crc_then_sector, SECTOR};
 use crate::shard::bump;
 use crate::storage::ReadBuf;
@@ -94,7 +95,7 @@ impl Lifecycle<Key, CachedSector> for Evictions {
     }
 }
 
-type Map = Cache<Key, CachedSector, SectorWeight, DefaultHashBuilder, Evictions>;
+type Map = Cache<Key, CachedSector, SectorWeight, ChunkHasher, Evictions>;
 
 /// A run of consecutive sectors found in the cache, as one slice.
 pub(crate) struct Hit {
@@ -125,7 +126,7 @@ impl ReadCache {
             RefCell::new(Map::with_options(
                 options,
                 SectorWeight,
-                DefaultHashBuilder::default(),
+                ChunkHasher::default(),
                 Evictions(counters.clone()),
             ))
         });

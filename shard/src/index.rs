@@ -212,6 +212,12 @@ impl ChunkMeta {
     }
 }
 
+/// The sector crcs of a run: a run of up to four sectors (16 KiB, the common
+/// small write) keeps them inline, in the record's own bytes, so a read of it
+/// takes no second memory line and copying the record no allocation (same
+/// size as a `Vec`).
+pub type Crcs = SmallVec<[u32; 4]>;
+
 /// A run of a chunk's logical sectors, stored contiguously on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExtentRec {
@@ -223,7 +229,7 @@ pub struct ExtentRec {
     pub header_sectors: u64,
     pub generation: Generation,
     /// crc of each sector of the run; `crcs.len()` is the run's sector count.
-    pub crcs: Vec<u32>,
+    pub crcs: Crcs,
 }
 
 impl ExtentRec {
@@ -245,7 +251,7 @@ impl ExtentRec {
             header: self.header,
             header_sectors: self.header_sectors,
             generation: self.generation,
-            crcs: self.crcs[skip as usize..(to - self.logical.0) as usize].to_vec(),
+            crcs: Crcs::from_slice(&self.crcs[skip as usize..(to - self.logical.0) as usize]),
         }
     }
 
@@ -438,11 +444,11 @@ impl Store {
     }
 }
 
-/// Builds the hasher of the chunk table: foldhash, seeded from the OS's
-/// random source once per process (chunk ids are client-chosen; an
-/// unseeded hash would let a client pick colliding ids).
+/// Builds the hasher of the chunk table (and of the read cache): foldhash,
+/// seeded from the OS's random source once per process (chunk ids are
+/// client-chosen; an unseeded hash would let a client pick colliding ids).
 #[derive(Clone)]
-struct ChunkHasher(foldhash::fast::SeedableRandomState);
+pub(crate) struct ChunkHasher(foldhash::fast::SeedableRandomState);
 
 impl Default for ChunkHasher {
     fn default() -> Self {
@@ -1061,14 +1067,24 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_overlap_query() {
-        assert_eq!(ext(0, 4).slice(1, 3).crcs, vec![1, 2]);
+        assert_eq!(ext(0, 4).slice(1, 3).crcs.as_slice(), [1, 2]);
         assert_eq!(ext(0, 4).slice(1, 3).disk, DiskSector(101));
         let dir = tempfile::tempdir().unwrap();
         let open = || {
-            let db = sled::Config::new()
-                .path(dir.path().join("i"))
-                .open()
-                .unwrap();
+            // sled releases its file lock from its flusher thread a moment
+            // after the last handle drops: a reopen right after may have to
+            // wait for it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let db = loop {
+                match sled::Config::new().path(dir.path().join("i")).open() {
+                    Ok(db) => break db,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("reopening the index: {e}"),
+                }
+            };
             Index::new(db)
         };
         run(async {

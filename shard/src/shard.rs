@@ -63,7 +63,9 @@ use crate::cache::ReadCache;
 use crate::device::{DeviceRange, DmaStorage};
 use crate::error::ShardError;
 use crate::group::Group;
-use crate::index::{Change, Checkpoint, ChunkMeta, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS};
+use crate::index::{
+    Change, Checkpoint, ChunkMeta, Crcs, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS,
+};
 use crate::layout::{
     crc_then_sector, header_sectors_for, sector_crc, sector_crc_from_plain, DiskSector,
     ExtentHeader, ExtentKind, Generation, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
@@ -1157,7 +1159,7 @@ impl Inner {
             header: at,
             header_sectors: hs,
             generation: h.generation,
-            crcs: h.crcs.clone(),
+            crcs: Crcs::from_slice(&h.crcs),
         };
         change.put_extent(chunk, rec);
         let live_before = old.map_or(0, |m| m.live_sectors);
