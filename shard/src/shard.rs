@@ -345,7 +345,7 @@ pub(crate) struct Inner {
     reclaim: RefCell<Reclaimer>,
     /// Space unlinked since the last checkpoint began; reusable only after
     /// the next checkpoint is durable.
-    quarantine: RefCell<Vec<Free>>,
+    quarantine: RefCell<Quarantine>,
     /// Sectors a running checkpoint took from the quarantine.
     releasing: Cell<u64>,
     /// Generations handed out whose index change is not applied yet, and
@@ -395,7 +395,10 @@ impl Drop for InflightGuard<'_> {
             if !self.inner.fail_stopped.get() {
                 // Not reusable before the next checkpoint: a crash before it
                 // may still find (and replay) whatever reached the disk.
-                self.inner.quarantine.borrow_mut().push(Free::Run(self.run));
+                self.inner
+                    .quarantine
+                    .borrow_mut()
+                    .extend([Free::Run(self.run)]);
             }
         }
     }
@@ -602,7 +605,7 @@ impl Shard {
             index,
             alloc: RefCell::new(Allocator::new(area)),
             reclaim: RefCell::new(Reclaimer::new()),
-            quarantine: RefCell::new(Vec::new()),
+            quarantine: RefCell::new(Quarantine::default()),
             releasing: Cell::new(0),
             inflight: RefCell::new(BTreeMap::new()),
             failed: RefCell::new(std::collections::BTreeSet::new()),
@@ -890,7 +893,7 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
                 return;
             }
             let idle = s.next_generation.get() == s.last_checkpoint_generation.get()
-                && s.quarantine.borrow().is_empty();
+                && s.quarantine.borrow().frees.is_empty();
             if !idle {
                 if let Err(e) = s.checkpoint(1).await {
                     tracing::error!(shard = s.id.0, error = %e, "background checkpoint failed");
@@ -899,6 +902,23 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
         }
     })
     .detach();
+}
+
+/// Space unlinked since the last checkpoint began, and its size in sectors
+/// (kept as a sum: every write asks for it, see `quarantined_sectors`).
+#[derive(Default)]
+struct Quarantine {
+    frees: Vec<Free>,
+    sectors: u64,
+}
+
+impl Quarantine {
+    fn extend(&mut self, frees: impl IntoIterator<Item = Free>) {
+        for f in frees {
+            self.sectors += free_sectors_of(std::slice::from_ref(&f));
+            self.frees.push(f);
+        }
+    }
 }
 
 fn free_sectors_of(frees: &[Free]) -> u64 {
@@ -955,7 +975,9 @@ impl Inner {
     /// Sectors that come back at the next checkpoint (quarantined, or taken
     /// by a checkpoint in progress).
     fn quarantined_sectors(&self) -> u64 {
-        free_sectors_of(&self.quarantine.borrow()) + self.releasing.get()
+        let q = self.quarantine.borrow();
+        debug_assert_eq!(q.sectors, free_sectors_of(&q.frees));
+        q.sectors + self.releasing.get()
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {
@@ -1373,7 +1395,7 @@ impl Inner {
             let high_water = self.next_generation.get();
             let replay_from = inflight.keys().next().copied().unwrap_or(high_water);
             let failed_before: Vec<u64> = self.failed.borrow().iter().copied().collect();
-            let freed = std::mem::take(&mut *self.quarantine.borrow_mut());
+            let freed = std::mem::take(&mut *self.quarantine.borrow_mut()).frees;
             self.releasing.set(free_sectors_of(&freed));
             let want = self
                 .checkpoint_sectors
