@@ -183,6 +183,13 @@ pub struct StatsReply {
     /// `latency_bounds_us`, one more unbounded).
     pub read_cached_latency: Vec<u64>,
     pub read_uncached_latency: Vec<u64>,
+    /// Index checkpoints finished; writes that waited for one (their
+    /// shard's space reservation ran out first); the last one's duration
+    /// and the index records it wrote.
+    pub checkpoints: u64,
+    pub checkpoint_waits: u64,
+    pub last_checkpoint_us: u64,
+    pub last_checkpoint_keys: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

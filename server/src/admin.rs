@@ -273,6 +273,22 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
+        "\n{:>5} {:>11} {:>10} {:>13} {:>12}",
+        "shard", "checkpoints", "ckpt_waits", "last_ckpt_ms", "last_ckpt_keys"
+    );
+    for st in all {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>11} {:>10} {:>13.1} {:>12}",
+            st.shard,
+            st.checkpoints,
+            st.checkpoint_waits,
+            st.last_checkpoint_us as f64 / 1000.0,
+            st.last_checkpoint_keys
+        );
+    }
+    let _ = writeln!(
+        out,
         "\n{:>5} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
         "shard",
         "cache_MiB",

@@ -587,6 +587,10 @@ impl ShardCtx {
             prefetch_wasted: s.cache.prefetch_wasted,
             read_cached_latency: c.read_cached.counts(),
             read_uncached_latency: c.read_uncached.counts(),
+            checkpoints: s.checkpoints,
+            checkpoint_waits: s.checkpoint_waits,
+            last_checkpoint_us: s.last_checkpoint_us,
+            last_checkpoint_keys: s.last_checkpoint_keys,
         }
     }
 

@@ -409,7 +409,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 33] = [
+    let fams: [Family; 37] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -526,6 +526,30 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Checksum mismatches found on reads from disk.",
             |s| s.stats.corrupt_errors,
+        ),
+        (
+            "shardstore_checkpoints_total",
+            "counter",
+            "Index checkpoints finished (sled batches, off the write path).",
+            |s| s.stats.checkpoints,
+        ),
+        (
+            "shardstore_checkpoint_waits_total",
+            "counter",
+            "Writes that waited for a checkpoint to extend the space reservation.",
+            |s| s.stats.checkpoint_waits,
+        ),
+        (
+            "shardstore_checkpoint_last_duration_microseconds",
+            "gauge",
+            "How long the last index checkpoint took.",
+            |s| s.stats.last_checkpoint_us,
+        ),
+        (
+            "shardstore_checkpoint_last_keys",
+            "gauge",
+            "Index records the last checkpoint wrote.",
+            |s| s.stats.last_checkpoint_keys,
         ),
         (
             "shardstore_fail_stopped",

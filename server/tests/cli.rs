@@ -89,6 +89,18 @@ fn cli_commands_work_end_to_end() {
         "{stats}"
     );
     assert!(stats.contains("read(cached)"), "{stats}");
+    // Checkpoint table: every shard took one at open.
+    let ckpt_rows: Vec<&str> = stats
+        .lines()
+        .skip_while(|l| !l.contains("last_ckpt_keys"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(ckpt_rows.len(), 2, "{stats}");
+    for row in ckpt_rows {
+        let checkpoints: u64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(checkpoints >= 1, "{stats}");
+    }
     ok(&cli(&addr, &["rm", "abc123"]));
 
     // Errors: non-zero exit and a one-line message.

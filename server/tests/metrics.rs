@@ -277,5 +277,39 @@ async fn scrape_and_parse() {
     .await
     .unwrap();
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // Index checkpoints: one per shard at open (the checkpoint record
+    // alone), then the periodic one (every 5 s while writes happened)
+    // writes each chunk's meta and extent record.
+    assert_eq!(m.sum("shardstore_checkpoint_waits_total", &[]), 0.0);
+    assert!(m.sum("shardstore_checkpoints_total", &[]) >= 2.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let (_, body) = tokio::task::spawn_blocking({
+            let m = maddr.clone();
+            move || http_get(&m, "/metrics")
+        })
+        .await
+        .unwrap();
+        let m = parse(&body);
+        let keys = m.sum("shardstore_checkpoint_last_keys", &[]);
+        if keys >= 2.0 * writes as f64 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint wrote the {writes} writes' records: {keys} keys"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for s in ["0", "1"] {
+        assert!(m.get("shardstore_checkpoints_total", &[("shard", s)]) >= 2.0);
+        assert!(
+            m.get(
+                "shardstore_checkpoint_last_duration_microseconds",
+                &[("shard", s)]
+            ) > 0.0
+        );
+    }
     drop(srv);
 }

@@ -229,6 +229,9 @@ pub struct ShardStats {
     pub checkpoints: u64,
     /// Writes that had to wait for a checkpoint (reservation used up).
     pub checkpoint_waits: u64,
+    /// The last checkpoint: how long it took, and the index records it wrote.
+    pub last_checkpoint_us: u64,
+    pub last_checkpoint_keys: u64,
     pub device_reads: u64,
     /// Last recovery at open: time, extents replayed, torn extents discarded.
     pub recovery_us: u64,
@@ -314,6 +317,8 @@ pub(crate) struct Counters {
     chunks: Cell<u64>,
     checkpoints: Cell<u64>,
     checkpoint_waits: Cell<u64>,
+    last_checkpoint_us: Cell<u64>,
+    last_checkpoint_keys: Cell<u64>,
 }
 
 pub(crate) fn bump(c: &Cell<u64>, by: u64) {
@@ -833,6 +838,8 @@ impl Shard {
             deletes: c.deletes.get(),
             checkpoints: c.checkpoints.get(),
             checkpoint_waits: c.checkpoint_waits.get(),
+            last_checkpoint_us: c.last_checkpoint_us.get(),
+            last_checkpoint_keys: c.last_checkpoint_keys.get(),
             device_reads: dev.reads,
             recovery_us: r.elapsed_us,
             recovery_replayed: r.replayed + r.replayed_tombstones,
@@ -1442,6 +1449,9 @@ impl Inner {
             }
         }
         self.last_checkpoint_generation.set(high_water);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        self.counters.last_checkpoint_us.set(elapsed_us);
+        self.counters.last_checkpoint_keys.set(keys as u64);
         bump(&self.counters.checkpoints, 1);
         {
             let mut alloc = self.alloc.borrow_mut();
@@ -1453,7 +1463,7 @@ impl Inner {
             high_water,
             scan_runs,
             keys,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us,
             "checkpoint"
         );
         Ok(())
