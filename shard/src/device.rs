@@ -56,6 +56,10 @@ pub struct DmaStorage {
     range_len: Option<u64>,
     /// Opened with O_DSYNC: every completed write is durable.
     dsync: bool,
+    /// A second descriptor of the same file or range, opened with O_DSYNC,
+    /// for `write_durable` (adaptive sync; `None` when not asked for, or
+    /// when `file` is O_DSYNC already).
+    dsync_file: Option<DmaFile>,
 }
 
 /// glommio decides once per block device (and caches it for the process)
@@ -82,13 +86,40 @@ fn ensure_first_sectors_written(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The O_DSYNC twin descriptor of `open`/`open_range`, when asked for and
+/// the main one is not O_DSYNC already.
+async fn open_dsync_twin(
+    path: &Path,
+    dsync: bool,
+    durable_path: bool,
+) -> io::Result<Option<DmaFile>> {
+    if dsync || !durable_path {
+        return Ok(None);
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .dma_open(path)
+        .await
+        .map_err(to_io)?;
+    check_alignment(&f)?;
+    Ok(Some(f))
+}
+
 fn to_io<T>(e: glommio::GlommioError<T>) -> io::Error {
     e.into()
 }
 
 impl DmaStorage {
-    /// Opens a range of a block device for O_DIRECT reads and writes.
-    pub async fn open_range(range: &DeviceRange, dsync: bool) -> io::Result<DmaStorage> {
+    /// Opens a range of a block device for O_DIRECT reads and writes; with
+    /// `dsync`, O_DSYNC; with `durable_path`, also a second O_DSYNC
+    /// descriptor for `write_durable`.
+    pub async fn open_range(
+        range: &DeviceRange,
+        dsync: bool,
+        durable_path: bool,
+    ) -> io::Result<DmaStorage> {
         if range.offset_bytes % SECTOR != 0 || range.len_bytes % SECTOR != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -115,6 +146,7 @@ impl DmaStorage {
             .map_err(to_io)?;
         check_alignment(&file)?;
         Ok(DmaStorage {
+            dsync_file: open_dsync_twin(&range.path, dsync, durable_path).await?,
             file,
             what: format!(
                 "{} bytes {}..{}",
@@ -129,8 +161,10 @@ impl DmaStorage {
     }
 
     /// Opens (creating if missing) the data file for O_DIRECT reads and
-    /// writes; with `dsync`, also O_DSYNC (each write durable on completion).
-    pub async fn open(path: &Path, dsync: bool) -> io::Result<DmaStorage> {
+    /// writes; with `dsync`, also O_DSYNC (each write durable on completion);
+    /// with `durable_path`, also a second O_DSYNC descriptor for
+    /// `write_durable`.
+    pub async fn open(path: &Path, dsync: bool, durable_path: bool) -> io::Result<DmaStorage> {
         ensure_first_sectors_written(path)?;
         let file = OpenOptions::new()
             .read(true)
@@ -142,6 +176,7 @@ impl DmaStorage {
             .map_err(to_io)?;
         check_alignment(&file)?;
         Ok(DmaStorage {
+            dsync_file: open_dsync_twin(path, dsync, durable_path).await?,
             file,
             what: path.display().to_string(),
             base: 0,
@@ -170,7 +205,7 @@ impl DmaStorage {
     }
 
     /// Writes the whole buffer (whole sectors) at `at` with one DMA write.
-    async fn write_impl(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
+    async fn write_impl(&self, file: &DmaFile, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
         let buf = match buf {
@@ -181,8 +216,7 @@ impl DmaStorage {
                 b
             }
         };
-        let written = self
-            .file
+        let written = file
             .write_at(buf, self.base + at.byte_offset())
             .await
             .map_err(to_io)?;
@@ -247,7 +281,27 @@ impl Storage for DmaStorage {
     }
 
     fn write(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
-        Box::pin(self.write_impl(at, buf))
+        Box::pin(self.write_impl(&self.file, at, buf))
+    }
+
+    fn can_write_durable(&self) -> bool {
+        self.dsync || self.dsync_file.is_some()
+    }
+
+    fn write_durable(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
+        let file = match &self.dsync_file {
+            Some(f) => f,
+            None if self.dsync => &self.file,
+            None => {
+                return Box::pin(async {
+                    Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "opened without a durable-write descriptor",
+                    ))
+                })
+            }
+        };
+        Box::pin(self.write_impl(file, at, buf))
     }
 
     fn read(&self, at: DiskSector, sectors: u64) -> IoFuture<'_, ReadBuf> {

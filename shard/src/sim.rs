@@ -193,7 +193,9 @@ impl SimDisk {
         self.state.borrow().durable.len() as u64 / SECTOR
     }
 
-    fn do_write(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
+    /// `durable`: this one write is durable on completion (O_DSYNC), as
+    /// every write is with `write_through`.
+    fn do_write(&self, at: DiskSector, buf: IoBuf, durable: bool) -> io::Result<()> {
         let mut st = self.state.borrow_mut();
         let mut data = match buf {
             IoBuf::Heap(v) => v,
@@ -235,7 +237,7 @@ impl SimDisk {
                 st.counts.misdirect += 1;
             }
         }
-        if st.write_through {
+        if st.write_through || durable {
             // O_DSYNC: durable when the write completes. A failing write may
             // have reached the media in part (torn at a sector boundary).
             if st.rng.one_in(f.flush_eio) {
@@ -323,7 +325,18 @@ impl Storage for SimDisk {
         Box::pin(async move {
             // Let other tasks run, as a real device would.
             futures_lite::future::yield_now().await;
-            self.do_write(at, buf)
+            self.do_write(at, buf, false)
+        })
+    }
+
+    fn can_write_durable(&self) -> bool {
+        true
+    }
+
+    fn write_durable(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            futures_lite::future::yield_now().await;
+            self.do_write(at, buf, true)
         })
     }
 

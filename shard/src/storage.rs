@@ -130,6 +130,21 @@ pub trait Storage {
     fn write_through(&self) -> bool {
         false
     }
+    /// Whether [`Storage::write_durable`] is available.
+    fn can_write_durable(&self) -> bool {
+        false
+    }
+    /// Like `write`, but durable when it completes (O_DSYNC), whatever
+    /// `write_through` says: an error leaves unknown what reached the media,
+    /// as a failed flush does.
+    fn write_durable(&self, _at: DiskSector, _buf: IoBuf) -> IoFuture<'_, ()> {
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this storage has no durable-write path",
+            ))
+        })
+    }
 }
 
 /// Counters of what went to the device.
@@ -201,6 +216,19 @@ impl Io {
         assert!(len > 0 && len as u64 % SECTOR == 0);
         self.writes.set(self.writes.get() + 1);
         self.inner.write(at, buf).await
+    }
+
+    pub fn can_write_durable(&self) -> bool {
+        self.inner.can_write_durable()
+    }
+
+    /// One device write, durable when it completes (see
+    /// [`Storage::write_durable`]). Counted as a write; no flush.
+    pub async fn write_durable(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
+        let len = buf.len();
+        assert!(len > 0 && len as u64 % SECTOR == 0);
+        self.writes.set(self.writes.get() + 1);
+        self.inner.write_durable(at, buf).await
     }
 
     pub async fn read(&self, at: DiskSector, sectors: u64) -> io::Result<ReadBuf> {

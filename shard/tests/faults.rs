@@ -7,17 +7,22 @@ use shardstore_shard::{Shard, ShardError, SimDisk, SimFaults};
 
 /// The instrumented I/O layer counts exactly one device write per
 /// acknowledged write or delete, and no index checkpoint on the way: with
-/// O_DSYNC (the default) no flush at all, with group commit one flush each
+/// an O_DSYNC data area, or adaptive sync (the default) for requests that
+/// run alone, no flush at all; with plain group commit one flush each
 /// (sequential requests share none).
 #[test]
 fn one_device_write_per_acknowledged_write() {
-    for write_through in [true, false] {
+    // (O_DSYNC data area, adaptive sync, flushes per ack): sequential
+    // requests are always alone, so adaptive sync writes them O_DSYNC.
+    for (write_through, adaptive_sync, flushes_per_ack) in
+        [(true, false, 0), (false, false, 1), (false, true, 0)]
+    {
         let dir = tempdir();
         run(|| async {
             let mut cfg = config(dir.path(), 64 * MIB);
             cfg.checkpoint_interval_ms = 3_600_000;
             cfg.write_through = write_through;
-            let flushes_per_ack = u64::from(!write_through);
+            cfg.adaptive_sync = adaptive_sync;
             let shard = Shard::open(cfg).await.unwrap();
             let before = shard.stats();
             for n in 0..40u128 {

@@ -24,12 +24,15 @@ use shardstore_shard::{Shard, ShardConfig, ShardError, SimDisk, SimFaults, SimRn
 
 const CAPACITY: u64 = 3 * MIB;
 
-/// Odd seeds run with O_DSYNC writes, even seeds with group commit, so the
-/// model checks both ways of making a write durable; seeds modulo 3 pick the
-/// cache size.
+/// `seed / 3 % 3` picks how a write is made durable, so the model checks
+/// every way: all writes O_DSYNC, group commit, or adaptive (O_DSYNC when
+/// alone, group commit when concurrent: bursts mix both); seeds modulo 3
+/// pick the cache size.
 fn sim_config(seed: u64) -> ShardConfig {
+    let mode = seed / 3 % 3;
     ShardConfig {
-        write_through: seed % 2 == 1,
+        write_through: mode == 0,
+        adaptive_sync: mode == 2,
         shard: shardstore_proto::ShardId(0),
         shard_count: 1,
         node_id: NODE,
