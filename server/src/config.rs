@@ -46,6 +46,19 @@ pub enum Prefetch {
     Auto,
 }
 
+/// How a shard makes an acknowledged write durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Every extent write O_DSYNC: durable when it completes.
+    Dsync,
+    /// O_DSYNC for a write with no other in flight; overlapping writes
+    /// share an fdatasync (group commit).
+    Adaptive,
+    /// Every write shares an fdatasync (group commit).
+    Group,
+}
+
 /// The config file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +83,8 @@ pub struct FileConfig {
     pub cache_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<Prefetch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_mode: Option<SyncMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub_period_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,6 +163,7 @@ pub struct Settings {
     /// Node-wide read cache, split evenly between the shards.
     pub cache_mib: u64,
     pub prefetch: Prefetch,
+    pub sync_mode: SyncMode,
     /// One scrub pass over every live sector per this period; 0: off.
     pub scrub_period_secs: u64,
     pub index_cache_mib: u64,
@@ -263,6 +279,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         io_memory_kib,
         cache_mib,
         prefetch,
+        sync_mode,
         scrub_period_secs,
         index_cache_mib,
         max_payload,
@@ -433,6 +450,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         io_memory_kib: c.io_memory_kib.unwrap_or(defaults::IO_MEMORY_KIB),
         cache_mib: c.cache_mib.unwrap_or(defaults::CACHE_MIB),
         prefetch: c.prefetch.unwrap_or(Prefetch::Auto),
+        sync_mode: c.sync_mode.unwrap_or(SyncMode::Dsync),
         scrub_period_secs: c.scrub_period_secs.unwrap_or(defaults::SCRUB_PERIOD_SECS),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
@@ -683,6 +701,7 @@ impl Settings {
             io_memory_kib: Some(self.io_memory_kib),
             cache_mib: Some(self.cache_mib),
             prefetch: Some(self.prefetch),
+            sync_mode: Some(self.sync_mode),
             scrub_period_secs: Some(self.scrub_period_secs),
             index_cache_mib: Some(self.index_cache_mib),
             max_payload: Some(self.max_payload),
@@ -806,6 +825,17 @@ const DOCS: &[Doc] = &[
         help: &[
             "Sequential read-ahead into the cache: \"auto\" (adaptive window per",
             "stream, up to 8 MiB or a sixteenth of the shard's cache slice) or \"off\".",
+        ],
+    },
+    Doc {
+        key: "sync_mode",
+        set: None,
+        default: "\"dsync\"",
+        help: &[
+            "How an acknowledged write is made durable: \"dsync\" (every write O_DSYNC,",
+            "one device round trip), \"adaptive\" (O_DSYNC when no other write is in",
+            "flight, else a plain write sharing an fdatasync with the writes beside",
+            "it) or \"group\" (every write shares an fdatasync).",
         ],
     },
     Doc {

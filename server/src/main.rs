@@ -172,6 +172,9 @@ pub struct ServeArgs {
     /// Sequential read-ahead into the cache. [default: auto]
     #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
     prefetch: Option<config::Prefetch>,
+    /// How an acknowledged write is made durable. [default: dsync]
+    #[arg(long, env = "SHARDSTORE_SYNC_MODE", value_enum)]
+    sync_mode: Option<config::SyncMode>,
     /// sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints). [default: 16]
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
@@ -264,6 +267,7 @@ impl ServeArgs {
             io_memory_kib: self.io_memory_kib,
             cache_mib: self.cache_mib,
             prefetch: self.prefetch,
+            sync_mode: self.sync_mode,
             scrub_period_secs: self.scrub_period_secs,
             index_cache_mib: self.index_cache_mib,
             max_payload: self.max_payload,
@@ -404,6 +408,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown_timeout: s.shutdown_timeout,
         cache_bytes: s.cache_mib << 20,
         prefetch: s.prefetch == config::Prefetch::Auto,
+        sync_mode: s.sync_mode,
         scrub_period_secs: s.scrub_period_secs,
         limits: s.limits,
         auth_secret,

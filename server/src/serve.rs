@@ -54,6 +54,7 @@ pub struct ServeOptions {
     /// Node-wide read cache, split evenly between the shards.
     pub cache_bytes: u64,
     pub prefetch: bool,
+    pub sync_mode: crate::config::SyncMode,
     pub scrub_period_secs: u64,
     /// Data areas on this block device (equal per-shard ranges) instead of files.
     pub device: Option<PathBuf>,
@@ -353,6 +354,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             rebuild_index: opts.rebuild_index,
             cache_bytes: opts.cache_bytes / u64::from(n),
             prefetch: opts.prefetch,
+            write_through: opts.sync_mode == crate::config::SyncMode::Dsync,
+            adaptive_sync: opts.sync_mode == crate::config::SyncMode::Adaptive,
             scrub_period_secs: opts.scrub_period_secs,
             ..ShardConfig::default()
         };

@@ -74,6 +74,17 @@ fn precedence_flag_env_file_default() {
     assert_eq!(value(&show, "forward_queue"), "32", "flag over env");
     assert_eq!(value(&show, "io_memory_kib"), "1024", "default");
     assert_eq!(value(&show, "metrics_addr"), "off");
+    assert_eq!(value(&show, "sync_mode"), "dsync", "default");
+    let show = stdout(&run(
+        &["config", "show", "--sync-mode", "group"],
+        &[("SHARDSTORE_SYNC_MODE", "adaptive")],
+    ));
+    assert_eq!(value(&show, "sync_mode"), "group", "flag over env");
+    let show = stdout(&run(
+        &["config", "show"],
+        &[("SHARDSTORE_SYNC_MODE", "adaptive")],
+    ));
+    assert_eq!(value(&show, "sync_mode"), "adaptive");
     // The config file itself can come from the environment.
     let show = stdout(&run(&["config", "show"], &[("SHARDSTORE_CONFIG", &file)]));
     assert_eq!(value(&show, "capacity_mib"), "10");

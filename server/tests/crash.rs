@@ -138,7 +138,11 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     };
     let mut total_acks = 0;
     for cycle in 0..cycles {
-        let srv = TestServer::start(&dir, 2);
+        // Every way of making a write durable, in turn: a restart may also
+        // switch modes over the same data.
+        let mode = ["dsync", "adaptive", "group"][cycle as usize % 3];
+        let srv = TestServer::try_start(&dir, 2, &["--sync-mode", mode])
+            .unwrap_or_else(|e| panic!("server did not start: {e}"));
         let client = srv.client_with(cfg.clone()).await;
         verify(&client, &mut model, seed, cycle).await;
         let mut tasks = Vec::new();

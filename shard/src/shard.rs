@@ -128,15 +128,18 @@ pub struct ShardConfig {
     /// it completes, so the ack needs no separate flush and concurrent
     /// writes never wait for each other's flush. Off: writes are made
     /// durable by group-committed `fdatasync` (but see `adaptive_sync`).
+    /// On by default (server `sync_mode = "dsync"`).
     pub write_through: bool,
     /// With `write_through` off: a write that finds no other data write in
     /// flight (nothing to share a flush with) goes out through a second,
     /// O_DSYNC descriptor and is durable when it completes, one device
     /// round trip instead of a write and then a flush; writes that overlap
-    /// others join the group commit. On by default, with `write_through`
-    /// off and one flush in flight: measured on this machine (2026-12-01,
-    /// one shard, 4 KiB writes) 25-27k writes/s at 32 outstanding against
-    /// 20-24k with every write O_DSYNC, and at depth 1 the O_DSYNC latency.
+    /// others join the group commit (server `sync_mode = "adaptive"`).
+    /// Off by default: measured on this machine (2026-12-01, one shard,
+    /// 4 KiB writes, interleaved runs) a median 25.9k writes/s at 32
+    /// outstanding against 23.9k all-O_DSYNC, the same at depth 1, but with
+    /// the shard process 93% busy instead of 69% (the fdatasyncs run on
+    /// the process's io_uring workers, O_DSYNC's flushes on kernel threads).
     pub adaptive_sync: bool,
     /// This shard's slice of the read cache, bytes (0: no cache).
     pub cache_bytes: u64,
@@ -172,8 +175,8 @@ impl Default for ShardConfig {
             scrub_period_secs: 24 * 3600,
             zero_fill: true,
             max_flushes_in_flight: 1,
-            write_through: false,
-            adaptive_sync: true,
+            write_through: true,
+            adaptive_sync: false,
             cache_bytes: 0,
             prefetch: true,
         }

@@ -7,7 +7,7 @@ use shardstore_shard::{Shard, ShardError, SimDisk, SimFaults};
 
 /// The instrumented I/O layer counts exactly one device write per
 /// acknowledged write or delete, and no index checkpoint on the way: with
-/// an O_DSYNC data area, or adaptive sync (the default) for requests that
+/// an O_DSYNC data area (the default), or adaptive sync for requests that
 /// run alone, no flush at all; with plain group commit one flush each
 /// (sequential requests share none).
 #[test]
