@@ -268,35 +268,15 @@ async fn writer_task(
     let mut queue: VecDeque<Bytes> = VecDeque::new();
     let mut small = BytesMut::with_capacity(8 << 10);
     while let Some(first) = rx.recv().await {
-        // Take everything queued so far: one write for the whole batch.
-        let mut next = Some(first);
-        let mut yielded = false;
-        loop {
-            while let Some(out) = next {
-                small.extend_from_slice(&out.head);
-                if out.payload.len() <= COPY_PAYLOAD_MAX {
-                    small.extend_from_slice(&out.payload);
-                } else {
-                    if !small.is_empty() {
-                        queue.push_back(small.split().freeze());
-                    }
-                    queue.push_back(out.payload);
-                }
-                next = rx.try_recv().ok();
-            }
-            if yielded {
-                break;
-            }
-            // One batch of replies wakes many callers, and the runtime runs
-            // this task as soon as the first of them queues its next
-            // request. Yield once so the others queue theirs too: without
-            // this a pipelined client made one write per request.
-            tokio::task::yield_now().await;
-            yielded = true;
-            next = rx.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+        // One batch of replies wakes many callers, and the runtime runs
+        // this task as soon as the first of them queues its next request.
+        // Yield once so the others queue theirs too, then take everything
+        // queued: one write for the whole batch (without the yield a
+        // pipelined client made one write per request).
+        append(first, &mut small, &mut queue);
+        tokio::task::yield_now().await;
+        while let Ok(out) = rx.try_recv() {
+            append(out, &mut small, &mut queue);
         }
         if !small.is_empty() {
             queue.push_back(small.split().freeze());
@@ -305,6 +285,20 @@ async fn writer_task(
             shared.close(&format!("write failed: {e}"));
             return;
         }
+    }
+}
+
+/// Adds one request to the batch: small payloads are copied behind their
+/// header, large ones are queued as their own slice.
+fn append(out: Outgoing, small: &mut BytesMut, queue: &mut VecDeque<Bytes>) {
+    small.extend_from_slice(&out.head);
+    if out.payload.len() <= COPY_PAYLOAD_MAX {
+        small.extend_from_slice(&out.payload);
+    } else {
+        if !small.is_empty() {
+            queue.push_back(small.split().freeze());
+        }
+        queue.push_back(out.payload);
     }
 }
 
@@ -341,7 +335,6 @@ async fn write_all_vectored(wr: &mut WriteHalf, queue: &mut VecDeque<Bytes>) -> 
 const READ_BUFFER: usize = 136 << 10;
 
 async fn reader_task(shared: Arc<Shared>, rd: ReadHalf) {
-    // Large enough for a burst of pipelined small replies per read call.
     let mut reader = FrameReader::with_capacity(rd.compat(), limits::MAX_PAYLOAD, READ_BUFFER);
     let why = loop {
         match read_reply(&shared, &mut reader).await {

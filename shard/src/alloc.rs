@@ -57,6 +57,17 @@ pub enum Free {
     Run(Run),
 }
 
+impl Free {
+    /// Sectors this gives back (data sectors of a piece; a header comes
+    /// back with its extent's last piece, see `Allocator::release`).
+    pub fn sectors(&self) -> u64 {
+        match self {
+            Free::Piece(r) => r.data.len,
+            Free::Run(r) => r.len,
+        }
+    }
+}
+
 struct ExtentLive {
     header_sectors: u64,
     live: u64,

@@ -96,15 +96,22 @@ async fn open_dsync_twin(
     if dsync || !durable_path {
         return Ok(None);
     }
-    let f = OpenOptions::new()
+    Ok(Some(dma_open(path, false, true).await?))
+}
+
+/// Opens `path` for O_DIRECT reads and writes (creating a missing file with
+/// `create`), O_DSYNC with `dsync`, and checks its alignment.
+async fn dma_open(path: &Path, create: bool, dsync: bool) -> io::Result<DmaFile> {
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_DSYNC)
+        .create(create)
+        .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
         .dma_open(path)
         .await
         .map_err(to_io)?;
-    check_alignment(&f)?;
-    Ok(Some(f))
+    check_alignment(&file)?;
+    Ok(file)
 }
 
 fn to_io<T>(e: glommio::GlommioError<T>) -> io::Error {
@@ -137,14 +144,7 @@ impl DmaStorage {
                 ),
             ));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
-            .dma_open(&range.path)
-            .await
-            .map_err(to_io)?;
-        check_alignment(&file)?;
+        let file = dma_open(&range.path, false, dsync).await?;
         Ok(DmaStorage {
             dsync_file: open_dsync_twin(&range.path, dsync, durable_path).await?,
             file,
@@ -166,15 +166,7 @@ impl DmaStorage {
     /// `write_durable`.
     pub async fn open(path: &Path, dsync: bool, durable_path: bool) -> io::Result<DmaStorage> {
         ensure_first_sectors_written(path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
-            .dma_open(path)
-            .await
-            .map_err(to_io)?;
-        check_alignment(&file)?;
+        let file = dma_open(path, true, dsync).await?;
         Ok(DmaStorage {
             dsync_file: open_dsync_twin(path, dsync, durable_path).await?,
             file,
@@ -289,19 +281,16 @@ impl Storage for DmaStorage {
     }
 
     fn write_durable(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
-        let file = match &self.dsync_file {
-            Some(f) => f,
-            None if self.dsync => &self.file,
-            None => {
-                return Box::pin(async {
-                    Err(io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "opened without a durable-write descriptor",
-                    ))
-                })
-            }
-        };
-        Box::pin(self.write_impl(file, at, buf))
+        match (&self.dsync_file, self.dsync) {
+            (Some(f), _) => Box::pin(self.write_impl(f, at, buf)),
+            (None, true) => self.write(at, buf),
+            (None, false) => Box::pin(async {
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "opened without a durable-write descriptor",
+                ))
+            }),
+        }
     }
 
     fn read(&self, at: DiskSector, sectors: u64) -> IoFuture<'_, ReadBuf> {

@@ -62,7 +62,7 @@ use smallvec::SmallVec;
 
 use crate::alloc::Run;
 use crate::error::ShardError;
-use crate::layout::{le_u32, le_u64, DiskSector, Generation, LogicalSector};
+use crate::layout::{le_u32, le_u64, Crcs, DiskSector, Generation, LogicalSector};
 use crate::sim::{KvBatch, MemKv};
 
 const META_PREFIX: u8 = b'm';
@@ -211,12 +211,6 @@ impl ChunkMeta {
         })
     }
 }
-
-/// The sector crcs of a run: a run of up to four sectors (16 KiB, the common
-/// small write) keeps them inline, in the record's own bytes, so a read of it
-/// takes no second memory line and copying the record no allocation (same
-/// size as a `Vec`).
-pub type Crcs = SmallVec<[u32; 4]>;
 
 /// A run of a chunk's logical sectors, stored contiguously on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]

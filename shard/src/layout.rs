@@ -25,6 +25,7 @@
 //! offset) fails the check just like a bit flip.
 
 use shardstore_proto::{limits, ChunkId, ShardId};
+use smallvec::SmallVec;
 
 /// Bytes per sector: the unit of checksumming, allocation and device I/O.
 pub const SECTOR: u64 = limits::SECTOR_SIZE as u64;
@@ -281,6 +282,12 @@ pub const fn header_sectors_for(sector_count: u64) -> u64 {
     }
 }
 
+/// The sector crcs of a run: a run of up to four sectors (16 KiB, the common
+/// small write) keeps them inline, in the header's or record's own bytes, so
+/// reading one takes no second memory line and copying it no allocation
+/// (same size as a `Vec`).
+pub type Crcs = SmallVec<[u32; 4]>;
+
 /// The self-describing header of one extent (data or tombstone).
 ///
 /// Its crc is seeded with the node id and covers the intended disk position,
@@ -303,7 +310,7 @@ pub struct ExtentHeader {
     /// acknowledged extent damaged later (keep: reads report CORRUPT).
     pub durable_below: u64,
     /// crc of each data sector, see [`sector_crc`]. Empty for a tombstone.
-    pub crcs: Vec<u32>,
+    pub crcs: Crcs,
 }
 
 fn header_crc(node_id: u128, header: &[u8]) -> u32 {
@@ -580,7 +587,7 @@ mod tests {
             created_ns: 2,
             disk_sector: DiskSector(77),
             durable_below: 10,
-            crcs: vec![],
+            crcs: Crcs::new(),
         };
         let mut buf = vec![0u8; SECTOR as usize];
         t.encode(1, &mut buf);

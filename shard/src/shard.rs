@@ -63,11 +63,9 @@ use crate::cache::ReadCache;
 use crate::device::{DeviceRange, DmaStorage};
 use crate::error::ShardError;
 use crate::group::Group;
-use crate::index::{
-    Change, Checkpoint, ChunkMeta, Crcs, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS,
-};
+use crate::index::{Change, Checkpoint, ChunkMeta, ExtentRec, Index, TombRec, MAX_CHECKPOINT_RUNS};
 use crate::layout::{
-    crc_then_sector, header_sectors_for, sector_crc, sector_crc_from_plain, DiskSector,
+    crc_then_sector, header_sectors_for, sector_crc, sector_crc_from_plain, Crcs, DiskSector,
     ExtentHeader, ExtentKind, Generation, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
 use crate::locks::ChunkLocks;
@@ -416,10 +414,7 @@ impl Drop for InflightGuard<'_> {
             if !self.inner.fail_stopped.get() {
                 // Not reusable before the next checkpoint: a crash before it
                 // may still find (and replay) whatever reached the disk.
-                self.inner
-                    .quarantine
-                    .borrow_mut()
-                    .extend([Free::Run(self.run)]);
+                self.inner.quarantine.borrow_mut().push(Free::Run(self.run));
             }
         }
     }
@@ -947,22 +942,14 @@ struct Quarantine {
 }
 
 impl Quarantine {
-    fn extend(&mut self, frees: impl IntoIterator<Item = Free>) {
-        for f in frees {
-            self.sectors += free_sectors_of(std::slice::from_ref(&f));
-            self.frees.push(f);
-        }
+    fn push(&mut self, f: Free) {
+        self.sectors += f.sectors();
+        self.frees.push(f);
     }
 }
 
 fn free_sectors_of(frees: &[Free]) -> u64 {
-    frees
-        .iter()
-        .map(|f| match f {
-            Free::Piece(r) => r.data.len,
-            Free::Run(r) => r.len,
-        })
-        .sum()
+    frees.iter().map(Free::sectors).sum()
 }
 
 /// Starts a background checkpoint if the reservation runs low and none is running.
@@ -1141,7 +1128,7 @@ impl Inner {
         let _counted = DecrementOnDrop(&self.extent_writes);
         let write_through =
             self.io.write_through() || (self.adaptive_sync && alone && self.io.can_write_durable());
-        let res = if write_through && !self.io.write_through() {
+        let res = if write_through {
             self.io.write_durable(run.start, buf).await
         } else {
             self.io.write(run.start, buf).await
@@ -1180,7 +1167,10 @@ impl Inner {
     fn apply_index(&self, generation: Generation, change: Change, frees: Vec<Free>) {
         change.apply(&self.index);
         self.inflight.borrow_mut().remove(&generation.0);
-        self.quarantine.borrow_mut().extend(frees);
+        let mut q = self.quarantine.borrow_mut();
+        for f in frees {
+            q.push(f);
+        }
     }
 
     /// The index change for a durable data extent `h` written at `at`, given
@@ -1226,7 +1216,7 @@ impl Inner {
             header: at,
             header_sectors: hs,
             generation: h.generation,
-            crcs: Crcs::from_slice(&h.crcs),
+            crcs: h.crcs.clone(),
         };
         change.put_extent(chunk, rec);
         let live_before = old.map_or(0, |m| m.live_sectors);
@@ -1323,7 +1313,7 @@ impl Inner {
         let (generation, guard) = self.begin_extent(run);
         let chunk_len = old_len.max(end);
         let now = now_ns();
-        let crcs: Vec<u32> = {
+        let crcs: Crcs = {
             let data = &w.buf.as_bytes()[data_start..];
             (0..w.sectors)
                 .map(|i| {
@@ -1391,7 +1381,7 @@ impl Inner {
             created_ns: meta.created_ns,
             disk_sector: at,
             durable_below: self.durable_below(),
-            crcs: Vec::new(),
+            crcs: Crcs::new(),
         };
         let mut buf = self.io.alloc_buffer(1);
         header.encode(self.node_id, buf.as_bytes_mut());

@@ -193,6 +193,14 @@ impl SimDisk {
         self.state.borrow().durable.len() as u64 / SECTOR
     }
 
+    fn write_async(&self, at: DiskSector, buf: IoBuf, durable: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            // Let other tasks run, as a real device would.
+            futures_lite::future::yield_now().await;
+            self.do_write(at, buf, durable)
+        })
+    }
+
     /// `durable`: this one write is durable on completion (O_DSYNC), as
     /// every write is with `write_through`.
     fn do_write(&self, at: DiskSector, buf: IoBuf, durable: bool) -> io::Result<()> {
@@ -322,11 +330,7 @@ impl Storage for SimDisk {
     }
 
     fn write(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            // Let other tasks run, as a real device would.
-            futures_lite::future::yield_now().await;
-            self.do_write(at, buf, false)
-        })
+        self.write_async(at, buf, false)
     }
 
     fn can_write_durable(&self) -> bool {
@@ -334,10 +338,7 @@ impl Storage for SimDisk {
     }
 
     fn write_durable(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            futures_lite::future::yield_now().await;
-            self.do_write(at, buf, true)
-        })
+        self.write_async(at, buf, true)
     }
 
     fn read(&self, at: DiskSector, sectors: u64) -> IoFuture<'_, ReadBuf> {

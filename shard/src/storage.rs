@@ -130,14 +130,18 @@ pub trait Storage {
     fn write_through(&self) -> bool {
         false
     }
-    /// Whether [`Storage::write_durable`] is available.
+    /// Whether [`Storage::write_durable`] is available: always on a
+    /// write-through storage.
     fn can_write_durable(&self) -> bool {
-        false
+        self.write_through()
     }
     /// Like `write`, but durable when it completes (O_DSYNC), whatever
     /// `write_through` says: an error leaves unknown what reached the media,
-    /// as a failed flush does.
-    fn write_durable(&self, _at: DiskSector, _buf: IoBuf) -> IoFuture<'_, ()> {
+    /// as a failed flush does. On a write-through storage, `write` itself.
+    fn write_durable(&self, at: DiskSector, buf: IoBuf) -> IoFuture<'_, ()> {
+        if self.write_through() {
+            return self.write(at, buf);
+        }
         Box::pin(async {
             Err(io::Error::new(
                 io::ErrorKind::Unsupported,
