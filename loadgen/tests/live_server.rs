@@ -104,6 +104,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The data file is preallocated: keep it only to debug a failure.
+        if std::thread::panicking() {
+            eprintln!("test data kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -93,7 +93,7 @@ fn install_sh_into_destdir() {
     );
     assert!(root.join("etc/shardstore/shardstore.toml.dist").exists());
     let mut files: Vec<String> = Vec::new();
-    let mut stack = vec![root.clone()];
+    let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();

@@ -14,12 +14,47 @@ pub struct TestServer {
     pub shards: u32,
 }
 
-pub fn data_dir(name: &str) -> PathBuf {
+/// A test's data folder under `target/tmp`. Removed when it goes out of scope
+/// on a passing test (data files are preallocated and zero-filled, so a
+/// suite run would otherwise leave gigabytes behind); kept when the test
+/// panics, so the server log and data can be inspected.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test data kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn data_dir(name: &str) -> Scratch {
     let d =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("it-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
 }
 
 pub fn bin() -> &'static str {
