@@ -88,6 +88,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub_period_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index_cache_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<u32>,
@@ -142,6 +144,7 @@ pub mod defaults {
     pub const CACHE_MIB: u64 = 256;
     pub const SCRUB_PERIOD_SECS: u64 = 24 * 3600;
     pub const INDEX_CACHE_MIB: u64 = 16;
+    pub const CHECKPOINT_MIB: u64 = 256;
     pub const FORWARD_QUEUE: u64 = 1024;
     pub const METRICS_INTERVAL_MS: u64 = 500;
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
@@ -166,6 +169,8 @@ pub struct Settings {
     pub sync_mode: SyncMode,
     /// One scrub pass over every live sector per this period; 0: off.
     pub scrub_period_secs: u64,
+    /// Data written between index checkpoints, per shard.
+    pub checkpoint_mib: u64,
     pub index_cache_mib: u64,
     pub max_payload: u32,
     pub max_chunk_size: u64,
@@ -281,6 +286,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         prefetch,
         sync_mode,
         scrub_period_secs,
+        checkpoint_mib,
         index_cache_mib,
         max_payload,
         max_chunk_size,
@@ -452,6 +458,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         prefetch: c.prefetch.unwrap_or(Prefetch::Auto),
         sync_mode: c.sync_mode.unwrap_or(SyncMode::Dsync),
         scrub_period_secs: c.scrub_period_secs.unwrap_or(defaults::SCRUB_PERIOD_SECS),
+        checkpoint_mib: c.checkpoint_mib.unwrap_or(defaults::CHECKPOINT_MIB),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
         max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
@@ -521,6 +528,12 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     }
     if s.capacity_mib < 1 {
         return Err(bad("capacity_mib", "must be at least 1"));
+    }
+    if s.checkpoint_mib < 1 || s.checkpoint_mib > 1 << 20 {
+        return Err(bad(
+            "checkpoint_mib",
+            format!("{} is not between 1 and 1048576", s.checkpoint_mib),
+        ));
     }
     if s.io_memory_kib < 64 {
         return Err(bad("io_memory_kib", "must be at least 64"));
@@ -703,6 +716,7 @@ impl Settings {
             prefetch: Some(self.prefetch),
             sync_mode: Some(self.sync_mode),
             scrub_period_secs: Some(self.scrub_period_secs),
+            checkpoint_mib: Some(self.checkpoint_mib),
             index_cache_mib: Some(self.index_cache_mib),
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
@@ -845,6 +859,18 @@ const DOCS: &[Doc] = &[
         help: &[
             "The background scrubber re-reads and verifies every live sector once per",
             "this period, on a low-priority task queue. 0 turns it off.",
+        ],
+    },
+    Doc {
+        key: "checkpoint_mib",
+        set: None,
+        default: "256",
+        help: &[
+            "Data written per shard between index checkpoints, MiB (at most this or the",
+            "shard's capacity). A checkpoint writes every index record changed since the",
+            "last one to sled; recovery after a crash scans at most this much. Larger:",
+            "fewer, longer checkpoints (less CPU per write, rarer latency spikes when the",
+            "shard shares its core with them) and a longer recovery scan.",
         ],
     },
     Doc {

@@ -169,6 +169,9 @@ pub struct ServeArgs {
     /// Seconds per scrub pass over every live sector (0: no scrubber). [default: 86400]
     #[arg(long, env = "SHARDSTORE_SCRUB_PERIOD_SECS")]
     scrub_period_secs: Option<u64>,
+    /// Data written per shard between index checkpoints, MiB; bounds the recovery scan. [default: 256]
+    #[arg(long, env = "SHARDSTORE_CHECKPOINT_MIB")]
+    checkpoint_mib: Option<u64>,
     /// Sequential read-ahead into the cache. [default: auto]
     #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
     prefetch: Option<config::Prefetch>,
@@ -269,6 +272,7 @@ impl ServeArgs {
             prefetch: self.prefetch,
             sync_mode: self.sync_mode,
             scrub_period_secs: self.scrub_period_secs,
+            checkpoint_mib: self.checkpoint_mib,
             index_cache_mib: self.index_cache_mib,
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
@@ -410,6 +414,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         prefetch: s.prefetch == config::Prefetch::Auto,
         sync_mode: s.sync_mode,
         scrub_period_secs: s.scrub_period_secs,
+        checkpoint_bytes: s.checkpoint_mib << 20,
         limits: s.limits,
         auth_secret,
         tls,

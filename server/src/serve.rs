@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub prefetch: bool,
     pub sync_mode: crate::config::SyncMode,
     pub scrub_period_secs: u64,
+    /// Data written between index checkpoints, per shard.
+    pub checkpoint_bytes: u64,
     /// Data areas on this block device (equal per-shard ranges) instead of files.
     pub device: Option<PathBuf>,
     /// Format over a foreign or damaged superblock.
@@ -357,6 +359,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             write_through: opts.sync_mode == crate::config::SyncMode::Dsync,
             adaptive_sync: opts.sync_mode == crate::config::SyncMode::Adaptive,
             scrub_period_secs: opts.scrub_period_secs,
+            checkpoint_bytes: opts.checkpoint_bytes,
             ..ShardConfig::default()
         };
         // The blocking thread opens sled and writes the shard's index

@@ -75,11 +75,17 @@ fn precedence_flag_env_file_default() {
     assert_eq!(value(&show, "io_memory_kib"), "1024", "default");
     assert_eq!(value(&show, "metrics_addr"), "off");
     assert_eq!(value(&show, "sync_mode"), "dsync", "default");
+    assert_eq!(value(&show, "checkpoint_mib"), "256", "default");
     let show = stdout(&run(
         &["config", "show", "--sync-mode", "group"],
         &[("SHARDSTORE_SYNC_MODE", "adaptive")],
     ));
     assert_eq!(value(&show, "sync_mode"), "group", "flag over env");
+    let show = stdout(&run(
+        &["config", "show", "--checkpoint-mib", "64"],
+        &[("SHARDSTORE_CHECKPOINT_MIB", "32")],
+    ));
+    assert_eq!(value(&show, "checkpoint_mib"), "64", "flag over env");
     let show = stdout(&run(
         &["config", "show"],
         &[("SHARDSTORE_SYNC_MODE", "adaptive")],
@@ -124,6 +130,7 @@ fn errors_name_the_key() {
         ),
         ("cpus = \"0,4000\"\n", "cpus:"),
         ("metrics_addr = \"nowhere\"\n", "metrics_addr:"),
+        ("checkpoint_mib = 0\n", "checkpoint_mib: 0 is not between"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(&dir, &format!("e{i}.toml"), text);

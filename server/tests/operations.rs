@@ -204,3 +204,32 @@ async fn raw_request(
         None
     }
 }
+
+/// `--checkpoint-mib` reaches the shards: with 1 MiB, 4 MiB of writes start
+/// several checkpoints at once, where the default (256 MiB) would start at
+/// most one in this time (the 5 s interval timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_mib_sets_the_checkpoint_size() {
+    let dir = data_dir("ckpt-size");
+    let started = std::time::Instant::now();
+    let srv = TestServer::try_start(&dir, 1, &["--checkpoint-mib", "1"]).unwrap();
+    let c = srv.client().await;
+    let before = c.stats(ShardId(0)).await.unwrap().checkpoints;
+    for i in 0..16u64 {
+        c.write(ChunkId(0x5000 + u128::from(i)), 0, pattern(i, 256 << 10))
+            .await
+            .unwrap();
+    }
+    loop {
+        let now = c.stats(ShardId(0)).await.unwrap().checkpoints;
+        if now >= before + 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(4500),
+            "{} checkpoints after 4 MiB of writes with checkpoint_mib = 1",
+            now - before
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -104,10 +104,11 @@ pub struct ShardConfig {
     pub rebuild_index: bool,
     /// Bytes written between checkpoints (bounds the recovery scan).
     /// Each checkpoint writes every index record changed since the last one
-    /// to sled (off the shard thread, but on some core): 256 MiB, about
-    /// 8,000 4 KiB writes between checkpoints, measured about a third of the
-    /// shard process's CPU at 64 MiB under 32 outstanding 4 KiB writes; the
-    /// recovery scan it bounds reads at most this much.
+    /// to sled (off the shard thread, but on some core). The default 256 MiB
+    /// is about 32,000 4 KiB writes (a header and a data sector each); a
+    /// 64 MiB interval measured about a third of the shard process's CPU
+    /// under 32 outstanding 4 KiB writes. The recovery scan it bounds reads
+    /// at most this much (server setting `checkpoint_mib`).
     pub checkpoint_bytes: u64,
     /// Longest time between checkpoints while writes happen.
     pub checkpoint_interval_ms: u64,
