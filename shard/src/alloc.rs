@@ -388,6 +388,33 @@ impl Allocator {
         }
     }
 
+    /// The free-map runs and reservation runs (active or pending) inside
+    /// sectors `[from, to)`, clipped to it, in disk order.
+    pub fn pieces_in(&self, from: u64, to: u64) -> Vec<(Run, crate::sweep::Place)> {
+        use crate::sweep::Place;
+        let clip = |start: u64, len: u64| -> Option<Run> {
+            let s = start.max(from);
+            let e = (start + len).min(to);
+            (s < e).then(|| Run {
+                start: DiskSector(s),
+                len: e - s,
+            })
+        };
+        let mut out = Vec::new();
+        let first = self.free.range(..from).next_back().map(|(&s, &l)| (s, l));
+        for (s, l) in first
+            .into_iter()
+            .chain(self.free.range(from..to).map(|(&s, &l)| (s, l)))
+        {
+            out.extend(clip(s, l).map(|r| (r, Place::Free)));
+        }
+        for r in self.reserved.iter().chain(self.pending.iter()) {
+            out.extend(clip(r.start.0, r.len).map(|r| (r, Place::Reserved)));
+        }
+        out.sort_by_key(|(r, _)| r.start);
+        out
+    }
+
     /// Rebuild helper: marks a run used (it must currently be free, whole).
     pub fn mark_used(&mut self, run: Run) -> Result<(), String> {
         let Some((&fs, &fl)) = self.free.range(..=run.start.0).next_back() else {
@@ -477,14 +504,22 @@ impl Reclaimer {
     }
 
     /// Space unlinked by a durable index change. Reads that begin from now on
-    /// cannot find it; reads already running might.
-    pub fn defer(&mut self, releases: Vec<Free>, alloc: &mut Allocator) {
+    /// cannot find it; reads already running might. Returns the epoch to
+    /// pass to [`Reclaimer::drained_through`] (None: nothing to release).
+    pub fn defer(&mut self, releases: Vec<Free>, alloc: &mut Allocator) -> Option<u64> {
         if releases.is_empty() {
-            return;
+            return None;
         }
-        self.pending.push((self.epoch, releases));
+        let epoch = self.epoch;
+        self.pending.push((epoch, releases));
         self.epoch += 1;
         self.drain(alloc);
+        Some(epoch)
+    }
+
+    /// Whether everything deferred at `epoch` (or before) has been given back.
+    pub fn drained_through(&self, epoch: u64) -> bool {
+        self.pending.iter().all(|(e, _)| *e > epoch)
     }
 
     fn drain(&mut self, alloc: &mut Allocator) {

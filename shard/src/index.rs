@@ -864,6 +864,10 @@ impl Index {
     }
 
     /// Chunks with a meta (counts them: asked at recovery, not per request).
+    pub fn tomb_count(&self) -> u64 {
+        self.maps.borrow().tombs.len() as u64
+    }
+
     pub fn chunk_count(&self) -> u64 {
         let maps = self.maps.borrow();
         maps.chunks.values().filter(|e| e.meta.is_some()).count() as u64
@@ -889,6 +893,7 @@ enum Op {
     PutExtent(ChunkId, ExtentRec),
     RemoveExtent(ChunkId, LogicalSector),
     PutTomb(ChunkId, TombRec),
+    RemoveTomb(ChunkId),
     PutCheckpoint(Checkpoint),
 }
 
@@ -923,6 +928,10 @@ impl Change {
         self.ops.push(Op::PutTomb(chunk, t));
     }
 
+    pub fn remove_tomb(&mut self, chunk: ChunkId) {
+        self.ops.push(Op::RemoveTomb(chunk));
+    }
+
     pub fn put_checkpoint(&mut self, c: Checkpoint) {
         self.ops.push(Op::PutCheckpoint(c));
     }
@@ -952,6 +961,10 @@ impl Change {
                 }
                 Op::PutTomb(c, t) => {
                     maps.tombs.insert(c, t);
+                    Key::Tomb(c)
+                }
+                Op::RemoveTomb(c) => {
+                    maps.tombs.remove(&c);
                     Key::Tomb(c)
                 }
                 Op::PutCheckpoint(ck) => {

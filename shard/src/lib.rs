@@ -28,6 +28,7 @@ mod scrub;
 mod shard;
 mod sim;
 mod storage;
+mod sweep;
 
 pub use device::{
     device_size_bytes, is_block_device, split_device, DeviceRange, DmaStorage,
@@ -43,3 +44,4 @@ pub use shard::{
 };
 pub use sim::{MemKv, SimDisk, SimFaultCounts, SimFaults, SimRng};
 pub use storage::{IoBuf, IoFuture, ReadBuf, Storage};
+pub use sweep::SweepReport;

@@ -7,6 +7,9 @@
 //! crc, then sleep enough to spread the pass over the period. A bad sector is
 //! logged (chunk, sector) and counted; it is never repaired here (there is no
 //! second copy on one node).
+//!
+//! After each scrub pass the same task runs a sweep pass (see `sweep`) when
+//! the shard holds tombstones.
 
 use std::cell::Cell;
 use std::rc::Weak;
@@ -18,6 +21,7 @@ use shardstore_proto::ChunkId;
 use crate::error::ShardError;
 use crate::layout::{sector_crc, LogicalSector, SECTOR};
 use crate::shard::{bump, Inner};
+use crate::sweep::SweepPass;
 
 /// Shares of the scrub task queue (the default queue has 1000).
 pub const SCRUB_SHARES: usize = 25;
@@ -78,6 +82,45 @@ pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, S
     Ok(bad)
 }
 
+/// A sweep pass (see `sweep`) after each scrub pass, spread over at most a
+/// quarter of the scrub period (and at least one window per second), holding
+/// the shard only while a window is read.
+async fn sweep_paced(weak: &Weak<Inner>, period: Duration) {
+    let started = match weak.upgrade() {
+        Some(inner) => SweepPass::start(&inner).await,
+        None => return,
+    };
+    let mut pass = match started {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "sweep could not start");
+            return;
+        }
+    };
+    let pace = (period / 4)
+        .checked_div(pass.windows_left().max(1) as u32)
+        .unwrap_or_default()
+        .min(Duration::from_secs(1));
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        match pass.step(&inner).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(shard = inner.id.0, error = %e, "sweep step failed");
+                return;
+            }
+        }
+        drop(inner);
+        glommio::timer::sleep(pace).await;
+    }
+    let Some(inner) = weak.upgrade() else { return };
+    if let Err(e) = pass.finish(&inner).await {
+        tracing::warn!(shard = inner.id.0, error = %e, "sweep failed");
+    }
+}
+
 /// Starts the scrubber on a low-shares task queue.
 pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
     let tq = glommio::executor().create_task_queue(
@@ -125,6 +168,7 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                     drop(inner);
                     glommio::timer::sleep(pace.min(Duration::from_secs(1))).await;
                 }
+                sweep_paced(&weak, period).await;
                 if let Some(rest) = period.checked_sub(started.elapsed()) {
                     glommio::timer::sleep(rest.min(Duration::from_secs(3600))).await;
                 } else {

@@ -250,6 +250,12 @@ pub struct ShardStats {
     pub scrub_passes: u64,
     pub scrub_sectors: u64,
     pub scrub_errors: u64,
+    /// Tombstone records held (one sector each, see `sweep`).
+    pub tombstones: u64,
+    /// Tombstones retired by sweep passes, and old headers they erased.
+    pub tombstones_retired: u64,
+    pub sweep_passes: u64,
+    pub sweep_erased: u64,
     pub cache: CacheStats,
 }
 
@@ -329,6 +335,9 @@ pub(crate) struct Counters {
     checkpoint_waits: Cell<u64>,
     last_checkpoint_us: Cell<u64>,
     last_checkpoint_keys: Cell<u64>,
+    pub(crate) tombstones_retired: Cell<u64>,
+    pub(crate) sweep_erased: Cell<u64>,
+    pub(crate) sweep_passes: Cell<u64>,
 }
 
 pub(crate) fn bump(c: &Cell<u64>, by: u64) {
@@ -361,6 +370,13 @@ pub(crate) struct Inner {
     /// Space unlinked since the last checkpoint began; reusable only after
     /// the next checkpoint is durable.
     quarantine: RefCell<Quarantine>,
+    /// The last checkpoint's `replay_from` and the reclaimer epoch of the
+    /// space it released (None: it released none): once that epoch has
+    /// drained, everything freed below that generation is in the free map
+    /// (see `sweep`).
+    pub(crate) last_release: Cell<(u64, Option<u64>)>,
+    /// Extent writes that failed or were abandoned, ever (see `sweep`).
+    pub(crate) abandoned: Cell<u64>,
     /// See [`ShardConfig::adaptive_sync`].
     adaptive_sync: bool,
     /// Extent writes between their device write and their ack (flush
@@ -370,12 +386,12 @@ pub(crate) struct Inner {
     releasing: Cell<u64>,
     /// Generations handed out whose index change is not applied yet, and
     /// the run each was written to.
-    inflight: RefCell<BTreeMap<u64, Run>>,
+    pub(crate) inflight: RefCell<BTreeMap<u64, Run>>,
     /// Generations that failed or were abandoned since the checkpoint
     /// before last: they keep `durable_below` under them until a durable
     /// checkpoint has moved `replay_from` past them.
     failed: RefCell<std::collections::BTreeSet<u64>>,
-    data_sync: Group,
+    pub(crate) data_sync: Group,
     checkpoint_lock: Semaphore,
     /// A background checkpoint was spawned and has not finished.
     checkpoint_requested: Cell<bool>,
@@ -384,7 +400,7 @@ pub(crate) struct Inner {
     checkpoint_sectors: u64,
     checkpoint_interval: Duration,
     pub(crate) next_generation: Cell<u64>,
-    locks: ChunkLocks,
+    pub(crate) locks: ChunkLocks,
     fail_stopped: Cell<bool>,
     pub(crate) counters: Counters,
     pub(crate) scrub: ScrubCounters,
@@ -412,6 +428,7 @@ impl Drop for InflightGuard<'_> {
         if self.armed {
             self.inner.inflight.borrow_mut().remove(&self.generation);
             self.inner.failed.borrow_mut().insert(self.generation);
+            bump(&self.inner.abandoned, 1);
             if !self.inner.fail_stopped.get() {
                 // Not reusable before the next checkpoint: a crash before it
                 // may still find (and replay) whatever reached the disk.
@@ -623,6 +640,8 @@ impl Shard {
             alloc: RefCell::new(Allocator::new(area)),
             reclaim: RefCell::new(Reclaimer::new()),
             quarantine: RefCell::new(Quarantine::default()),
+            last_release: Cell::new((0, None)),
+            abandoned: Cell::new(0),
             adaptive_sync: cfg.adaptive_sync,
             extent_writes: Cell::new(0),
             releasing: Cell::new(0),
@@ -861,6 +880,10 @@ impl Shard {
             scrub_passes: s.scrub.passes.get(),
             scrub_sectors: s.scrub.sectors.get(),
             scrub_errors: s.scrub.errors.get(),
+            tombstones: s.index.tomb_count(),
+            tombstones_retired: s.counters.tombstones_retired.get(),
+            sweep_passes: s.counters.sweep_passes.get(),
+            sweep_erased: s.counters.sweep_erased.get(),
             cache: s.cache_stats(),
         }
     }
@@ -869,6 +892,18 @@ impl Shard {
     /// returns the number of bad sectors found.
     pub async fn scrub_now(&self) -> Result<u64, ShardError> {
         crate::scrub::pass(&self.inner, None).await
+    }
+
+    /// Runs one sweep pass now (see `sweep`): erases old headers of deleted
+    /// chunks from the free space and retires the tombstones that no longer
+    /// hide anything.
+    pub async fn sweep_now(&self) -> Result<crate::SweepReport, ShardError> {
+        self.inner.sweep().await
+    }
+
+    /// Tombstone records in the index.
+    pub fn tombstones(&self) -> u64 {
+        self.inner.index.tomb_count()
     }
 
     /// Verifies every live extent and tombstone (offline `check`).
@@ -980,7 +1015,7 @@ impl Inner {
         maybe_checkpoint(self);
     }
 
-    fn check_writable(&self) -> Result<(), ShardError> {
+    pub(crate) fn check_writable(&self) -> Result<(), ShardError> {
         if self.fail_stopped.get() {
             Err(ShardError::ReadOnly)
         } else {
@@ -1484,7 +1519,8 @@ impl Inner {
         bump(&self.counters.checkpoints, 1);
         {
             let mut alloc = self.alloc.borrow_mut();
-            self.reclaim.borrow_mut().defer(freed, &mut alloc);
+            let epoch = self.reclaim.borrow_mut().defer(freed, &mut alloc);
+            self.last_release.set((replay_from, epoch));
         }
         tracing::debug!(
             shard = self.id.0,
@@ -1517,6 +1553,16 @@ impl Inner {
         data.copy_range(0, &mut dst[..n]);
         dst[n..].fill(0);
         Ok(())
+    }
+
+    /// Whether the space the reclaimer took at `epoch` has been given back.
+    pub(crate) fn reclaim_drained_through(&self, epoch: u64) -> bool {
+        self.reclaim.borrow().drained_through(epoch)
+    }
+
+    /// Quarantines a run (reusable after the next durable checkpoint).
+    pub(crate) fn quarantine_run(&self, run: Run) {
+        self.quarantine.borrow_mut().push(Free::Run(run));
     }
 
     pub(crate) fn begin_read(&self) -> ReadEpoch<'_> {

@@ -1,6 +1,7 @@
 //! Randomized model test on the simulated disk (sled's `fuzz_model` habit,
 //! TigerBeetle's storage faults): random writes, overwrites, reads, deletes,
-//! and `Reboot` steps that crash the disk while operations are in flight
+//! sweeps (tombstone retirement), and `Reboot` steps that crash the disk
+//! while operations (and sometimes a sweep) are in flight
 //! (unsynced writes lost, torn at 512 B or reordered; the index store keeps
 //! its last checkpoint, or the one being flushed), for many seeds, against a
 //! `BTreeMap`.
@@ -163,6 +164,10 @@ fn run_seed(seed: u64) {
             // Sequential steps: each acknowledged result is certain.
             for _ in 0..60 {
                 step += 1;
+                if rng.below(25) == 0 {
+                    // Retires tombstones; must not change what reads see.
+                    let _ = shard.sweep_now().await;
+                }
                 let c = ChunkId(rng.below(8) as u128);
                 match rng.below(10) {
                     0..=5 => {
@@ -261,6 +266,13 @@ fn run_seed(seed: u64) {
                     if ok {
                         done.borrow_mut().push((c, new));
                     }
+                }));
+            }
+            if rng.below(3) == 0 {
+                // A sweep cut off by the crash too.
+                let shard = shard.clone();
+                tasks.push(glommio::spawn_local(async move {
+                    let _ = shard.sweep_now().await;
                 }));
             }
             for _ in 0..rng.below(12) {

@@ -1,0 +1,207 @@
+//! The sweep retires tombstones: deleted chunk ids stop holding a sector and
+//! an index record, and a full rebuild from the data area afterwards still
+//! does not bring any deleted chunk back (the sweep erased their old headers
+//! from the free space first).
+mod common;
+
+use common::*;
+use shardstore_shard::{Shard, ShardConfig, ShardError, SimDisk};
+
+const CAP: u64 = 16 * MIB;
+/// 8 KiB values: one header and two data sectors each.
+const LEN: usize = 8192;
+const SECTORS_PER_CHUNK: u64 = 3;
+
+fn cfg() -> ShardConfig {
+    ShardConfig {
+        capacity_bytes: CAP,
+        // Small reservations: the free space and the reservation both hold
+        // old headers of deleted chunks.
+        checkpoint_bytes: 128 * 1024,
+        ..sim_shard_config()
+    }
+}
+
+/// Chunks 0..30 are written (0..10 twice: their first version is an old
+/// header in the free space), then deleted; 30..40 stay. Returns the
+/// sectors the deletes wrote (the tombstones).
+async fn churn(shard: &Shard, disk: &SimDisk) -> Vec<u64> {
+    for n in 0..40u128 {
+        shard
+            .write(cid(n), 0, &pattern(n as u64, LEN))
+            .await
+            .unwrap();
+    }
+    for n in 0..10u128 {
+        shard
+            .write(cid(n), 0, &pattern(1000 + n as u64, LEN))
+            .await
+            .unwrap();
+    }
+    shard.checkpoint().await.unwrap();
+    let before: Vec<Vec<u8>> = (0..disk.sectors()).map(|s| disk.sector(s)).collect();
+    for n in 0..30u128 {
+        shard.delete(cid(n)).await.unwrap();
+    }
+    let tombs: Vec<u64> = (0..disk.sectors())
+        .filter(|&s| disk.sector(s) != before[s as usize])
+        .collect();
+    assert_eq!(tombs.len(), 30, "one sector per delete");
+    tombs
+}
+
+async fn check_survivors(shard: &Shard, extra: u128) {
+    for n in 0..30u128 {
+        assert!(
+            matches!(
+                shard.read(cid(n), 0, LEN as u32).await,
+                Err(ShardError::NotFound(_))
+            ),
+            "deleted chunk {n} came back"
+        );
+    }
+    for n in (30..40u128).chain(100..100 + extra) {
+        let r = shard.read(cid(n), 0, LEN as u32).await.unwrap();
+        assert!(
+            r.data.to_vec() == pattern(n as u64, LEN),
+            "chunk {n} differs"
+        );
+    }
+}
+
+#[test]
+fn sweeps_retire_tombstones_and_a_rebuild_keeps_deleted_chunks_deleted() {
+    let disk = SimDisk::new(CAP + 64 * 1024, 7);
+    let extra = run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        let tombs = churn(&shard, &disk).await;
+        assert_eq!(shard.tombstones(), 30);
+        // Writes consume the reservation (old headers there are
+        // overwritten); each pass erases the ones in the free map.
+        let mut extra = 0u128;
+        let mut retired = 0;
+        for round in 0..8 {
+            let r = shard.sweep_now().await.unwrap();
+            eprintln!("round {round}: {r:?}");
+            assert!(r.retired <= r.candidates, "{r:?}");
+            retired += r.retired;
+            if shard.tombstones() == 0 {
+                break;
+            }
+            assert!(round < 7, "tombstones left after 8 passes: {r:?}");
+            for _ in 0..30 {
+                let n = 100 + extra;
+                shard
+                    .write(cid(n), 0, &pattern(n as u64, LEN))
+                    .await
+                    .unwrap();
+                extra += 1;
+            }
+        }
+        assert_eq!(retired, 30);
+        assert_eq!(shard.stats().tombstones_retired, 30);
+        // Every sector in use is a live chunk's: the tombstones' came back.
+        shard.checkpoint().await.unwrap();
+        shard.checkpoint().await.unwrap();
+        let live = 10 + extra as u64;
+        assert_eq!(
+            shard.stats().used_bytes,
+            live * SECTORS_PER_CHUNK * 4096,
+            "space of retired tombstones not reclaimed"
+        );
+        check_survivors(&shard, extra).await;
+        shard.close().await.unwrap();
+        (extra, tombs)
+    });
+    let (extra, tombs) = extra;
+    // Recovery without the tombstones.
+    run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        assert_eq!(shard.tombstones(), 0);
+        check_survivors(&shard, extra).await;
+    });
+    // The retired tombstones' sectors are free: new data may land there
+    // (here: zeros). Then the index is lost and rebuilt from the data area
+    // alone: the deleted chunks' old extents must not be there to find.
+    for s in tombs {
+        disk.put_sector(s, &[0u8; 4096]);
+    }
+    disk.kv().wipe();
+    run(|| async {
+        let mut c = cfg();
+        c.rebuild_index = true;
+        let shard = Shard::open_sim(c, &disk).await.unwrap();
+        assert!(shard.stats().recovery_replayed > 0);
+        check_survivors(&shard, extra).await;
+        assert_eq!(shard.stats().chunks, 10 + extra as u64);
+    });
+}
+
+/// Without a sweep the tombstones stay, and they are what keeps a rebuild
+/// from bringing the deleted chunks back (the reason the sweep exists).
+#[test]
+fn without_a_sweep_tombstones_stay_and_guard_the_rebuild() {
+    let disk = SimDisk::new(CAP + 64 * 1024, 8);
+    run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        churn(&shard, &disk).await;
+        shard.checkpoint().await.unwrap();
+        assert_eq!(shard.tombstones(), 30);
+        shard.close().await.unwrap();
+    });
+    disk.kv().wipe();
+    run(|| async {
+        let mut c = cfg();
+        c.rebuild_index = true;
+        let shard = Shard::open_sim(c, &disk).await.unwrap();
+        assert_eq!(shard.tombstones(), 30);
+        check_survivors(&shard, 0).await;
+    });
+}
+
+/// Tombstones younger than the last checkpoint are not candidates yet, and
+/// a chunk deleted, written and deleted again keeps only its newest one.
+#[test]
+fn young_tombstones_wait() {
+    let disk = SimDisk::new(CAP + 64 * 1024, 9);
+    run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        shard.write(cid(1), 0, &pattern(1, LEN)).await.unwrap();
+        shard.delete(cid(1)).await.unwrap();
+        shard.write(cid(1), 0, &pattern(2, LEN)).await.unwrap();
+        shard.delete(cid(1)).await.unwrap();
+        assert_eq!(shard.tombstones(), 1);
+        let r = shard.sweep_now().await.unwrap();
+        // The pass's own checkpoint makes the delete old enough.
+        assert_eq!(r.candidates, 1, "{r:?}");
+        assert!(matches!(
+            shard.read(cid(1), 0, 10).await,
+            Err(ShardError::NotFound(_))
+        ));
+    });
+}
+
+/// The background scrubber runs a sweep after each pass.
+#[test]
+fn the_scrubber_sweeps_in_the_background() {
+    let disk = SimDisk::new(CAP + 64 * 1024, 10);
+    run(|| async {
+        let mut c = cfg();
+        c.scrub_period_secs = 1;
+        let shard = Shard::open_sim(c, &disk).await.unwrap();
+        churn(&shard, &disk).await;
+        let started = std::time::Instant::now();
+        while shard.tombstones() > 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "{} tombstones left: {:?}",
+                shard.tombstones(),
+                shard.stats().sweep_passes
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let s = shard.stats();
+        assert!(s.sweep_passes >= 1 && s.tombstones_retired == 30, "{s:?}");
+        check_survivors(&shard, 0).await;
+    });
+}
