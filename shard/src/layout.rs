@@ -448,16 +448,25 @@ impl ExtentHeader {
     /// Checks every data sector of the extent (`data` = the data sectors);
     /// returns the index of the first bad one.
     pub fn first_bad_sector(&self, data: &[u8]) -> Option<usize> {
+        (0..self.crcs.len()).find(|&i| !self.sector_ok(data, i))
+    }
+
+    /// Indices of every data sector of `data` that fails its crc.
+    pub fn bad_sectors(&self, data: &[u8]) -> Vec<usize> {
+        (0..self.crcs.len())
+            .filter(|&i| !self.sector_ok(data, i))
+            .collect()
+    }
+
+    fn sector_ok(&self, data: &[u8], i: usize) -> bool {
         assert_eq!(data.len() as u64, self.crcs.len() as u64 * SECTOR);
-        self.crcs.iter().enumerate().position(|(i, crc)| {
-            let s = &data[i * SECTOR as usize..(i + 1) * SECTOR as usize];
-            sector_crc(
-                self.chunk,
-                LogicalSector(self.first_sector.0 + i as u64),
-                self.generation,
-                s,
-            ) != *crc
-        })
+        let s = &data[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+        sector_crc(
+            self.chunk,
+            LogicalSector(self.first_sector.0 + i as u64),
+            self.generation,
+            s,
+        ) == self.crcs[i]
     }
 }
 

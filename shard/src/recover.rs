@@ -111,6 +111,8 @@ struct Found {
     header: ExtentHeader,
     /// Index of the first bad data sector.
     bad: Option<usize>,
+    /// Indices of all bad data sectors (when `bad` is set).
+    bad_all: Vec<usize>,
     /// The last data sector is intact.
     last_ok: bool,
 }
@@ -195,15 +197,14 @@ async fn scan(
                 let hs = (h.header_sectors() * SECTOR) as usize;
                 let check = |data: &[u8]| {
                     let bad = h.first_bad_sector(data);
-                    let last_ok = bad.is_some() && {
-                        let k = h.crcs.len() - 1;
-                        let tail = &data[k * SECTOR as usize..];
-                        let last = crate::layout::LogicalSector(h.first_sector.0 + k as u64);
-                        crate::layout::sector_crc(h.chunk, last, h.generation, tail) == h.crcs[k]
+                    let bad_all = match bad {
+                        Some(_) => h.bad_sectors(data),
+                        None => Vec::new(),
                     };
-                    (bad, last_ok)
+                    let last_ok = bad.is_some() && bad_all.last() != Some(&(h.crcs.len() - 1));
+                    (bad, bad_all, last_ok)
                 };
-                let (bad, last_ok) = if i + total <= n {
+                let (bad, bad_all, last_ok) = if i + total <= n {
                     check(&buf[s + hs..s + (total * SECTOR) as usize])
                 } else {
                     let whole = inner
@@ -219,6 +220,7 @@ async fn scan(
                         at: DiskSector(here),
                         header: h,
                         bad,
+                        bad_all,
                         last_ok,
                     });
                     i += 1;
@@ -228,6 +230,7 @@ async fn scan(
                     at: DiskSector(here),
                     header: h,
                     bad: None,
+                    bad_all: Vec::new(),
                     last_ok: true,
                 });
                 if i + total <= n {
@@ -404,7 +407,8 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
         ..RecoveryReport::default()
     };
     let area = inner.alloc.borrow().area();
-    let (found, max) = scan(inner, &[area], 0, &mut report).await?;
+    let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
+    superseded_holes(&mut found);
     let mut found = triage(inner, found, false, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
@@ -413,6 +417,54 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
     inner.next_generation.set(max + 1);
     report.chunks = inner.index.chunk_count();
     Ok(report)
+}
+
+/// Rebuild: a live extent partly overwritten keeps its header, and the
+/// space of its overwritten sectors may hold other data by now, so those
+/// sectors fail their crcs. An acknowledged extent (below the highest
+/// `durable_below` found) whose every bad sector is covered by a newer
+/// intact sector of its chunk is such an extent: it is marked whole, and
+/// replay in generation order lets the newer extents take those sectors.
+/// (Residual risk: a write that failed with EIO, torn, then overwritten
+/// exactly where it was torn, would show its intact sectors.)
+fn superseded_holes(found: &mut [Found]) {
+    use std::collections::HashMap;
+    let durable_below = found
+        .iter()
+        .map(|f| f.header.durable_below)
+        .max()
+        .unwrap_or(0);
+    // chunk -> (logical sector -> newest generation with an intact copy)
+    let mut newest: HashMap<shardstore_proto::ChunkId, HashMap<u64, u64>> = HashMap::new();
+    for f in found.iter() {
+        let h = &f.header;
+        if h.kind != ExtentKind::Data {
+            continue;
+        }
+        let per = newest.entry(h.chunk).or_default();
+        for k in 0..h.crcs.len() {
+            if f.bad_all.contains(&k) {
+                continue;
+            }
+            let g = per.entry(h.first_sector.0 + k as u64).or_insert(0);
+            *g = (*g).max(h.generation.0);
+        }
+    }
+    for f in found.iter_mut() {
+        let h = &f.header;
+        if f.bad.is_none() || h.generation.0 >= durable_below {
+            continue;
+        }
+        let per = newest.get(&h.chunk);
+        let covered = f.bad_all.iter().all(|&k| {
+            per.and_then(|p| p.get(&(h.first_sector.0 + k as u64)))
+                .is_some_and(|&g| g > h.generation.0)
+        });
+        if covered {
+            f.bad = None;
+            f.bad_all.clear();
+        }
+    }
 }
 
 /// Reads and checks every live sector and tombstone, and both superblocks.
