@@ -190,6 +190,12 @@ pub struct StatsReply {
     pub checkpoint_waits: u64,
     pub last_checkpoint_us: u64,
     pub last_checkpoint_keys: u64,
+    /// Tombstone records held; tombstones retired by sweep passes; passes
+    /// finished; old headers of deleted chunks they erased.
+    pub tombstones: u64,
+    pub tombstones_retired: u64,
+    pub sweep_passes: u64,
+    pub sweep_erased: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

@@ -273,18 +273,28 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>11} {:>10} {:>13} {:>12}",
-        "shard", "checkpoints", "ckpt_waits", "last_ckpt_ms", "last_ckpt_keys"
+        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6}",
+        "shard",
+        "checkpoints",
+        "ckpt_waits",
+        "last_ckpt_ms",
+        "last_ckpt_keys",
+        "tombstones",
+        "retired",
+        "sweeps"
     );
     for st in all {
         let _ = writeln!(
             out,
-            "{:>5} {:>11} {:>10} {:>13.1} {:>12}",
+            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6}",
             st.shard,
             st.checkpoints,
             st.checkpoint_waits,
             st.last_checkpoint_us as f64 / 1000.0,
-            st.last_checkpoint_keys
+            st.last_checkpoint_keys,
+            st.tombstones,
+            st.tombstones_retired,
+            st.sweep_passes
         );
     }
     let _ = writeln!(

@@ -591,6 +591,10 @@ impl ShardCtx {
             checkpoint_waits: s.checkpoint_waits,
             last_checkpoint_us: s.last_checkpoint_us,
             last_checkpoint_keys: s.last_checkpoint_keys,
+            tombstones: s.tombstones,
+            tombstones_retired: s.tombstones_retired,
+            sweep_passes: s.sweep_passes,
+            sweep_erased: s.sweep_erased,
         }
     }
 

@@ -409,7 +409,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 37] = [
+    let fams: [Family; 41] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -550,6 +550,30 @@ pub fn render(board: &Board) -> String {
             "gauge",
             "Index records the last checkpoint wrote.",
             |s| s.stats.last_checkpoint_keys,
+        ),
+        (
+            "shardstore_tombstones",
+            "gauge",
+            "Tombstone records held (one data-area sector each until a sweep retires them).",
+            |s| s.stats.tombstones,
+        ),
+        (
+            "shardstore_tombstones_retired_total",
+            "counter",
+            "Tombstones retired by sweep passes.",
+            |s| s.stats.tombstones_retired,
+        ),
+        (
+            "shardstore_sweep_passes_total",
+            "counter",
+            "Sweep passes finished.",
+            |s| s.stats.sweep_passes,
+        ),
+        (
+            "shardstore_sweep_erased_total",
+            "counter",
+            "Old extent headers of deleted chunks erased from free space by sweeps.",
+            |s| s.stats.sweep_erased,
         ),
         (
             "shardstore_fail_stopped",

@@ -233,3 +233,42 @@ async fn checkpoint_mib_sets_the_checkpoint_size() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Deleted chunks' tombstones are retired in the background (a sweep after
+/// each scrub pass): STATS shows them held, then retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_retired_in_the_background() {
+    let dir = data_dir("sweep");
+    let srv = TestServer::try_start(&dir, 1, &["--scrub-period-secs", "1"]).unwrap();
+    let c = srv.client().await;
+    for i in 0..20u128 {
+        c.write(ChunkId(0x7000 + i), 0, pattern(i as u64, 8192))
+            .await
+            .unwrap();
+    }
+    for i in 0..20u128 {
+        c.delete(ChunkId(0x7000 + i)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = c.stats(ShardId(0)).await.unwrap();
+        if s.tombstones_retired >= 20 && s.tombstones == 0 {
+            assert!(s.sweep_passes >= 1 && s.sweep_erased >= 20, "{s:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tombstones not retired: {} held, {} retired, {} passes",
+            s.tombstones,
+            s.tombstones_retired,
+            s.sweep_passes
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for i in 0..20u128 {
+        assert!(matches!(
+            c.read(ChunkId(0x7000 + i), 0, 10).await,
+            Err(ClientError::NotFound(_))
+        ));
+    }
+}
