@@ -141,8 +141,11 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Every way of making a write durable, in turn: a restart may also
         // switch modes over the same data.
         let mode = ["dsync", "adaptive", "group"][cycle as usize % 3];
-        let srv = TestServer::try_start(&dir, 2, &["--sync-mode", mode])
-            .unwrap_or_else(|e| panic!("server did not start: {e}"));
+        // A short scrub period: scrub and sweep passes (tombstone
+        // retirement erases sectors) run while the kills land.
+        let srv =
+            TestServer::try_start(&dir, 2, &["--sync-mode", mode, "--scrub-period-secs", "1"])
+                .unwrap_or_else(|e| panic!("server did not start: {e}"));
         let client = srv.client_with(cfg.clone()).await;
         verify(&client, &mut model, seed, cycle).await;
         let mut tasks = Vec::new();
@@ -170,7 +173,13 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             total_acks += m.1;
         }
     }
-    eprintln!("crash test: {total_acks} acknowledged writes/deletes over {cycles} kills");
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    eprintln!(
+        "crash test: {total_acks} acknowledged writes/deletes over {cycles} kills; \
+         {} sweep passes and {} scrub passes finished before a kill",
+        log.matches("sweep pass done").count(),
+        log.matches("scrub pass done").count()
+    );
     assert!(total_acks > u64::from(cycles), "the writers barely wrote");
     let srv = TestServer::start(&dir, 2);
     let client = srv.client_with(cfg).await;

@@ -8,8 +8,8 @@
 //! logged (chunk, sector) and counted; it is never repaired here (there is no
 //! second copy on one node).
 //!
-//! After each scrub pass the same task runs a sweep pass (see `sweep`) when
-//! the shard holds tombstones.
+//! Before each scrub pass (so also soon after start-up) the same task runs
+//! a sweep pass (see `sweep`) when the shard holds tombstones.
 
 use std::cell::Cell;
 use std::rc::Weak;
@@ -82,7 +82,7 @@ pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, S
     Ok(bad)
 }
 
-/// A sweep pass (see `sweep`) after each scrub pass, spread over at most a
+/// A sweep pass (see `sweep`) before each scrub pass, spread over at most a
 /// quarter of the scrub period (and at least one window per second), holding
 /// the shard only while a window is read.
 async fn sweep_paced(weak: &Weak<Inner>, period: Duration) {
@@ -132,6 +132,8 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
         async move {
             loop {
                 let started = Instant::now();
+                // Tombstones left by the last run (or the last period) first.
+                sweep_paced(&weak, period).await;
                 let mut after = None;
                 let mut extents = 0u64;
                 let mut bad = 0u64;
@@ -168,7 +170,6 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                     drop(inner);
                     glommio::timer::sleep(pace.min(Duration::from_secs(1))).await;
                 }
-                sweep_paced(&weak, period).await;
                 if let Some(rest) = period.checked_sub(started.elapsed()) {
                     glommio::timer::sleep(rest.min(Duration::from_secs(3600))).await;
                 } else {

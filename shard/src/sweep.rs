@@ -39,7 +39,7 @@
 //! A retired tombstone's own sector becomes a stale tombstone: harmless, it
 //! only ever hides older generations of its chunk, and none are left.
 //!
-//! The pass reads the free space once; it runs after each scrub pass (on the
+//! The pass reads the free space once; it runs before each scrub pass (on the
 //! scrub task queue, paced the same way) when there are tombstones, or on
 //! demand (`Shard::sweep_now`).
 
