@@ -84,10 +84,11 @@ impl ShardCounters {
         c.set(c.get() + 1);
     }
 
-    /// Records the latency of a request answered inline (never in flight).
-    pub fn record(&self, op: Opcode, started: Instant) {
+    /// Records the latency (microseconds) of a request answered inline
+    /// (never in flight).
+    pub fn record_us(&self, op: Opcode, us: u64) {
         if let Some(l) = self.latency.get(op as usize) {
-            l.record(started.elapsed().as_micros() as u64);
+            l.record(us);
         }
     }
 
