@@ -504,22 +504,24 @@ impl Reclaimer {
     }
 
     /// Space unlinked by a durable index change. Reads that begin from now on
-    /// cannot find it; reads already running might. Returns the epoch to
-    /// pass to [`Reclaimer::drained_through`] (None: nothing to release).
-    pub fn defer(&mut self, releases: Vec<Free>, alloc: &mut Allocator) -> Option<u64> {
+    /// cannot find it; reads already running might.
+    pub fn defer(&mut self, releases: Vec<Free>, alloc: &mut Allocator) {
         if releases.is_empty() {
-            return None;
+            return;
         }
-        let epoch = self.epoch;
-        self.pending.push((epoch, releases));
+        self.pending.push((self.epoch, releases));
         self.epoch += 1;
         self.drain(alloc);
-        Some(epoch)
     }
 
-    /// Whether everything deferred at `epoch` (or before) has been given back.
-    pub fn drained_through(&self, epoch: u64) -> bool {
-        self.pending.iter().all(|(e, _)| *e > epoch)
+    /// The current epoch: everything deferred so far has a lower one.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether everything deferred before `epoch` has been given back.
+    pub fn drained_before(&self, epoch: u64) -> bool {
+        self.pending.iter().all(|(e, _)| *e >= epoch)
     }
 
     fn drain(&mut self, alloc: &mut Allocator) {

@@ -62,9 +62,9 @@ use std::time::Duration;
 
 use shardstore_proto::ChunkId;
 
-use crate::alloc::Run;
+use crate::alloc::{Release, Run};
 use crate::error::ShardError;
-use crate::index::Checkpoint;
+use crate::index::{Change, Checkpoint};
 use crate::layout::{
     DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
@@ -113,6 +113,9 @@ struct Found {
     bad: Option<usize>,
     /// Indices of all bad data sectors (when `bad` is set).
     bad_all: Vec<usize>,
+    /// Rebuild: bad sectors of an extent kept because newer intact copies
+    /// cover them; replay leaves them out (see `superseded_holes`).
+    holes: Vec<usize>,
     /// The last data sector is intact.
     last_ok: bool,
 }
@@ -221,6 +224,7 @@ async fn scan(
                         header: h,
                         bad,
                         bad_all,
+                        holes: Vec::new(),
                         last_ok,
                     });
                     i += 1;
@@ -231,6 +235,7 @@ async fn scan(
                     header: h,
                     bad: None,
                     bad_all: Vec::new(),
+                    holes: Vec::new(),
                     last_ok: true,
                 });
                 if i + total <= n {
@@ -371,11 +376,55 @@ fn replay(inner: &Inner, f: &Found, report: &mut RecoveryReport) -> Result<(), S
     };
     change.apply(&inner.index);
     // Nothing reads yet and a checkpoint follows before any allocation.
-    let mut alloc = inner.alloc.borrow_mut();
-    for fr in frees {
-        alloc.give_back(fr);
+    {
+        let mut alloc = inner.alloc.borrow_mut();
+        for fr in frees {
+            alloc.give_back(fr);
+        }
+    }
+    for &k in &f.holes {
+        punch(inner, f, h.first_sector.0 + k as u64)?;
     }
     tracing::debug!(shard = inner.id.0, chunk = %h.chunk, generation = g, kind = ?h.kind, "replayed");
+    Ok(())
+}
+
+/// Rebuild: takes logical sector `l` out of the extent just replayed from
+/// `f` (its copy there is bad; a newer extent, replayed later, has it), and
+/// gives its disk sector back, so an extent of another chunk that reused it
+/// can be replayed.
+fn punch(inner: &Inner, f: &Found, l: u64) -> Result<(), ShardError> {
+    let chunk = f.header.chunk;
+    let Some(rec) = inner
+        .index
+        .overlapping(chunk, l, l + 1)
+        .into_iter()
+        .find(|r| r.header == f.at)
+    else {
+        return Ok(());
+    };
+    let mut change = Change::new();
+    change.remove_extent(chunk, rec.logical);
+    if rec.logical.0 < l {
+        change.put_extent(chunk, rec.slice(rec.logical.0, l));
+    }
+    if l + 1 < rec.end() {
+        change.put_extent(chunk, rec.slice(l + 1, rec.end()));
+    }
+    let mut meta = inner
+        .index
+        .get_meta(chunk)
+        .ok_or_else(|| ShardError::Internal(format!("chunk {chunk} has an extent but no meta")))?;
+    meta.live_sectors = meta.live_sectors.saturating_sub(1);
+    change.put_meta(chunk, meta);
+    change.apply(&inner.index);
+    inner.alloc.borrow_mut().release(Release {
+        header: f.at,
+        data: Run {
+            start: DiskSector(rec.disk.0 + (l - rec.logical.0)),
+            len: 1,
+        },
+    });
     Ok(())
 }
 
@@ -423,10 +472,12 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
 /// space of its overwritten sectors may hold other data by now, so those
 /// sectors fail their crcs. An acknowledged extent (below the highest
 /// `durable_below` found) whose every bad sector is covered by a newer
-/// intact sector of its chunk is such an extent: it is marked whole, and
-/// replay in generation order lets the newer extents take those sectors.
-/// (Residual risk: a write that failed with EIO, torn, then overwritten
-/// exactly where it was torn, would show its intact sectors.)
+/// intact sector of its chunk, in an extent that is kept itself, is such an
+/// extent: it is kept with those sectors as holes (replay leaves them out
+/// and gives their space back, see `punch`). Deciding newest first makes
+/// "kept itself" known for every coverer.
+/// (Residual risk: a write torn by a crash whose torn sectors were later
+/// overwritten by newer writes of its chunk shows its intact sectors.)
 fn superseded_holes(found: &mut [Found]) {
     use std::collections::HashMap;
     let durable_below = found
@@ -434,36 +485,39 @@ fn superseded_holes(found: &mut [Found]) {
         .map(|f| f.header.durable_below)
         .max()
         .unwrap_or(0);
-    // chunk -> (logical sector -> newest generation with an intact copy)
-    let mut newest: HashMap<shardstore_proto::ChunkId, HashMap<u64, u64>> = HashMap::new();
-    for f in found.iter() {
+    let mut order: Vec<usize> = (0..found.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(found[i].header.generation));
+    // chunk -> logical sectors with an intact copy in a kept, newer extent
+    let mut covered: HashMap<shardstore_proto::ChunkId, std::collections::HashSet<u64>> =
+        HashMap::new();
+    for i in order {
+        let f = &mut found[i];
         let h = &f.header;
         if h.kind != ExtentKind::Data {
             continue;
         }
-        let per = newest.entry(h.chunk).or_default();
-        for k in 0..h.crcs.len() {
-            if f.bad_all.contains(&k) {
-                continue;
+        if f.bad.is_some() {
+            let eligible = h.generation.0 < durable_below
+                && covered.get(&h.chunk).is_some_and(|c| {
+                    f.bad_all
+                        .iter()
+                        .all(|&k| c.contains(&(h.first_sector.0 + k as u64)))
+                });
+            if !eligible {
+                continue; // triage decides (a rebuild discards it)
             }
-            let g = per.entry(h.first_sector.0 + k as u64).or_insert(0);
-            *g = (*g).max(h.generation.0);
-        }
-    }
-    for f in found.iter_mut() {
-        let h = &f.header;
-        if f.bad.is_none() || h.generation.0 >= durable_below {
-            continue;
-        }
-        let per = newest.get(&h.chunk);
-        let covered = f.bad_all.iter().all(|&k| {
-            per.and_then(|p| p.get(&(h.first_sector.0 + k as u64)))
-                .is_some_and(|&g| g > h.generation.0)
-        });
-        if covered {
+            f.holes = std::mem::take(&mut f.bad_all);
             f.bad = None;
-            f.bad_all.clear();
         }
+        let first = h.first_sector.0;
+        let n = h.crcs.len();
+        let holes = &f.holes;
+        let c = covered.entry(h.chunk).or_default();
+        c.extend(
+            (0..n)
+                .filter(|k| !holes.contains(k))
+                .map(|k| first + k as u64),
+        );
     }
 }
 

@@ -370,13 +370,16 @@ pub(crate) struct Inner {
     /// Space unlinked since the last checkpoint began; reusable only after
     /// the next checkpoint is durable.
     quarantine: RefCell<Quarantine>,
-    /// The last checkpoint's `replay_from` and the reclaimer epoch of the
-    /// space it released (None: it released none): once that epoch has
-    /// drained, everything freed below that generation is in the free map
-    /// (see `sweep`).
-    pub(crate) last_release: Cell<(u64, Option<u64>)>,
-    /// Extent writes that failed or were abandoned, ever (see `sweep`).
-    pub(crate) abandoned: Cell<u64>,
+    /// The last durable checkpoint's `replay_from` (see `sweep`).
+    pub(crate) last_replay_from: Cell<u64>,
+    /// While a sweep pass runs: the runs of extent writes that failed or
+    /// were abandoned, held out of the quarantine until the pass has read
+    /// them (see `sweep`). None: no pass is running.
+    pub(crate) sweep_watch: RefCell<Option<Vec<Run>>>,
+    /// Sectors a sweep pass zeroed but could not give back (it failed or was
+    /// dropped before the zeros were made durable): the next pass syncs and
+    /// frees them first.
+    pub(crate) sweep_stranded: RefCell<Vec<u64>>,
     /// See [`ShardConfig::adaptive_sync`].
     adaptive_sync: bool,
     /// Extent writes between their device write and their ack (flush
@@ -428,8 +431,13 @@ impl Drop for InflightGuard<'_> {
         if self.armed {
             self.inner.inflight.borrow_mut().remove(&self.generation);
             self.inner.failed.borrow_mut().insert(self.generation);
-            bump(&self.inner.abandoned, 1);
             if !self.inner.fail_stopped.get() {
+                // A running sweep reads the run first: it may still hold an
+                // old header of a deleted chunk (see `sweep`).
+                if let Some(watch) = self.inner.sweep_watch.borrow_mut().as_mut() {
+                    watch.push(self.run);
+                    return;
+                }
                 // Not reusable before the next checkpoint: a crash before it
                 // may still find (and replay) whatever reached the disk.
                 self.inner.quarantine.borrow_mut().push(Free::Run(self.run));
@@ -640,8 +648,9 @@ impl Shard {
             alloc: RefCell::new(Allocator::new(area)),
             reclaim: RefCell::new(Reclaimer::new()),
             quarantine: RefCell::new(Quarantine::default()),
-            last_release: Cell::new((0, None)),
-            abandoned: Cell::new(0),
+            last_replay_from: Cell::new(0),
+            sweep_watch: RefCell::new(None),
+            sweep_stranded: RefCell::new(Vec::new()),
             adaptive_sync: cfg.adaptive_sync,
             extent_writes: Cell::new(0),
             releasing: Cell::new(0),
@@ -1519,8 +1528,8 @@ impl Inner {
         bump(&self.counters.checkpoints, 1);
         {
             let mut alloc = self.alloc.borrow_mut();
-            let epoch = self.reclaim.borrow_mut().defer(freed, &mut alloc);
-            self.last_release.set((replay_from, epoch));
+            self.reclaim.borrow_mut().defer(freed, &mut alloc);
+            self.last_replay_from.set(replay_from);
         }
         tracing::debug!(
             shard = self.id.0,
@@ -1555,9 +1564,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Whether the space the reclaimer took at `epoch` has been given back.
-    pub(crate) fn reclaim_drained_through(&self, epoch: u64) -> bool {
-        self.reclaim.borrow().drained_through(epoch)
+    /// The reclaimer's epoch: space deferred so far has a lower one.
+    pub(crate) fn reclaim_epoch(&self) -> u64 {
+        self.reclaim.borrow().epoch()
+    }
+
+    /// Whether all space deferred before `epoch` has been given back.
+    pub(crate) fn reclaim_drained_before(&self, epoch: u64) -> bool {
+        self.reclaim.borrow().drained_before(epoch)
     }
 
     /// Quarantines a run (reusable after the next durable checkpoint).

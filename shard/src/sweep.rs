@@ -11,30 +11,39 @@
 //! A tombstone T (generation t) of chunk C may go once no sector holds a
 //! valid header of C with a generation below t. A sweep pass makes that so:
 //!
-//! 1. A checkpoint takes the quarantine; once the reclaimer has given those
-//!    sectors back, every extent freed before the checkpoint's `replay_from`
-//!    is in the free map. The candidates are the tombstones below that
-//!    generation.
+//! 1. From its start, runs of extent writes that fail or are abandoned are
+//!    held for the pass instead of going to the quarantine (they were never
+//!    written, or only partly, and may still hold anything). A checkpoint
+//!    then takes the quarantine; once the reclaimer has given back all it
+//!    holds (this checkpoint's space and earlier ones' still waiting for
+//!    reads), every extent freed below the checkpoint's `replay_from` is in
+//!    the free map. The candidates are the tombstones below that generation.
 //! 2. Where can an old header of a candidate's chunk be now? Not in a live
-//!    sector (it holds another extent), nor in one quarantined since (it was
-//!    live after the candidate's delete: every older extent of the chunk was
-//!    freed by that delete, so the sector held someone else's data). Only in
-//!    the free map, the reservation, or a run a write in flight was given.
+//!    sector (it holds another extent), nor in one freed into the quarantine
+//!    since (it was live after the candidate's delete: every older extent of
+//!    the chunk was freed by that delete, so the sector held someone else's
+//!    data). Only in the free map, the reservation, a run a write in flight
+//!    was given, or a held failed write's run.
 //! 3. The pass reads the free map and the reservation window by window. An
 //!    old header of a candidate's chunk in the free map is overwritten with
-//!    zeros (the sector is taken out of the free map meanwhile, so no write
-//!    can be given it); erasing a free sector is always safe, it holds
-//!    nothing anyone reads. One found in the reservation, or in free space
-//!    that a write took before the sweep could, keeps its chunk's tombstone
-//!    until a later pass.
-//! 4. The erasures are made durable; the pass waits for every write in
-//!    flight when it ended to finish (each either lands, destroying what was
-//!    there, or fails; a failed write's run may still hold an old header, so
-//!    if any write failed during the pass nothing is retired).
+//!    zeros (the sector is taken out of the free map meanwhile, and given
+//!    back only once the zeros are durable, so no write can be given it
+//!    before); erasing a free sector is always safe, it holds nothing anyone
+//!    reads. One found in the reservation, or in free space that a write
+//!    took before the sweep could, keeps its chunk's tombstone until a later
+//!    pass.
+//! 4. The pass waits for every write in flight when the windows are done to
+//!    finish (each either lands, destroying what was there, or fails and
+//!    its run is held), then reads the held runs: an old header there keeps
+//!    its chunk. The held runs go to the quarantine.
 //! 5. Each remaining candidate whose tombstone is unchanged is removed from
 //!    the index and its sector quarantined like any freed space. Bounded
 //!    recovery does not need it: the chunk's older extents are all below the
 //!    durable checkpoint's `replay_from`, which replay never goes under.
+//!
+//! One pass at a time. A pass dropped unfinished (an error, a cancelled
+//! task) retires nothing; sectors it had zeroed but not made durable wait
+//! out of the free map for the next pass, which syncs and frees them first.
 //!
 //! A retired tombstone's own sector becomes a stale tombstone: harmless, it
 //! only ever hides older generations of its chunk, and none are left.
@@ -44,6 +53,7 @@
 //! demand (`Shard::sweep_now`).
 
 use std::collections::{HashMap, HashSet};
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use shardstore_proto::ChunkId;
@@ -80,53 +90,68 @@ pub(crate) enum Place {
 }
 
 /// A pass in progress: started by [`SweepPass::start`], advanced one window
-/// at a time by [`SweepPass::step`] (so a paced pass holds no reference to
-/// the shard while it sleeps), ended by [`SweepPass::finish`].
+/// at a time by [`SweepPass::step`] (so a paced pass holds no strong
+/// reference to the shard while it sleeps), ended by [`SweepPass::finish`].
+/// Dropped unfinished (an error, or the task cancelled), it retires nothing
+/// and hands back what it held (see `Drop`).
 pub(crate) struct SweepPass {
+    shard: Weak<Inner>,
     candidates: HashMap<ChunkId, u64>,
     kept: HashSet<ChunkId>,
-    abandoned_before: u64,
+    /// Sectors zeroed in the current window, out of the free map until the
+    /// zeros are durable.
+    held: Vec<u64>,
     next: u64,
     end: u64,
     report: SweepReport,
 }
 
 impl SweepPass {
-    /// Step 1: None when no tombstone is old enough to be a candidate.
-    pub(crate) async fn start(inner: &Inner) -> Result<Option<SweepPass>, ShardError> {
+    /// Step 1: None when no tombstone is old enough to be a candidate, or a
+    /// pass is running already.
+    pub(crate) async fn start(inner: &Rc<Inner>) -> Result<Option<SweepPass>, ShardError> {
         inner.check_writable()?;
-        if inner.index.tomb_count() == 0 {
+        if inner.index.tomb_count() == 0 || inner.sweep_watch.borrow().is_some() {
             return Ok(None);
         }
+        // From here until the pass ends, failed writes' runs are held for
+        // it (they may hold old headers and would otherwise sit in the
+        // quarantine, which the pass does not read).
+        *inner.sweep_watch.borrow_mut() = Some(Vec::new());
+        let area = inner.alloc.borrow().area();
+        let mut pass = SweepPass {
+            shard: Rc::downgrade(inner),
+            candidates: HashMap::new(),
+            kept: HashSet::new(),
+            held: Vec::new(),
+            next: area.start.0,
+            end: area.start.0 + area.len,
+            report: SweepReport::default(),
+        };
+        // Sectors an earlier pass left zeroed: durable, then free (and read
+        // again by this pass).
+        let stranded = std::mem::take(&mut *inner.sweep_stranded.borrow_mut());
+        inner.release_erased(stranded).await?;
         inner.checkpoint(1).await?;
-        let (floor, epoch) = inner.last_release.get();
-        if let Some(e) = epoch {
-            while !inner.reclaim_drained_through(e) {
-                glommio::timer::sleep(Duration::from_millis(2)).await;
-            }
+        let floor = inner.last_replay_from.get();
+        // Every free so far (this checkpoint's and earlier ones still
+        // waiting for reads) back in the free map.
+        let epoch = inner.reclaim_epoch();
+        while !inner.reclaim_drained_before(epoch) {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
         }
-        let candidates: HashMap<ChunkId, u64> = inner
+        pass.candidates = inner
             .index
             .tombs()
             .into_iter()
             .filter(|(_, t)| t.generation.0 < floor)
             .map(|(c, t)| (c, t.generation.0))
             .collect();
-        if candidates.is_empty() {
+        if pass.candidates.is_empty() {
             return Ok(None);
         }
-        let area = inner.alloc.borrow().area();
-        Ok(Some(SweepPass {
-            report: SweepReport {
-                candidates: candidates.len() as u64,
-                ..SweepReport::default()
-            },
-            candidates,
-            kept: HashSet::new(),
-            abandoned_before: inner.abandoned.get(),
-            next: area.start.0,
-            end: area.start.0 + area.len,
-        }))
+        pass.report.candidates = pass.candidates.len() as u64;
+        Ok(Some(pass))
     }
 
     /// Windows left to read.
@@ -142,10 +167,6 @@ impl SweepPass {
         let w = self.next;
         let w_end = (w + WINDOW_SECTORS).min(self.end);
         let pieces = inner.alloc.borrow().pieces_in(w, w_end);
-        // Erased sectors stay out of the free map until the zeros are
-        // durable: a write given the sector before that could be overtaken
-        // by them at a crash (unsynced writes may reorder).
-        let mut held: Vec<u64> = Vec::new();
         for (run, place) in pieces {
             let buf = inner.io.read(run.start, run.len).await.map_err(|e| {
                 ShardError::io(format!("sweeping sectors {}+{}", run.start.0, run.len), e)
@@ -161,21 +182,23 @@ impl SweepPass {
                 else {
                     continue;
                 };
-                if place == Place::Reserved || !inner.erase(here, &mut held).await? {
+                // Erased sectors stay out of the free map until the zeros
+                // are durable: a write given the sector before that could be
+                // overtaken by them at a crash (unsynced writes may reorder).
+                if place == Place::Reserved || !inner.erase(here, &mut self.held).await? {
                     self.kept.insert(chunk);
                 } else {
                     self.report.erased += 1;
                 }
             }
         }
-        inner.release_erased(held).await?;
+        inner.release_erased(std::mem::take(&mut self.held)).await?;
         self.next = w_end;
         Ok(self.next < self.end)
     }
 
     /// Steps 4 and 5.
     pub(crate) async fn finish(mut self, inner: &Inner) -> Result<SweepReport, ShardError> {
-        let mut report = self.report;
         let end_generation = inner.next_generation.get();
         while inner
             .inflight
@@ -186,14 +209,16 @@ impl SweepPass {
         {
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
-        if inner.abandoned.get() != self.abandoned_before {
-            report.kept = report.candidates;
-            tracing::info!(
-                shard = inner.id.0,
-                "sweep: a write failed during the pass; no tombstone retired"
-            );
-            return Ok(report);
+        // Writes that failed since the pass began: their runs were held for
+        // it; an old header in one keeps its chunk. Then into the
+        // quarantine, as they would have gone.
+        let watched = inner.sweep_watch.borrow_mut().take().unwrap_or_default();
+        let res = self.read_watched(inner, &watched).await;
+        for run in watched {
+            inner.quarantine_run(run);
         }
+        res?;
+        let mut report = self.report;
         for (chunk, generation) in std::mem::take(&mut self.candidates) {
             if self.kept.contains(&chunk) {
                 report.kept += 1;
@@ -231,11 +256,52 @@ impl SweepPass {
         );
         Ok(report)
     }
+
+    /// Marks kept the candidates with an old header in a failed write's run.
+    async fn read_watched(&mut self, inner: &Inner, runs: &[Run]) -> Result<(), ShardError> {
+        for run in runs {
+            let buf = inner.io.read(run.start, run.len).await.map_err(|e| {
+                ShardError::io(format!("sweeping sectors {}+{}", run.start.0, run.len), e)
+            })?;
+            self.report.scanned_sectors += run.len;
+            for i in 0..run.len {
+                let s = (i * SECTOR) as usize;
+                let sector = &buf[s..s + SECTOR as usize];
+                let here = run.start.0 + i;
+                if let Some(chunk) = inner
+                    .old_header_of(sector, here, self.end, &self.candidates)
+                    .await
+                {
+                    self.kept.insert(chunk);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SweepPass {
+    fn drop(&mut self) {
+        let Some(inner) = self.shard.upgrade() else {
+            return;
+        };
+        // Unfinished: failed writes' runs go where they would have gone,
+        // zeroed sectors wait for the next pass to make them durable.
+        if let Some(watched) = inner.sweep_watch.borrow_mut().take() {
+            for run in watched {
+                inner.quarantine_run(run);
+            }
+        }
+        inner
+            .sweep_stranded
+            .borrow_mut()
+            .extend(std::mem::take(&mut self.held));
+    }
 }
 
 impl Inner {
     /// One whole sweep pass now (see the module docs).
-    pub(crate) async fn sweep(&self) -> Result<SweepReport, ShardError> {
+    pub(crate) async fn sweep(self: &Rc<Self>) -> Result<SweepReport, ShardError> {
         let Some(mut pass) = SweepPass::start(self).await? else {
             return Ok(SweepReport::default());
         };

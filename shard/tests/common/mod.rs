@@ -109,3 +109,11 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// The index of a simulated shard lost: wipes it and opens with a rebuild
+/// from the data area alone.
+pub async fn open_rebuilt(mut cfg: ShardConfig, disk: &shardstore_shard::SimDisk) -> Shard {
+    disk.kv().wipe();
+    cfg.rebuild_index = true;
+    Shard::open_sim(cfg, disk).await.expect("rebuild")
+}
