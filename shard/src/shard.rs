@@ -380,6 +380,8 @@ pub(crate) struct Inner {
     /// dropped before the zeros were made durable): the next pass syncs and
     /// frees them first.
     pub(crate) sweep_stranded: RefCell<Vec<u64>>,
+    /// A sweep pass exists (from its start until it is dropped).
+    pub(crate) sweep_running: Cell<bool>,
     /// See [`ShardConfig::adaptive_sync`].
     adaptive_sync: bool,
     /// Extent writes between their device write and their ack (flush
@@ -651,6 +653,7 @@ impl Shard {
             last_replay_from: Cell::new(0),
             sweep_watch: RefCell::new(None),
             sweep_stranded: RefCell::new(Vec::new()),
+            sweep_running: Cell::new(false),
             adaptive_sync: cfg.adaptive_sync,
             extent_writes: Cell::new(0),
             releasing: Cell::new(0),
@@ -1043,7 +1046,13 @@ impl Inner {
     fn quarantined_sectors(&self) -> u64 {
         let q = self.quarantine.borrow();
         debug_assert_eq!(q.sectors, free_sectors_of(&q.frees));
-        q.sectors + self.releasing.get()
+        // Failed writes' runs a sweep holds go to the quarantine after it.
+        let held: u64 = self
+            .sweep_watch
+            .borrow()
+            .as_ref()
+            .map_or(0, |w| w.iter().map(|r| r.len).sum());
+        q.sectors + self.releasing.get() + held
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {

@@ -111,9 +111,11 @@ impl SweepPass {
     /// pass is running already.
     pub(crate) async fn start(inner: &Rc<Inner>) -> Result<Option<SweepPass>, ShardError> {
         inner.check_writable()?;
-        if inner.index.tomb_count() == 0 || inner.sweep_watch.borrow().is_some() {
+        if inner.index.tomb_count() == 0 || inner.sweep_running.get() {
             return Ok(None);
         }
+        // Cleared when the pass is dropped (finished or not).
+        inner.sweep_running.set(true);
         // From here until the pass ends, failed writes' runs are held for
         // it (they may hold old headers and would otherwise sit in the
         // quarantine, which the pass does not read).
@@ -129,9 +131,13 @@ impl SweepPass {
             report: SweepReport::default(),
         };
         // Sectors an earlier pass left zeroed: durable, then free (and read
-        // again by this pass).
-        let stranded = std::mem::take(&mut *inner.sweep_stranded.borrow_mut());
-        inner.release_erased(stranded).await?;
+        // again by this pass). Taken only after the sync: cancelled during
+        // it, they stay stranded.
+        if !inner.sweep_stranded.borrow().is_empty() {
+            inner.sync_erased().await?;
+            let stranded = std::mem::take(&mut *inner.sweep_stranded.borrow_mut());
+            inner.free_erased(stranded);
+        }
         inner.checkpoint(1).await?;
         let floor = inner.last_replay_from.get();
         // Every free so far (this checkpoint's and earlier ones still
@@ -192,7 +198,12 @@ impl SweepPass {
                 }
             }
         }
-        inner.release_erased(std::mem::take(&mut self.held)).await?;
+        if !self.held.is_empty() {
+            // Synced while still held: cancelled during the sync, `Drop`
+            // strands them.
+            inner.sync_erased().await?;
+            inner.free_erased(std::mem::take(&mut self.held));
+        }
         self.next = w_end;
         Ok(self.next < self.end)
     }
@@ -285,6 +296,7 @@ impl Drop for SweepPass {
         let Some(inner) = self.shard.upgrade() else {
             return;
         };
+        inner.sweep_running.set(false);
         // Unfinished: failed writes' runs go where they would have gone,
         // zeroed sectors wait for the next pass to make them durable.
         if let Some(watched) = inner.sweep_watch.borrow_mut().take() {
@@ -340,7 +352,7 @@ impl Inner {
     }
 
     /// Overwrites the free sector `at` with zeros, taking it out of the free
-    /// map (into `held`, see [`Inner::release_erased`]). False if it is no
+    /// map (into `held`, freed once the zeros are durable). False if it is no
     /// longer free (a checkpoint reserved it since the window was read).
     async fn erase(&self, at: u64, held: &mut Vec<u64>) -> Result<bool, ShardError> {
         let run = Run {
@@ -360,24 +372,25 @@ impl Inner {
         Ok(true)
     }
 
-    /// Makes the erasures durable, then gives the sectors back.
-    async fn release_erased(&self, held: Vec<u64>) -> Result<(), ShardError> {
-        if held.is_empty() {
-            return Ok(());
-        }
+    /// Makes the zeros written so far durable.
+    async fn sync_erased(&self) -> Result<(), ShardError> {
         if !self.io.write_through() {
             if let Err(e) = self.data_sync.sync(|| self.io.sync()).await {
                 self.fail_stop("fdatasync of the data area (sweep)", &e);
                 return Err(ShardError::io("fdatasync of the data area (sweep)", e));
             }
         }
+        Ok(())
+    }
+
+    /// Gives zeroed sectors back (their zeros are durable).
+    fn free_erased(&self, sectors: Vec<u64>) {
         let mut alloc = self.alloc.borrow_mut();
-        for at in held {
+        for at in sectors {
             alloc.free_run(Run {
                 start: DiskSector(at),
                 len: 1,
             });
         }
-        Ok(())
     }
 }

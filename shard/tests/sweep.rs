@@ -236,3 +236,24 @@ fn a_cancelled_pass_loses_nothing() {
         check_survivors(&shard, 0).await;
     });
 }
+
+/// One pass at a time: a second one started while a pass runs does nothing.
+#[test]
+fn one_pass_at_a_time() {
+    let disk = SimDisk::new(CAP + 64 * 1024, 12);
+    run(|| async {
+        let shard = std::rc::Rc::new(Shard::open_sim(cfg(), &disk).await.unwrap());
+        churn(&shard, &disk).await;
+        let s = shard.clone();
+        let first = glommio::spawn_local(async move { s.sweep_now().await });
+        futures_lite::future::yield_now().await;
+        let second = shard.sweep_now().await.unwrap();
+        assert_eq!(second.candidates, 0, "{second:?}");
+        let first = first.await.unwrap();
+        assert_eq!(first.retired, 30, "{first:?}");
+        // And once it is over, the next one runs.
+        shard.delete(cid(30)).await.unwrap();
+        assert_eq!(shard.sweep_now().await.unwrap().retired, 1);
+        assert_eq!(shard.tombstones(), 0);
+    });
+}
