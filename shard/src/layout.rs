@@ -213,7 +213,7 @@ impl Superblock {
                 le_u64(sector, 48)
             ));
         }
-        if sector[64..124].iter().any(|&b| b != 0) || sector[128..].iter().any(|&b| b != 0) {
+        if !all_zero(&sector[64..124]) || !all_zero(&sector[128..]) {
             return Err("reserved superblock bytes are not zero".into());
         }
         Ok(Superblock {
@@ -418,13 +418,13 @@ impl ExtentHeader {
         }
         if header[11] != 0
             || le_u32(header, 44) != 0
-            || header[104..120].iter().any(|&b| b != 0)
+            || !all_zero(&header[104..120])
             || le_u32(header, 124) != 0
         {
             return Err("reserved extent header bytes are not zero".into());
         }
         let crcs_end = EXTENT_HEADER_FIXED + 4 * count as usize;
-        if header[crcs_end..].iter().any(|&b| b != 0) {
+        if !all_zero(&header[crcs_end..]) {
             return Err("extent header padding is not zero".into());
         }
         let crcs = (0..count as usize)
@@ -468,6 +468,14 @@ impl ExtentHeader {
             s,
         ) == self.crcs[i]
     }
+}
+
+/// Whether every byte is zero. A fold without an early exit, so it
+/// vectorizes: the byte-at-a-time `any` over a header's ~4 KiB of padding
+/// was 6% of the server's CPU under 32 outstanding writes (every header is
+/// decoded once before it is written, see `shard::assert_write_buffer`).
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |acc, &x| acc | x) == 0
 }
 
 pub fn le_u32(b: &[u8], at: usize) -> u32 {
