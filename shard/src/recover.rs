@@ -109,15 +109,20 @@ pub struct VerifyReport {
 struct Found {
     at: DiskSector,
     header: ExtentHeader,
-    /// Index of the first bad data sector.
-    bad: Option<usize>,
-    /// Indices of all bad data sectors (when `bad` is set).
-    bad_all: Vec<usize>,
+    /// Indices of the data sectors that fail their crcs, ascending (empty:
+    /// intact).
+    bad: Vec<usize>,
     /// Rebuild: bad sectors of an extent kept because newer intact copies
     /// cover them; replay leaves them out (see `superseded_holes`).
     holes: Vec<usize>,
-    /// The last data sector is intact.
-    last_ok: bool,
+}
+
+impl Found {
+    /// Bad, but not the way a crash tears a write (which loses a suffix,
+    /// so its last data sector is bad).
+    fn not_a_tear(&self) -> bool {
+        !self.bad.is_empty() && self.bad.last() != Some(&(self.header.crcs.len() - 1))
+    }
 }
 
 /// Valid extents with a generation of at least `min_generation` inside `runs`.
@@ -198,46 +203,28 @@ async fn scan(
                 }
                 let total = h.total_sectors();
                 let hs = (h.header_sectors() * SECTOR) as usize;
-                let check = |data: &[u8]| {
-                    let bad = h.first_bad_sector(data);
-                    let bad_all = match bad {
-                        Some(_) => h.bad_sectors(data),
-                        None => Vec::new(),
-                    };
-                    let last_ok = bad.is_some() && bad_all.last() != Some(&(h.crcs.len() - 1));
-                    (bad, bad_all, last_ok)
-                };
-                let (bad, bad_all, last_ok) = if i + total <= n {
-                    check(&buf[s + hs..s + (total * SECTOR) as usize])
+                let bad = if i + total <= n {
+                    h.bad_sectors(&buf[s + hs..s + (total * SECTOR) as usize])
                 } else {
                     let whole = inner
                         .io
                         .read(DiskSector(here), total)
                         .await
                         .map_err(|e| ShardError::io(format!("reading extent at {here}"), e))?;
-                    check(&whole[hs..])
+                    h.bad_sectors(&whole[hs..])
                 };
-                if bad.is_some() {
-                    // Torn or damaged: decided once the whole scan is seen.
-                    found.push(Found {
-                        at: DiskSector(here),
-                        header: h,
-                        bad,
-                        bad_all,
-                        holes: Vec::new(),
-                        last_ok,
-                    });
-                    i += 1;
-                    continue;
-                }
+                let intact = bad.is_empty();
                 found.push(Found {
                     at: DiskSector(here),
                     header: h,
-                    bad: None,
-                    bad_all: Vec::new(),
+                    bad,
                     holes: Vec::new(),
-                    last_ok: true,
                 });
+                if !intact {
+                    // Torn or damaged: decided once the whole scan is seen.
+                    i += 1;
+                    continue;
+                }
                 if i + total <= n {
                     i += total;
                 } else {
@@ -266,12 +253,12 @@ fn triage(
         .unwrap_or(0);
     let mut out = Vec::with_capacity(found.len());
     for f in found {
-        let Some(b) = f.bad else {
+        let Some(&b) = f.bad.first() else {
             out.push(f);
             continue;
         };
+        let not_a_tear = f.not_a_tear();
         let h = &f.header;
-        let not_a_tear = f.last_ok;
         if keep_damaged && (h.generation.0 < durable_below || not_a_tear) {
             report.damaged_kept += 1;
             tracing::error!(
@@ -496,18 +483,17 @@ fn superseded_holes(found: &mut [Found]) {
         if h.kind != ExtentKind::Data {
             continue;
         }
-        if f.bad.is_some() {
+        if !f.bad.is_empty() {
             let eligible = h.generation.0 < durable_below
                 && covered.get(&h.chunk).is_some_and(|c| {
-                    f.bad_all
+                    f.bad
                         .iter()
                         .all(|&k| c.contains(&(h.first_sector.0 + k as u64)))
                 });
             if !eligible {
                 continue; // triage decides (a rebuild discards it)
             }
-            f.holes = std::mem::take(&mut f.bad_all);
-            f.bad = None;
+            f.holes = std::mem::take(&mut f.bad);
         }
         let first = h.first_sector.0;
         let n = h.crcs.len();

@@ -372,10 +372,6 @@ pub(crate) struct Inner {
     quarantine: RefCell<Quarantine>,
     /// The last durable checkpoint's `replay_from` (see `sweep`).
     pub(crate) last_replay_from: Cell<u64>,
-    /// While a sweep pass runs: the runs of extent writes that failed or
-    /// were abandoned, held out of the quarantine until the pass has read
-    /// them (see `sweep`). None: no pass is running.
-    pub(crate) sweep_watch: RefCell<Option<Vec<Run>>>,
     /// Sectors a sweep pass zeroed but could not give back (it failed or was
     /// dropped before the zeros were made durable): the next pass syncs and
     /// frees them first.
@@ -396,7 +392,7 @@ pub(crate) struct Inner {
     /// before last: they keep `durable_below` under them until a durable
     /// checkpoint has moved `replay_from` past them.
     failed: RefCell<std::collections::BTreeSet<u64>>,
-    pub(crate) data_sync: Group,
+    data_sync: Group,
     checkpoint_lock: Semaphore,
     /// A background checkpoint was spawned and has not finished.
     checkpoint_requested: Cell<bool>,
@@ -434,15 +430,9 @@ impl Drop for InflightGuard<'_> {
             self.inner.inflight.borrow_mut().remove(&self.generation);
             self.inner.failed.borrow_mut().insert(self.generation);
             if !self.inner.fail_stopped.get() {
-                // A running sweep reads the run first: it may still hold an
-                // old header of a deleted chunk (see `sweep`).
-                if let Some(watch) = self.inner.sweep_watch.borrow_mut().as_mut() {
-                    watch.push(self.run);
-                    return;
-                }
                 // Not reusable before the next checkpoint: a crash before it
                 // may still find (and replay) whatever reached the disk.
-                self.inner.quarantine.borrow_mut().push(Free::Run(self.run));
+                self.inner.quarantine.borrow_mut().push_failed(self.run);
             }
         }
     }
@@ -651,7 +641,6 @@ impl Shard {
             reclaim: RefCell::new(Reclaimer::new()),
             quarantine: RefCell::new(Quarantine::default()),
             last_replay_from: Cell::new(0),
-            sweep_watch: RefCell::new(None),
             sweep_stranded: RefCell::new(Vec::new()),
             sweep_running: Cell::new(false),
             adaptive_sync: cfg.adaptive_sync,
@@ -987,12 +976,35 @@ impl Drop for DecrementOnDrop<'_> {
 struct Quarantine {
     frees: Vec<Free>,
     sectors: u64,
+    /// While a sweep pass runs: runs of extent writes that failed or were
+    /// abandoned, held back from the next checkpoint until the pass has
+    /// read them (see `sweep`). None: no pass is running.
+    held: Option<Vec<Run>>,
+    held_sectors: u64,
 }
 
 impl Quarantine {
     fn push(&mut self, f: Free) {
         self.sectors += f.sectors();
         self.frees.push(f);
+    }
+
+    /// A failed write's run (it may hold anything, an old header of a
+    /// deleted chunk included).
+    fn push_failed(&mut self, run: Run) {
+        match &mut self.held {
+            Some(held) => {
+                held.push(run);
+                self.held_sectors += run.len;
+            }
+            None => self.push(Free::Run(run)),
+        }
+    }
+
+    /// What a checkpoint takes (held runs stay).
+    fn take_frees(&mut self) -> Vec<Free> {
+        self.sectors = 0;
+        std::mem::take(&mut self.frees)
     }
 }
 
@@ -1046,13 +1058,7 @@ impl Inner {
     fn quarantined_sectors(&self) -> u64 {
         let q = self.quarantine.borrow();
         debug_assert_eq!(q.sectors, free_sectors_of(&q.frees));
-        // Failed writes' runs a sweep holds go to the quarantine after it.
-        let held: u64 = self
-            .sweep_watch
-            .borrow()
-            .as_ref()
-            .map_or(0, |w| w.iter().map(|r| r.len).sum());
-        q.sectors + self.releasing.get() + held
+        q.sectors + q.held_sectors + self.releasing.get()
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {
@@ -1207,11 +1213,17 @@ impl Inner {
         if write_through {
             return Ok(());
         }
+        self.sync_data("fdatasync of the data area").await?;
+        Ok(())
+    }
+
+    /// A group-committed `fdatasync` of the data area. After a failed one
+    /// nothing written since the last good one can be trusted, and the
+    /// shard stops writing (fail-stop, never retried).
+    pub(crate) async fn sync_data(&self, what: &str) -> Result<(), ShardError> {
         if let Err(e) = self.data_sync.sync(|| self.io.sync()).await {
-            // After a failed fdatasync nothing about the extent can be
-            // trusted, and the shard stops writing. Never retried.
-            self.fail_stop("fdatasync of the data area", &e);
-            return Err(ShardError::io("fdatasync of the data area", e));
+            self.fail_stop(what, &e);
+            return Err(ShardError::io(what.to_string(), e));
         }
         Ok(())
     }
@@ -1484,7 +1496,7 @@ impl Inner {
             let high_water = self.next_generation.get();
             let replay_from = inflight.keys().next().copied().unwrap_or(high_water);
             let failed_before: Vec<u64> = self.failed.borrow().iter().copied().collect();
-            let freed = std::mem::take(&mut *self.quarantine.borrow_mut()).frees;
+            let freed = self.quarantine.borrow_mut().take_frees();
             self.releasing.set(free_sectors_of(&freed));
             let want = self
                 .checkpoint_sectors
@@ -1586,6 +1598,25 @@ impl Inner {
     /// Quarantines a run (reusable after the next durable checkpoint).
     pub(crate) fn quarantine_run(&self, run: Run) {
         self.quarantine.borrow_mut().push(Free::Run(run));
+    }
+
+    /// From now on, failed writes' runs are held for a sweep pass.
+    pub(crate) fn hold_failed_writes(&self) {
+        self.quarantine.borrow_mut().held = Some(Vec::new());
+    }
+
+    /// The failed writes' runs held so far.
+    pub(crate) fn held_failed_writes(&self) -> Vec<Run> {
+        self.quarantine.borrow().held.clone().unwrap_or_default()
+    }
+
+    /// Stops holding failed writes' runs; the held ones are quarantined.
+    pub(crate) fn release_failed_writes(&self) {
+        let mut q = self.quarantine.borrow_mut();
+        q.held_sectors = 0;
+        for run in q.held.take().unwrap_or_default() {
+            q.push(Free::Run(run));
+        }
     }
 
     pub(crate) fn begin_read(&self) -> ReadEpoch<'_> {

@@ -12,7 +12,7 @@
 //! valid header of C with a generation below t. A sweep pass makes that so:
 //!
 //! 1. From its start, runs of extent writes that fail or are abandoned are
-//!    held for the pass instead of going to the quarantine (they were never
+//!    held for the pass, where checkpoints do not take them (they were never
 //!    written, or only partly, and may still hold anything). A checkpoint
 //!    then takes the quarantine; once the reclaimer has given back all it
 //!    holds (this checkpoint's space and earlier ones' still waiting for
@@ -117,9 +117,9 @@ impl SweepPass {
         // Cleared when the pass is dropped (finished or not).
         inner.sweep_running.set(true);
         // From here until the pass ends, failed writes' runs are held for
-        // it (they may hold old headers and would otherwise sit in the
-        // quarantine, which the pass does not read).
-        *inner.sweep_watch.borrow_mut() = Some(Vec::new());
+        // it (they may hold old headers and would otherwise go through the
+        // quarantine to the free space unread).
+        inner.hold_failed_writes();
         let area = inner.alloc.borrow().area();
         let mut pass = SweepPass {
             shard: Rc::downgrade(inner),
@@ -174,20 +174,7 @@ impl SweepPass {
         let w_end = (w + WINDOW_SECTORS).min(self.end);
         let pieces = inner.alloc.borrow().pieces_in(w, w_end);
         for (run, place) in pieces {
-            let buf = inner.io.read(run.start, run.len).await.map_err(|e| {
-                ShardError::io(format!("sweeping sectors {}+{}", run.start.0, run.len), e)
-            })?;
-            self.report.scanned_sectors += run.len;
-            for i in 0..run.len {
-                let here = run.start.0 + i;
-                let s = (i * SECTOR) as usize;
-                let sector = &buf[s..s + SECTOR as usize];
-                let Some(chunk) = inner
-                    .old_header_of(sector, here, self.end, &self.candidates)
-                    .await
-                else {
-                    continue;
-                };
+            for (here, chunk) in self.old_headers_in(inner, run).await? {
                 // Erased sectors stay out of the free map until the zeros
                 // are durable: a write given the sector before that could be
                 // overtaken by them at a crash (unsynced writes may reorder).
@@ -223,11 +210,9 @@ impl SweepPass {
         // Writes that failed since the pass began: their runs were held for
         // it; an old header in one keeps its chunk. Then into the
         // quarantine, as they would have gone.
-        let watched = inner.sweep_watch.borrow_mut().take().unwrap_or_default();
+        let watched = inner.held_failed_writes();
         let res = self.read_watched(inner, &watched).await;
-        for run in watched {
-            inner.quarantine_run(run);
-        }
+        inner.release_failed_writes();
         res?;
         let mut report = self.report;
         for (chunk, generation) in std::mem::take(&mut self.candidates) {
@@ -270,24 +255,38 @@ impl SweepPass {
 
     /// Marks kept the candidates with an old header in a failed write's run.
     async fn read_watched(&mut self, inner: &Inner, runs: &[Run]) -> Result<(), ShardError> {
-        for run in runs {
-            let buf = inner.io.read(run.start, run.len).await.map_err(|e| {
-                ShardError::io(format!("sweeping sectors {}+{}", run.start.0, run.len), e)
-            })?;
-            self.report.scanned_sectors += run.len;
-            for i in 0..run.len {
-                let s = (i * SECTOR) as usize;
-                let sector = &buf[s..s + SECTOR as usize];
-                let here = run.start.0 + i;
-                if let Some(chunk) = inner
-                    .old_header_of(sector, here, self.end, &self.candidates)
-                    .await
-                {
-                    self.kept.insert(chunk);
-                }
+        for &run in runs {
+            for (_, chunk) in self.old_headers_in(inner, run).await? {
+                self.kept.insert(chunk);
             }
         }
         Ok(())
+    }
+
+    /// Reads `run`: the sectors in it holding an old header of a
+    /// candidate's chunk, and that chunk.
+    async fn old_headers_in(
+        &mut self,
+        inner: &Inner,
+        run: Run,
+    ) -> Result<Vec<(u64, ChunkId)>, ShardError> {
+        let buf = inner.io.read(run.start, run.len).await.map_err(|e| {
+            ShardError::io(format!("sweeping sectors {}+{}", run.start.0, run.len), e)
+        })?;
+        self.report.scanned_sectors += run.len;
+        let mut found = Vec::new();
+        for i in 0..run.len {
+            let here = run.start.0 + i;
+            let s = (i * SECTOR) as usize;
+            let sector = &buf[s..s + SECTOR as usize];
+            if let Some(chunk) = inner
+                .old_header_of(sector, here, self.end, &self.candidates)
+                .await
+            {
+                found.push((here, chunk));
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -299,11 +298,7 @@ impl Drop for SweepPass {
         inner.sweep_running.set(false);
         // Unfinished: failed writes' runs go where they would have gone,
         // zeroed sectors wait for the next pass to make them durable.
-        if let Some(watched) = inner.sweep_watch.borrow_mut().take() {
-            for run in watched {
-                inner.quarantine_run(run);
-            }
-        }
+        inner.release_failed_writes();
         inner
             .sweep_stranded
             .borrow_mut()
@@ -374,13 +369,10 @@ impl Inner {
 
     /// Makes the zeros written so far durable.
     async fn sync_erased(&self) -> Result<(), ShardError> {
-        if !self.io.write_through() {
-            if let Err(e) = self.data_sync.sync(|| self.io.sync()).await {
-                self.fail_stop("fdatasync of the data area (sweep)", &e);
-                return Err(ShardError::io("fdatasync of the data area (sweep)", e));
-            }
+        if self.io.write_through() {
+            return Ok(());
         }
-        Ok(())
+        self.sync_data("fdatasync of the data area (sweep)").await
     }
 
     /// Gives zeroed sectors back (their zeros are durable).
