@@ -9,7 +9,8 @@
 
 use crate::conn::{Connection, Reply};
 use crate::{
-    ChunkStat, ClientConfig, ClientError, ListEntry, ListPage, ReadResult, Topology, WriteResult,
+    ChunkStat, ClientConfig, ClientError, ListEntry, ListPage, ReadOptions, ReadResult, Topology,
+    WriteResult,
 };
 use bytes::Bytes;
 use shardstore_proto::{
@@ -307,6 +308,19 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<ReadResult, ClientError> {
+        self.read_with(chunk, offset, len, ReadOptions::default())
+            .await
+    }
+
+    /// [`Client::read`], telling the server more about the read (see
+    /// [`ReadOptions`]). Options are hints: the bytes returned are the same.
+    pub async fn read_with(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+        opts: ReadOptions,
+    ) -> Result<ReadResult, ClientError> {
         let max = self.inner.topology.max_payload;
         if len > max {
             return Err(invalid(format!(
@@ -317,7 +331,7 @@ impl Client {
             chunk: chunk.0,
             offset,
             len,
-            flags: 0,
+            flags: opts.flags(),
         };
         let slot = self.slot_for(self.shard_of(chunk));
         let reply = call(

@@ -82,4 +82,4 @@ pub use config::{ClientConfig, ClientTls, Secret};
 pub use error::ClientError;
 pub use shardstore_proto::{ChunkId, ErrorCode, ShardId, StatsReply};
 pub use topology::Topology;
-pub use types::{ChunkStat, ListEntry, ListPage, ReadResult, WriteResult};
+pub use types::{ChunkStat, ListEntry, ListPage, ReadOptions, ReadResult, WriteResult};

@@ -20,6 +20,27 @@ pub struct ReadResult {
     pub chunk_len: u64,
 }
 
+/// What a client can tell the server about a READ ([`crate::Client::read_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// The read is part of one sequential stream over consecutive chunk
+    /// ids, read in order: after the end of this chunk the stream goes on at
+    /// offset 0 of chunk id + 1, which the server may then read ahead
+    /// (protocol `READ_FLAG_NEXT_CHUNK`). Set it only when that is true: a
+    /// wrong hint costs the server a wasted read-ahead of the next chunk.
+    pub continues_into_next_chunk: bool,
+}
+
+impl ReadOptions {
+    pub(crate) fn flags(self) -> u32 {
+        if self.continues_into_next_chunk {
+            shardstore_proto::READ_FLAG_NEXT_CHUNK
+        } else {
+            0
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkStat {
     pub chunk_len: u64,

@@ -94,6 +94,7 @@ fuzz_target!(|data: &[u8]| {
                 limits,
                 auth_secret: None,
                 tls: None,
+                stream_hints: Vec::new(),
             };
             let ctx = Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new()));
             let stream = MemStream { input, pos: 0, written: 0 };

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::content;
 use crate::content::PieceAt;
 use crate::cpu::CpuTimes;
-use crate::keys::{hash_words, KeyGen, Partition, Pick, Rng, Zipf};
+use crate::keys::{hash_words, Distribution, KeyGen, Partition, Pick, Rng, Zipf};
 use crate::progress::Progress;
 use crate::recorder::{
     error_kind, is_integrity_failure, latency_ns, Op, Pacer, Stats, VERIFY_MISMATCH,
@@ -31,7 +31,9 @@ use crate::report::{Interval, Preload};
 use bytes::Bytes;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
-use shardstore_client::{ChunkId, Client, ClientConfig, ClientError, ShardId, Topology};
+use shardstore_client::{
+    ChunkId, Client, ClientConfig, ClientError, ReadOptions, ShardId, Topology,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -235,7 +237,19 @@ impl Worker {
                 hi.max(Self::len_of(cfg, key, u64::from(st.low)))
             }
         };
-        match self.client.read(chunk_of(key), at.offset, len as u32).await {
+        // A sequential walk over consecutive chunk ids (one worker: its keys
+        // are consecutive) tells the server that the stream goes on into
+        // the next chunk, except from the last key (the walk wraps around).
+        let opts = ReadOptions {
+            continues_into_next_chunk: matches!(cfg.distribution, Distribution::Sequential)
+                && self.part.stride == 1
+                && pick.index + 1 < self.part.len,
+        };
+        match self
+            .client
+            .read_with(chunk_of(key), at.offset, len as u32, opts)
+            .await
+        {
             // Past the end of a chunk whose other pieces exist: this piece
             // was never written either.
             Ok(r) if r.data.is_empty() && st.high == 0 => Outcome::Miss,

@@ -30,6 +30,7 @@ pub struct WriteRequest {
     pub offset: u64,
     /// crc32c of the payload that follows the body.
     pub payload_crc: u32,
+    /// No WRITE flag is defined: must be 0 (else MALFORMED).
     pub flags: u32,
 }
 
@@ -46,8 +47,18 @@ pub struct ReadRequest {
     pub chunk: u128,
     pub offset: u64,
     pub len: u32,
+    /// `READ_FLAG_*` bits; a server refuses bits it does not know
+    /// (MALFORMED) rather than ignore what a client asked for.
     pub flags: u32,
 }
+
+/// READ flag: this read belongs to a sequential stream that goes on, after
+/// the end of this chunk, at offset 0 of chunk id + 1 (a run of consecutive
+/// ids read in order). The server may read the next chunk ahead; a hint
+/// only, with no effect on what the READ returns.
+pub const READ_FLAG_NEXT_CHUNK: u32 = 1;
+/// Every READ flag this protocol version defines.
+pub const READ_FLAGS_KNOWN: u32 = READ_FLAG_NEXT_CHUNK;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ReadReply {

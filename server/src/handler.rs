@@ -12,9 +12,10 @@ use shardstore_proto::{
     ArchivedReadRequest, ArchivedWriteRequest, ChunkId, ChunkRequest, DeleteReply, Empty,
     ErrorBody, ErrorCode, HelloReply, ListEntry, ListReply, ListRequest, Opcode, ReadReply,
     ReadRequest, ShardId, StatReply, StatsReply, TopologyReply, WriteReply, WriteRequest,
-    FLAG_ERROR, FLAG_RESPONSE, PROTOCOL_VERSION, ROUTE_FN_JUMP_SPLITMIX,
+    FLAG_ERROR, FLAG_RESPONSE, PROTOCOL_VERSION, READ_FLAGS_KNOWN, READ_FLAG_NEXT_CHUNK,
+    ROUTE_FN_JUMP_SPLITMIX,
 };
-use shardstore_shard::{ReadData, Shard, ShardError};
+use shardstore_shard::{ReadData, ReadHints, Shard, ShardError, StreamHint};
 use std::rc::Rc;
 use std::time::Instant;
 use tracing::debug;
@@ -32,7 +33,15 @@ pub struct NodeInfo {
     pub auth_secret: Option<std::sync::Arc<Vec<u8>>>,
     /// TLS for every listener, when configured.
     pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// `stream_hints[i]`: shard `i`'s queue of read-ahead hints (a marked
+    /// sequential stream crossing into one of its chunks, see
+    /// [`ShardCtx::route_stream_hints`]). Empty: hints stay on their shard.
+    pub stream_hints: Vec<flume::Sender<StreamHint>>,
 }
+
+/// Bound of each shard's queue of stream hints. A hint that finds it full
+/// is dropped: read-ahead is an optimisation, never worth a wait.
+pub const STREAM_HINT_QUEUE: usize = 256;
 
 /// A request handed to its owning shard. Only owned, `Send` data.
 pub struct Forwarded {
@@ -82,6 +91,13 @@ pub struct ShardCtx {
     pub budget: std::rc::Rc<crate::budget::Budget>,
     /// Open connections, so a graceful stop can end their reads.
     pub conns: crate::lifecycle::ConnRegistry,
+}
+
+/// What a READ's flags tell the shard (validated in [`Parsed::decode`]).
+fn read_hints(r: &ReadRequest) -> ReadHints {
+    ReadHints {
+        continues_into_next_chunk: r.flags & READ_FLAG_NEXT_CHUNK != 0,
+    }
 }
 
 /// Checks a write's payload against the crc the client sent, before any
@@ -253,6 +269,13 @@ impl Parsed {
             Opcode::Auth => Parsed::Auth,
             Opcode::Write => {
                 let w = access_body::<ArchivedWriteRequest>(body).map_err(bad)?;
+                let flags = w.flags.to_native();
+                if flags != 0 {
+                    return Err(ErrReply::new(
+                        ErrorCode::Malformed,
+                        format!("unknown WRITE flags {flags:#x} (this server knows none)"),
+                    ));
+                }
                 Parsed::Write(WriteRequest {
                     chunk: w.chunk.to_native(),
                     offset: w.offset.to_native(),
@@ -262,6 +285,16 @@ impl Parsed {
             }
             Opcode::Read => {
                 let r = access_body::<ArchivedReadRequest>(body).map_err(bad)?;
+                let flags = r.flags.to_native();
+                if flags & !READ_FLAGS_KNOWN != 0 {
+                    return Err(ErrReply::new(
+                        ErrorCode::Malformed,
+                        format!(
+                            "unknown READ flags {:#x} (known: {READ_FLAGS_KNOWN:#x})",
+                            flags & !READ_FLAGS_KNOWN
+                        ),
+                    ));
+                }
                 Parsed::Read(ReadRequest {
                     chunk: r.chunk.to_native(),
                     offset: r.offset.to_native(),
@@ -426,7 +459,10 @@ impl ShardCtx {
                     ));
                 }
                 let started = Instant::now();
-                let res = self.shard.read(ChunkId(r.chunk), r.offset, r.len).await?;
+                let res = self
+                    .shard
+                    .read_with(ChunkId(r.chunk), r.offset, r.len, read_hints(&r))
+                    .await?;
                 let us = started.elapsed().as_micros() as u64;
                 return Ok(self.encode_read(opcode, request_id, res, us, out));
             }
@@ -494,7 +530,9 @@ impl ShardCtx {
             return None;
         }
         let started = Instant::now();
-        let res = self.shard.read_now(ChunkId(r.chunk), r.offset, r.len)?;
+        let res = self
+            .shard
+            .read_now_with(ChunkId(r.chunk), r.offset, r.len, read_hints(r))?;
         // One clock read for both histograms (a cached read takes a few us).
         let us = started.elapsed().as_micros() as u64;
         self.counters.record_us(opcode, us);
@@ -651,6 +689,40 @@ impl ShardCtx {
             .forwarded_out
             .set(self.counters.forwarded_out.get() + 1);
         await_shard_reply(owner, rx).await
+    }
+
+    /// Sends this shard's stream hints for chunks of other shards to their
+    /// owners' queues, and takes the hints other shards send here.
+    pub fn route_stream_hints(self: &Rc<Self>, rx: flume::Receiver<StreamHint>) {
+        let queues = self.node.stream_hints.clone();
+        let (me, shards) = (self.id, self.node.shard_count);
+        self.shard.set_stream_forwarder(move |h| {
+            let owner = route(h.chunk, shards);
+            if owner == me {
+                return false;
+            }
+            match queues.get(owner.0 as usize) {
+                Some(q) => {
+                    if q.try_send(h).is_err() {
+                        debug!(
+                            shard = me.0,
+                            to = owner.0,
+                            "stream hint queue full; hint dropped"
+                        );
+                    }
+                    true
+                }
+                None => false,
+            }
+        });
+        let ctx = Rc::downgrade(self);
+        glommio::spawn_local(async move {
+            while let Ok(h) = rx.recv_async().await {
+                let Some(ctx) = ctx.upgrade() else { return };
+                ctx.shard.accept_stream_hint(h);
+            }
+        })
+        .detach();
     }
 
     /// Serves requests forwarded by other shards until every sender is gone.

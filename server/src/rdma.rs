@@ -323,6 +323,7 @@ mod tests {
                             limits: limits.clone(),
                             auth_secret: None,
                             tls: None,
+                            stream_hints: Vec::new(),
                         },
                         peers: Vec::new(),
                         counters: Default::default(),

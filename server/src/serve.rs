@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use shardstore_net::tcp::{listen_socket, ListenOptions};
 use shardstore_proto::{limits, ShardId};
+use shardstore_shard::StreamHint;
 use shardstore_shard::{Shard, ShardConfig};
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
@@ -298,7 +299,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         });
     }
 
-    let node = NodeInfo {
+    let mut node = NodeInfo {
         node_id: meta.node_id,
         shard_count: n,
         shard_addrs: shard_addrs.clone(),
@@ -307,13 +308,18 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         limits: opts.limits.clone(),
         auth_secret: opts.auth_secret.clone(),
         tls: opts.tls.clone().map(futures_rustls::TlsAcceptor::from),
+        stream_hints: Vec::new(),
     };
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
+    let mut hint_receivers = Vec::new();
     for _ in 0..n {
         let (tx, rx) = flume::bounded::<Forwarded>(opts.forward_queue);
         senders.push(tx);
         receivers.push(rx);
+        let (tx, rx) = flume::bounded::<StreamHint>(crate::handler::STREAM_HINT_QUEUE);
+        node.stream_hints.push(tx);
+        hint_receivers.push(rx);
     }
     // RDMA front: its own thread, requests handed to shards through `senders`.
     #[cfg(feature = "rdma")]
@@ -330,7 +336,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(u32, Result<String, String>)>();
     let mut handles = Vec::new();
-    for (i, (lis, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+    let queues = receivers.into_iter().zip(hint_receivers);
+    for (i, (lis, (rx, hints))) in listeners.into_iter().zip(queues).enumerate() {
         let i = i as u32;
         let cpu = cpus[i as usize % cpus.len()];
         let node = node.clone();
@@ -370,7 +377,14 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
-            .spawn(move || async move { run_shard(cfg, node, peers, rx, lis, ready, rt).await })
+            .spawn(move || async move {
+                let queues = ShardQueues {
+                    peers,
+                    forwarded: rx,
+                    hints,
+                };
+                run_shard(cfg, node, queues, lis, ready, rt).await
+            })
             .map_err(|e| anyhow::anyhow!("starting shard {i}'s executor on cpu {cpu}: {e}"))?;
         handles.push(h);
     }
@@ -463,11 +477,17 @@ struct ShardRuntime {
     drain: Arc<Drain>,
 }
 
+/// A shard's ends of the queues between shards.
+struct ShardQueues {
+    peers: Vec<flume::Sender<Forwarded>>,
+    forwarded: flume::Receiver<Forwarded>,
+    hints: flume::Receiver<StreamHint>,
+}
+
 async fn run_shard(
     cfg: ShardConfig,
     node: NodeInfo,
-    peers: Vec<flume::Sender<Forwarded>>,
-    forwarded: flume::Receiver<Forwarded>,
+    queues: ShardQueues,
     lis: ShardListeners,
     ready: std::sync::mpsc::Sender<(u32, Result<String, String>)>,
     rt: ShardRuntime,
@@ -486,7 +506,8 @@ async fn run_shard(
         }
     };
     let st = shard.stats();
-    let ctx = Rc::new(ShardCtx::new(shard, id, node, peers));
+    let ctx = Rc::new(ShardCtx::new(shard, id, node, queues.peers));
+    ctx.route_stream_hints(queues.hints);
     glommio::spawn_local(metrics::publish_loop(
         ctx.clone(),
         rt.board.clone(),
@@ -494,7 +515,7 @@ async fn run_shard(
         rt.interval,
     ))
     .detach();
-    glommio::spawn_local(ctx.clone().serve_forwarded(forwarded)).detach();
+    glommio::spawn_local(ctx.clone().serve_forwarded(queues.forwarded)).detach();
     let a = glommio::spawn_local(accept_loop(ctx.clone(), front));
     let b = glommio::spawn_local(accept_loop(ctx.clone(), direct));
     let _ = ready.send((

@@ -59,3 +59,59 @@ async fn front_only_client_reaches_every_shard() {
     // shards' chunks (about 2/3 of 3 x 60 requests) must have been forwarded.
     assert!(fwd_out >= 60, "forwarded {fwd_out}");
 }
+
+/// Two consecutive chunk ids owned by different shards: a stream over the
+/// first, marked as going on into the next id, makes the OTHER shard read
+/// the second chunk's start ahead (it arrives there as a stream hint), so
+/// the reader's first READ of it is served from that shard's cache. The
+/// same walk unmarked reads nothing of the next chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_stream_reads_ahead_into_the_next_chunk_on_another_shard() {
+    let dir = data_dir("fwd-stream");
+    let srv = TestServer::try_start(&dir, 2, &["--cache-mib", "64"]).unwrap();
+    let client = srv.client().await;
+    // Two pairs (a, a + 1) split across the shards, a's owner the same.
+    let pairs: Vec<u128> = (1000u128..)
+        .filter(|a| route(ChunkId(*a), 2) == ShardId(0) && route(ChunkId(a + 1), 2) == ShardId(1))
+        .take(2)
+        .collect();
+    let len = 2usize << 20;
+    for a in &pairs {
+        for id in [*a, a + 1] {
+            client
+                .write(ChunkId(id), 0, pattern(id as u64, len))
+                .await
+                .unwrap();
+        }
+    }
+    let next_shard = |c: &shardstore_client::Client| {
+        let c = c.clone();
+        async move { c.stats(ShardId(1)).await.unwrap() }
+    };
+    let step = 256u32 << 10;
+    for (a, marked) in [(pairs[0], false), (pairs[1], true)] {
+        let before = next_shard(&client).await;
+        let opts = shardstore_client::ReadOptions {
+            continues_into_next_chunk: marked,
+        };
+        for off in (0..len as u64).step_by(step as usize) {
+            let r = client.read_with(ChunkId(a), off, step, opts).await.unwrap();
+            assert_eq!(r.data.len(), step as usize);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mid = next_shard(&client).await;
+        let r = client.read(ChunkId(a + 1), 0, step).await.unwrap();
+        assert_eq!(&r.data[..], &pattern((a + 1) as u64, len)[..step as usize]);
+        let after = next_shard(&client).await;
+        let issued = mid.prefetch_issued - before.prefetch_issued;
+        let cached = after.cached_reads - mid.cached_reads;
+        println!("marked {marked}: next chunk's shard read ahead {issued} sectors; first read cached: {cached}");
+        if marked {
+            assert!(issued > 0, "no read-ahead on the next chunk's shard");
+            assert_eq!(cached, 1, "the next chunk's first read was not a cache hit");
+        } else {
+            assert_eq!(issued, 0);
+            assert_eq!(cached, 0);
+        }
+    }
+}

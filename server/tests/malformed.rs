@@ -226,3 +226,58 @@ async fn malformed_frames_get_typed_errors_and_hurt_nobody() {
         "server RSS {rss_kib} KiB over the 128 MiB budget"
     );
 }
+
+/// READ and WRITE flags this server does not know are refused (MALFORMED),
+/// not ignored: nothing is written, and the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_request_flags_are_refused() {
+    let dir = data_dir("flags");
+    let srv = TestServer::start(&dir, 1);
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let data = vec![9u8; 4096];
+    let mut f = Vec::new();
+    let w = WriteRequest {
+        chunk: 0x77,
+        offset: 0,
+        payload_crc: payload_crc(&data),
+        flags: 2,
+    };
+    encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut f);
+    f.extend_from_slice(&data);
+    let r = ReadRequest {
+        chunk: 0x77,
+        offset: 0,
+        len: 4096,
+        flags: READ_FLAG_NEXT_CHUNK | 0x8000_0000,
+    };
+    encode_frame(Opcode::Read, 0, 2, &r, 0, &mut f);
+    f.extend_from_slice(&ping(3));
+    s.write_all(&f).await.unwrap();
+    let (h, rest) = reply(&mut s).await.unwrap();
+    assert_eq!(
+        (h.request_id, error_code(&h, &rest)),
+        (1, ErrorCode::Malformed)
+    );
+    let (h, rest) = reply(&mut s).await.unwrap();
+    assert_eq!(
+        (h.request_id, error_code(&h, &rest)),
+        (2, ErrorCode::Malformed)
+    );
+    let (h, _) = reply(&mut s).await.unwrap();
+    assert_eq!((h.request_id, h.is_error()), (3, false));
+    let client = srv.client().await;
+    assert!(matches!(
+        client.stat(ChunkId(0x77)).await,
+        Err(shardstore_client::ClientError::NotFound(_))
+    ));
+    // The known READ flag is accepted.
+    client.write(ChunkId(0x77), 0, data.clone()).await.unwrap();
+    let opts = shardstore_client::ReadOptions {
+        continues_into_next_chunk: true,
+    };
+    let got = client
+        .read_with(ChunkId(0x77), 0, 4096, opts)
+        .await
+        .unwrap();
+    assert_eq!(&got.data[..], &data[..]);
+}

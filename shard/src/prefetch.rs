@@ -15,9 +15,17 @@
 //! Counted (sectors): issued (read ahead and cached), used (a prefetched
 //! sector read by a client before eviction), wasted (evicted unread).
 //!
-//! Not done: streams that continue into the next chunk id. The protocol has
-//! no flag for a client to announce them, so read-ahead stops at the end of
-//! each chunk.
+//! Streams across chunks: a client that reads a run of consecutive chunk
+//! ids in order marks its reads (protocol `READ_FLAG_NEXT_CHUNK`,
+//! [`ReadHints::continues_into_next_chunk`]). The stream of a marked read
+//! does not stop at the end of its chunk: the part of the window past the
+//! end becomes a [`StreamHint`] for chunk id + 1, which the shard owning
+//! that chunk (this one, or another through the forwarder the server
+//! installs, see [`Prefetcher::set_forwarder`]) turns into read-ahead of the
+//! chunk's first bytes and a stream waiting at offset 0 with the window
+//! already grown, so the reader's first READ of the next chunk is a cache
+//! hit and its stream does not start cold. Unmarked reads never look past
+//! their chunk (the next id may be unrelated data).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -50,7 +58,33 @@ struct Stream {
     window: u64,
     /// Everything before this offset has been read ahead (or was read).
     ahead: u64,
+    /// A marked stream: how far into the next chunk read-ahead was asked
+    /// for already (bytes from its start).
+    crossed: u64,
 }
+
+/// How a client describes a READ (protocol READ flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadHints {
+    /// The read belongs to a sequential stream that goes on, at the end of
+    /// this chunk, into offset 0 of chunk id + 1.
+    pub continues_into_next_chunk: bool,
+}
+
+/// A marked stream reached the end of its chunk's read-ahead: read ahead
+/// `[0, ahead)` of `chunk` (the next chunk id) and expect the stream there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamHint {
+    pub chunk: ChunkId,
+    /// The stream's read-ahead window when it crossed, bytes.
+    pub window: u64,
+    /// Bytes of `chunk` to read ahead, from its start.
+    pub ahead: u64,
+}
+
+/// Hands a [`StreamHint`] to the shard that owns its chunk; false: this
+/// shard owns it (or no server routes hints) and takes it itself.
+pub type HintForwarder = Box<dyn Fn(StreamHint) -> bool>;
 
 pub(crate) struct Prefetcher {
     max_window: u64,
@@ -58,6 +92,7 @@ pub(crate) struct Prefetcher {
     /// Blocks `(chunk, offset / BLOCK)` being read ahead now.
     pending: RefCell<HashMap<(ChunkId, u64), Pending>>,
     queue: Cell<Option<TaskQueueHandle>>,
+    forwarder: RefCell<Option<HintForwarder>>,
 }
 
 fn slot(chunk: ChunkId) -> usize {
@@ -79,7 +114,13 @@ impl Prefetcher {
             streams: RefCell::new((0..STREAM_SLOTS).map(|_| None).collect()),
             pending: RefCell::new(HashMap::new()),
             queue: Cell::new(None),
+            forwarder: RefCell::new(None),
         }
+    }
+
+    /// Routes hints for chunks of other shards (see [`HintForwarder`]).
+    pub(crate) fn set_forwarder(&self, f: HintForwarder) {
+        *self.forwarder.borrow_mut() = Some(f);
     }
 
     pub(crate) fn enabled(&self) -> bool {
@@ -87,12 +128,24 @@ impl Prefetcher {
     }
 
     /// Notes a read of `[offset, end)` of `chunk` and starts read-ahead if it
-    /// continues a stream.
-    pub(crate) fn on_read(&self, inner: &Rc<Inner>, chunk: ChunkId, offset: u64, end: u64) {
+    /// continues a stream (into the next chunk id too, if `hints` says so).
+    pub(crate) fn on_read(
+        &self,
+        inner: &Rc<Inner>,
+        chunk: ChunkId,
+        offset: u64,
+        end: u64,
+        hints: ReadHints,
+    ) {
         if !self.enabled() || end <= offset {
             return;
         }
-        let issue = {
+        // Only a marked stream needs the chunk's length (one more probe).
+        let next = match (hints.continues_into_next_chunk, chunk.0.checked_add(1)) {
+            (true, Some(n)) => inner.index.get_meta(chunk).map(|m| (ChunkId(n), m.len)),
+            _ => None,
+        };
+        let (issue, hint) = {
             let mut streams = self.streams.borrow_mut();
             match &mut streams[slot(chunk)] {
                 Some((c, s)) if *c == chunk && s.next == offset => {
@@ -107,9 +160,23 @@ impl Prefetcher {
                     let target = (end + s.window).div_ceil(BLOCK) * BLOCK;
                     if from < target && from - end <= s.window / 2 {
                         s.ahead = target;
-                        Some((from, target))
+                        let mut hint = None;
+                        let mut local = (from, target);
+                        if let Some((next_chunk, len)) = next {
+                            local.1 = target.min(len.div_ceil(BLOCK) * BLOCK);
+                            let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
+                            if spill > s.crossed {
+                                s.crossed = spill;
+                                hint = Some(StreamHint {
+                                    chunk: next_chunk,
+                                    window: s.window,
+                                    ahead: spill,
+                                });
+                            }
+                        }
+                        (Some(local).filter(|(f, t)| f < t), hint)
                     } else {
-                        None
+                        (None, None)
                     }
                 }
                 other => {
@@ -119,14 +186,62 @@ impl Prefetcher {
                             next: end,
                             window: 0,
                             ahead: 0,
+                            crossed: 0,
                         },
                     ));
-                    None
+                    (None, None)
                 }
             }
         };
         if let Some((from, to)) = issue {
             self.issue(inner, chunk, from, to);
+        }
+        if let Some(h) = hint {
+            let forwarded = self.forwarder.borrow().as_ref().is_some_and(|f| f(h));
+            if !forwarded {
+                self.accept(inner, h);
+            }
+        }
+    }
+
+    /// A marked stream arrives at the start of `h.chunk` (this shard's):
+    /// read its first bytes ahead, and wait for the reader at offset 0 with
+    /// the window it had. A stream already reading this chunk is left alone.
+    pub(crate) fn accept(&self, inner: &Rc<Inner>, h: StreamHint) {
+        if !self.enabled() || h.ahead == 0 {
+            return;
+        }
+        let window = h
+            .window
+            .clamp(MIN_WINDOW.min(self.max_window), self.max_window);
+        // Never read ahead more than a window, whatever the hint says.
+        let ahead = h.ahead.min(window.div_ceil(BLOCK) * BLOCK);
+        let range = {
+            let mut streams = self.streams.borrow_mut();
+            match &mut streams[slot(h.chunk)] {
+                Some((c, s)) if *c == h.chunk && s.next != 0 => None,
+                Some((c, s)) if *c == h.chunk => {
+                    let from = s.ahead;
+                    s.ahead = s.ahead.max(ahead);
+                    s.window = s.window.max(window);
+                    Some((from, s.ahead))
+                }
+                other => {
+                    *other = Some((
+                        h.chunk,
+                        Stream {
+                            next: 0,
+                            window,
+                            ahead,
+                            crossed: 0,
+                        },
+                    ));
+                    Some((0, ahead))
+                }
+            }
+        };
+        if let Some((from, to)) = range.filter(|(f, t)| f < t) {
+            self.issue(inner, h.chunk, from, to);
         }
     }
 

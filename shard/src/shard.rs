@@ -69,7 +69,7 @@ use crate::layout::{
     ExtentHeader, ExtentKind, Generation, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
 };
 use crate::locks::ChunkLocks;
-use crate::prefetch::Prefetcher;
+use crate::prefetch::{Prefetcher, ReadHints, StreamHint};
 use crate::read_data::ReadData;
 use crate::recover::{self, RecoveryReport};
 use crate::scrub::ScrubCounters;
@@ -773,11 +773,25 @@ impl Shard {
         offset: u64,
         len: u32,
     ) -> Result<ReadOutcome, ShardError> {
+        self.read_with(chunk, offset, len, ReadHints::default())
+            .await
+    }
+
+    /// [`Shard::read`] with what the client said about the read (it may
+    /// continue a stream into the next chunk id: see `prefetch`).
+    pub async fn read_with(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+        hints: ReadHints,
+    ) -> Result<ReadOutcome, ShardError> {
         self.inner.prefetch.on_read(
             &self.inner,
             chunk,
             offset,
             offset.saturating_add(u64::from(len)),
+            hints,
         );
         self.inner.read(chunk, offset, len).await
     }
@@ -791,14 +805,38 @@ impl Shard {
         offset: u64,
         len: u32,
     ) -> Option<Result<ReadOutcome, ShardError>> {
+        self.read_now_with(chunk, offset, len, ReadHints::default())
+    }
+
+    /// [`Shard::read_now`] with the client's [`ReadHints`].
+    pub fn read_now_with(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: u32,
+        hints: ReadHints,
+    ) -> Option<Result<ReadOutcome, ShardError>> {
         let out = self.inner.read_now(chunk, offset, len)?;
         self.inner.prefetch.on_read(
             &self.inner,
             chunk,
             offset,
             offset.saturating_add(u64::from(len)),
+            hints,
         );
         Some(out)
+    }
+
+    /// Routes read-ahead hints for chunks this shard does not own (a marked
+    /// stream crossing into the next chunk id, see `prefetch`): `f` returns
+    /// true when it took the hint. Without one, every hint is taken here.
+    pub fn set_stream_forwarder(&self, f: impl Fn(StreamHint) -> bool + 'static) {
+        self.inner.prefetch.set_forwarder(Box::new(f));
+    }
+
+    /// A stream hint from another shard for a chunk of this one.
+    pub fn accept_stream_hint(&self, h: StreamHint) {
+        self.inner.prefetch.accept(&self.inner, h);
     }
 
     /// Whether reads can be served from a cache (see [`Shard::read_now`]).

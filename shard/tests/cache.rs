@@ -1,9 +1,10 @@
 //! The read cache and read-ahead: read-your-writes through the cache, hits
-//! served from the cached buffer itself, scan resistance, prefetch counters.
+//! served from the cached buffer itself, scan resistance, prefetch counters,
+//! streams marked as going on into the next chunk id.
 mod common;
 
 use common::*;
-use shardstore_shard::{Shard, ShardConfig, ShardError, SECTOR};
+use shardstore_shard::{ReadHints, Shard, ShardConfig, ShardError, StreamHint, SECTOR};
 
 fn cached_config(dir: &std::path::Path, cache_bytes: u64, prefetch: bool) -> ShardConfig {
     ShardConfig {
@@ -304,5 +305,107 @@ fn a_prefetched_sequential_stream_does_not_evict_the_hot_set() {
         );
         assert!(st.prefetch_used > 0, "{st:?}");
         assert!(after > 0.95, "hit ratio {after} after the stream");
+    });
+}
+
+/// Writes two consecutive 2 MiB chunks, then reads the first in order in
+/// 256 KiB pieces, the reads marked (or not) as going on into the next
+/// chunk id. Returns the shard, still open, and the second chunk.
+async fn read_first_of_two(
+    shard: &Shard,
+    marked: bool,
+) -> (shardstore_proto::ChunkId, shardstore_proto::ChunkId) {
+    let (a, b) = (cid(40), cid(41));
+    let len = 2 * MIB;
+    shard.write(a, 0, &pattern(40, len as usize)).await.unwrap();
+    shard.write(b, 0, &pattern(41, len as usize)).await.unwrap();
+    let hints = ReadHints {
+        continues_into_next_chunk: marked,
+    };
+    let step: u32 = 256 << 10;
+    for off in (0..len).step_by(step as usize) {
+        let r = shard.read_with(a, off, step, hints).await.unwrap();
+        assert_eq!(r.data.len(), step as usize);
+        glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    // Let the low-priority read-ahead finish.
+    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+    (a, b)
+}
+
+/// A stream marked as going on into the next chunk id reads that chunk's
+/// first bytes ahead, so the reader's first READ there is a cache hit with
+/// the right bytes; an unmarked stream stops at the end of its chunk.
+#[test]
+fn a_marked_stream_reads_ahead_into_the_next_chunk() {
+    for marked in [true, false] {
+        let dir = tempdir();
+        run(|| async {
+            let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+                .await
+                .unwrap();
+            let (_, b) = read_first_of_two(&shard, marked).await;
+            let issued = shard.stats().cache.prefetch_issued;
+            let first = shard.read_now(b, 0, 256 << 10);
+            println!(
+                "marked {marked}: issued {issued} sectors, next chunk cached: {}",
+                first.is_some()
+            );
+            if marked {
+                let r = first.expect("the next chunk's start is cached").unwrap();
+                assert!(r.cached);
+                assert!(r.data.to_vec() == pattern(41, 2 << 20)[..256 << 10]);
+                // Read ahead: the first chunk's 2 MiB and a window of the next.
+                assert!(issued * SECTOR > 2 * MIB, "{issued} sectors");
+                // The stream goes on in the next chunk with its window grown:
+                // the next read is cached too.
+                let r = shard
+                    .read_with(b, 256 << 10, 256 << 10, ReadHints::default())
+                    .await
+                    .unwrap();
+                assert!(r.cached);
+            } else {
+                assert!(first.is_none(), "an unmarked stream read past its chunk");
+                assert!(issued * SECTOR <= 2 * MIB, "{issued} sectors");
+            }
+        });
+    }
+}
+
+/// With a forwarder installed (the server's routes hints to the shard that
+/// owns the next chunk), the hint leaves the shard instead of being taken
+/// here; the owner's `accept_stream_hint` then reads ahead.
+#[test]
+fn stream_hints_go_through_the_forwarder() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+            .await
+            .unwrap();
+        let sent = std::rc::Rc::new(std::cell::RefCell::new(Vec::<StreamHint>::new()));
+        let log = sent.clone();
+        shard.set_stream_forwarder(move |h| {
+            log.borrow_mut().push(h);
+            true
+        });
+        let (_, b) = read_first_of_two(&shard, true).await;
+        let hints = sent.borrow().clone();
+        assert!(!hints.is_empty());
+        assert!(hints
+            .iter()
+            .all(|h| h.chunk == b && h.ahead > 0 && h.window > 0));
+        // Each hint asks for more of the next chunk than the one before.
+        assert!(
+            hints.windows(2).all(|w| w[0].ahead < w[1].ahead),
+            "{hints:?}"
+        );
+        assert!(
+            shard.read_now(b, 0, 256 << 10).is_none(),
+            "taken locally too"
+        );
+        shard.accept_stream_hint(*hints.last().unwrap());
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        let r = shard.read_now(b, 0, 256 << 10).expect("cached").unwrap();
+        assert!(r.data.to_vec() == pattern(41, 2 << 20)[..256 << 10]);
     });
 }
