@@ -703,12 +703,12 @@ impl ShardCtx {
             }
             match queues.get(owner.0 as usize) {
                 Some(q) => {
-                    if q.try_send(h).is_err() {
-                        debug!(
-                            shard = me.0,
-                            to = owner.0,
-                            "stream hint queue full; hint dropped"
-                        );
+                    if let Err(e) = q.try_send(h) {
+                        let why = match e {
+                            flume::TrySendError::Full(_) => "its queue is full",
+                            flume::TrySendError::Disconnected(_) => "that shard stopped",
+                        };
+                        debug!(shard = me.0, to = owner.0, why, "stream hint dropped");
                     }
                     true
                 }

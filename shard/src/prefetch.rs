@@ -22,10 +22,16 @@
 //! end becomes a [`StreamHint`] for chunk id + 1, which the shard owning
 //! that chunk (this one, or another through the forwarder the server
 //! installs, see [`Prefetcher::set_forwarder`]) turns into read-ahead of the
-//! chunk's first bytes and a stream waiting at offset 0 with the window
-//! already grown, so the reader's first READ of the next chunk is a cache
-//! hit and its stream does not start cold. Unmarked reads never look past
-//! their chunk (the next id may be unrelated data).
+//! chunk's first bytes (at most a window, at most that chunk) and a stream
+//! waiting at offset 0 with the window already grown, so the reader's first
+//! READ of the next chunk is a cache hit and its stream does not start
+//! cold. A marked READ that reaches its chunk's end starts crossing at once
+//! even without an earlier READ of that chunk, so chunks read whole (one
+//! READ each) are read ahead one after the other too. Read-ahead reaches
+//! one chunk id past the reader at most. A hint is dropped for a chunk that
+//! does not exist, and for one a reader is in the middle of (its own
+//! stream goes on). Unmarked reads never look past their chunk (the next id
+//! may be unrelated data).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -45,6 +51,8 @@ pub const PREFETCH_SHARES: usize = 250;
 pub const BLOCK: u64 = 256 << 10;
 pub const MIN_WINDOW: u64 = 512 << 10;
 pub const MAX_WINDOW: u64 = 8 << 20;
+/// Reads ending past this offset (no chunk is that long) start no stream.
+const MAX_STREAM_END: u64 = 1 << 62;
 /// Streams remembered per shard, in a direct-mapped table: a chunk's slot
 /// is a hash of its id, and a new chunk takes the slot over (O(1) per read,
 /// no allocation; two interleaved streams that collide restart each other).
@@ -137,7 +145,9 @@ impl Prefetcher {
         end: u64,
         hints: ReadHints,
     ) {
-        if !self.enabled() || end <= offset {
+        // A read past any chunk's possible end fails its bounds check right
+        // after this; it starts nothing (and the sums below stay in range).
+        if !self.enabled() || end <= offset || end > MAX_STREAM_END {
             return;
         }
         // Only a marked stream needs the chunk's length (one more probe).
@@ -147,50 +157,57 @@ impl Prefetcher {
         };
         let (issue, hint) = {
             let mut streams = self.streams.borrow_mut();
-            match &mut streams[slot(chunk)] {
-                Some((c, s)) if *c == chunk && s.next == offset => {
-                    s.window = if s.window == 0 {
-                        MIN_WINDOW.max(2 * (end - offset))
-                    } else {
-                        s.window * 2
-                    }
-                    .min(self.max_window);
-                    s.next = end;
-                    let from = s.ahead.max(end);
-                    let target = (end + s.window).div_ceil(BLOCK) * BLOCK;
-                    if from < target && from - end <= s.window / 2 {
-                        s.ahead = target;
-                        let mut hint = None;
-                        let mut local = (from, target);
-                        if let Some((next_chunk, len)) = next {
-                            local.1 = target.min(len.div_ceil(BLOCK) * BLOCK);
-                            let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
-                            if spill > s.crossed {
-                                s.crossed = spill;
-                                hint = Some(StreamHint {
-                                    chunk: next_chunk,
-                                    window: s.window,
-                                    ahead: spill,
-                                });
-                            }
-                        }
-                        (Some(local).filter(|(f, t)| f < t), hint)
-                    } else {
-                        (None, None)
+            let entry = &mut streams[slot(chunk)];
+            let continues = matches!(entry, Some((c, s)) if *c == chunk && s.next == offset);
+            if !continues {
+                *entry = Some((
+                    chunk,
+                    Stream {
+                        next: end,
+                        window: 0,
+                        ahead: 0,
+                        crossed: 0,
+                    },
+                ));
+                // A new stream starts reading ahead on its second read,
+                // unless it is marked and this read already reaches the
+                // chunk's end (a chunk read whole, or its tail): then it is
+                // crossing into the next chunk now.
+                if next.is_none_or(|(_, len)| end < len) {
+                    return;
+                }
+            }
+            let Some((_, s)) = entry.as_mut() else {
+                return;
+            };
+            s.window = if s.window == 0 {
+                MIN_WINDOW.max(2 * (end - offset))
+            } else {
+                s.window * 2
+            }
+            .min(self.max_window);
+            s.next = end;
+            let from = s.ahead.max(end);
+            let target = (end + s.window).div_ceil(BLOCK) * BLOCK;
+            if from < target && from - end <= s.window / 2 {
+                s.ahead = target;
+                let mut local = (from, target);
+                let mut hint = None;
+                if let Some((next_chunk, len)) = next {
+                    local.1 = target.min(len.div_ceil(BLOCK) * BLOCK);
+                    let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
+                    if spill > s.crossed {
+                        s.crossed = spill;
+                        hint = Some(StreamHint {
+                            chunk: next_chunk,
+                            window: s.window,
+                            ahead: spill,
+                        });
                     }
                 }
-                other => {
-                    *other = Some((
-                        chunk,
-                        Stream {
-                            next: end,
-                            window: 0,
-                            ahead: 0,
-                            crossed: 0,
-                        },
-                    ));
-                    (None, None)
-                }
+                (Some(local).filter(|(f, t)| f < t), hint)
+            } else {
+                (None, None)
             }
         };
         if let Some((from, to)) = issue {
@@ -205,22 +222,34 @@ impl Prefetcher {
     }
 
     /// A marked stream arrives at the start of `h.chunk` (this shard's):
-    /// read its first bytes ahead, and wait for the reader at offset 0 with
-    /// the window it had. A stream already reading this chunk is left alone.
+    /// read its first bytes ahead (at most a window, at most the chunk),
+    /// and wait for the reader at offset 0 with the window it had. Ignored
+    /// for a chunk that does not exist (nothing to read, and a stream
+    /// claiming read-ahead would keep its reader from getting any) and for
+    /// a chunk a reader is in the middle of (its own stream is kept); a
+    /// stream that reached the chunk's end before is replaced.
     pub(crate) fn accept(&self, inner: &Rc<Inner>, h: StreamHint) {
-        if !self.enabled() || h.ahead == 0 {
+        if !self.enabled() {
             return;
         }
+        let Some(len) = inner.index.get_meta(h.chunk).map(|m| m.len) else {
+            return;
+        };
         let window = h
             .window
             .clamp(MIN_WINDOW.min(self.max_window), self.max_window);
-        // Never read ahead more than a window, whatever the hint says.
-        let ahead = h.ahead.min(window.div_ceil(BLOCK) * BLOCK);
+        let ahead = h
+            .ahead
+            .min(window.div_ceil(BLOCK) * BLOCK)
+            .min(len.div_ceil(BLOCK) * BLOCK);
+        if ahead == 0 {
+            return;
+        }
         let range = {
             let mut streams = self.streams.borrow_mut();
             match &mut streams[slot(h.chunk)] {
-                Some((c, s)) if *c == h.chunk && s.next != 0 => None,
-                Some((c, s)) if *c == h.chunk => {
+                Some((c, s)) if *c == h.chunk && s.next != 0 && s.next < len => None,
+                Some((c, s)) if *c == h.chunk && s.next == 0 => {
                     let from = s.ahead;
                     s.ahead = s.ahead.max(ahead);
                     s.window = s.window.max(window);

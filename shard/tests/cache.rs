@@ -409,3 +409,184 @@ fn stream_hints_go_through_the_forwarder() {
         assert!(r.data.to_vec() == pattern(41, 2 << 20)[..256 << 10]);
     });
 }
+
+/// Reads `chunks` in order, each in `step`-byte READs (the last one short),
+/// marked as one stream over consecutive ids except the last chunk's reads;
+/// pauses 200 us between READs as a client's round trip would. Returns, per
+/// chunk, whether its first READ was served from the cache.
+async fn walk(
+    shard: &Shard,
+    chunks: &[(shardstore_proto::ChunkId, usize)],
+    step: u32,
+) -> Vec<bool> {
+    let mut first_cached = Vec::new();
+    for (i, &(c, len)) in chunks.iter().enumerate() {
+        let hints = ReadHints {
+            continues_into_next_chunk: i + 1 < chunks.len(),
+        };
+        let mut off = 0u64;
+        while off < len as u64 {
+            let r = shard.read_with(c, off, step, hints).await.unwrap();
+            let n = r.data.len();
+            assert_eq!(n, step.min(len as u32 - off as u32) as usize);
+            assert!(r.data.to_vec() == pattern(c.0 as u64, len)[off as usize..off as usize + n]);
+            if off == 0 {
+                first_cached.push(r.cached);
+            }
+            off += n as u64;
+            glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+        }
+    }
+    first_cached
+}
+
+/// A marked walk over many chunks of uneven lengths (none a multiple of the
+/// read-ahead block, some shorter than a window, some read whole in one
+/// READ): every chunk after the first has its first READ cached, and so on
+/// a second pass after the cache has turned over (the first pass's finished
+/// streams do not block the hints).
+#[test]
+fn a_marked_walk_reads_ahead_chunk_after_chunk() {
+    let dir = tempdir();
+    run(|| async {
+        // 16 MiB of cache: a 1 MiB window, and two passes over ~24 MiB turn
+        // the cache over.
+        let shard = Shard::open(cached_config(dir.path(), 16 * MIB, true))
+            .await
+            .unwrap();
+        let lens = [
+            3 << 20,
+            100_000,
+            1 << 20,
+            4096,
+            2_500_000,
+            777_777,
+            3 << 20,
+            12_345,
+        ];
+        let chunks: Vec<_> = (0..24u128)
+            .map(|i| {
+                (
+                    cid(100 + i),
+                    lens[i as usize % lens.len()] + i as usize * SECTOR as usize,
+                )
+            })
+            .collect();
+        for &(c, len) in &chunks {
+            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
+        }
+        for pass in 0..2 {
+            let first = walk(&shard, &chunks, 256 << 10).await;
+            println!(
+                "pass {pass}: first READ cached {first:?}, {:?}",
+                shard.stats().cache
+            );
+            assert!(first[1..].iter().all(|&c| c), "pass {pass}: {first:?}");
+        }
+    });
+}
+
+/// Chunks read whole, one READ each (a data set of small objects read in
+/// order): marked, every object after the first is read ahead.
+#[test]
+fn chunks_read_whole_in_a_marked_walk_are_read_ahead() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+            .await
+            .unwrap();
+        let chunks: Vec<_> = (0..20u128)
+            .map(|i| (cid(300 + i), 60_000 + 4096 * i as usize))
+            .collect();
+        for &(c, len) in &chunks {
+            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
+        }
+        let first = walk(&shard, &chunks, 1 << 20).await;
+        assert!(!first[0]);
+        assert!(first[1..].iter().all(|&c| c), "{first:?}");
+    });
+}
+
+/// What a hint may not do: read ahead more than a window, read ahead a
+/// chunk that does not exist (and so leave a stream there that claims
+/// read-ahead nobody did), or take over the stream of a reader in the
+/// middle of the chunk.
+#[test]
+fn stream_hints_are_bounded_and_never_break_a_stream() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+            .await
+            .unwrap();
+        let settle = || glommio::timer::sleep(std::time::Duration::from_millis(50));
+        let issued = || shard.stats().cache.prefetch_issued;
+        // 1. At most a window (64 MiB / 16 = 4 MiB), whatever `ahead` says.
+        let big = cid(500);
+        for i in 0..4u64 {
+            shard
+                .write(big, i << 23, &pattern(500 + i, 8 << 20))
+                .await
+                .unwrap();
+        }
+        shard.accept_stream_hint(StreamHint {
+            chunk: big,
+            window: 1 << 30,
+            ahead: 1 << 30,
+        });
+        settle().await;
+        assert!(
+            issued() > 0 && issued() * SECTOR <= 4 * MIB,
+            "{} sectors",
+            issued()
+        );
+        // 2. A chunk that does not exist yet: nothing happens, and once it
+        //    is written a reader's own stream reads ahead as usual.
+        let late = cid(501);
+        let before = issued();
+        shard.accept_stream_hint(StreamHint {
+            chunk: late,
+            window: 4 << 20,
+            ahead: 4 << 20,
+        });
+        settle().await;
+        assert_eq!(issued(), before);
+        shard.write(late, 0, &pattern(501, 4 << 20)).await.unwrap();
+        let first = walk(&shard, &[(late, 4 << 20)], 256 << 10).await;
+        assert_eq!(first, vec![false]);
+        assert!(
+            issued() > before,
+            "the late chunk's reader got no read-ahead"
+        );
+        // 3. A reader in the middle of a chunk keeps its stream: after the
+        //    hint its next READ still continues it (and reads further ahead).
+        let mid = cid(502);
+        for i in 0..2u64 {
+            shard
+                .write(mid, i << 23, &pattern(502 + i, 8 << 20))
+                .await
+                .unwrap();
+        }
+        for off in [0u64, 256 << 10] {
+            shard.read(mid, off, 256 << 10).await.unwrap();
+        }
+        settle().await;
+        shard.accept_stream_hint(StreamHint {
+            chunk: mid,
+            window: 512 << 10,
+            ahead: 512 << 10,
+        });
+        settle().await;
+        let before = issued();
+        for off in [512u64 << 10, 768 << 10] {
+            shard.read(mid, off, 256 << 10).await.unwrap();
+        }
+        settle().await;
+        // Its window doubled twice: [1, 3) MiB read ahead. A stream started
+        // over by the hint would have read ahead only [1, 1.5) MiB.
+        let more = (issued() - before) * SECTOR;
+        assert!(
+            more >= 3 * MIB / 2,
+            "the hint reset the reader's stream: {more} bytes read ahead"
+        );
+    });
+}
