@@ -4,7 +4,10 @@
 #
 # shardstore (one shard pinned to SERVER_CPU) against its peers on the same
 # core; the load generators (shardstore-loadgen, redis-benchmark, the iperf3
-# client) run on CLIENT_CPU. Every figure is the median of RUNS runs. Rows:
+# client) run on CLIENT_CPU. Every figure is the median of RUNS runs, and
+# each shardstore run is followed by one run of its peer (interleaved, so the
+# slow drift of a shared machine hits both sides alike); the ratio is of the
+# medians, and the notes list each interleaved pair's ratio. Rows:
 #
 #  1. Cached 4 KiB random reads, 32 connections x 16 pipelined, vs redis GET
 #     (-d 4096 -c 32 -P 16). The 20,000 x 4 KiB set fits in the read cache
@@ -249,15 +252,18 @@ warm() {
         --connections "$conns" --pipeline "$pipe" --ops $((keys * WARM_PASSES)) --warmup 0s
 }
 
-# measure NAME OP METRIC loadgen-flags...: RUNS shardstore-loadgen runs
-# (the flags say how long). With RESTART_FLAGS set (an array), the server is
-# restarted with them before every run. Sets ss (METRIC of OP, per run),
-# p99 (us), busy (server core % busy over the run), cpuop (loadgen CPU us
-# per op) and cache (what the read cache did over all runs).
+# measure NAME OP METRIC PEER loadgen-flags...: RUNS shardstore-loadgen runs
+# (the flags say how long), each followed by one run of the peer: `PEER I`
+# prints the peer's figure for its run I (interleaved, so slow drift of this
+# noisy machine hits both sides alike). With RESTART_FLAGS set (an array),
+# the server is restarted with them before every run. Sets ss (METRIC of OP,
+# per run), peer (the peer's figure, per run), p99 (us), busy (server core %
+# busy over the run), cpuop (loadgen CPU us per op) and cache (what the read
+# cache did over all runs).
 measure() {
-    local name=$1 op=$2 metric=$3 i j c0 c1 t0 t1 w0 w1 total=$CACHE_ZERO
-    shift 3
-    ss=() p99=() busy=() cpuop=()
+    local name=$1 op=$2 metric=$3 peer_run=$4 i j c0 c1 t0 t1 w0 w1 total=$CACHE_ZERO
+    shift 4
+    ss=() peer=() p99=() busy=() cpuop=()
     for i in $(seq "$RUNS"); do
         [[ -z ${RESTART_FLAGS+x} ]] || ss_restart "${RESTART_FLAGS[@]}"
         j=$BENCH_DIR/$name-$i.json
@@ -269,109 +275,106 @@ measure() {
         p99+=("$(jget "$j" "d['ops']['$op']['latency_us']['p99']")")
         cpuop+=("$(jget "$j" 'd["client"]["cpu_us_per_op"]')")
         busy+=("$(py "print(100 * ($t1 - $t0) / $clk_tck / ($w1 - $w0))")")
+        peer+=("$("$peer_run" "$i")")
     done
     cache=$(cache_note "$CACHE_ZERO" "$total")
     RAW+=("$name shardstore $op $metric: ${ss[*]} | server busy %: ${busy[*]} | cache counters ($CACHE_COLS): $total")
+    RAW+=("$name peer: ${peer[*]}")
 }
 
-# fio_measure NAME EXPR fio-flags...: RUNS fio runs; sets fo (EXPR of the
-# JSON report `d`, per run).
-fio_measure() {
-    local name=$1 expr=$2 i j
-    shift 2
-    fo=()
-    for i in $(seq "$RUNS"); do
-        j=$BENCH_DIR/fio-$name-$i.json
-        fio_run "$j" "$@"
-        fo+=("$(jget "$j" "$expr")")
-    done
-    RAW+=("$name fio: ${fo[*]}")
+# fio_run_get NAME EXPR I fio-flags...: fio run I; prints EXPR of its JSON
+# report `d`.
+fio_run_get() {
+    local name=$1 expr=$2 i=$3 j
+    shift 3
+    j=$BENCH_DIR/fio-$name-$i.json
+    fio_run "$j" "$@"
+    jget "$j" "$expr"
+}
+
+# The ratio of the medians, and the median of the per-run (interleaved
+# pair) ratios, from the ss and peer arrays.
+ratios() {
+    py 'import statistics, sys
+n = len(sys.argv) // 2
+a, b = [float(x) for x in sys.argv[1:n + 1]], [float(x) for x in sys.argv[n + 1:]]
+pairs = [x / y for x, y in zip(a, b) if y]
+print(f"{statistics.median(a) / statistics.median(b):.2f}" if statistics.median(b) else "n/a",
+      f"{statistics.median(pairs):.2f}" if pairs else "n/a",
+      " ".join(f"{r:.2f}" for r in pairs))' "${ss[@]}" "${peer[@]}"
+}
+
+# row_measured N WORKLOAD PEER_LABEL NOTE: a row from the last `measure`.
+row_measured() {
+    local r
+    read -r -a r <<<"$(ratios)"
+    row "$1" "$2" "$(fmt "$(median "${ss[@]}")")" "$(fmt "$(median "${peer[@]}")") ($3)" "${r[0]}" \
+        "$4; ratio of each interleaved pair ${r[*]:2} (median ${r[1]})"
 }
 
 p99_note() { echo "p99 $(fmt "$(median "${p99[@]}")") us"; }
 TIMED=(--duration "${DUR}s" --warmup 1s)
 
 # ------------------------------------------------ 1. cached 4 KiB random read
-log "1. cached 4 KiB random read: shardstore"
+log "1. cached 4 KiB random read: shardstore and redis-server, interleaved"
 warm 20000 4 8 $K4
-measure get read ops_per_s $K4 --read-ratio read-only --connections 32 --pipeline 16 "${TIMED[@]}"
-a=$(median "${ss[@]}")
+redis_get() {
+    taskset -c "$CLIENT_CPU" redis-benchmark -p "$REDIS_PORT" -t get -d 4096 -r 20000 \
+        -n "$REDIS_N" -c 32 -P 16 --csv | tail -1 | cut -d, -f2 | tr -d '"'
+}
+measure get read ops_per_s redis_get $K4 --read-ratio read-only --connections 32 --pipeline 16 "${TIMED[@]}"
 note="$cache; server core $(fmt "$(median "${busy[@]}")")% busy, loadgen $(median "${cpuop[@]}" | xargs printf '%.2f') us CPU/op, $(p99_note)"
-log "1. 4 KiB GET: redis-server"
-rd=()
-for i in $(seq "$RUNS"); do
-    out=$(taskset -c "$CLIENT_CPU" redis-benchmark -p "$REDIS_PORT" -t get -d 4096 -r 20000 \
-        -n "$REDIS_N" -c 32 -P 16 --csv | tail -1)
-    rd+=("$(echo "$out" | cut -d, -f2 | tr -d '"')")
-done
-RAW+=("get redis: ${rd[*]}")
-b=$(median "${rd[@]}")
-row 1 "4 KiB cached random read, 32 conns x 16 pipelined (ops/s)" "$(fmt "$a")" "$(fmt "$b") (redis GET -c 32 -P 16)" "$(ratio "$a" "$b")" "$note"
+row_measured 1 "4 KiB cached random read, 32 conns x 16 pipelined (ops/s)" "redis GET -c 32 -P 16, runs interleaved" "$note"
 
 # ------------------------------------------------ 4. cached 1 MiB random read
-log "4. cached 1 MiB random read: shardstore"
+log "4. cached 1 MiB random read: shardstore and iperf3, interleaved"
 warm 64 1 4 $K1M
-measure read1m read mb_per_s $K1M --read-ratio read-only --connections 1 --pipeline 4 "${TIMED[@]}"
-a=$(median "${ss[@]}")
-note="target >= 0.5; $cache; $(p99_note)"
-log "4. loopback: iperf3"
-ip=()
-for i in $(seq "$RUNS"); do
-    j=$BENCH_DIR/iperf3-$i.json
+iperf_run() {
+    local j=$BENCH_DIR/iperf3-$1.json
     taskset -c "$CLIENT_CPU" iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$DUR" -J >"$j"
-    ip+=("$(jget "$j" 'd["end"]["sum_received"]["bits_per_second"] / 8e6')")
-done
-RAW+=("loopback MB/s iperf3: ${ip[*]}")
-b=$(median "${ip[@]}")
-row 5 "1 MiB cached random read, 1 conn x 4 outstanding (MB/s)" "$(fmt "$a")" "$(fmt "$b") (iperf3 1 stream, loopback)" "$(ratio "$a" "$b")" "$note"
+    jget "$j" 'd["end"]["sum_received"]["bits_per_second"] / 8e6'
+}
+measure read1m read mb_per_s iperf_run $K1M --read-ratio read-only --connections 1 --pipeline 4 "${TIMED[@]}"
+row_measured 5 "1 MiB cached random read, 1 conn x 4 outstanding (MB/s)" "iperf3 1 stream, loopback, runs interleaved" \
+    "target >= 0.5; $cache; $(p99_note)"
 
 # ------------------------------------------------------ 5. durable writes
 for qd in 1 32; do
     if ((qd == 1)); then conns=1 pipe=1; else conns=4 pipe=8; fi
     fioargs=(--ioengine=io_uring --iodepth=$qd --fdatasync=1)
-    log "5. 4 KiB durable write QD$qd: shardstore"
-    measure write-qd$qd write ops_per_s $K4 --read-ratio write-only --connections $conns --pipeline $pipe "${TIMED[@]}"
-    a=$(median "${ss[@]}")
-    note="shardstore $(p99_note)"
-    log "5. 4 KiB durable write QD$qd: fio"
-    fio_measure write-qd$qd 'd["jobs"][0]["write"]["iops"]' --rw=randwrite --bs=4k "${fioargs[@]}"
-    b=$(median "${fo[@]}")
-    row $((qd == 1 ? 6 : 7)) "4 KiB durable write QD$qd (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randwrite ${fioargs[*]})" "$(ratio "$a" "$b")" "$note"
+    log "5. 4 KiB durable write QD$qd: shardstore and fio, interleaved"
+    fio_write() { fio_run_get write-qd$qd 'd["jobs"][0]["write"]["iops"]' "$1" --rw=randwrite --bs=4k "${fioargs[@]}"; }
+    measure write-qd$qd write ops_per_s fio_write $K4 --read-ratio write-only --connections $conns --pipeline $pipe "${TIMED[@]}"
+    row_measured $((qd == 1 ? 6 : 7)) "4 KiB durable write QD$qd (ops/s)" "fio randwrite ${fioargs[*]}" "shardstore $(p99_note)"
 done
 
 # ---------------------------------------------- 2. uncached 4 KiB random read
-log "2. uncached 4 KiB random read QD32: shardstore --cache-mib 0"
+log "2. uncached 4 KiB random read QD32: shardstore --cache-mib 0 and fio, interleaved"
 ss_restart --cache-mib 0
-measure randread read ops_per_s $K4 --read-ratio read-only --connections 4 --pipeline 8 "${TIMED[@]}"
-a=$(median "${ss[@]}")
-note="target >= 0.85; server --cache-mib 0 ($cache); $(p99_note)"
-log "2. 4 KiB random read QD32: fio"
-fio_measure randread 'd["jobs"][0]["read"]["iops"]' --rw=randread --bs=4k --ioengine=io_uring --iodepth=32
-b=$(median "${fo[@]}")
-row 2 "4 KiB uncached random read QD32, 4 conns x 8 (ops/s)" "$(fmt "$a")" "$(fmt "$b") (fio randread io_uring QD32)" "$(ratio "$a" "$b")" "$note"
+fio_randread() { fio_run_get randread 'd["jobs"][0]["read"]["iops"]' "$1" --rw=randread --bs=4k --ioengine=io_uring --iodepth=32; }
+measure randread read ops_per_s fio_randread $K4 --read-ratio read-only --connections 4 --pipeline 8 "${TIMED[@]}"
+row_measured 2 "4 KiB uncached random read QD32, 4 conns x 8 (ops/s)" "fio randread io_uring QD32" \
+    "target >= 0.85; server --cache-mib 0 ($cache); $(p99_note)"
 
 # ----------------------------------------- 3. cold 1 MiB sequential read QD1
-log "3. 1 MiB sequential read QD1: fio"
-fio_measure seqread 'd["jobs"][0]["read"]["bw_bytes"] / 1e6' --rw=read --bs=1m
-b=$(median "${fo[@]}")
+fio_seqread() { fio_run_get seqread-$pf 'd["jobs"][0]["read"]["bw_bytes"] / 1e6' "$1" --rw=read --bs=1m; }
 for pf in off auto; do
-    log "3. cold 1 MiB sequential read QD1, prefetch $pf: shardstore (restarted before each run)"
+    log "3. cold 1 MiB sequential read QD1, prefetch $pf: shardstore (restarted before each run) and fio, interleaved"
     RESTART_FLAGS=(--prefetch "$pf")
     # One pass over the set per run: every read is of bytes this server
     # process has not read before.
-    measure seqread-$pf read mb_per_s $KSEQ --read-ratio read-only --distribution sequential \
+    measure seqread-$pf read mb_per_s fio_seqread $KSEQ --read-ratio read-only --distribution sequential \
         --connections 1 --pipeline 1 --ops "$SEQ_OPS" --warmup 0s
     unset RESTART_FLAGS
-    a=$(median "${ss[@]}")
     if [[ $pf == off ]]; then n=3 note="$SEQ_CHUNKS x 64 MiB chunks, each run one pass after a restart"
     else n=4 note="target >= 0.9"; fi
-    row $n "1 MiB sequential read, cold, QD1, prefetch $pf (MB/s)" "$(fmt "$a")" "$(fmt "$b") (fio read 1 MiB sync QD1)" \
-        "$(ratio "$a" "$b")" "$note; $cache; $(p99_note)"
+    row_measured $n "1 MiB sequential read, cold, QD1, prefetch $pf (MB/s)" "fio read 1 MiB sync QD1" \
+        "$note; $cache; $(p99_note)"
 done
 
 # ---------------------------------------------------------------- report
 {
-    echo "shardstore vs peers, $(date -u +%Y-%m-%dT%H:%MZ), medians of $RUNS runs of ${DUR}s (cold sequential rows: one pass per run)"
+    echo "shardstore vs peers, $(date -u +%Y-%m-%dT%H:%MZ), medians of $RUNS runs of ${DUR}s (cold sequential rows: one pass per run), each shardstore run followed by one peer run; ratio = median / median"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $fstype on $(df "$BENCH_DIR" | awk 'NR==2 {print $1}'), kernel $(uname -r)"
     echo "build: $BUILD"
     echo "servers on cpu $SERVER_CPU, load generators on cpu $CLIENT_CPU; load average before the run: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews figures)"
