@@ -207,6 +207,12 @@ pub struct StatsReply {
     pub tombstones_retired: u64,
     pub sweep_passes: u64,
     pub sweep_erased: u64,
+    /// Read-ahead hints of streams crossing into the next chunk id: sent to
+    /// the shard owning it, received from other shards, and dropped because
+    /// the owner's hint queue was full (or it had stopped).
+    pub stream_hints_out: u64,
+    pub stream_hints_in: u64,
+    pub stream_hints_dropped: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

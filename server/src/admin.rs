@@ -299,7 +299,7 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "\n{:>5} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "shard",
         "cache_MiB",
         "used_MiB",
@@ -311,7 +311,10 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         "rd_uncach",
         "pf_issued",
         "pf_used",
-        "pf_wasted"
+        "pf_wasted",
+        "hint_out",
+        "hint_in",
+        "hint_drop"
     );
     for st in all {
         let looked = st.cache_hits + st.cache_misses;
@@ -329,7 +332,7 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>5} {:>9.1} {:>9.1} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+            "{:>5} {:>9.1} {:>9.1} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             st.shard,
             mib(st.cache_capacity_bytes),
             mib(st.cache_bytes),
@@ -341,7 +344,10 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
             st.uncached_reads,
             pf(st.prefetch_issued),
             pf(st.prefetch_used),
-            pf(st.prefetch_wasted)
+            pf(st.prefetch_wasted),
+            st.stream_hints_out,
+            st.stream_hints_in,
+            st.stream_hints_dropped
         );
     }
     let _ = writeln!(

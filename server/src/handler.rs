@@ -636,6 +636,9 @@ impl ShardCtx {
             tombstones_retired: s.tombstones_retired,
             sweep_passes: s.sweep_passes,
             sweep_erased: s.sweep_erased,
+            stream_hints_out: c.stream_hints_out.get(),
+            stream_hints_in: c.stream_hints_in.get(),
+            stream_hints_dropped: c.stream_hints_dropped.get(),
         }
     }
 
@@ -696,29 +699,39 @@ impl ShardCtx {
     pub fn route_stream_hints(self: &Rc<Self>, rx: flume::Receiver<StreamHint>) {
         let queues = self.node.stream_hints.clone();
         let (me, shards) = (self.id, self.node.shard_count);
+        // Weak: the forwarder lives inside this context's shard.
+        let weak = Rc::downgrade(self);
         self.shard.set_stream_forwarder(move |h| {
             let owner = route(h.chunk, shards);
             if owner == me {
                 return false;
             }
-            match queues.get(owner.0 as usize) {
-                Some(q) => {
-                    if let Err(e) = q.try_send(h) {
-                        let why = match e {
-                            flume::TrySendError::Full(_) => "its queue is full",
-                            flume::TrySendError::Disconnected(_) => "that shard stopped",
-                        };
-                        debug!(shard = me.0, to = owner.0, why, "stream hint dropped");
-                    }
-                    true
+            let Some(q) = queues.get(owner.0 as usize) else {
+                return false;
+            };
+            let sent = q.try_send(h);
+            if let Some(ctx) = weak.upgrade() {
+                let c = &ctx.counters;
+                match &sent {
+                    Ok(()) => c.stream_hints_out.set(c.stream_hints_out.get() + 1),
+                    Err(_) => c.stream_hints_dropped.set(c.stream_hints_dropped.get() + 1),
                 }
-                None => false,
             }
+            if let Err(e) = sent {
+                let why = match e {
+                    flume::TrySendError::Full(_) => "its queue is full",
+                    flume::TrySendError::Disconnected(_) => "that shard stopped",
+                };
+                debug!(shard = me.0, to = owner.0, why, "stream hint dropped");
+            }
+            true
         });
-        let ctx = Rc::downgrade(self);
+        let weak = Rc::downgrade(self);
         glommio::spawn_local(async move {
             while let Ok(h) = rx.recv_async().await {
-                let Some(ctx) = ctx.upgrade() else { return };
+                let Some(ctx) = weak.upgrade() else { return };
+                let c = &ctx.counters;
+                c.stream_hints_in.set(c.stream_hints_in.get() + 1);
                 ctx.shard.accept_stream_hint(h);
             }
         })

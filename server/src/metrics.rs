@@ -409,7 +409,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 41] = [
+    let fams: [Family; 44] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -574,6 +574,24 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Old extent headers of deleted chunks erased from free space by sweeps.",
             |s| s.stats.sweep_erased,
+        ),
+        (
+            "shardstore_stream_hints_out_total",
+            "counter",
+            "Read-ahead hints sent to the shard owning the next chunk id of a marked stream.",
+            |s| s.stats.stream_hints_out,
+        ),
+        (
+            "shardstore_stream_hints_in_total",
+            "counter",
+            "Read-ahead hints received from other shards.",
+            |s| s.stats.stream_hints_in,
+        ),
+        (
+            "shardstore_stream_hints_dropped_total",
+            "counter",
+            "Read-ahead hints dropped because the owning shard's hint queue was full.",
+            |s| s.stats.stream_hints_dropped,
         ),
         (
             "shardstore_fail_stopped",

@@ -50,6 +50,10 @@ pub struct ShardCounters {
     pub forwarded_out: Cell<u64>,
     pub forwarded_in: Cell<u64>,
     pub forward_busy: Cell<u64>,
+    /// Stream hints sent to other shards, received, and dropped.
+    pub stream_hints_out: Cell<u64>,
+    pub stream_hints_in: Cell<u64>,
+    pub stream_hints_dropped: Cell<u64>,
     pub connections: Cell<u64>,
     pub connections_total: Cell<u64>,
     pub malformed_frames: Cell<u64>,

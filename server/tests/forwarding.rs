@@ -114,4 +114,16 @@ async fn a_marked_stream_reads_ahead_into_the_next_chunk_on_another_shard() {
             assert_eq!(cached, 0);
         }
     }
+    // The hints went from shard 0 to shard 1, and STATS counted them.
+    let (from, to) = (
+        client.stats(ShardId(0)).await.unwrap(),
+        client.stats(ShardId(1)).await.unwrap(),
+    );
+    println!(
+        "hints: shard 0 sent {} (dropped {}), shard 1 received {}",
+        from.stream_hints_out, from.stream_hints_dropped, to.stream_hints_in
+    );
+    assert!(from.stream_hints_out > 0);
+    assert_eq!(from.stream_hints_out, to.stream_hints_in);
+    assert_eq!((to.stream_hints_out, from.stream_hints_in), (0, 0));
 }
