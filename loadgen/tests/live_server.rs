@@ -432,3 +432,81 @@ fn io_size_pieces_verify_and_count_io_bytes() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("must divide"));
 }
+
+/// `hint_out` summed over the shards, from `shardstore stats`: read-ahead
+/// hints sent to another shard for the next chunk id of a marked stream.
+fn hints_sent(addr: &str) -> u64 {
+    let out = Command::new(server_bin())
+        .args(["stats", "--addr", addr])
+        .output()
+        .expect("run shardstore stats");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut head: Option<Vec<String>> = None;
+    let mut sum = 0;
+    for line in text(&out.stdout).lines() {
+        let f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        if f.first().map(String::as_str) == Some("shard") && f.iter().any(|c| c == "hint_out") {
+            head = Some(f);
+        } else if let Some(h) = &head {
+            if f.is_empty() {
+                break;
+            }
+            let col = h.iter().position(|c| c == "hint_out").unwrap();
+            sum += f[col].parse::<u64>().unwrap();
+        }
+    }
+    assert!(
+        head.is_some(),
+        "no hint_out column in:\n{}",
+        text(&out.stdout)
+    );
+    sum
+}
+
+/// A one-worker sequential walk over consecutive keys marks its reads as
+/// going on into the next chunk id, so the server reads ahead across chunks
+/// (hints cross to the other shard); a walk split between two workers
+/// (whose keys are not consecutive) does not.
+#[test]
+fn a_one_worker_sequential_walk_marks_its_reads_for_read_ahead() {
+    let server = Server::start("walk", 2);
+    let walk = |conns: &str, preload: bool| {
+        let mut args = vec![
+            "--addr",
+            &server.addr,
+            "--size",
+            "1m",
+            "--io-size",
+            "256k",
+            "--keys",
+            "12",
+            "--connections",
+            conns,
+            "--pipeline",
+            "1",
+            "--read-ratio",
+            "read-only",
+            "--distribution",
+            "sequential",
+            "--ops",
+            "48",
+            "--warmup",
+            "0s",
+            "-q",
+        ];
+        if preload {
+            args.push("--preload");
+        }
+        let out = run_loadgen(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    walk("2", true);
+    assert_eq!(
+        hints_sent(&server.addr),
+        0,
+        "two workers' reads were marked"
+    );
+    walk("1", false);
+    let sent = hints_sent(&server.addr);
+    assert!(sent > 0, "a one-worker walk sent no read-ahead hint");
+}
