@@ -36,7 +36,7 @@ pub use device::{
 };
 pub use error::ShardError;
 pub use layout::{FORMAT_VERSION, SECTOR};
-pub use prefetch::{ReadHints, StreamHint};
+pub use prefetch::{ReadHints, StreamHint, MAX_CHUNKS_AHEAD};
 pub use read_data::ReadData;
 pub use recover::{RecoveryReport, VerifyReport};
 pub use shard::{

@@ -27,8 +27,13 @@
 //! READ of the next chunk is a cache hit and its stream does not start
 //! cold. A marked READ that reaches its chunk's end starts crossing at once
 //! even without an earlier READ of that chunk, so chunks read whole (one
-//! READ each) are read ahead one after the other too. Read-ahead reaches
-//! one chunk id past the reader at most. A hint is dropped for a chunk that
+//! READ each) are read ahead one after the other too. The part of the window
+//! past the end is spread over the next chunk ids as if they were as long
+//! as the longest chunk the stream has passed through: a run of small
+//! chunks is read ahead up to [`MAX_CHUNKS_AHEAD`] chunks deep (that many
+//! reads in flight for one reader), a run of large ones one chunk ahead,
+//! and what is read ahead past the reader's chunk stays within a window
+//! (plus a block). A hint is dropped for a chunk that
 //! does not exist, and for one a reader is in the middle of (its own
 //! stream goes on). Unmarked reads never look past their chunk (the next id
 //! may be unrelated data).
@@ -51,6 +56,9 @@ pub const PREFETCH_SHARES: usize = 250;
 pub const BLOCK: u64 = 256 << 10;
 pub const MIN_WINDOW: u64 = 512 << 10;
 pub const MAX_WINDOW: u64 = 8 << 20;
+/// Most chunk ids a marked stream reads ahead past the reader's chunk
+/// (small chunks read in order: this many in flight at once).
+pub const MAX_CHUNKS_AHEAD: u64 = 16;
 /// Reads ending past this offset (no chunk is that long) start no stream.
 const MAX_STREAM_END: u64 = 1 << 62;
 /// Streams remembered per shard, in a direct-mapped table: a chunk's slot
@@ -69,6 +77,12 @@ struct Stream {
     /// A marked stream: how far into the next chunk read-ahead was asked
     /// for already (bytes from its start).
     crossed: u64,
+    /// A marked stream: how many chunk ids past this one were asked to read
+    /// ahead already.
+    crossed_chunks: u64,
+    /// A marked stream: the longest chunk it has passed through (carried
+    /// from chunk to chunk), bytes.
+    max_len: u64,
 }
 
 /// How a client describes a READ (protocol READ flags).
@@ -88,6 +102,12 @@ pub struct StreamHint {
     pub window: u64,
     /// Bytes of `chunk` to read ahead, from its start.
     pub ahead: u64,
+    /// Chunk ids after `chunk` that were sent hints of their own (read
+    /// ahead a whole window each): the stream waiting in `chunk` does not
+    /// ask for them again.
+    pub further: u64,
+    /// The longest chunk the stream has passed through, bytes.
+    pub max_len: u64,
 }
 
 /// Hands a [`StreamHint`] to the shard that owns its chunk; false: this
@@ -155,7 +175,7 @@ impl Prefetcher {
             (true, Some(n)) => inner.index.get_meta(chunk).map(|m| (ChunkId(n), m.len)),
             _ => None,
         };
-        let (issue, hint) = {
+        let (issue, hints) = {
             let mut streams = self.streams.borrow_mut();
             let entry = &mut streams[slot(chunk)];
             let continues = matches!(entry, Some((c, s)) if *c == chunk && s.next == offset);
@@ -167,6 +187,8 @@ impl Prefetcher {
                         window: 0,
                         ahead: 0,
                         crossed: 0,
+                        crossed_chunks: 0,
+                        max_len: 0,
                     },
                 ));
                 // A new stream starts reading ahead on its second read,
@@ -192,28 +214,20 @@ impl Prefetcher {
             if from < target && from - end <= s.window / 2 {
                 s.ahead = target;
                 let mut local = (from, target);
-                let mut hint = None;
-                if let Some((next_chunk, len)) = next {
+                let mut hints = Vec::new();
+                if let Some((_, len)) = next {
                     local.1 = target.min(len.div_ceil(BLOCK) * BLOCK);
-                    let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
-                    if spill > s.crossed {
-                        s.crossed = spill;
-                        hint = Some(StreamHint {
-                            chunk: next_chunk,
-                            window: s.window,
-                            ahead: spill,
-                        });
-                    }
+                    hints = crossing_hints(chunk, s, len, target);
                 }
-                (Some(local).filter(|(f, t)| f < t), hint)
+                (Some(local).filter(|(f, t)| f < t), hints)
             } else {
-                (None, None)
+                (None, Vec::new())
             }
         };
         if let Some((from, to)) = issue {
             self.issue(inner, chunk, from, to);
         }
-        if let Some(h) = hint {
+        for h in hints {
             let forwarded = self.forwarder.borrow().as_ref().is_some_and(|f| f(h));
             if !forwarded {
                 self.accept(inner, h);
@@ -253,16 +267,25 @@ impl Prefetcher {
                     let from = s.ahead;
                     s.ahead = s.ahead.max(ahead);
                     s.window = s.window.max(window);
+                    s.crossed_chunks = s.crossed_chunks.max(h.further);
+                    s.max_len = s.max_len.max(h.max_len);
+                    if h.further > 0 {
+                        s.crossed = s.crossed.max(window);
+                    }
                     Some((from, s.ahead))
                 }
                 other => {
+                    // The chunks after this one that have hints of their own
+                    // were asked for a whole window each.
                     *other = Some((
                         h.chunk,
                         Stream {
                             next: 0,
                             window,
                             ahead,
-                            crossed: 0,
+                            crossed: if h.further > 0 { window } else { 0 },
+                            crossed_chunks: h.further,
+                            max_len: h.max_len,
                         },
                     ));
                     Some((0, ahead))
@@ -337,6 +360,52 @@ impl Prefetcher {
             .filter_map(|b| pending.get(&(chunk, b)).cloned())
             .collect()
     }
+}
+
+/// The hints a marked stream `s` in `chunk` (of `len` bytes) sends now that
+/// its read-ahead reaches `target`, past the chunk's end. The part of the
+/// window past the end (the spill) is spread over the chunk ids that
+/// follow as if they were as long as the longest chunk the stream has
+/// passed through (at least a block each, at most [`MAX_CHUNKS_AHEAD`] of
+/// them: many only for a run of small chunks), each asked once for that size;
+/// when the spill fits in one such chunk, the next one is asked for all of
+/// it (again whenever it grows). So what is read ahead past the chunk stays
+/// within the window plus one block, whatever the sizes.
+fn crossing_hints(chunk: ChunkId, s: &mut Stream, len: u64, target: u64) -> Vec<StreamHint> {
+    let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
+    if spill == 0 {
+        return Vec::new();
+    }
+    s.max_len = s.max_len.max(len);
+    let size = s.max_len.div_ceil(BLOCK).max(1) * BLOCK;
+    let reach = spill.div_ceil(size).clamp(1, MAX_CHUNKS_AHEAD);
+    let id = |j: u64| chunk.0.checked_add(u128::from(j)).map(ChunkId);
+    let mut out = Vec::new();
+    if spill > s.crossed {
+        s.crossed = spill;
+        if let Some(c) = id(1) {
+            out.push(StreamHint {
+                chunk: c,
+                window: s.window,
+                ahead: if reach == 1 { spill } else { size },
+                further: reach - 1,
+                max_len: s.max_len,
+            });
+        }
+    }
+    for j in s.crossed_chunks.max(1) + 1..=reach {
+        if let Some(c) = id(j) {
+            out.push(StreamHint {
+                chunk: c,
+                window: s.window,
+                ahead: size,
+                further: reach - j,
+                max_len: s.max_len,
+            });
+        }
+    }
+    s.crossed_chunks = s.crossed_chunks.max(reach);
+    out
 }
 
 /// Reads the sectors of `[start, end)` of `chunk` that are not cached yet
