@@ -33,7 +33,9 @@
 //! chunks is read ahead up to [`MAX_CHUNKS_AHEAD`] chunks deep (that many
 //! reads in flight for one reader), a run of large ones one chunk ahead,
 //! and what is read ahead past the reader's chunk stays within a window
-//! (plus a block). A hint is dropped for a chunk that
+//! (rounded up to a block), however long the READ. The longest length
+//! only grows: after a large chunk the rest of the walk is read ahead as if
+//! all were that large. A hint is dropped for a chunk that
 //! does not exist, and for one a reader is in the middle of (its own
 //! stream goes on). Unmarked reads never look past their chunk (the next id
 //! may be unrelated data).
@@ -252,6 +254,13 @@ impl Prefetcher {
         let window = h
             .window
             .clamp(MIN_WINDOW.min(self.max_window), self.max_window);
+        // A hint's numbers came from another shard's arithmetic: kept in
+        // range here whatever they say.
+        let further = h.further.min(MAX_CHUNKS_AHEAD);
+        let max_len = h.max_len.min(MAX_STREAM_END);
+        // What the chunk after this one was asked for, when it was (every
+        // hint of one crossing asks the same estimated size).
+        let next_asked = if further > 0 { h.ahead.min(window) } else { 0 };
         let ahead = h
             .ahead
             .min(window.div_ceil(BLOCK) * BLOCK)
@@ -267,25 +276,21 @@ impl Prefetcher {
                     let from = s.ahead;
                     s.ahead = s.ahead.max(ahead);
                     s.window = s.window.max(window);
-                    s.crossed_chunks = s.crossed_chunks.max(h.further);
-                    s.max_len = s.max_len.max(h.max_len);
-                    if h.further > 0 {
-                        s.crossed = s.crossed.max(window);
-                    }
+                    s.crossed_chunks = s.crossed_chunks.max(further);
+                    s.max_len = s.max_len.max(max_len);
+                    s.crossed = s.crossed.max(next_asked);
                     Some((from, s.ahead))
                 }
                 other => {
-                    // The chunks after this one that have hints of their own
-                    // were asked for a whole window each.
                     *other = Some((
                         h.chunk,
                         Stream {
                             next: 0,
                             window,
                             ahead,
-                            crossed: if h.further > 0 { window } else { 0 },
-                            crossed_chunks: h.further,
-                            max_len: h.max_len,
+                            crossed: next_asked,
+                            crossed_chunks: further,
+                            max_len,
                         },
                     ));
                     Some((0, ahead))
@@ -367,27 +372,34 @@ impl Prefetcher {
 /// window past the end (the spill) is spread over the chunk ids that
 /// follow as if they were as long as the longest chunk the stream has
 /// passed through (at least a block each, at most [`MAX_CHUNKS_AHEAD`] of
-/// them: many only for a run of small chunks), each asked once for that size;
-/// when the spill fits in one such chunk, the next one is asked for all of
-/// it (again whenever it grows). So what is read ahead past the chunk stays
-/// within the window plus one block, whatever the sizes.
+/// them: many only for a run of small chunks), each asked once for that
+/// size; when the spill holds less than two such chunks, the next one is
+/// asked for all of it (again whenever it grows). The spill is at most a
+/// window, however long the READ asked for, so what is read ahead past the
+/// chunk stays within a window (rounded up to a block), whatever the sizes.
 fn crossing_hints(chunk: ChunkId, s: &mut Stream, len: u64, target: u64) -> Vec<StreamHint> {
-    let spill = target.saturating_sub(len).div_ceil(BLOCK) * BLOCK;
+    // At most a window past the chunk, however long the READ asked for.
+    let spill = target.saturating_sub(len).min(s.window).div_ceil(BLOCK) * BLOCK;
     if spill == 0 {
         return Vec::new();
     }
     s.max_len = s.max_len.max(len);
     let size = s.max_len.div_ceil(BLOCK).max(1) * BLOCK;
-    let reach = spill.div_ceil(size).clamp(1, MAX_CHUNKS_AHEAD);
+    // Whole estimated chunks only, so the total stays within the spill.
+    let reach = (spill / size).clamp(1, MAX_CHUNKS_AHEAD);
     let id = |j: u64| chunk.0.checked_add(u128::from(j)).map(ChunkId);
     let mut out = Vec::new();
-    if spill > s.crossed {
-        s.crossed = spill;
+    let next_asked = if reach == 1 { spill } else { size };
+    // Sent again whenever the read-ahead reaches further: the stream
+    // waiting in the next chunk then takes over the grown window and knows
+    // which ids after it have hints already.
+    if next_asked > s.crossed || reach > s.crossed_chunks {
+        s.crossed = s.crossed.max(next_asked);
         if let Some(c) = id(1) {
             out.push(StreamHint {
                 chunk: c,
                 window: s.window,
-                ahead: if reach == 1 { spill } else { size },
+                ahead: next_asked,
                 further: reach - 1,
                 max_len: s.max_len,
             });

@@ -461,15 +461,16 @@ fn a_marked_walk_reads_ahead_chunk_after_chunk() {
         let shard = Shard::open(cached_config(dir.path(), 16 * MIB, true))
             .await
             .unwrap();
+        // Starting small, so the first crossings spread over several ids.
         let lens = [
-            3 << 20,
-            100_000,
-            1 << 20,
             4096,
+            100_000,
+            3 << 20,
+            12_345,
+            1 << 20,
             2_500_000,
             777_777,
             3 << 20,
-            12_345,
         ];
         let chunks: Vec<_> = (0..24u128)
             .map(|i| {
@@ -619,14 +620,79 @@ fn small_chunks_in_a_marked_walk_are_read_ahead_several_deep() {
         for &(c, len) in &chunks {
             shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
         }
-        // The reader reads the first three, then pauses.
-        walk(&shard, &chunks[..4], 1 << 20).await;
+        // The reader reads chunks 0-4 marked and 5 unmarked (the walk's
+        // last), one READ each (its window doubles with each), then pauses.
+        walk(&shard, &chunks[..6], len as u32).await;
         glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
         let cached = |i: usize| shard.read_now(chunks[i].0, 0, len as u32).is_some();
-        let ahead: Vec<usize> = (4..60).filter(|&i| cached(i)).collect();
-        println!("chunks read ahead past the reader (at 3): {ahead:?}");
+        let ahead: Vec<usize> = (6..60).filter(|&i| cached(i)).collect();
+        println!("chunks read ahead past the reader (at 5): {ahead:?}");
         let max = shardstore_shard::MAX_CHUNKS_AHEAD as usize;
-        assert!(ahead.len() >= 8, "{ahead:?}");
-        assert!(ahead.iter().all(|&i| i <= 3 + max), "{ahead:?}");
+        assert!(ahead.len() >= 12, "{ahead:?}");
+        assert!(ahead.iter().all(|&i| i <= 4 + max), "{ahead:?}");
+    });
+}
+
+/// However long a marked READ asks for (even one refused as too large),
+/// what it starts reading ahead past its chunk stays within one window.
+#[test]
+fn a_huge_marked_read_reads_ahead_at_most_a_window() {
+    let dir = tempdir();
+    run(|| async {
+        // 64 MiB of cache: a 4 MiB window.
+        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+            .await
+            .unwrap();
+        for i in 0..40u128 {
+            shard
+                .write(cid(900 + i), 0, &pattern(900 + i as u64, 1 << 20))
+                .await
+                .unwrap();
+        }
+        let hints = ReadHints {
+            continues_into_next_chunk: true,
+        };
+        let _ = shard.read_with(cid(900), 0, u32::MAX, hints).await;
+        glommio::timer::sleep(std::time::Duration::from_millis(100)).await;
+        let issued = shard.stats().cache.prefetch_issued * SECTOR;
+        println!("read ahead after one huge marked READ: {issued} bytes");
+        assert!(
+            issued > 0 && issued <= 4 * MIB + (256 << 10),
+            "{issued} bytes"
+        );
+    });
+}
+
+/// Large chunks after a run of small ones keep their read-ahead: after the
+/// first of them, each one's first READ is a cache hit, as the small ones'
+/// are.
+#[test]
+fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
+    let dir = tempdir();
+    run(|| async {
+        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
+            .await
+            .unwrap();
+        let lens = [16 << 10; 6]
+            .into_iter()
+            .chain([4 << 20; 3])
+            .chain([16 << 10; 3]);
+        let chunks: Vec<_> = lens
+            .enumerate()
+            .map(|(i, l)| (cid(1000 + i as u128), l))
+            .collect();
+        for &(c, len) in &chunks {
+            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
+        }
+        // 1 MiB READs: more than the block the small chunks' estimate asks
+        // of each large chunk ahead, so the large chunks' own crossing
+        // hints must do the rest.
+        let first = walk(&shard, &chunks, 1 << 20).await;
+        println!("first READ cached: {first:?}");
+        // The first large chunk (6) was read ahead as the small ones had it
+        // estimated, one block: its first 1 MiB READ waits for the rest.
+        // From there on the large chunks' own hints ask for whole windows.
+        let expect: Vec<bool> = (0..12).map(|i| i != 0 && i != 6).collect();
+        assert_eq!(first, expect);
     });
 }
