@@ -102,7 +102,6 @@ py() { python3 -c "$@"; }
 median() { py 'import statistics, sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 jget() { py 'import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$1" "$2"; }
 fmt() { py 'import sys; x = float(sys.argv[1]); print(f"{x:,.0f}" if x >= 100 else f"{x:.1f}")' "$1"; }
-ratio() { py 'import sys; a, b = map(float, sys.argv[1:]); print(f"{a / b:.2f}" if b else "n/a")' "$1" "$2"; }
 
 # ---------------------------------------------------------------- shardstore
 SS_DIR=$BENCH_DIR/shardstore

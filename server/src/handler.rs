@@ -709,20 +709,20 @@ impl ShardCtx {
             let Some(q) = queues.get(owner.0 as usize) else {
                 return false;
             };
-            let sent = q.try_send(h);
-            if let Some(ctx) = weak.upgrade() {
-                let c = &ctx.counters;
-                match &sent {
-                    Ok(()) => c.stream_hints_out.set(c.stream_hints_out.get() + 1),
-                    Err(_) => c.stream_hints_dropped.set(c.stream_hints_dropped.get() + 1),
-                }
-            }
-            if let Err(e) = sent {
+            let sent = q.try_send(h).map_err(|e| {
                 let why = match e {
                     flume::TrySendError::Full(_) => "its queue is full",
                     flume::TrySendError::Disconnected(_) => "that shard stopped",
                 };
                 debug!(shard = me.0, to = owner.0, why, "stream hint dropped");
+            });
+            if let Some(ctx) = weak.upgrade() {
+                let c = &ctx.counters;
+                let n = match sent {
+                    Ok(()) => &c.stream_hints_out,
+                    Err(()) => &c.stream_hints_dropped,
+                };
+                n.set(n.get() + 1);
             }
             true
         });

@@ -44,12 +44,16 @@ fn ping(id: u64) -> Vec<u8> {
 }
 
 fn write_frame(id: u64, chunk: u128, data: &[u8], crc: u32) -> Vec<u8> {
+    write_frame_flags(id, chunk, data, crc, 0)
+}
+
+fn write_frame_flags(id: u64, chunk: u128, data: &[u8], crc: u32, flags: u32) -> Vec<u8> {
     let mut f = Vec::new();
     let w = WriteRequest {
         chunk,
         offset: 0,
         payload_crc: crc,
-        flags: 0,
+        flags,
     };
     encode_frame(Opcode::Write, 0, id, &w, data.len() as u32, &mut f);
     f.extend_from_slice(data);
@@ -235,15 +239,7 @@ async fn unknown_request_flags_are_refused() {
     let srv = TestServer::start(&dir, 1);
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     let data = vec![9u8; 4096];
-    let mut f = Vec::new();
-    let w = WriteRequest {
-        chunk: 0x77,
-        offset: 0,
-        payload_crc: payload_crc(&data),
-        flags: 2,
-    };
-    encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut f);
-    f.extend_from_slice(&data);
+    let mut f = write_frame_flags(1, 0x77, &data, payload_crc(&data), 2);
     let r = ReadRequest {
         chunk: 0x77,
         offset: 0,

@@ -70,6 +70,7 @@ const STREAM_SLOTS: usize = 512;
 
 type Pending = Shared<LocalBoxFuture<'static, ()>>;
 
+#[derive(Default)]
 struct Stream {
     /// Where the last read ended.
     next: u64,
@@ -104,9 +105,9 @@ pub struct StreamHint {
     pub window: u64,
     /// Bytes of `chunk` to read ahead, from its start.
     pub ahead: u64,
-    /// Chunk ids after `chunk` that were sent hints of their own (read
-    /// ahead a whole window each): the stream waiting in `chunk` does not
-    /// ask for them again.
+    /// Chunk ids after `chunk` that were sent hints of their own (each asked
+    /// for `ahead` bytes): the stream waiting in `chunk` does not ask for
+    /// them again.
     pub further: u64,
     /// The longest chunk the stream has passed through, bytes.
     pub max_len: u64,
@@ -186,11 +187,7 @@ impl Prefetcher {
                     chunk,
                     Stream {
                         next: end,
-                        window: 0,
-                        ahead: 0,
-                        crossed: 0,
-                        crossed_chunks: 0,
-                        max_len: 0,
+                        ..Stream::default()
                     },
                 ));
                 // A new stream starts reading ahead on its second read,

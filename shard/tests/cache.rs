@@ -15,6 +15,19 @@ fn cached_config(dir: &std::path::Path, cache_bytes: u64, prefetch: bool) -> Sha
     }
 }
 
+async fn open_cached(dir: &std::path::Path, cache_bytes: u64, prefetch: bool) -> Shard {
+    Shard::open(cached_config(dir, cache_bytes, prefetch))
+        .await
+        .unwrap()
+}
+
+/// Writes each chunk whole, with the bytes [`walk`] expects.
+async fn write_whole(shard: &Shard, chunks: &[(shardstore_proto::ChunkId, usize)]) {
+    for &(c, len) in chunks {
+        shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
+    }
+}
+
 async fn read_all(shard: &Shard, c: shardstore_proto::ChunkId, len: u32) -> (Vec<u8>, bool) {
     let r = shard.read(c, 0, len).await.unwrap();
     (r.data.to_vec(), r.cached)
@@ -24,9 +37,7 @@ async fn read_all(shard: &Shard, c: shardstore_proto::ChunkId, len: u32) -> (Vec
 fn reads_never_return_an_older_version_than_an_acknowledged_write() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 4 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 4 * MIB, true).await;
         let c = cid(1);
         let v1 = pattern(1, 3 * SECTOR as usize);
         shard.write(c, 0, &v1).await.unwrap();
@@ -71,9 +82,7 @@ fn reads_never_return_an_older_version_than_an_acknowledged_write() {
 fn a_hit_is_served_from_the_cached_buffer_without_a_copy() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 4 * MIB, false))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 4 * MIB, false).await;
         let c = cid(2);
         shard
             .write(c, 0, &pattern(9, 64 * SECTOR as usize))
@@ -104,9 +113,7 @@ fn a_scan_larger_than_the_cache_does_not_evict_the_hot_set() {
     let dir = tempdir();
     run(|| async {
         let cache = 4 * MIB;
-        let shard = Shard::open(cached_config(dir.path(), cache, false))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), cache, false).await;
         let hot: Vec<_> = (0..256).map(|i| cid(1_000 + i)).collect();
         let scan: Vec<_> = (0..4 * cache / SECTOR)
             .map(|i| cid(100_000 + i as u128))
@@ -170,9 +177,7 @@ fn sequential_reads_are_prefetched_and_counted() {
     for prefetch in [true, false] {
         let dir = tempdir();
         run(|| async {
-            let shard = Shard::open(cached_config(dir.path(), 64 * MIB, prefetch))
-                .await
-                .unwrap();
+            let shard = open_cached(dir.path(), 64 * MIB, prefetch).await;
             let c = cid(3);
             let total = 16 * MIB;
             let piece: u64 = 1 << 20;
@@ -218,9 +223,7 @@ fn sequential_reads_are_prefetched_and_counted() {
 fn prefetched_sectors_evicted_unread_are_counted_as_wasted() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 16 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 16 * MIB, true).await;
         // Another chunk, read backwards (no stream): fills the cache (a
         // cache that is filling up admits new entries to its main queue).
         let o = cid(5);
@@ -260,9 +263,7 @@ fn a_prefetched_sequential_stream_does_not_evict_the_hot_set() {
     let dir = tempdir();
     run(|| async {
         let cache = 16 * MIB;
-        let shard = Shard::open(cached_config(dir.path(), cache, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), cache, true).await;
         let hot: Vec<_> = (0..1024).map(|i| cid(1_000 + i)).collect();
         for (i, c) in hot.iter().enumerate() {
             shard
@@ -341,9 +342,7 @@ fn a_marked_stream_reads_ahead_into_the_next_chunk() {
     for marked in [true, false] {
         let dir = tempdir();
         run(|| async {
-            let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-                .await
-                .unwrap();
+            let shard = open_cached(dir.path(), 64 * MIB, true).await;
             let (_, b) = read_first_of_two(&shard, marked).await;
             let issued = shard.stats().cache.prefetch_issued;
             let first = shard.read_now(b, 0, 256 << 10);
@@ -379,9 +378,7 @@ fn a_marked_stream_reads_ahead_into_the_next_chunk() {
 fn stream_hints_go_through_the_forwarder() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         let sent = std::rc::Rc::new(std::cell::RefCell::new(Vec::<StreamHint>::new()));
         let log = sent.clone();
         shard.set_stream_forwarder(move |h| {
@@ -458,9 +455,7 @@ fn a_marked_walk_reads_ahead_chunk_after_chunk() {
     run(|| async {
         // 16 MiB of cache: a 1 MiB window, and two passes over ~24 MiB turn
         // the cache over.
-        let shard = Shard::open(cached_config(dir.path(), 16 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 16 * MIB, true).await;
         // Starting small, so the first crossings spread over several ids.
         let lens = [
             4096,
@@ -480,9 +475,7 @@ fn a_marked_walk_reads_ahead_chunk_after_chunk() {
                 )
             })
             .collect();
-        for &(c, len) in &chunks {
-            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
-        }
+        write_whole(&shard, &chunks).await;
         for pass in 0..2 {
             let first = walk(&shard, &chunks, 256 << 10).await;
             println!(
@@ -500,15 +493,11 @@ fn a_marked_walk_reads_ahead_chunk_after_chunk() {
 fn chunks_read_whole_in_a_marked_walk_are_read_ahead() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         let chunks: Vec<_> = (0..20u128)
             .map(|i| (cid(300 + i), 60_000 + 4096 * i as usize))
             .collect();
-        for &(c, len) in &chunks {
-            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
-        }
+        write_whole(&shard, &chunks).await;
         let first = walk(&shard, &chunks, 1 << 20).await;
         assert!(!first[0]);
         assert!(first[1..].iter().all(|&c| c), "{first:?}");
@@ -523,9 +512,7 @@ fn chunks_read_whole_in_a_marked_walk_are_read_ahead() {
 fn stream_hints_are_bounded_and_never_break_a_stream() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         let settle = || glommio::timer::sleep(std::time::Duration::from_millis(50));
         let issued = || shard.stats().cache.prefetch_issued;
         // 1. At most a window (64 MiB / 16 = 4 MiB), whatever `ahead` says.
@@ -612,14 +599,10 @@ fn stream_hints_are_bounded_and_never_break_a_stream() {
 fn small_chunks_in_a_marked_walk_are_read_ahead_several_deep() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         let len = 16 << 10;
         let chunks: Vec<_> = (0..60u128).map(|i| (cid(700 + i), len)).collect();
-        for &(c, len) in &chunks {
-            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
-        }
+        write_whole(&shard, &chunks).await;
         // The reader reads chunks 0-4 marked and 5 unmarked (the walk's
         // last), one READ each (its window doubles with each), then pauses.
         walk(&shard, &chunks[..6], len as u32).await;
@@ -640,9 +623,7 @@ fn a_huge_marked_read_reads_ahead_at_most_a_window() {
     let dir = tempdir();
     run(|| async {
         // 64 MiB of cache: a 4 MiB window.
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         for i in 0..40u128 {
             shard
                 .write(cid(900 + i), 0, &pattern(900 + i as u64, 1 << 20))
@@ -670,9 +651,7 @@ fn a_huge_marked_read_reads_ahead_at_most_a_window() {
 fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
     let dir = tempdir();
     run(|| async {
-        let shard = Shard::open(cached_config(dir.path(), 64 * MIB, true))
-            .await
-            .unwrap();
+        let shard = open_cached(dir.path(), 64 * MIB, true).await;
         let lens = [16 << 10; 6]
             .into_iter()
             .chain([4 << 20; 3])
@@ -681,9 +660,7 @@ fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
             .enumerate()
             .map(|(i, l)| (cid(1000 + i as u128), l))
             .collect();
-        for &(c, len) in &chunks {
-            shard.write(c, 0, &pattern(c.0 as u64, len)).await.unwrap();
-        }
+        write_whole(&shard, &chunks).await;
         // 1 MiB READs: more than the block the small chunks' estimate asks
         // of each large chunk ahead, so the large chunks' own crossing
         // hints must do the rest.
