@@ -90,6 +90,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_combine: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index_cache_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<u32>,
@@ -145,6 +147,7 @@ pub mod defaults {
     pub const SCRUB_PERIOD_SECS: u64 = 24 * 3600;
     pub const INDEX_CACHE_MIB: u64 = 16;
     pub const CHECKPOINT_MIB: u64 = 256;
+    pub const WRITE_COMBINE: u32 = 4;
     pub const FORWARD_QUEUE: u64 = 1024;
     pub const METRICS_INTERVAL_MS: u64 = 500;
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
@@ -171,6 +174,9 @@ pub struct Settings {
     pub scrub_period_secs: u64,
     /// Data written between index checkpoints, per shard.
     pub checkpoint_mib: u64,
+    /// Durable writes at the device per shard before adjacent ones queue and
+    /// share one device write (0: no combining).
+    pub write_combine: u32,
     pub index_cache_mib: u64,
     pub max_payload: u32,
     pub max_chunk_size: u64,
@@ -267,6 +273,9 @@ pub fn parse(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
 
 /// Merges `over` (flags and environment, already merged by clap) over
 /// `file`: a value in `over` wins.
+/// Largest `write_combine`.
+pub const MAX_WRITE_COMBINE: u32 = 64;
+
 pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
     macro_rules! pick {
         ($($f:ident),* $(,)?) => {
@@ -287,6 +296,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         sync_mode,
         scrub_period_secs,
         checkpoint_mib,
+        write_combine,
         index_cache_mib,
         max_payload,
         max_chunk_size,
@@ -459,6 +469,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         sync_mode: c.sync_mode.unwrap_or(SyncMode::Dsync),
         scrub_period_secs: c.scrub_period_secs.unwrap_or(defaults::SCRUB_PERIOD_SECS),
         checkpoint_mib: c.checkpoint_mib.unwrap_or(defaults::CHECKPOINT_MIB),
+        write_combine: c.write_combine.unwrap_or(defaults::WRITE_COMBINE),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
         max_payload: c.max_payload.unwrap_or(limits::MAX_PAYLOAD),
         max_chunk_size: c.max_chunk_size.unwrap_or(limits::MAX_CHUNK_SIZE),
@@ -533,6 +544,15 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         return Err(bad(
             "checkpoint_mib",
             format!("{} is not between 1 and 1048576", s.checkpoint_mib),
+        ));
+    }
+    if s.write_combine > MAX_WRITE_COMBINE {
+        return Err(bad(
+            "write_combine",
+            format!(
+                "{} is not between 0 and {MAX_WRITE_COMBINE}",
+                s.write_combine
+            ),
         ));
     }
     if s.io_memory_kib < 64 {
@@ -717,6 +737,7 @@ impl Settings {
             sync_mode: Some(self.sync_mode),
             scrub_period_secs: Some(self.scrub_period_secs),
             checkpoint_mib: Some(self.checkpoint_mib),
+            write_combine: Some(self.write_combine),
             index_cache_mib: Some(self.index_cache_mib),
             max_payload: Some(self.max_payload),
             max_chunk_size: Some(self.max_chunk_size),
@@ -871,6 +892,18 @@ const DOCS: &[Doc] = &[
             "last one to sled; recovery after a crash scans at most this much. Larger:",
             "fewer, longer checkpoints (less CPU per write, rarer latency spikes when the",
             "shard shares its core with them) and a longer recovery scan.",
+        ],
+    },
+    Doc {
+        key: "write_combine",
+        set: None,
+        default: "4",
+        help: &[
+            "Durable writes a shard lets go to the device at once before new ones queue;",
+            "queued writes that lie next to each other on disk then go out as one durable",
+            "device write (up to 1 MiB), each acknowledged when it completes. Deep",
+            "queues of small writes share device writes and flushes instead of paying",
+            "one each. 0 turns combining off (every write its own device write).",
         ],
     },
     Doc {

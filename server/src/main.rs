@@ -172,6 +172,9 @@ pub struct ServeArgs {
     /// Data written per shard between index checkpoints, MiB; bounds the recovery scan. [default: 256]
     #[arg(long, env = "SHARDSTORE_CHECKPOINT_MIB")]
     checkpoint_mib: Option<u64>,
+    /// Durable writes at the device per shard before adjacent queued ones share one device write (0: off). [default: 4]
+    #[arg(long, env = "SHARDSTORE_WRITE_COMBINE")]
+    write_combine: Option<u32>,
     /// Sequential read-ahead into the cache. [default: auto]
     #[arg(long, env = "SHARDSTORE_PREFETCH", value_enum)]
     prefetch: Option<config::Prefetch>,
@@ -273,6 +276,7 @@ impl ServeArgs {
             sync_mode: self.sync_mode,
             scrub_period_secs: self.scrub_period_secs,
             checkpoint_mib: self.checkpoint_mib,
+            write_combine: self.write_combine,
             index_cache_mib: self.index_cache_mib,
             max_payload: self.max_payload,
             max_chunk_size: self.max_chunk_size,
@@ -415,6 +419,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         sync_mode: s.sync_mode,
         scrub_period_secs: s.scrub_period_secs,
         checkpoint_bytes: s.checkpoint_mib << 20,
+        write_combine: s.write_combine,
         limits: s.limits,
         auth_secret,
         tls,

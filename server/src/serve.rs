@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub scrub_period_secs: u64,
     /// Data written between index checkpoints, per shard.
     pub checkpoint_bytes: u64,
+    /// See `ShardConfig::combine_in_flight`.
+    pub write_combine: u32,
     /// Data areas on this block device (equal per-shard ranges) instead of files.
     pub device: Option<PathBuf>,
     /// Format over a foreign or damaged superblock.
@@ -367,6 +369,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             adaptive_sync: opts.sync_mode == crate::config::SyncMode::Adaptive,
             scrub_period_secs: opts.scrub_period_secs,
             checkpoint_bytes: opts.checkpoint_bytes,
+            combine_in_flight: opts.write_combine,
             ..ShardConfig::default()
         };
         // The blocking thread opens sled and writes the shard's index

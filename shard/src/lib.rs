@@ -15,6 +15,7 @@
 
 mod alloc;
 mod cache;
+mod combine;
 mod device;
 mod error;
 mod group;

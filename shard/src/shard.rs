@@ -123,6 +123,11 @@ pub struct ShardConfig {
     pub zero_fill: bool,
     /// Group-commit flushes allowed in flight at once (see `group`).
     pub max_flushes_in_flight: u32,
+    /// Combined durable writes allowed at the device at once: durable
+    /// extent writes that arrive while this many are in flight queue, and
+    /// adjacent queued ones go out as one device write (see `combine`).
+    /// 0 turns combining off.
+    pub combine_in_flight: u32,
     /// Open the data area with O_DSYNC: each extent write is durable when
     /// it completes, so the ack needs no separate flush and concurrent
     /// writes never wait for each other's flush. Off: writes are made
@@ -149,6 +154,7 @@ pub struct ShardConfig {
 impl ShardConfig {
     pub const DEFAULT_INDEX_CACHE_BYTES: u64 = 16 << 20;
     pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
+    pub const DEFAULT_COMBINE_IN_FLIGHT: u32 = 4;
 
     /// Folder name of shard `id` inside the node's data dir: `shard-NNN`.
     pub fn folder_name(id: ShardId) -> String {
@@ -174,6 +180,7 @@ impl Default for ShardConfig {
             scrub_period_secs: 24 * 3600,
             zero_fill: true,
             max_flushes_in_flight: 1,
+            combine_in_flight: Self::DEFAULT_COMBINE_IN_FLIGHT,
             write_through: true,
             adaptive_sync: false,
             cache_bytes: 0,
@@ -543,7 +550,7 @@ impl Shard {
         index_existed: bool,
     ) -> Result<Shard, ShardError> {
         let started = Instant::now();
-        let io = Io::new(storage);
+        let io = Io::new(storage, cfg.combine_in_flight);
         let what = io.describe();
         let size = io
             .size_bytes()
@@ -960,6 +967,7 @@ impl Shard {
     /// Takes a checkpoint and syncs the data area. Call when no operation is
     /// in flight; the shard can then be dropped.
     pub async fn close(&self) -> Result<(), ShardError> {
+        self.inner.io.quiesce().await;
         if !self.inner.fail_stopped.get() {
             self.inner.checkpoint(1).await?;
             self.inner

@@ -19,6 +19,7 @@ use std::rc::Rc;
 
 use glommio::io::{DmaBuffer, ReadResult};
 
+use crate::combine::{share_result, Combiner, Done, Queued, Wait};
 use crate::layout::{DiskSector, SECTOR};
 
 /// A boxed, single-threaded I/O future.
@@ -157,88 +158,137 @@ pub struct IoCounters {
     pub writes: u64,
     pub reads: u64,
     pub flushes: u64,
+    /// Extent writes carried by a device write started for another extent
+    /// (write combining): `writes` counts that device write once.
+    pub combined_writes: u64,
 }
 
 /// The instrumented I/O layer: a storage plus counters. Every device access
-/// of the engine goes through here.
+/// of the engine goes through here. Durable writes go through the write
+/// combiner (see `combine`) when it is on.
 pub struct Io {
+    s: Rc<Shared>,
+}
+
+/// What `Io` shares with the tasks that carry combined writes.
+struct Shared {
     inner: Box<dyn Storage>,
     writes: Cell<u64>,
     reads: Cell<u64>,
     flushes: Cell<u64>,
+    /// Extent writes that rode in a device write started for another one.
+    combined: Cell<u64>,
+    combiner: Combiner,
 }
 
 impl Io {
-    pub fn new(inner: Box<dyn Storage>) -> Io {
+    /// `combine_in_flight`: combined durable writes allowed at the device at
+    /// once (0: no combining; see `combine`).
+    pub fn new(inner: Box<dyn Storage>, combine_in_flight: u32) -> Io {
         Io {
-            inner,
-            writes: Cell::new(0),
-            reads: Cell::new(0),
-            flushes: Cell::new(0),
+            s: Rc::new(Shared {
+                inner,
+                writes: Cell::new(0),
+                reads: Cell::new(0),
+                flushes: Cell::new(0),
+                combined: Cell::new(0),
+                combiner: Combiner::new(combine_in_flight),
+            }),
         }
     }
 
     pub fn counters(&self) -> IoCounters {
         IoCounters {
-            writes: self.writes.get(),
-            reads: self.reads.get(),
-            flushes: self.flushes.get(),
+            writes: self.s.writes.get(),
+            reads: self.s.reads.get(),
+            flushes: self.s.flushes.get(),
+            combined_writes: self.s.combined.get(),
+        }
+    }
+
+    /// Waits until no combined write is queued or at the device (a write
+    /// whose request was cancelled may still be running).
+    pub async fn quiesce(&self) {
+        while !self.s.combiner.idle() {
+            glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
         }
     }
 
     pub fn describe(&self) -> String {
-        self.inner.describe()
+        self.s.inner.describe()
     }
 
     pub fn write_through(&self) -> bool {
-        self.inner.write_through()
+        self.s.inner.write_through()
     }
 
     pub fn alloc_buffer(&self, sectors: u64) -> IoBuf {
         assert!(sectors > 0, "zero-sized buffers do not exist");
-        let b = self.inner.alloc_buffer(sectors);
+        let b = self.s.inner.alloc_buffer(sectors);
         assert_eq!(b.len() as u64, sectors * SECTOR);
         b
     }
 
     pub async fn size_bytes(&self) -> io::Result<u64> {
-        self.inner.size_bytes().await
+        self.s.inner.size_bytes().await
     }
 
     pub async fn pre_allocate(&self, bytes: u64) -> io::Result<()> {
-        self.inner.pre_allocate(bytes).await
+        self.s.inner.pre_allocate(bytes).await
     }
 
     /// A write that is not part of serving a request (format-time zeroing):
     /// not counted, so the counters describe the request path only.
     pub async fn write_uncounted(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
-        self.inner.write(at, buf).await
+        self.s.inner.write(at, buf).await
     }
 
     pub async fn write(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
-        self.writes.set(self.writes.get() + 1);
-        self.inner.write(at, buf).await
+        bump(&self.s.writes);
+        self.s.inner.write(at, buf).await
     }
 
     pub fn can_write_durable(&self) -> bool {
-        self.inner.can_write_durable()
+        self.s.inner.can_write_durable()
     }
 
-    /// One device write, durable when it completes (see
-    /// [`Storage::write_durable`]). Counted as a write; no flush.
+    /// Durable when it completes (see [`Storage::write_durable`]): one
+    /// device write, shared with adjacent writes queued behind the device
+    /// when the combiner is on. Counted as a device write each time one
+    /// starts; no flush.
     pub async fn write_durable(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
-        self.writes.set(self.writes.get() + 1);
-        self.inner.write_durable(at, buf).await
+        let c = &self.s.combiner;
+        if !c.enabled() {
+            bump(&self.s.writes);
+            return self.s.inner.write_durable(at, buf).await;
+        }
+        if c.may_go_alone() {
+            // Nothing waits: go out at once from this task. The slot ends
+            // (and starts what queued meanwhile) when the write completes
+            // or the request is cancelled.
+            c.in_flight.set(c.in_flight.get() + 1);
+            bump(&self.s.writes);
+            let _slot = AloneSlot(&self.s);
+            return self.s.inner.write_durable(at, buf).await;
+        }
+        let done = Rc::new(Done::default());
+        self.s.combiner.push(Queued {
+            at,
+            buf,
+            done: done.clone(),
+        });
+        start_combined(&self.s);
+        Wait(done).await
     }
 
     pub async fn read(&self, at: DiskSector, sectors: u64) -> io::Result<ReadBuf> {
         assert!(sectors > 0);
-        self.reads.set(self.reads.get() + 1);
-        let rb = self.inner.read(at, sectors).await?;
+        bump(&self.s.reads);
+        let rb = self.s.inner.read(at, sectors).await?;
         if rb.len() as u64 != sectors * SECTOR {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -254,7 +304,68 @@ impl Io {
     }
 
     pub async fn sync(&self) -> io::Result<()> {
-        self.flushes.set(self.flushes.get() + 1);
-        self.inner.sync().await
+        bump(&self.s.flushes);
+        self.s.inner.sync().await
     }
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
+/// A device write started by its own request's task; frees its place at the
+/// device when dropped.
+struct AloneSlot<'a>(&'a Rc<Shared>);
+
+impl Drop for AloneSlot<'_> {
+    fn drop(&mut self) {
+        let c = &self.0.combiner;
+        c.in_flight.set(c.in_flight.get() - 1);
+        start_combined(self.0);
+    }
+}
+
+/// Starts device writes for queued durable writes while the combiner allows
+/// one more at the device; each runs in a task of its own and starts the
+/// next batch when it ends.
+fn start_combined(s: &Rc<Shared>) {
+    while let Some(batch) = s.combiner.take_batch() {
+        let c = &s.combiner;
+        c.in_flight.set(c.in_flight.get() + 1);
+        bump(&s.writes);
+        s.combined.set(s.combined.get() + batch.len() as u64 - 1);
+        let s = s.clone();
+        glommio::spawn_local(async move {
+            let at = batch[0].at;
+            let (buf, dones) = assemble(&*s.inner, batch);
+            let res = s.inner.write_durable(at, buf).await;
+            let c = &s.combiner;
+            c.in_flight.set(c.in_flight.get() - 1);
+            for d in &dones {
+                d.finish(share_result(&res));
+            }
+            start_combined(&s);
+        })
+        .detach();
+    }
+}
+
+/// One buffer holding a batch's extents back to back (the batch is
+/// contiguous on disk), and their waiters.
+fn assemble(storage: &dyn Storage, mut batch: Vec<Queued>) -> (IoBuf, Vec<Rc<Done>>) {
+    if batch.len() == 1 {
+        let q = batch.pop().expect("one");
+        return (q.buf, vec![q.done]);
+    }
+    let bytes: usize = batch.iter().map(|q| q.buf.len()).sum();
+    let mut buf = storage.alloc_buffer(bytes as u64 / SECTOR);
+    let mut dones = Vec::with_capacity(batch.len());
+    let mut off = 0;
+    for q in batch {
+        let b = q.buf.as_bytes();
+        buf.as_bytes_mut()[off..off + b.len()].copy_from_slice(b);
+        off += b.len();
+        dones.push(q.done);
+    }
+    (buf, dones)
 }

@@ -29,7 +29,8 @@ const CAPACITY: u64 = 3 * MIB;
 /// `seed / 3 % 3` picks how a write is made durable, so the model checks
 /// every way: all writes O_DSYNC, group commit, or adaptive (O_DSYNC when
 /// alone, group commit when concurrent: bursts mix both); seeds modulo 3
-/// pick the cache size.
+/// pick the cache size, and `seed / 9 % 3` write combining (one combined
+/// write at the device at a time, the default, or none).
 fn sim_config(seed: u64) -> ShardConfig {
     let mode = seed / 3 % 3;
     ShardConfig {
@@ -46,6 +47,7 @@ fn sim_config(seed: u64) -> ShardConfig {
         // No cache, a tiny one (constant eviction), or one large enough for
         // read-ahead: reads must return the model's bytes in every case.
         cache_bytes: [0, 96 << 10, 8 << 20][(seed % 3) as usize],
+        combine_in_flight: [1, ShardConfig::DEFAULT_COMBINE_IN_FLIGHT, 0][(seed / 9 % 3) as usize],
         ..ShardConfig::default()
     }
 }
