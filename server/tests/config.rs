@@ -76,6 +76,7 @@ fn precedence_flag_env_file_default() {
     assert_eq!(value(&show, "metrics_addr"), "off");
     assert_eq!(value(&show, "sync_mode"), "dsync", "default");
     assert_eq!(value(&show, "checkpoint_mib"), "256", "default");
+    assert_eq!(value(&show, "write_combine"), "4", "default");
     let show = stdout(&run(
         &["config", "show", "--sync-mode", "group"],
         &[("SHARDSTORE_SYNC_MODE", "adaptive")],
@@ -86,6 +87,11 @@ fn precedence_flag_env_file_default() {
         &[("SHARDSTORE_CHECKPOINT_MIB", "32")],
     ));
     assert_eq!(value(&show, "checkpoint_mib"), "64", "flag over env");
+    let show = stdout(&run(
+        &["config", "show", "--write-combine", "0"],
+        &[("SHARDSTORE_WRITE_COMBINE", "8")],
+    ));
+    assert_eq!(value(&show, "write_combine"), "0", "flag over env");
     let show = stdout(&run(
         &["config", "show"],
         &[("SHARDSTORE_SYNC_MODE", "adaptive")],
@@ -131,6 +137,10 @@ fn errors_name_the_key() {
         ("cpus = \"0,4000\"\n", "cpus:"),
         ("metrics_addr = \"nowhere\"\n", "metrics_addr:"),
         ("checkpoint_mib = 0\n", "checkpoint_mib: 0 is not between"),
+        (
+            "write_combine = 65\n",
+            "write_combine: 65 is not between 0 and 64",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(&dir, &format!("e{i}.toml"), text);

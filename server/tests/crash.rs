@@ -127,7 +127,9 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     eprintln!("crash test: seed {seed} (SHARDSTORE_CRASH_SEED={seed} replays the schedule), {cycles} cycles");
     let dir = data_dir("crash");
     let mut rng = Rng(seed | 1);
-    let writers = 4u64;
+    // Three writers per shard on average: with `--write-combine 1` (every
+    // other round of modes) O_DSYNC writes queue and share device writes.
+    let writers = 6u64;
     let per_writer = 6u64;
     let mut model: Model = (0..writers * per_writer)
         .map(|n| (ChunkId(0xc0de_0000 + n as u128), vec![State::Absent]))
@@ -141,11 +143,22 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Every way of making a write durable, in turn: a restart may also
         // switch modes over the same data.
         let mode = ["dsync", "adaptive", "group"][cycle as usize % 3];
+        let combine = ["1", "4"][cycle as usize / 3 % 2];
         // A short scrub period: scrub and sweep passes (tombstone
         // retirement erases sectors) run while the kills land.
-        let srv =
-            TestServer::try_start(&dir, 2, &["--sync-mode", mode, "--scrub-period-secs", "1"])
-                .unwrap_or_else(|e| panic!("server did not start: {e}"));
+        let srv = TestServer::try_start(
+            &dir,
+            2,
+            &[
+                "--sync-mode",
+                mode,
+                "--write-combine",
+                combine,
+                "--scrub-period-secs",
+                "1",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("server did not start: {e}"));
         let client = srv.client_with(cfg.clone()).await;
         verify(&client, &mut model, seed, cycle).await;
         let mut tasks = Vec::new();
