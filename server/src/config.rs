@@ -899,11 +899,11 @@ const DOCS: &[Doc] = &[
         set: None,
         default: "4",
         help: &[
-            "Durable writes a shard lets go to the device at once before new ones queue;",
-            "queued writes that lie next to each other on disk then go out as one durable",
-            "device write (up to 1 MiB), each acknowledged when it completes. Deep",
-            "queues of small writes share device writes and flushes instead of paying",
-            "one each. 0 turns combining off (every write its own device write).",
+            "With sync_mode = \"dsync\": O_DSYNC writes a shard lets go to the device at",
+            "once before new ones queue; queued writes that lie next to each other on",
+            "disk then go out as one O_DSYNC device write (up to 1 MiB), each acknowledged",
+            "when it completes. Deep queues of small writes share device writes and",
+            "flushes instead of paying one each. 0 turns combining off.",
         ],
     },
     Doc {
