@@ -88,10 +88,16 @@ impl Queued {
 
 /// The queue and the count of combined writes at the device.
 pub(crate) struct Combiner {
-    /// Combined device writes allowed at the device at once; 0 turns
+    /// Durable device writes allowed at the device at once; 0 turns
     /// combining off (each durable write goes out alone, at once).
     pub(crate) max_in_flight: u32,
     pub(crate) in_flight: Cell<u32>,
+    /// Of those, batches taken from the queue: at most one at a time, so
+    /// under a deep queue the writes gather into one large device write
+    /// while the previous one completes (fewer, larger device writes cost
+    /// less CPU and flush less), while a shallow stream of writes still
+    /// goes out `max_in_flight` at once, each alone.
+    pub(crate) batches_in_flight: Cell<u32>,
     queue: RefCell<VecDeque<Queued>>,
 }
 
@@ -100,6 +106,7 @@ impl Combiner {
         Combiner {
             max_in_flight,
             in_flight: Cell::new(0),
+            batches_in_flight: Cell::new(0),
             queue: RefCell::new(VecDeque::new()),
         }
     }
@@ -128,7 +135,7 @@ impl Combiner {
     /// disk, within [`MAX_COMBINED_BYTES`]. Withdrawn writes at the front are
     /// dropped; one in the middle ends the batch (it would leave a gap).
     pub(crate) fn take_batch(&self) -> Option<Vec<Queued>> {
-        if self.in_flight.get() >= self.max_in_flight {
+        if self.in_flight.get() >= self.max_in_flight || self.batches_in_flight.get() > 0 {
             return None;
         }
         let mut q = self.queue.borrow_mut();
@@ -197,6 +204,9 @@ mod tests {
         c.in_flight.set(1);
         assert!(c.take_batch().is_none(), "at the in-flight limit");
         c.in_flight.set(0);
+        c.batches_in_flight.set(1);
+        assert!(c.take_batch().is_none(), "one batch at a time");
+        c.batches_in_flight.set(0);
         assert_eq!(starts(&c.take_batch().unwrap()), [20, 22]);
         assert!(c.take_batch().is_none());
         assert!(c.idle());

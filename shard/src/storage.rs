@@ -332,6 +332,7 @@ fn start_combined(s: &Rc<Shared>) {
     while let Some(batch) = s.combiner.take_batch() {
         let c = &s.combiner;
         c.in_flight.set(c.in_flight.get() + 1);
+        c.batches_in_flight.set(c.batches_in_flight.get() + 1);
         bump(&s.writes);
         s.combined.set(s.combined.get() + batch.len() as u64 - 1);
         let s = s.clone();
@@ -341,6 +342,7 @@ fn start_combined(s: &Rc<Shared>) {
             let res = s.inner.write_durable(at, buf).await;
             let c = &s.combiner;
             c.in_flight.set(c.in_flight.get() - 1);
+            c.batches_in_flight.set(c.batches_in_flight.get() - 1);
             for d in &dones {
                 d.finish(share_result(&res));
             }
