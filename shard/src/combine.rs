@@ -33,9 +33,11 @@ use std::task::{Context, Poll, Waker};
 use crate::layout::{DiskSector, SECTOR};
 use crate::storage::IoBuf;
 
-/// Largest combined device write, bytes. A single extent larger than this
-/// still goes out whole, alone.
-pub const MAX_COMBINED_BYTES: u64 = 1 << 20;
+/// Largest combined device write, bytes: small enough to stay one request
+/// at the device (128 pages of 4 KiB fit the usual segment limits), so the
+/// kernel does not split it into requests that could persist out of order.
+/// A single extent larger than this still goes out whole, alone.
+pub const MAX_COMBINED_BYTES: u64 = 512 << 10;
 
 /// The outcome of one queued write, and who waits for it.
 #[derive(Default)]
@@ -115,12 +117,6 @@ impl Combiner {
         self.max_in_flight > 0
     }
 
-    /// A new write may go to the device at once, by itself: there is room
-    /// and nothing queued to combine it with.
-    pub(crate) fn may_go_alone(&self) -> bool {
-        self.in_flight.get() < self.max_in_flight && self.queue.borrow().is_empty()
-    }
-
     pub(crate) fn push(&self, q: Queued) {
         self.queue.borrow_mut().push_back(q);
     }
@@ -135,12 +131,18 @@ impl Combiner {
     /// disk, within [`MAX_COMBINED_BYTES`]. Withdrawn writes at the front are
     /// dropped; one in the middle ends the batch (it would leave a gap).
     pub(crate) fn take_batch(&self) -> Option<Vec<Queued>> {
-        if self.in_flight.get() >= self.max_in_flight || self.batches_in_flight.get() > 0 {
-            return None;
-        }
         let mut q = self.queue.borrow_mut();
         while q.front().is_some_and(Queued::withdrawn) {
             q.pop_front();
+        }
+        if !self.enabled() {
+            // No combining: each write goes out at once, alone.
+            return q.pop_front().map(|first| vec![first]);
+        }
+        if self.in_flight.get() >= self.max_in_flight
+            || (self.batches_in_flight.get() > 0 && q.len() > 1)
+        {
+            return None;
         }
         let first = q.pop_front()?;
         let mut end = first.at.0 + first.sectors();
@@ -210,6 +212,40 @@ mod tests {
         assert_eq!(starts(&c.take_batch().unwrap()), [20, 22]);
         assert!(c.take_batch().is_none());
         assert!(c.idle());
+    }
+
+    #[test]
+    fn off_means_each_write_alone_and_at_once() {
+        let c = Combiner::new(0);
+        let mut waits = Vec::new();
+        for at in 0..3 {
+            let (q, w) = queued(at, 1);
+            c.push(q);
+            waits.push(w);
+        }
+        c.in_flight.set(100);
+        assert_eq!(starts(&c.take_batch().unwrap()), [0]);
+        assert_eq!(starts(&c.take_batch().unwrap()), [1]);
+        assert_eq!(starts(&c.take_batch().unwrap()), [2]);
+        assert!(c.take_batch().is_none());
+    }
+
+    #[test]
+    fn a_lone_write_passes_a_batch_in_flight() {
+        let c = Combiner::new(4);
+        c.in_flight.set(1);
+        c.batches_in_flight.set(1);
+        let (q, _w) = queued(0, 1);
+        c.push(q);
+        assert_eq!(starts(&c.take_batch().unwrap()), [0], "nothing else queued");
+        let (q, _w1) = queued(10, 1);
+        c.push(q);
+        let (q, _w2) = queued(11, 1);
+        c.push(q);
+        assert!(
+            c.take_batch().is_none(),
+            "a queue waits for the batch in flight"
+        );
     }
 
     #[test]

@@ -233,6 +233,8 @@ pub struct ShardStats {
     pub bytes_written: u64,
     pub bytes_read: u64,
     pub device_writes: u64,
+    /// Extent writes that rode in another's device write (write combining).
+    pub combined_writes: u64,
     /// Data-area `fdatasync`s.
     pub flushes: u64,
     pub corrupt_errors: u64,
@@ -908,6 +910,7 @@ impl Shard {
             bytes_written: c.bytes_written.get(),
             bytes_read: c.bytes_read.get(),
             device_writes: dev.writes,
+            combined_writes: dev.combined_writes,
             flushes: dev.flushes,
             corrupt_errors: c.corrupt_errors.get(),
             chunks: c.chunks.get(),
@@ -1086,6 +1089,10 @@ impl Inner {
     }
 
     pub(crate) fn check_writable(&self) -> Result<(), ShardError> {
+        if let Some(failure) = self.io.durable_write_failure() {
+            // Also when every request it carried was cancelled.
+            self.fail_stop("a durable write of the data area", &failure);
+        }
         if self.fail_stopped.get() {
             Err(ShardError::ReadOnly)
         } else {
@@ -1542,7 +1549,20 @@ impl Inner {
             let high_water = self.next_generation.get();
             let replay_from = inflight.keys().next().copied().unwrap_or(high_water);
             let failed_before: Vec<u64> = self.failed.borrow().iter().copied().collect();
-            let freed = self.quarantine.borrow_mut().take_frees();
+            let freed = {
+                let mut q = self.quarantine.borrow_mut();
+                let (freed, busy): (Vec<Free>, Vec<Free>) =
+                    q.take_frees().into_iter().partition(|f| match f {
+                        // A cancelled request's run whose device write still
+                        // runs: not reusable until that write has ended.
+                        Free::Run(r) => !self.io.being_written(r.start.0, r.len),
+                        Free::Piece(_) => true,
+                    });
+                for f in busy {
+                    q.push(f);
+                }
+                freed
+            };
             self.releasing.set(free_sectors_of(&freed));
             let want = self
                 .checkpoint_sectors

@@ -94,6 +94,8 @@ struct DiskState {
     protect_below: u64,
     /// Writes are durable on completion (O_DSYNC); see `set_write_through`.
     write_through: bool,
+    /// Writes wait (do not complete) while set; see `hold_writes`.
+    hold_writes: bool,
 }
 
 /// The simulated disk. See the module docs.
@@ -116,6 +118,7 @@ impl SimDisk {
                 counts: SimFaultCounts::default(),
                 protect_below: 2,
                 write_through: false,
+                hold_writes: false,
             })),
             kv: MemKv::default(),
         }
@@ -130,6 +133,12 @@ impl SimDisk {
     /// O_DSYNC; a flush fault then hits writes (torn, EIO).
     pub fn set_write_through(&self, on: bool) {
         self.state.borrow_mut().write_through = on;
+    }
+
+    /// While on, writes to the data area stay in flight (a slow device):
+    /// they complete, in order, once it is turned off.
+    pub fn hold_writes(&self, on: bool) {
+        self.state.borrow_mut().hold_writes = on;
     }
 
     pub fn set_faults(&self, faults: SimFaults) {
@@ -197,6 +206,9 @@ impl SimDisk {
         Box::pin(async move {
             // Let other tasks run, as a real device would.
             futures_lite::future::yield_now().await;
+            while self.state.borrow().hold_writes {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
             self.do_write(at, buf, durable)
         })
     }

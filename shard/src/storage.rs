@@ -10,7 +10,8 @@
 //! Positions and sizes are whole sectors; sector 0 of a storage is the first
 //! superblock copy. A short read or write is an error, never a partial result.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::ops::Deref;
@@ -179,6 +180,14 @@ struct Shared {
     /// Extent writes that rode in a device write started for another one.
     combined: Cell<u64>,
     combiner: Combiner,
+    /// Durable device writes running, by start order: their disk sectors
+    /// `[start, end)`. A write keeps running when the requests it carries
+    /// are cancelled, so their runs must not be reused before it ends.
+    running: RefCell<BTreeMap<u64, (u64, u64)>>,
+    next_write: Cell<u64>,
+    /// The first durable write that failed (not for lack of space), even if
+    /// every request it carried was cancelled: the shard must fail-stop.
+    failure: RefCell<Option<String>>,
 }
 
 impl Io {
@@ -193,6 +202,9 @@ impl Io {
                 flushes: Cell::new(0),
                 combined: Cell::new(0),
                 combiner: Combiner::new(combine_in_flight),
+                running: RefCell::new(BTreeMap::new()),
+                next_write: Cell::new(0),
+                failure: RefCell::new(None),
             }),
         }
     }
@@ -206,8 +218,26 @@ impl Io {
         }
     }
 
-    /// Waits until no combined write is queued or at the device (a write
-    /// whose request was cancelled may still be running).
+    /// Whether a durable device write still running covers any of disk
+    /// sectors `[start, start + len)` (its requests may have been cancelled:
+    /// such space must stay quarantined until the write ends).
+    pub fn being_written(&self, start: u64, len: u64) -> bool {
+        let end = start + len;
+        self.s
+            .running
+            .borrow()
+            .values()
+            .any(|&(a, b)| a < end && start < b)
+    }
+
+    /// A durable write that failed (other than for space), whoever waited
+    /// for it: the shard must stop writing.
+    pub fn durable_write_failure(&self) -> Option<String> {
+        self.s.failure.borrow().clone()
+    }
+
+    /// Waits until no durable write is queued or at the device (a write
+    /// whose requests were cancelled may still be running).
     pub async fn quiesce(&self) {
         while !self.s.combiner.idle() {
             glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
@@ -261,20 +291,9 @@ impl Io {
     pub async fn write_durable(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
-        let c = &self.s.combiner;
-        if !c.enabled() {
-            bump(&self.s.writes);
-            return self.s.inner.write_durable(at, buf).await;
-        }
-        if c.may_go_alone() {
-            // Nothing waits: go out at once from this task. The slot ends
-            // (and starts what queued meanwhile) when the write completes
-            // or the request is cancelled.
-            c.in_flight.set(c.in_flight.get() + 1);
-            bump(&self.s.writes);
-            let _slot = AloneSlot(&self.s);
-            return self.s.inner.write_durable(at, buf).await;
-        }
+        // Every durable write goes out from a task of its own (see
+        // `start_combined`), combined or not, so a cancelled request never
+        // leaves a device write behind that nothing tracks.
         let done = Rc::new(Done::default());
         self.s.combiner.push(Queued {
             at,
@@ -313,18 +332,6 @@ fn bump(c: &Cell<u64>) {
     c.set(c.get() + 1);
 }
 
-/// A device write started by its own request's task; frees its place at the
-/// device when dropped.
-struct AloneSlot<'a>(&'a Rc<Shared>);
-
-impl Drop for AloneSlot<'_> {
-    fn drop(&mut self) {
-        let c = &self.0.combiner;
-        c.in_flight.set(c.in_flight.get() - 1);
-        start_combined(self.0);
-    }
-}
-
 /// Starts device writes for queued durable writes while the combiner allows
 /// one more at the device; each runs in a task of its own and starts the
 /// next batch when it ends.
@@ -332,17 +339,34 @@ fn start_combined(s: &Rc<Shared>) {
     while let Some(batch) = s.combiner.take_batch() {
         let c = &s.combiner;
         c.in_flight.set(c.in_flight.get() + 1);
-        c.batches_in_flight.set(c.batches_in_flight.get() + 1);
+        let combined = batch.len() > 1;
+        if combined {
+            c.batches_in_flight.set(c.batches_in_flight.get() + 1);
+        }
         bump(&s.writes);
         s.combined.set(s.combined.get() + batch.len() as u64 - 1);
+        let id = s.next_write.get();
+        s.next_write.set(id + 1);
         let s = s.clone();
         glommio::spawn_local(async move {
             let at = batch[0].at;
             let (buf, dones) = assemble(&*s.inner, batch);
+            let sectors = buf.len() as u64 / SECTOR;
+            s.running.borrow_mut().insert(id, (at.0, at.0 + sectors));
             let res = s.inner.write_durable(at, buf).await;
+            s.running.borrow_mut().remove(&id);
+            if let Err(e) = &res {
+                if e.raw_os_error() != Some(libc::ENOSPC) {
+                    s.failure.borrow_mut().get_or_insert_with(|| {
+                        format!("O_DSYNC write of sectors {}..{}: {e}", at.0, at.0 + sectors)
+                    });
+                }
+            }
             let c = &s.combiner;
             c.in_flight.set(c.in_flight.get() - 1);
-            c.batches_in_flight.set(c.batches_in_flight.get() - 1);
+            if combined {
+                c.batches_in_flight.set(c.batches_in_flight.get() - 1);
+            }
             for d in &dones {
                 d.finish(share_result(&res));
             }

@@ -4,7 +4,7 @@ mod common;
 use std::rc::Rc;
 
 use common::*;
-use shardstore_shard::Shard;
+use shardstore_shard::{Shard, SimDisk};
 
 /// Group commit, and adaptive sync (whose first write runs alone and goes
 /// out O_DSYNC, the rest overlapping it and each other).
@@ -134,10 +134,10 @@ fn queued_durable_writes_share_device_writes() {
     }
 }
 
-/// Requests cancelled while their write waits in the combiner's queue (or
-/// rides in a device write) neither hang the others nor leave a torn chunk:
-/// each cancelled write is entirely there or entirely absent, before and
-/// after a reopen, and the shard still writes.
+/// Requests cancelled while their write waits in the combiner's queue
+/// neither hang the others nor leave a torn chunk: each cancelled write is
+/// withdrawn (absent) or, had it gone out, entirely there, the same before
+/// and after a reopen, and the shard still writes.
 #[test]
 fn cancelled_queued_writes_do_not_block_or_tear() {
     let dir = tempdir();
@@ -164,15 +164,30 @@ fn cancelled_queued_writes_do_not_block_or_tear() {
                 assert_eq!(t.await.unwrap().version, 1, "write {n}");
             }
         }
+        // Returns how many chunks are absent (cancelled writes only).
         let check = |shard: Rc<Shard>| async move {
+            let mut absent = 0;
             for n in 0..48u128 {
                 match shard.read(cid(n), 0, 8192).await {
                     Ok(r) => assert_eq!(r.data.to_vec(), pattern(n as u64, 8192), "chunk {n}"),
-                    Err(e) => assert!(n % 3 == 1, "chunk {n}: {e}"),
+                    Err(e) => {
+                        assert!(n % 3 == 1, "chunk {n}: {e}");
+                        absent += 1;
+                    }
                 }
             }
+            absent
         };
-        check(shard.clone()).await;
+        // Only the first write had gone to the device when the others were
+        // cancelled: the cancelled ones were withdrawn from the queue.
+        let absent = check(shard.clone()).await;
+        assert!(absent >= 8, "{absent} of 16 cancelled writes absent");
+        assert!(
+            shard.stats().combined_writes > 0,
+            "the live writes were combined"
+        );
+        // Checkpoints while nothing runs: the withdrawn runs come back.
+        shard.checkpoint().await.unwrap();
         shard
             .write(cid(1000), 0, &pattern(1000, 4096))
             .await
@@ -180,7 +195,88 @@ fn cancelled_queued_writes_do_not_block_or_tear() {
         shard.close().await.unwrap();
         drop(shard);
         let shard = Rc::new(Shard::open(cfg).await.unwrap());
-        check(shard.clone()).await;
+        assert_eq!(check(shard.clone()).await, absent, "after a reopen");
         assert!(shard.verify().await.unwrap().problems.is_empty());
+    });
+}
+
+/// A request cancelled while its device write still runs (a slow device)
+/// leaves its space quarantined until that write ends, however many
+/// checkpoints pass: reused earlier, the late write could land on newer,
+/// acknowledged data.
+#[test]
+fn space_of_a_cancelled_running_write_waits_for_the_write() {
+    run(|| async {
+        let disk = SimDisk::new(8 * MIB, 7);
+        let mut cfg = sim_shard_config();
+        cfg.write_through = true;
+        let shard = Rc::new(Shard::open_sim(cfg, &disk).await.unwrap());
+        shard.write(cid(1), 0, &pattern(1, 4096)).await.unwrap();
+        shard.checkpoint().await.unwrap();
+        shard.checkpoint().await.unwrap();
+        let used = shard.stats().used_bytes;
+        disk.hold_writes(true);
+        let task = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.write(cid(2), 0, &pattern(2, 8192)).await })
+        };
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        drop(task); // cancelled while its device write is in flight
+        let held = shard.stats().used_bytes;
+        assert!(held > used, "the cancelled write's run is quarantined");
+        for _ in 0..3 {
+            shard.checkpoint().await.unwrap();
+        }
+        assert_eq!(
+            shard.stats().used_bytes,
+            held,
+            "not reusable while its write runs"
+        );
+        disk.hold_writes(false);
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        for _ in 0..3 {
+            shard.checkpoint().await.unwrap();
+        }
+        assert_eq!(
+            shard.stats().used_bytes,
+            used,
+            "reusable once the write ended"
+        );
+        shard.close().await.unwrap();
+    });
+}
+
+/// A durable write that fails with EIO fail-stops the shard even when every
+/// request it carried was cancelled (nobody was waiting to see the error).
+#[test]
+fn a_failed_write_nobody_waits_for_still_fail_stops() {
+    run(|| async {
+        let disk = SimDisk::new(8 * MIB, 9);
+        let mut cfg = sim_shard_config();
+        cfg.write_through = true;
+        let shard = Rc::new(Shard::open_sim(cfg, &disk).await.unwrap());
+        disk.hold_writes(true);
+        let task = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.write(cid(2), 0, &pattern(2, 4096)).await })
+        };
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        drop(task);
+        disk.set_faults(shardstore_shard::SimFaults {
+            write_eio: 1,
+            ..Default::default()
+        });
+        disk.hold_writes(false);
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        disk.set_faults(Default::default());
+        assert!(matches!(
+            shard.write(cid(3), 0, &pattern(3, 4096)).await,
+            Err(shardstore_shard::ShardError::ReadOnly)
+        ));
+        assert!(shard.stats().fail_stopped);
     });
 }
