@@ -901,7 +901,7 @@ const DOCS: &[Doc] = &[
         help: &[
             "With sync_mode = \"dsync\": O_DSYNC writes a shard lets go to the device at",
             "once before new ones queue; queued writes that lie next to each other on",
-            "disk then go out as one O_DSYNC device write (up to 1 MiB), each acknowledged",
+            "disk then go out as one O_DSYNC device write (up to 512 KiB), each acknowledged",
             "when it completes. Deep queues of small writes share device writes and",
             "flushes instead of paying one each. 0 turns combining off.",
         ],
