@@ -3,24 +3,31 @@
 //!
 //! With the data area opened O_DSYNC each extent write is one device write
 //! that is durable when it completes, so at depth N the device sees N writes
-//! and N flushes. Here a durable write goes out at once while fewer than
-//! `max_in_flight` combined writes are at the device; otherwise it waits in
-//! a queue. When a device write finishes, the queue's head and the writes
-//! that follow it on disk with no gap go out as ONE durable device write (up
-//! to [`MAX_COMBINED_BYTES`]). The allocator hands out runs in order, so
+//! and N flushes. Here every durable write joins a queue, and device writes
+//! start from it: a write with nothing queued ahead of it goes out at once,
+//! alone, while fewer than `max_in_flight` device writes are in flight. When
+//! writes have queued, the head and the writes that follow it on disk with
+//! no gap go out as ONE durable device write (up to [`MAX_COMBINED_BYTES`]),
+//! one such batch at a time: under a deep queue the writes gather while the
+//! previous batch completes. The allocator hands out runs in order, so
 //! writes that arrive together are usually adjacent. Each write is
 //! acknowledged when the device write that carried it completes: still one
 //! device write (shared) and no other synchronous write per acknowledgement.
+//! With `max_in_flight` 0 (off) each write goes out at once, alone.
 //!
 //! Crash behaviour does not change: every extent in a combined write is
 //! self-describing, so a torn combined write leaves some whole extents (never
 //! acknowledged, entirely new) and a torn one that recovery discards, the
 //! same as several torn writes would.
 //!
-//! A device write runs in a task of its own, so a request cancelled while it
-//! waits does not cancel a write that other requests ride in. A queued write
-//! whose request was cancelled before its turn is skipped (its caller's guard
-//! quarantines the run it was given).
+//! Every device write runs in a task of its own, so a request cancelled
+//! while it waits does not cancel a write that other requests ride in, and
+//! the engine knows which disk ranges are still being written: a cancelled
+//! request's run stays quarantined until no running write covers it (see
+//! `Io::being_written`). A queued write whose request was cancelled before
+//! its turn is skipped (its caller's guard quarantines the run it was
+//! given). A write that fails is remembered even if nobody waits for it, so
+//! the shard still fail-stops.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
