@@ -101,12 +101,12 @@ pub(crate) struct Combiner {
     /// combining off (each durable write goes out alone, at once).
     pub(crate) max_in_flight: u32,
     pub(crate) in_flight: Cell<u32>,
-    /// Of those, batches taken from the queue: at most one at a time, so
-    /// under a deep queue the writes gather into one large device write
-    /// while the previous one completes (fewer, larger device writes cost
-    /// less CPU and flush less), while a shallow stream of writes still
-    /// goes out `max_in_flight` at once, each alone.
-    pub(crate) batches_in_flight: Cell<u32>,
+    /// One of those is a batch of several writes from the queue: at most one
+    /// at a time, so under a deep queue the writes gather into one large
+    /// device write while the previous one completes (fewer, larger device
+    /// writes cost less CPU and flush less), while a shallow stream of
+    /// writes still goes out `max_in_flight` at once, each alone.
+    pub(crate) batch_in_flight: Cell<bool>,
     queue: RefCell<VecDeque<Queued>>,
 }
 
@@ -115,7 +115,7 @@ impl Combiner {
         Combiner {
             max_in_flight,
             in_flight: Cell::new(0),
-            batches_in_flight: Cell::new(0),
+            batch_in_flight: Cell::new(false),
             queue: RefCell::new(VecDeque::new()),
         }
     }
@@ -133,6 +133,22 @@ impl Combiner {
         self.in_flight.get() == 0 && self.queue.borrow().is_empty()
     }
 
+    /// A device write of `writes` queued writes starts.
+    pub(crate) fn started(&self, writes: usize) {
+        self.in_flight.set(self.in_flight.get() + 1);
+        if writes > 1 {
+            self.batch_in_flight.set(true);
+        }
+    }
+
+    /// A device write of `writes` queued writes ended.
+    pub(crate) fn ended(&self, writes: usize) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        if writes > 1 {
+            self.batch_in_flight.set(false);
+        }
+    }
+
     /// The next batch to write if a device write may start now: the first
     /// live queued write and the live writes after it that continue it on
     /// disk, within [`MAX_COMBINED_BYTES`]. Withdrawn writes at the front are
@@ -146,8 +162,7 @@ impl Combiner {
             // No combining: each write goes out at once, alone.
             return q.pop_front().map(|first| vec![first]);
         }
-        if self.in_flight.get() >= self.max_in_flight
-            || (self.batches_in_flight.get() > 0 && q.len() > 1)
+        if self.in_flight.get() >= self.max_in_flight || (self.batch_in_flight.get() && q.len() > 1)
         {
             return None;
         }
@@ -196,6 +211,18 @@ mod tests {
         (q, Wait(done))
     }
 
+    /// Queues writes of `(first sector, sectors)`; their waiters.
+    fn fill(c: &Combiner, writes: &[(u64, u64)]) -> Vec<Wait> {
+        writes
+            .iter()
+            .map(|&(at, n)| {
+                let (q, w) = queued(at, n);
+                c.push(q);
+                w
+            })
+            .collect()
+    }
+
     fn starts(batch: &[Queued]) -> Vec<u64> {
         batch.iter().map(|q| q.at.0).collect()
     }
@@ -203,19 +230,14 @@ mod tests {
     #[test]
     fn batches_take_adjacent_runs_only() {
         let c = Combiner::new(1);
-        let mut waits = Vec::new();
-        for (at, n) in [(10, 2), (12, 2), (14, 3), (20, 2), (22, 1)] {
-            let (q, w) = queued(at, n);
-            c.push(q);
-            waits.push(w);
-        }
+        let _waits = fill(&c, &[(10, 2), (12, 2), (14, 3), (20, 2), (22, 1)]);
         assert_eq!(starts(&c.take_batch().unwrap()), [10, 12, 14]);
         c.in_flight.set(1);
         assert!(c.take_batch().is_none(), "at the in-flight limit");
         c.in_flight.set(0);
-        c.batches_in_flight.set(1);
+        c.batch_in_flight.set(true);
         assert!(c.take_batch().is_none(), "one batch at a time");
-        c.batches_in_flight.set(0);
+        c.batch_in_flight.set(false);
         assert_eq!(starts(&c.take_batch().unwrap()), [20, 22]);
         assert!(c.take_batch().is_none());
         assert!(c.idle());
@@ -224,12 +246,7 @@ mod tests {
     #[test]
     fn off_means_each_write_alone_and_at_once() {
         let c = Combiner::new(0);
-        let mut waits = Vec::new();
-        for at in 0..3 {
-            let (q, w) = queued(at, 1);
-            c.push(q);
-            waits.push(w);
-        }
+        let _waits = fill(&c, &[(0, 1), (1, 1), (2, 1)]);
         c.in_flight.set(100);
         assert_eq!(starts(&c.take_batch().unwrap()), [0]);
         assert_eq!(starts(&c.take_batch().unwrap()), [1]);
@@ -241,14 +258,10 @@ mod tests {
     fn a_lone_write_passes_a_batch_in_flight() {
         let c = Combiner::new(4);
         c.in_flight.set(1);
-        c.batches_in_flight.set(1);
-        let (q, _w) = queued(0, 1);
-        c.push(q);
+        c.batch_in_flight.set(true);
+        let _w = fill(&c, &[(0, 1)]);
         assert_eq!(starts(&c.take_batch().unwrap()), [0], "nothing else queued");
-        let (q, _w1) = queued(10, 1);
-        c.push(q);
-        let (q, _w2) = queued(11, 1);
-        c.push(q);
+        let _more = fill(&c, &[(10, 1), (11, 1)]);
         assert!(
             c.take_batch().is_none(),
             "a queue waits for the batch in flight"
@@ -258,12 +271,10 @@ mod tests {
     #[test]
     fn withdrawn_writes_are_skipped_and_end_a_batch() {
         let c = Combiner::new(1);
-        let mut waits = Vec::new();
-        for (at, n) in [(0, 1), (1, 1), (2, 1), (3, 1)] {
-            let (q, w) = queued(at, n);
-            c.push(q);
-            waits.push(Some(w));
-        }
+        let mut waits: Vec<_> = fill(&c, &[(0, 1), (1, 1), (2, 1), (3, 1)])
+            .into_iter()
+            .map(Some)
+            .collect();
         waits[0] = None; // the first request was cancelled
         waits[2] = None; // and one in the middle
         assert_eq!(starts(&c.take_batch().unwrap()), [1]);
@@ -275,19 +286,13 @@ mod tests {
     fn a_batch_stays_within_the_byte_cap() {
         let c = Combiner::new(1);
         let per = MAX_COMBINED_BYTES / SECTOR / 4; // four fill the cap
-        let mut waits = Vec::new();
-        for i in 0..6 {
-            let (q, w) = queued(i * per, per);
-            c.push(q);
-            waits.push(w);
-        }
+        let writes: Vec<_> = (0..6).map(|i| (i * per, per)).collect();
+        let _waits = fill(&c, &writes);
         assert_eq!(c.take_batch().unwrap().len(), 4);
         assert_eq!(c.take_batch().unwrap().len(), 2);
         // One extent over the cap still goes, alone.
-        let (q, _w) = queued(1000, 2 * MAX_COMBINED_BYTES / SECTOR);
-        c.push(q);
-        let (q2, _w2) = queued(1000 + 2 * MAX_COMBINED_BYTES / SECTOR, 1);
-        c.push(q2);
+        let big = 2 * MAX_COMBINED_BYTES / SECTOR;
+        let _more = fill(&c, &[(1000, big), (1000 + big, 1)]);
         assert_eq!(c.take_batch().unwrap().len(), 1);
     }
 

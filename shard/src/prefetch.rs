@@ -384,7 +384,18 @@ fn crossing_hints(chunk: ChunkId, s: &mut Stream, len: u64, target: u64) -> Vec<
     let size = s.max_len.div_ceil(BLOCK).max(1) * BLOCK;
     // Whole estimated chunks only, so the total stays within the spill.
     let reach = (spill / size).clamp(1, MAX_CHUNKS_AHEAD);
-    let id = |j: u64| chunk.0.checked_add(u128::from(j)).map(ChunkId);
+    let (window, max_len) = (s.window, s.max_len);
+    // The hint for chunk id + j, asking for `ahead` bytes.
+    let hint = |j: u64, ahead: u64| {
+        let chunk = ChunkId(chunk.0.checked_add(u128::from(j))?);
+        Some(StreamHint {
+            chunk,
+            window,
+            ahead,
+            further: reach - j,
+            max_len,
+        })
+    };
     let mut out = Vec::new();
     let next_asked = if reach == 1 { spill } else { size };
     // Sent again whenever the read-ahead reaches further: the stream
@@ -392,27 +403,9 @@ fn crossing_hints(chunk: ChunkId, s: &mut Stream, len: u64, target: u64) -> Vec<
     // which ids after it have hints already.
     if next_asked > s.crossed || reach > s.crossed_chunks {
         s.crossed = s.crossed.max(next_asked);
-        if let Some(c) = id(1) {
-            out.push(StreamHint {
-                chunk: c,
-                window: s.window,
-                ahead: next_asked,
-                further: reach - 1,
-                max_len: s.max_len,
-            });
-        }
+        out.extend(hint(1, next_asked));
     }
-    for j in s.crossed_chunks.max(1) + 1..=reach {
-        if let Some(c) = id(j) {
-            out.push(StreamHint {
-                chunk: c,
-                window: s.window,
-                ahead: size,
-                further: reach - j,
-                max_len: s.max_len,
-            });
-        }
-    }
+    out.extend((s.crossed_chunks.max(1) + 1..=reach).filter_map(|j| hint(j, size)));
     s.crossed_chunks = s.crossed_chunks.max(reach);
     out
 }

@@ -180,11 +180,10 @@ struct Shared {
     /// Extent writes that rode in a device write started for another one.
     combined: Cell<u64>,
     combiner: Combiner,
-    /// Durable device writes running, by start order: their disk sectors
-    /// `[start, end)`. A write keeps running when the requests it carries
-    /// are cancelled, so their runs must not be reused before it ends.
-    running: RefCell<BTreeMap<u64, (u64, u64)>>,
-    next_write: Cell<u64>,
+    /// Durable device writes running: first disk sector -> end (they never
+    /// overlap). A write keeps running when the requests it carries are
+    /// cancelled, so their runs must not be reused before it ends.
+    running: RefCell<BTreeMap<u64, u64>>,
     /// The first durable write that failed (not for lack of space), even if
     /// every request it carried was cancelled: the shard must fail-stop.
     failure: RefCell<Option<String>>,
@@ -203,7 +202,6 @@ impl Io {
                 combined: Cell::new(0),
                 combiner: Combiner::new(combine_in_flight),
                 running: RefCell::new(BTreeMap::new()),
-                next_write: Cell::new(0),
                 failure: RefCell::new(None),
             }),
         }
@@ -222,12 +220,14 @@ impl Io {
     /// sectors `[start, start + len)` (its requests may have been cancelled:
     /// such space must stay quarantined until the write ends).
     pub fn being_written(&self, start: u64, len: u64) -> bool {
-        let end = start + len;
+        // The running write starting last before the range's end is the
+        // only one that can reach into it (they do not overlap).
         self.s
             .running
             .borrow()
-            .values()
-            .any(|&(a, b)| a < end && start < b)
+            .range(..start + len)
+            .next_back()
+            .is_some_and(|(_, &end)| end > start)
     }
 
     /// A durable write that failed (other than for space), whoever waited
@@ -337,24 +337,18 @@ fn bump(c: &Cell<u64>) {
 /// next batch when it ends.
 fn start_combined(s: &Rc<Shared>) {
     while let Some(batch) = s.combiner.take_batch() {
-        let c = &s.combiner;
-        c.in_flight.set(c.in_flight.get() + 1);
-        let combined = batch.len() > 1;
-        if combined {
-            c.batches_in_flight.set(c.batches_in_flight.get() + 1);
-        }
+        let writes = batch.len();
+        s.combiner.started(writes);
         bump(&s.writes);
-        s.combined.set(s.combined.get() + batch.len() as u64 - 1);
-        let id = s.next_write.get();
-        s.next_write.set(id + 1);
+        s.combined.set(s.combined.get() + writes as u64 - 1);
         let s = s.clone();
         glommio::spawn_local(async move {
             let at = batch[0].at;
             let (buf, dones) = assemble(&*s.inner, batch);
             let sectors = buf.len() as u64 / SECTOR;
-            s.running.borrow_mut().insert(id, (at.0, at.0 + sectors));
+            s.running.borrow_mut().insert(at.0, at.0 + sectors);
             let res = s.inner.write_durable(at, buf).await;
-            s.running.borrow_mut().remove(&id);
+            s.running.borrow_mut().remove(&at.0);
             if let Err(e) = &res {
                 if e.raw_os_error() != Some(libc::ENOSPC) {
                     s.failure.borrow_mut().get_or_insert_with(|| {
@@ -362,11 +356,7 @@ fn start_combined(s: &Rc<Shared>) {
                     });
                 }
             }
-            let c = &s.combiner;
-            c.in_flight.set(c.in_flight.get() - 1);
-            if combined {
-                c.batches_in_flight.set(c.batches_in_flight.get() - 1);
-            }
+            s.combiner.ended(writes);
             for d in &dones {
                 d.finish(share_result(&res));
             }

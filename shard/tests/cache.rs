@@ -624,12 +624,8 @@ fn a_huge_marked_read_reads_ahead_at_most_a_window() {
     run(|| async {
         // 64 MiB of cache: a 4 MiB window.
         let shard = open_cached(dir.path(), 64 * MIB, true).await;
-        for i in 0..40u128 {
-            shard
-                .write(cid(900 + i), 0, &pattern(900 + i as u64, 1 << 20))
-                .await
-                .unwrap();
-        }
+        let chunks: Vec<_> = (0..40u128).map(|i| (cid(900 + i), 1 << 20)).collect();
+        write_whole(&shard, &chunks).await;
         let hints = ReadHints {
             continues_into_next_chunk: true,
         };

@@ -4,7 +4,33 @@ mod common;
 use std::rc::Rc;
 
 use common::*;
-use shardstore_shard::{Shard, SimDisk};
+use shardstore_shard::{Shard, ShardError, SimDisk, WriteOutcome};
+
+/// Writes `pattern(n, len)` at offset 0 of chunk `n` in a task of its own.
+fn spawn_write(
+    shard: &Rc<Shard>,
+    n: u128,
+    len: usize,
+) -> glommio::Task<Result<WriteOutcome, ShardError>> {
+    let shard = shard.clone();
+    glommio::spawn_local(async move { shard.write(cid(n), 0, &pattern(n as u64, len)).await })
+}
+
+/// Writes chunks `0..count` concurrently, a task each; each is new.
+async fn write_concurrently(shard: &Rc<Shard>, count: u128, len: usize) {
+    let tasks: Vec<_> = (0..count).map(|n| spawn_write(shard, n, len)).collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().version, 1);
+    }
+}
+
+/// Chunks `0..count` read back as written by [`write_concurrently`].
+async fn assert_chunks(shard: &Shard, count: u128, len: usize, what: &str) {
+    for n in 0..count {
+        let r = shard.read(cid(n), 0, len as u32).await.unwrap();
+        assert_eq!(r.data.to_vec(), pattern(n as u64, len), "{what}");
+    }
+}
 
 /// Group commit, and adaptive sync (whose first write runs alone and goes
 /// out O_DSYNC, the rest overlapping it and each other).
@@ -23,16 +49,7 @@ fn concurrent_writes_share_flushes(adaptive_sync: bool) {
         cfg.adaptive_sync = adaptive_sync;
         let shard = Rc::new(Shard::open(cfg).await.unwrap());
         let before = shard.stats();
-        let mut tasks = Vec::new();
-        for n in 0..64u128 {
-            let shard = shard.clone();
-            tasks.push(glommio::spawn_local(async move {
-                shard.write(cid(n), 0, &pattern(n as u64, 4096)).await
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap().version, 1);
-        }
+        write_concurrently(&shard, 64, 4096).await;
         let s = shard.stats();
         let writes = s.writes - before.writes;
         let flushes = s.flushes - before.flushes;
@@ -42,10 +59,7 @@ fn concurrent_writes_share_flushes(adaptive_sync: bool) {
             flushes >= 1 && flushes < writes / 4,
             "{flushes} flushes for {writes} writes"
         );
-        for n in 0..64u128 {
-            let r = shard.read(cid(n), 0, 4096).await.unwrap();
-            assert_eq!(r.data.to_vec(), pattern(n as u64, 4096));
-        }
+        assert_chunks(&shard, 64, 4096, "read back").await;
     });
 }
 
@@ -93,16 +107,7 @@ fn queued_durable_writes_share_device_writes() {
             cfg.combine_in_flight = combine;
             let shard = Rc::new(Shard::open(cfg.clone()).await.unwrap());
             let before = shard.stats();
-            let mut tasks = Vec::new();
-            for n in 0..64u128 {
-                let shard = shard.clone();
-                tasks.push(glommio::spawn_local(async move {
-                    shard.write(cid(n), 0, &pattern(n as u64, 4096)).await
-                }));
-            }
-            for t in tasks {
-                assert_eq!(t.await.unwrap().version, 1);
-            }
+            write_concurrently(&shard, 64, 4096).await;
             let s = shard.stats();
             let (writes, dev) = (
                 s.writes - before.writes,
@@ -118,17 +123,11 @@ fn queued_durable_writes_share_device_writes() {
                     "combine {combine}: {dev} device writes for {writes} writes"
                 );
             }
-            for n in 0..64u128 {
-                let r = shard.read(cid(n), 0, 4096).await.unwrap();
-                assert_eq!(r.data.to_vec(), pattern(n as u64, 4096));
-            }
+            assert_chunks(&shard, 64, 4096, "read back").await;
             drop(Rc::try_unwrap(shard).ok().expect("one owner"));
             // No close: recovery must find every extent from the data area.
             let shard = Shard::open(cfg).await.unwrap();
-            for n in 0..64u128 {
-                let r = shard.read(cid(n), 0, 4096).await.unwrap();
-                assert_eq!(r.data.to_vec(), pattern(n as u64, 4096), "after reopen");
-            }
+            assert_chunks(&shard, 64, 4096, "after reopen").await;
             shard.close().await.unwrap();
         });
     }
@@ -145,13 +144,9 @@ fn cancelled_queued_writes_do_not_block_or_tear() {
         let mut cfg = config(dir.path(), 64 * MIB);
         cfg.combine_in_flight = 1;
         let shard = Rc::new(Shard::open(cfg.clone()).await.unwrap());
-        let mut tasks = Vec::new();
-        for n in 0..48u128 {
-            let shard = shard.clone();
-            tasks.push(Some(glommio::spawn_local(async move {
-                shard.write(cid(n), 0, &pattern(n as u64, 8192)).await
-            })));
-        }
+        let mut tasks: Vec<_> = (0..48)
+            .map(|n| Some(spawn_write(&shard, n, 8192)))
+            .collect();
         // Let every task reach the combiner, then cancel every third.
         futures_lite::future::yield_now().await;
         for (n, t) in tasks.iter_mut().enumerate() {
@@ -216,10 +211,7 @@ fn space_of_a_cancelled_running_write_waits_for_the_write() {
         shard.checkpoint().await.unwrap();
         let used = shard.stats().used_bytes;
         disk.hold_writes(true);
-        let task = {
-            let shard = shard.clone();
-            glommio::spawn_local(async move { shard.write(cid(2), 0, &pattern(2, 8192)).await })
-        };
+        let task = spawn_write(&shard, 2, 8192);
         for _ in 0..8 {
             futures_lite::future::yield_now().await;
         }
@@ -258,10 +250,7 @@ fn a_failed_write_nobody_waits_for_still_fail_stops() {
         cfg.write_through = true;
         let shard = Rc::new(Shard::open_sim(cfg, &disk).await.unwrap());
         disk.hold_writes(true);
-        let task = {
-            let shard = shard.clone();
-            glommio::spawn_local(async move { shard.write(cid(2), 0, &pattern(2, 4096)).await })
-        };
+        let task = spawn_write(&shard, 2, 4096);
         for _ in 0..8 {
             futures_lite::future::yield_now().await;
         }
