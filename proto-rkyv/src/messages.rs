@@ -213,6 +213,9 @@ pub struct StatsReply {
     pub stream_hints_out: u64,
     pub stream_hints_in: u64,
     pub stream_hints_dropped: u64,
+    /// Extent writes that went to the device inside a write started for
+    /// another one (write combining); `device_writes` counts that once.
+    pub combined_writes: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

@@ -273,7 +273,7 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6}",
+        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6} {:>9}",
         "shard",
         "checkpoints",
         "ckpt_waits",
@@ -281,12 +281,13 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         "last_ckpt_keys",
         "tombstones",
         "retired",
-        "sweeps"
+        "sweeps",
+        "combined"
     );
     for st in all {
         let _ = writeln!(
             out,
-            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6}",
+            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6} {:>9}",
             st.shard,
             st.checkpoints,
             st.checkpoint_waits,
@@ -294,7 +295,8 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
             st.last_checkpoint_keys,
             st.tombstones,
             st.tombstones_retired,
-            st.sweep_passes
+            st.sweep_passes,
+            st.combined_writes
         );
     }
     let _ = writeln!(

@@ -639,6 +639,7 @@ impl ShardCtx {
             stream_hints_out: c.stream_hints_out.get(),
             stream_hints_in: c.stream_hints_in.get(),
             stream_hints_dropped: c.stream_hints_dropped.get(),
+            combined_writes: s.combined_writes,
         }
     }
 

@@ -409,7 +409,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 44] = [
+    let fams: [Family; 45] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -514,6 +514,12 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Device writes.",
             |s| s.stats.device_writes,
+        ),
+        (
+            "shardstore_combined_writes_total",
+            "counter",
+            "Extent writes carried by a device write started for another (write combining).",
+            |s| s.stats.combined_writes,
         ),
         (
             "shardstore_device_flushes_total",

@@ -219,6 +219,12 @@ async fn scrape_and_parse() {
     );
     assert_eq!(m.sum("shardstore_chunks", &[]), writes as f64);
     assert!(m.sum("shardstore_device_flushes_total", &[]) >= 1.0);
+    assert_eq!(m.types["shardstore_combined_writes_total"], "counter");
+    assert_eq!(
+        m.sum("shardstore_combined_writes_total", &[]),
+        0.0,
+        "one write at a time: nothing to combine"
+    );
     assert_eq!(m.sum("shardstore_fail_stopped", &[]), 0.0);
     assert_eq!(m.sum("shardstore_in_flight_requests", &[]), 0.0);
     assert!(

@@ -272,3 +272,36 @@ async fn tombstones_are_retired_in_the_background() {
         ));
     }
 }
+
+/// Concurrent durable writes queued behind the device go out combined, and
+/// STATS says how many rode in another write's device write: each write is
+/// one extent, carried by a device write of its own or by another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_writes_are_counted() {
+    let dir = data_dir("combined");
+    let srv = TestServer::try_start(&dir, 1, &["--write-combine", "1"]).unwrap();
+    let c = srv.client().await;
+    let before = c.stats(ShardId(0)).await.unwrap();
+    let writes = 64u64;
+    let tasks: Vec<_> = (0..writes)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(ChunkId(i as u128), 0, pattern(i, 4096)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let after = c.stats(ShardId(0)).await.unwrap();
+    let combined = after.combined_writes - before.combined_writes;
+    let device = after.device_writes - before.device_writes;
+    assert_eq!(device + combined, writes, "{device} device writes");
+    assert!(
+        combined > 0,
+        "64 writes at once, one device write in flight"
+    );
+    for i in 0..writes {
+        let r = c.read(ChunkId(i as u128), 0, 4096).await.unwrap();
+        assert_eq!(&r.data[..], &pattern(i, 4096)[..]);
+    }
+}

@@ -180,7 +180,7 @@ struct Shared {
     /// Extent writes that rode in a device write started for another one.
     combined: Cell<u64>,
     combiner: Combiner,
-    /// Durable device writes running: first disk sector -> end (they never
+    /// Device writes running: first disk sector -> end (they never
     /// overlap). A write keeps running when the requests it carries are
     /// cancelled, so their runs must not be reused before it ends.
     running: RefCell<BTreeMap<u64, u64>>,
@@ -216,7 +216,7 @@ impl Io {
         }
     }
 
-    /// Whether a durable device write still running covers any of disk
+    /// Whether a device write still running covers any of disk
     /// sectors `[start, start + len)` (its requests may have been cancelled:
     /// such space must stay quarantined until the write ends).
     pub fn being_written(&self, start: u64, len: u64) -> bool {
@@ -239,7 +239,7 @@ impl Io {
     /// Waits until no durable write is queued or at the device (a write
     /// whose requests were cancelled may still be running).
     pub async fn quiesce(&self) {
-        while !self.s.combiner.idle() {
+        while !self.s.combiner.idle() || !self.s.running.borrow().is_empty() {
             glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
         }
     }
@@ -273,11 +273,24 @@ impl Io {
         self.s.inner.write(at, buf).await
     }
 
+    /// A device write, durable only after the next [`Io::sync`]. Like a
+    /// durable write, it goes out from a task of its own and its range is
+    /// tracked while it runs: a request cancelled meanwhile leaves the write
+    /// running, and its space must not be reused before the write ends.
     pub async fn write(&self, at: DiskSector, buf: IoBuf) -> io::Result<()> {
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
         bump(&self.s.writes);
-        self.s.inner.write(at, buf).await
+        let done = Rc::new(Done::default());
+        self.s.begin_running(at, len);
+        let (s, d) = (self.s.clone(), done.clone());
+        glommio::spawn_local(async move {
+            let res = s.inner.write(at, buf).await;
+            s.running.borrow_mut().remove(&at.0);
+            d.finish(res);
+        })
+        .detach();
+        Wait(done).await
     }
 
     pub fn can_write_durable(&self) -> bool {
@@ -328,6 +341,16 @@ impl Io {
     }
 }
 
+impl Shared {
+    /// Records a device write of `bytes` at `at` as running; returns its
+    /// end sector. The caller removes it when the write ends.
+    fn begin_running(&self, at: DiskSector, bytes: usize) -> u64 {
+        let end = at.0 + bytes as u64 / SECTOR;
+        self.running.borrow_mut().insert(at.0, end);
+        end
+    }
+}
+
 fn bump(c: &Cell<u64>) {
     c.set(c.get() + 1);
 }
@@ -341,12 +364,14 @@ fn start_combined(s: &Rc<Shared>) {
         s.combiner.started(writes);
         bump(&s.writes);
         s.combined.set(s.combined.get() + writes as u64 - 1);
+        // Tracked from now, not from when the task first runs: a checkpoint
+        // in between must already see the range as being written.
+        let at = batch[0].at;
+        let end = s.begin_running(at, batch.iter().map(|q| q.buf.len()).sum());
+        let sectors = end - at.0;
         let s = s.clone();
         glommio::spawn_local(async move {
-            let at = batch[0].at;
             let (buf, dones) = assemble(&*s.inner, batch);
-            let sectors = buf.len() as u64 / SECTOR;
-            s.running.borrow_mut().insert(at.0, at.0 + sectors);
             let res = s.inner.write_durable(at, buf).await;
             s.running.borrow_mut().remove(&at.0);
             if let Err(e) = &res {

@@ -199,12 +199,20 @@ fn cancelled_queued_writes_do_not_block_or_tear() {
 /// leaves its space quarantined until that write ends, however many
 /// checkpoints pass: reused earlier, the late write could land on newer,
 /// acknowledged data.
+/// Both ways a write reaches the device: O_DSYNC (`write_through`), and a
+/// plain write made durable by a group-committed flush.
 #[test]
 fn space_of_a_cancelled_running_write_waits_for_the_write() {
-    run(|| async {
+    for write_through in [true, false] {
+        quarantine_outlives_a_cancelled_running_write(write_through);
+    }
+}
+
+fn quarantine_outlives_a_cancelled_running_write(write_through: bool) {
+    run(move || async move {
         let disk = SimDisk::new(8 * MIB, 7);
         let mut cfg = sim_shard_config();
-        cfg.write_through = true;
+        cfg.write_through = write_through;
         let shard = Rc::new(Shard::open_sim(cfg, &disk).await.unwrap());
         shard.write(cid(1), 0, &pattern(1, 4096)).await.unwrap();
         shard.checkpoint().await.unwrap();
