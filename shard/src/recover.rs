@@ -41,7 +41,10 @@
 //! or failed when it was written. With D the highest such mark found, a bad
 //! extent below D was acknowledged: it is kept (reads report CORRUPT naming
 //! the sector, and the scrubber counts it); one at or above D may be torn and
-//! is discarded whole, so an unacknowledged write is all or nothing, unless
+//! is discarded whole, its header zeroed on disk before the checkpoint that
+//! follows recovery (so a later full rebuild cannot take it for a live
+//! extent that newer writes partly overwrote), so an unacknowledged write is
+//! all or nothing, unless
 //! its last data sector is intact while an earlier one is not: a write torn
 //! by a crash loses a suffix (the device persists a prefix), so that pattern
 //! is taken as damage to an acknowledged write that no later header vouches
@@ -239,19 +242,21 @@ async fn scan(
 }
 
 /// Drops bad extents that may be torn; keeps (with `keep_damaged`) those the
-/// durable marks prove were acknowledged. See the module docs.
+/// durable marks prove were acknowledged. See the module docs. Returns the
+/// kept extents and where the dropped ones start.
 fn triage(
     inner: &Inner,
     found: Vec<Found>,
     keep_damaged: bool,
     report: &mut RecoveryReport,
-) -> Vec<Found> {
+) -> (Vec<Found>, Vec<DiskSector>) {
     let durable_below = found
         .iter()
         .map(|f| f.header.durable_below)
         .max()
         .unwrap_or(0);
     let mut out = Vec::with_capacity(found.len());
+    let mut dropped = Vec::new();
     for f in found {
         let Some(&b) = f.bad.first() else {
             out.push(f);
@@ -272,6 +277,7 @@ fn triage(
             out.push(f);
         } else {
             report.discarded += 1;
+            dropped.push(f.at);
             tracing::warn!(
                 shard = inner.id.0,
                 chunk = %h.chunk,
@@ -282,7 +288,7 @@ fn triage(
             );
         }
     }
-    out
+    (out, dropped)
 }
 
 /// Marks everything the index references as used; returns the highest
@@ -415,16 +421,53 @@ fn punch(inner: &Inner, f: &Found, l: u64) -> Result<(), ShardError> {
     Ok(())
 }
 
+/// Zeroes the first header sector of each extent recovery discarded (a write
+/// torn by the crash, never acknowledged) and makes that durable before the
+/// checkpoint that follows recovery moves `replay_from` past them. Left
+/// alone, such a header would stay on disk in free space, and once newer
+/// writes of its chunk had covered its torn sectors, a full rebuild would
+/// take it for an acknowledged extent partly overwritten and show its
+/// intact sectors (see `superseded_holes`). Each sector zeroed is free
+/// space: the run of a write in flight at the crash, which nothing else
+/// used since the checkpoint.
+async fn erase_headers(inner: &Inner, at: &[DiskSector]) -> Result<(), ShardError> {
+    if at.is_empty() {
+        return Ok(());
+    }
+    for &s in at {
+        let mut zeros = inner.io.alloc_buffer(1);
+        zeros.as_bytes_mut().fill(0);
+        inner.io.write(s, zeros).await.map_err(|e| {
+            ShardError::io(
+                format!("erasing the header of a torn extent at sector {}", s.0),
+                e,
+            )
+        })?;
+    }
+    inner
+        .io
+        .sync()
+        .await
+        .map_err(|e| ShardError::io("syncing erased headers of torn extents", e))?;
+    tracing::info!(
+        shard = inner.id.0,
+        erased = at.len(),
+        "erased the headers of torn extents"
+    );
+    Ok(())
+}
+
 /// Normal start: index plus the data area written since the checkpoint.
 pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryReport, ShardError> {
     let mut report = RecoveryReport::default();
     let index_max = load_allocator(inner)?;
     let (found, scan_max) = scan(inner, &ck.scan, ck.replay_from, &mut report).await?;
-    let mut found = triage(inner, found, true, &mut report);
+    let (mut found, torn) = triage(inner, found, true, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;
     }
+    erase_headers(inner, &torn).await?;
     let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
     inner.next_generation.set(next);
     report.chunks = inner.index.chunk_count();
@@ -445,7 +488,7 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
     let area = inner.alloc.borrow().area();
     let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
     superseded_holes(&mut found);
-    let mut found = triage(inner, found, false, &mut report);
+    let (mut found, _) = triage(inner, found, false, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;
@@ -463,8 +506,13 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
 /// extent: it is kept with those sectors as holes (replay leaves them out
 /// and gives their space back, see `punch`). Deciding newest first makes
 /// "kept itself" known for every coverer.
-/// (Residual risk: a write torn by a crash whose torn sectors were later
-/// overwritten by newer writes of its chunk shows its intact sectors.)
+/// A write torn by a crash would look the same once newer writes of its
+/// chunk cover its torn sectors: recovery erases the header of every torn
+/// extent it discards (`erase_headers`), so a rebuild never meets one.
+/// (Residual risk: an extent whose request was cancelled after its device
+/// write had started is complete on disk but never indexed; once a
+/// checkpoint has passed it, a rebuild shows its sectors that newer writes
+/// did not cover.)
 fn superseded_holes(found: &mut [Found]) {
     use std::collections::HashMap;
     let durable_below = found

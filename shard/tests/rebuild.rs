@@ -3,6 +3,7 @@
 mod common;
 
 use std::path::Path;
+use std::rc::Rc;
 
 use common::*;
 use shardstore_proto::ShardId;
@@ -352,6 +353,80 @@ fn rebuild_gives_a_reused_hole_to_the_extent_that_reused_it() {
         assert!(
             matches!(&r, Ok(r) if r.data.to_vec() == x),
             "the chunk that reused E's space is lost or wrong after the rebuild"
+        );
+        assert!(shard.verify().await.unwrap().problems.is_empty());
+    });
+}
+
+/// A write torn by a crash is discarded by recovery; newer writes of its
+/// chunk then cover its torn sector. A later rebuild must not take the torn
+/// extent for an acknowledged one that was partly overwritten and revive
+/// its intact sectors: recovery erases the header of what it discards.
+#[test]
+fn rebuild_does_not_revive_a_torn_write_recovery_discarded() {
+    let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 5);
+    let cfg = sim_shard_config;
+    let mut model = pattern(1, 4 * 4096);
+    let other = pattern(4, 4096);
+    let mut torn_header = 0;
+    run(|| async {
+        let shard = Rc::new(Shard::open_sim(cfg(), &disk).await.unwrap());
+        shard.write(cid(1), 0, &model).await.unwrap();
+        shard.checkpoint().await.unwrap();
+        // The write the crash tears (all of it lands but its last sector),
+        // and one in flight with it: that one lands whole after it on disk
+        // and, written while the torn one was in flight, does not vouch
+        // for it.
+        let before: Vec<Vec<u8>> = (0..disk.sectors()).map(|s| disk.sector(s)).collect();
+        let torn = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                shard.write(cid(1), 0, &pattern(2, 4 * 4096)).await.unwrap();
+            })
+        };
+        let next = {
+            let (shard, other) = (shard.clone(), other.clone());
+            glommio::spawn_local(async move { shard.write(cid(2), 0, &other).await.unwrap() })
+        };
+        torn.await;
+        next.await;
+        let written: Vec<u64> = (0..disk.sectors())
+            .filter(|&s| disk.sector(s) != before[s as usize])
+            .collect();
+        assert_eq!(written.len(), 7, "two headers, 4 + 1 data sectors");
+        torn_header = written[0];
+        disk.put_sector(written[4], &before[written[4] as usize]);
+        drop(shard); // the crash: no checkpoint after these writes
+    });
+    disk.crash();
+    run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        assert_eq!(shard.recovery_report().discarded, 1, "the torn write");
+        assert!(
+            disk.sector(torn_header).iter().all(|&b| b == 0),
+            "the torn write's header is erased"
+        );
+        let r = shard.read(cid(1), 0, 1 << 20).await.unwrap();
+        assert!(r.data.to_vec() == model, "torn write discarded whole");
+        // A newer write covers the torn write's bad sector; too large for
+        // the torn write's freed run, it lands past the other write.
+        let patch = pattern(3, 7 * 4096);
+        shard.write(cid(1), 3 * 4096, &patch).await.unwrap();
+        model.truncate(3 * 4096);
+        model.extend_from_slice(&patch);
+        shard.checkpoint().await.unwrap();
+        shard.close().await.unwrap();
+    });
+    run(|| async {
+        let shard = open_rebuilt(cfg(), &disk).await;
+        let r = shard.read(cid(1), 0, 1 << 20).await.unwrap();
+        assert!(
+            r.data.to_vec() == model,
+            "the rebuild revived the torn write's intact sectors"
+        );
+        assert_eq!(
+            shard.read(cid(2), 0, 4096).await.unwrap().data.to_vec(),
+            other
         );
         assert!(shard.verify().await.unwrap().problems.is_empty());
     });
