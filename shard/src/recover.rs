@@ -508,11 +508,10 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
 /// "kept itself" known for every coverer.
 /// A write torn by a crash would look the same once newer writes of its
 /// chunk cover its torn sectors: recovery erases the header of every torn
-/// extent it discards (`erase_headers`), so a rebuild never meets one.
-/// (Residual risk: an extent whose request was cancelled after its device
-/// write had started is complete on disk but never indexed; once a
-/// checkpoint has passed it, a rebuild shows its sectors that newer writes
-/// did not cover.)
+/// extent it discards (`erase_headers`), so a rebuild never meets one. Nor
+/// does it meet the complete extent of a request that failed or was
+/// cancelled while its device write ran: the shard erases those headers
+/// before any checkpoint passes them (`Inner::erase_abandoned`).
 fn superseded_holes(found: &mut [Found]) {
     use std::collections::HashMap;
     let durable_below = found

@@ -401,6 +401,11 @@ pub(crate) struct Inner {
     /// before last: they keep `durable_below` under them until a durable
     /// checkpoint has moved `replay_from` past them.
     failed: RefCell<std::collections::BTreeSet<u64>>,
+    /// Extent writes whose request failed or was cancelled: (generation,
+    /// run), still in `inflight` until `erase_abandoned` has erased their
+    /// headers; `abandon_signal` wakes the task that does.
+    abandoned: RefCell<Vec<(u64, Run)>>,
+    abandon_signal: Rc<Semaphore>,
     data_sync: Group,
     checkpoint_lock: Semaphore,
     /// A background checkpoint was spawned and has not finished.
@@ -435,15 +440,24 @@ impl InflightGuard<'_> {
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if !self.armed {
+            return;
+        }
+        if self.inner.fail_stopped.get() {
             self.inner.inflight.borrow_mut().remove(&self.generation);
             self.inner.failed.borrow_mut().insert(self.generation);
-            if !self.inner.fail_stopped.get() {
-                // Not reusable before the next checkpoint: a crash before it
-                // may still find (and replay) whatever reached the disk.
-                self.inner.quarantine.borrow_mut().push_failed(self.run);
-            }
+            return;
         }
+        // Its device write may have landed, or still land, whole: a
+        // self-describing extent nothing indexes. It stays in flight (so
+        // recovery after a crash still scans its run and decides) until the
+        // eraser has zeroed its header, so that no later checkpoint lets a
+        // full rebuild find it and show it (see `erase_abandoned`).
+        self.inner
+            .abandoned
+            .borrow_mut()
+            .push((self.generation, self.run));
+        self.inner.abandon_signal.signal(1);
     }
 }
 
@@ -657,6 +671,8 @@ impl Shard {
             releasing: Cell::new(0),
             inflight: RefCell::new(BTreeMap::new()),
             failed: RefCell::new(std::collections::BTreeSet::new()),
+            abandoned: RefCell::new(Vec::new()),
+            abandon_signal: Rc::new(Semaphore::new(0)),
             data_sync: Group::with_max_in_flight(cfg.max_flushes_in_flight),
             checkpoint_lock: Semaphore::new(1),
             checkpoint_requested: Cell::new(false),
@@ -726,6 +742,7 @@ impl Shard {
             "shard opened"
         );
         spawn_checkpointer(Rc::downgrade(&inner));
+        spawn_eraser(Rc::downgrade(&inner), inner.abandon_signal.clone());
         if cfg.scrub_period_secs > 0 {
             crate::scrub::spawn(
                 Rc::downgrade(&inner),
@@ -972,6 +989,7 @@ impl Shard {
     pub async fn close(&self) -> Result<(), ShardError> {
         self.inner.io.quiesce().await;
         if !self.inner.fail_stopped.get() {
+            self.inner.erase_abandoned().await?;
             self.inner.checkpoint(1).await?;
             self.inner
                 .io
@@ -1004,6 +1022,20 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
                 if let Err(e) = s.checkpoint(1).await {
                     tracing::error!(shard = s.id.0, error = %e, "background checkpoint failed");
                 }
+            }
+        }
+    })
+    .detach();
+}
+
+/// Erases the headers of abandoned extent writes whenever a request gives
+/// one up (see `InflightGuard`). Ends when the shard is dropped or closed.
+fn spawn_eraser(weak: Weak<Inner>, signal: Rc<Semaphore>) {
+    glommio::spawn_local(async move {
+        while signal.acquire(1).await.is_ok() {
+            let Some(s) = weak.upgrade() else { return };
+            if let Err(e) = s.erase_abandoned().await {
+                tracing::error!(shard = s.id.0, error = %e, "erasing abandoned extent headers failed");
             }
         }
     })
@@ -1086,6 +1118,54 @@ fn maybe_checkpoint(inner: &Rc<Inner>) {
 impl Inner {
     fn maybe_checkpoint_soon(self: &Rc<Self>) {
         maybe_checkpoint(self);
+    }
+
+    /// Zeroes the header sector of every abandoned extent write whose device
+    /// write has ended, makes that durable, and only then ends its in-flight
+    /// record and quarantines its run like any failed write's. Until then
+    /// the generation keeps `replay_from` at or below it, so a crash leaves
+    /// the run to recovery (replayed whole if it landed whole, an outcome
+    /// its failed request allows; discarded and erased if torn). Without
+    /// this, a complete extent of a cancelled request would outlive the
+    /// checkpoints, and a full rebuild would show it.
+    pub(crate) async fn erase_abandoned(&self) -> Result<(), ShardError> {
+        loop {
+            if self.fail_stopped.get() {
+                return Ok(());
+            }
+            let ready: Vec<(u64, Run)> = {
+                let mut list = self.abandoned.borrow_mut();
+                let (ready, busy) = std::mem::take(&mut *list)
+                    .into_iter()
+                    .partition(|(_, r)| !self.io.being_written(r.start.0, r.len));
+                *list = busy;
+                ready
+            };
+            if ready.is_empty() {
+                if self.abandoned.borrow().is_empty() {
+                    return Ok(());
+                }
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            for (_, run) in &ready {
+                let mut zeros = self.io.alloc_buffer(1);
+                zeros.as_bytes_mut().fill(0);
+                if let Err(e) = self.io.write(run.start, zeros).await {
+                    self.fail_stop("erasing the header of an abandoned write", &e);
+                    return Err(ShardError::io(
+                        format!("erasing the header at sector {}", run.start.0),
+                        e,
+                    ));
+                }
+            }
+            self.sync_data("fdatasync of erased headers").await?;
+            for (g, run) in ready {
+                self.inflight.borrow_mut().remove(&g);
+                self.failed.borrow_mut().insert(g);
+                self.quarantine.borrow_mut().push_failed(run);
+            }
+        }
     }
 
     pub(crate) fn check_writable(&self) -> Result<(), ShardError> {

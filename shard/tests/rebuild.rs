@@ -9,6 +9,12 @@ use common::*;
 use shardstore_proto::ShardId;
 use shardstore_shard::{Shard, ShardConfig, ShardError, FORMAT_VERSION};
 
+/// Chunk `n` reads back whole as `model`.
+async fn assert_chunk(shard: &Shard, n: u128, model: &[u8], what: &str) {
+    let r = shard.read(cid(n), 0, 1 << 20).await.unwrap();
+    assert!(r.data.to_vec() == model, "chunk {n}: {what}");
+}
+
 async fn fill(shard: &Shard) {
     for n in 0..12u128 {
         shard
@@ -406,8 +412,7 @@ fn rebuild_does_not_revive_a_torn_write_recovery_discarded() {
             disk.sector(torn_header).iter().all(|&b| b == 0),
             "the torn write's header is erased"
         );
-        let r = shard.read(cid(1), 0, 1 << 20).await.unwrap();
-        assert!(r.data.to_vec() == model, "torn write discarded whole");
+        assert_chunk(&shard, 1, &model, "torn write discarded whole").await;
         // A newer write covers the torn write's bad sector; too large for
         // the torn write's freed run, it lands past the other write.
         let patch = pattern(3, 7 * 4096);
@@ -419,15 +424,52 @@ fn rebuild_does_not_revive_a_torn_write_recovery_discarded() {
     });
     run(|| async {
         let shard = open_rebuilt(cfg(), &disk).await;
-        let r = shard.read(cid(1), 0, 1 << 20).await.unwrap();
-        assert!(
-            r.data.to_vec() == model,
-            "the rebuild revived the torn write's intact sectors"
-        );
-        assert_eq!(
-            shard.read(cid(2), 0, 4096).await.unwrap().data.to_vec(),
-            other
-        );
+        assert_chunk(&shard, 1, &model, "the rebuild revived a torn write").await;
+        assert_chunk(&shard, 2, &other, "the write next to it").await;
         assert!(shard.verify().await.unwrap().problems.is_empty());
     });
+}
+
+/// A request cancelled while its device write runs leaves a complete,
+/// self-describing extent that nothing indexes. Once checkpoints have
+/// passed it, a rebuild must not show it: the shard erases the header of
+/// every abandoned write before its generation leaves the in-flight set.
+#[test]
+fn rebuild_does_not_revive_a_cancelled_write() {
+    for write_through in [true, false] {
+        let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 6);
+        let cfg = || ShardConfig {
+            write_through,
+            ..sim_shard_config()
+        };
+        let model = pattern(1, 4 * 4096);
+        run(|| async {
+            let shard = Rc::new(Shard::open_sim(cfg(), &disk).await.unwrap());
+            shard.write(cid(1), 0, &model).await.unwrap();
+            disk.hold_writes(true);
+            let task = {
+                let shard = shard.clone();
+                glommio::spawn_local(
+                    async move { shard.write(cid(1), 0, &pattern(2, 4 * 4096)).await },
+                )
+            };
+            for _ in 0..8 {
+                futures_lite::future::yield_now().await;
+            }
+            drop(task); // cancelled while its device write is held
+            disk.hold_writes(false);
+            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+            for _ in 0..3 {
+                shard.checkpoint().await.unwrap();
+            }
+            assert_chunk(&shard, 1, &model, "the cancelled write is not applied").await;
+            shard.close().await.unwrap();
+        });
+        run(|| async {
+            let shard = open_rebuilt(cfg(), &disk).await;
+            let what =
+                format!("write_through {write_through}: the rebuild revived a cancelled write");
+            assert_chunk(&shard, 1, &model, &what).await;
+        });
+    }
 }
