@@ -421,40 +421,48 @@ fn punch(inner: &Inner, f: &Found, l: u64) -> Result<(), ShardError> {
     Ok(())
 }
 
-/// Zeroes the first header sector of each extent recovery discarded (a write
-/// torn by the crash, never acknowledged) and makes that durable before the
-/// checkpoint that follows recovery moves `replay_from` past them. Left
-/// alone, such a header would stay on disk in free space, and once newer
-/// writes of its chunk had covered its torn sectors, a full rebuild would
-/// take it for an acknowledged extent partly overwritten and show its
-/// intact sectors (see `superseded_holes`). Each sector zeroed is free
-/// space: the run of a write in flight at the crash, which nothing else
-/// used since the checkpoint.
-async fn erase_headers(inner: &Inner, at: &[DiskSector]) -> Result<(), ShardError> {
-    if at.is_empty() {
-        return Ok(());
-    }
+/// Zeroes the first header sector of each extent recovery (or a rebuild)
+/// discarded, a write torn by the crash and never acknowledged, and makes
+/// that durable before the checkpoint that follows moves `replay_from` past
+/// them. Left alone, such a header would stay on disk in free space, and
+/// once newer writes of its chunk had covered its torn sectors, a full
+/// rebuild would take it for an acknowledged extent partly overwritten and
+/// show its intact sectors (see `superseded_holes`). Each sector zeroed
+/// holds that discarded header, so no kept extent uses it: after recovery,
+/// it is in the run of a write in flight at the crash. Best effort: the
+/// shard still opens if the device refuses these writes.
+async fn erase_headers(inner: &Inner, at: &[DiskSector]) {
+    // Best effort: a device that cannot take these writes leaves the old
+    // hazard (for a full rebuild only), not a shard that cannot open.
+    let mut erased = 0;
     for &s in at {
         let mut zeros = inner.io.alloc_buffer(1);
         zeros.as_bytes_mut().fill(0);
-        inner.io.write(s, zeros).await.map_err(|e| {
-            ShardError::io(
-                format!("erasing the header of a torn extent at sector {}", s.0),
-                e,
-            )
-        })?;
+        match inner.io.write(s, zeros).await {
+            Ok(()) => erased += 1,
+            Err(e) => tracing::warn!(
+                shard = inner.id.0,
+                error = %e,
+                sector = s.0,
+                "could not erase the header of a discarded extent"
+            ),
+        }
     }
-    inner
-        .io
-        .sync()
-        .await
-        .map_err(|e| ShardError::io("syncing erased headers of torn extents", e))?;
-    tracing::info!(
-        shard = inner.id.0,
-        erased = at.len(),
-        "erased the headers of torn extents"
-    );
-    Ok(())
+    if erased == 0 {
+        return;
+    }
+    match inner.io.sync().await {
+        Ok(()) => tracing::info!(
+            shard = inner.id.0,
+            erased,
+            "erased the headers of discarded extents"
+        ),
+        Err(e) => tracing::warn!(
+            shard = inner.id.0,
+            error = %e,
+            "could not sync the erased headers of discarded extents"
+        ),
+    }
 }
 
 /// Normal start: index plus the data area written since the checkpoint.
@@ -467,7 +475,7 @@ pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryRe
     for f in &found {
         replay(inner, f, &mut report)?;
     }
-    erase_headers(inner, &torn).await?;
+    erase_headers(inner, &torn).await;
     let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
     inner.next_generation.set(next);
     report.chunks = inner.index.chunk_count();
@@ -488,11 +496,14 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
     let area = inner.alloc.borrow().area();
     let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
     superseded_holes(&mut found);
-    let (mut found, _) = triage(inner, found, false, &mut report);
+    let (mut found, discarded) = triage(inner, found, false, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;
     }
+    // So that a later rebuild, after newer writes covered their bad
+    // sectors, does not take them for live extents partly overwritten.
+    erase_headers(inner, &discarded).await;
     inner.next_generation.set(max + 1);
     report.chunks = inner.index.chunk_count();
     Ok(report)
@@ -507,11 +518,15 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
 /// and gives their space back, see `punch`). Deciding newest first makes
 /// "kept itself" known for every coverer.
 /// A write torn by a crash would look the same once newer writes of its
-/// chunk cover its torn sectors: recovery erases the header of every torn
-/// extent it discards (`erase_headers`), so a rebuild never meets one. Nor
-/// does it meet the complete extent of a request that failed or was
-/// cancelled while its device write ran: the shard erases those headers
-/// before any checkpoint passes them (`Inner::erase_abandoned`).
+/// chunk cover its torn sectors: recovery and the rebuild erase the header
+/// of every torn extent they discard (`erase_headers`), and the shard
+/// erases the header of a request's extent that failed or was cancelled
+/// while its device write ran before any checkpoint passes it
+/// (`Inner::erase_abandoned`). (Residual risk: where an erase write failed,
+/// after more than `MAX_ABANDONED` abandoned writes at once, and in data
+/// areas written by versions before these erases, such a header can remain
+/// and a rebuild can show the intact sectors of a write that was never
+/// acknowledged.)
 fn superseded_holes(found: &mut [Found]) {
     use std::collections::HashMap;
     let durable_below = found

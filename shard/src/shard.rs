@@ -424,6 +424,10 @@ pub(crate) struct Inner {
     pub(crate) prefetch: Prefetcher,
 }
 
+/// Abandoned writes waiting for their header to be erased, at most (see
+/// `InflightGuard`'s drop).
+const MAX_ABANDONED: usize = 1024;
+
 /// See [`Inner::begin_extent`].
 struct InflightGuard<'a> {
     inner: &'a Inner,
@@ -443,9 +447,12 @@ impl Drop for InflightGuard<'_> {
         if !self.armed {
             return;
         }
-        if self.inner.fail_stopped.get() {
-            self.inner.inflight.borrow_mut().remove(&self.generation);
-            self.inner.failed.borrow_mut().insert(self.generation);
+        if self.inner.fail_stopped.get() || self.inner.abandoned.borrow().len() >= MAX_ABANDONED {
+            // Stopped: nothing more is written. Too many waiting (a stalled
+            // device, clients giving up): each holds an in-flight record
+            // and a checkpoint lists at most MAX_CHECKPOINT_RUNS runs, so
+            // this one is not erased (a hazard for a full rebuild only).
+            self.inner.end_abandoned(self.generation, self.run);
             return;
         }
         // Its device write may have landed, or still land, whole: a
@@ -1129,6 +1136,29 @@ impl Inner {
     /// this, a complete extent of a cancelled request would outlive the
     /// checkpoints, and a full rebuild would show it.
     pub(crate) async fn erase_abandoned(&self) -> Result<(), ShardError> {
+        let res = self.erase_abandoned_until_stopped().await;
+        if self.fail_stopped.get() {
+            // No more writes, nor checkpoints: nothing is erased, and
+            // nothing may wait for these to leave `inflight` (a sweep does).
+            let left = std::mem::take(&mut *self.abandoned.borrow_mut());
+            for (g, run) in left {
+                self.end_abandoned(g, run);
+            }
+        }
+        res
+    }
+
+    /// An abandoned write leaves `inflight` as a failed one; its run goes
+    /// to the quarantine unless the shard has stopped.
+    fn end_abandoned(&self, generation: u64, run: Run) {
+        self.inflight.borrow_mut().remove(&generation);
+        self.failed.borrow_mut().insert(generation);
+        if !self.fail_stopped.get() {
+            self.quarantine.borrow_mut().push_failed(run);
+        }
+    }
+
+    async fn erase_abandoned_until_stopped(&self) -> Result<(), ShardError> {
         loop {
             if self.fail_stopped.get() {
                 return Ok(());
@@ -1148,22 +1178,32 @@ impl Inner {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
                 continue;
             }
+            let mut erased = 0;
             for (_, run) in &ready {
                 let mut zeros = self.io.alloc_buffer(1);
                 zeros.as_bytes_mut().fill(0);
-                if let Err(e) = self.io.write(run.start, zeros).await {
-                    self.fail_stop("erasing the header of an abandoned write", &e);
-                    return Err(ShardError::io(
-                        format!("erasing the header at sector {}", run.start.0),
-                        e,
-                    ));
+                match self.io.write(run.start, zeros).await {
+                    Ok(()) => erased += 1,
+                    // The write that failed there may fail again (ENOSPC on
+                    // a full copy-on-write filesystem, a bad sector): give
+                    // up on this header rather than stop the shard. It
+                    // stays a hazard for a full rebuild only.
+                    Err(e) => tracing::warn!(
+                        shard = self.id.0,
+                        error = %e,
+                        sector = run.start.0,
+                        "could not erase the header of an abandoned write"
+                    ),
                 }
             }
-            self.sync_data("fdatasync of erased headers").await?;
+            if erased > 0 {
+                if let Err(e) = self.sync_data("fdatasync of erased headers").await {
+                    self.abandoned.borrow_mut().extend(ready);
+                    return Err(e);
+                }
+            }
             for (g, run) in ready {
-                self.inflight.borrow_mut().remove(&g);
-                self.failed.borrow_mut().insert(g);
-                self.quarantine.borrow_mut().push_failed(run);
+                self.end_abandoned(g, run);
             }
         }
     }
