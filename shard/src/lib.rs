@@ -36,6 +36,7 @@ pub use device::{
     MIN_DEVICE_RANGE_BYTES,
 };
 pub use error::ShardError;
+pub use index::MAX_CHECKPOINT_RUNS;
 pub use layout::{FORMAT_VERSION, SECTOR};
 pub use prefetch::{ReadHints, StreamHint, MAX_CHUNKS_AHEAD};
 pub use read_data::ReadData;

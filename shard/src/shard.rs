@@ -406,6 +406,8 @@ pub(crate) struct Inner {
     /// headers; `abandon_signal` wakes the task that does.
     abandoned: RefCell<Vec<(u64, Run)>>,
     abandon_signal: Rc<Semaphore>,
+    /// `MAX_WRITES_IN_FLIGHT` permits.
+    write_slots: Semaphore,
     data_sync: Group,
     checkpoint_lock: Semaphore,
     /// A background checkpoint was spawned and has not finished.
@@ -427,6 +429,14 @@ pub(crate) struct Inner {
 /// Abandoned writes waiting for their header to be erased, at most (see
 /// `InflightGuard`'s drop).
 const MAX_ABANDONED: usize = 1024;
+
+/// Extent writes (and deletes) between their space allocation and their
+/// index change at once, at most; more wait. Each is a run the next
+/// checkpoint must list for the recovery scan, and a checkpoint lists at
+/// most `MAX_CHECKPOINT_RUNS` (with `MAX_ABANDONED` still in flight too,
+/// and room left for the reservation's runs).
+const MAX_WRITES_IN_FLIGHT: u64 = 2048;
+const _: () = assert!(MAX_WRITES_IN_FLIGHT as usize + MAX_ABANDONED + 1024 <= MAX_CHECKPOINT_RUNS);
 
 /// See [`Inner::begin_extent`].
 struct InflightGuard<'a> {
@@ -680,6 +690,7 @@ impl Shard {
             failed: RefCell::new(std::collections::BTreeSet::new()),
             abandoned: RefCell::new(Vec::new()),
             abandon_signal: Rc::new(Semaphore::new(0)),
+            write_slots: Semaphore::new(MAX_WRITES_IN_FLIGHT),
             data_sync: Group::with_max_in_flight(cfg.max_flushes_in_flight),
             checkpoint_lock: Semaphore::new(1),
             checkpoint_requested: Cell::new(false),
@@ -1148,6 +1159,14 @@ impl Inner {
         res
     }
 
+    /// Waits for one of the `MAX_WRITES_IN_FLIGHT` places of extent writes.
+    async fn write_slot(&self) -> Result<glommio::sync::Permit<'_>, ShardError> {
+        self.write_slots
+            .acquire_permit(1)
+            .await
+            .map_err(|e| ShardError::Internal(format!("write slots closed: {e}")))
+    }
+
     /// An abandoned write leaves `inflight` as a failed one; its run goes
     /// to the quarantine unless the shard has stopped.
     fn end_abandoned(&self, generation: u64, run: Run) {
@@ -1519,6 +1538,7 @@ impl Inner {
     async fn commit_write(&self, mut w: PendingWrite) -> Result<WriteOutcome, ShardError> {
         self.check_writable()?;
         let chunk = w.chunk;
+        let _slot = self.write_slot().await?;
         let _lock = self.locks.lock(chunk).await?;
         self.check_writable()?;
         let old = self.index.get_meta(chunk);
@@ -1600,6 +1620,7 @@ impl Inner {
 
     async fn delete(&self, chunk: ChunkId) -> Result<u64, ShardError> {
         self.check_writable()?;
+        let _slot = self.write_slot().await?;
         let _lock = self.locks.lock(chunk).await?;
         self.check_writable()?;
         let meta = self
@@ -1691,6 +1712,9 @@ impl Inner {
             alloc.reserve(want, min_len, max_runs);
             let mut scan: Vec<Run> = inflight.values().copied().collect();
             scan.extend(alloc.reserved_runs());
+            // Guaranteed by the write slots and MAX_ABANDONED: a longer
+            // record would not decode at the next open.
+            debug_assert!(scan.len() <= MAX_CHECKPOINT_RUNS, "{} runs", scan.len());
             (
                 Checkpoint {
                     replay_from,

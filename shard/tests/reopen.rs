@@ -145,3 +145,43 @@ fn one_damaged_superblock_copy_is_enough() {
         );
     });
 }
+
+/// More concurrent writes than a checkpoint record can list runs for
+/// (`MAX_CHECKPOINT_RUNS`): a checkpoint taken while they are all at the
+/// device must still be one the next open can read (each write in flight
+/// is a run its recovery scan must cover).
+#[test]
+fn a_checkpoint_amid_thousands_of_writes_still_opens() {
+    let writes = shardstore_shard::MAX_CHECKPOINT_RUNS as u128 + 1000;
+    let disk = shardstore_shard::SimDisk::new(64 * MIB, 11);
+    let cfg = || shardstore_shard::ShardConfig {
+        capacity_bytes: 63 * MIB,
+        // Room in the reservation for every one of them at once.
+        checkpoint_bytes: 48 * MIB,
+        ..sim_shard_config()
+    };
+    run(|| async {
+        let shard = std::rc::Rc::new(Shard::open_sim(cfg(), &disk).await.unwrap());
+        disk.hold_writes(true);
+        let tasks: Vec<_> = (0..writes)
+            .map(|n| {
+                let shard = shard.clone();
+                glommio::spawn_local(async move { shard.write(cid(n), 0, b"x").await })
+            })
+            .collect();
+        for _ in 0..64 {
+            futures_lite::future::yield_now().await;
+        }
+        shard.checkpoint().await.unwrap();
+        // The crash, with the writes still at the device: the next open
+        // starts from that checkpoint.
+        drop(tasks);
+    });
+    disk.hold_writes(false);
+    disk.crash();
+    run(|| async {
+        let shard = Shard::open_sim(cfg(), &disk).await.unwrap();
+        assert_eq!(shard.stats().chunks, 0, "none of them was acknowledged");
+        shard.write(cid(1), 0, b"y").await.unwrap();
+    });
+}
