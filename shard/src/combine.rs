@@ -25,8 +25,9 @@
 //! the engine knows which disk ranges are still being written: a cancelled
 //! request's run stays quarantined until no running write covers it (see
 //! `Io::being_written`). A queued write whose request was cancelled before
-//! its turn is skipped (its caller's guard quarantines the run it was
-//! given). A write that fails is remembered even if nobody waits for it, so
+//! its turn is skipped (its caller's guard gives up the run it was given:
+//! see `Inner::erase_abandoned`). A write that fails is remembered even if
+//! nobody waits for it, so
 //! the shard still fail-stops.
 
 use std::cell::{Cell, RefCell};

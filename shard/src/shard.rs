@@ -1182,6 +1182,7 @@ impl Inner {
             if self.fail_stopped.get() {
                 return Ok(());
             }
+            let seen = self.io.writes_ended();
             let ready: Vec<(u64, Run)> = {
                 let mut list = self.abandoned.borrow_mut();
                 let (ready, busy) = std::mem::take(&mut *list)
@@ -1194,7 +1195,7 @@ impl Inner {
                 if self.abandoned.borrow().is_empty() {
                     return Ok(());
                 }
-                glommio::timer::sleep(Duration::from_millis(1)).await;
+                self.io.write_ended_since(seen).await;
                 continue;
             }
             let mut erased = 0;
@@ -1353,8 +1354,10 @@ impl Inner {
 
     /// Hands out the next generation for an extent written to `run`. The
     /// guard keeps it in flight until the index change is applied; if the
-    /// request is cancelled (or fails) before that, the guard quarantines
-    /// the never-referenced run and ends the in-flight record.
+    /// request is cancelled (or fails) before that, the guard hands the
+    /// never-referenced run to the eraser, which erases its header once its
+    /// device write has ended, then ends the in-flight record and
+    /// quarantines the run (see `erase_abandoned`).
     fn begin_extent(&self, run: Run) -> (Generation, InflightGuard<'_>) {
         let g = self.next_generation.get();
         self.next_generation.set(g + 1);

@@ -184,6 +184,9 @@ struct Shared {
     /// overlap). A write keeps running when the requests it carries are
     /// cancelled, so their runs must not be reused before it ends.
     running: RefCell<BTreeMap<u64, u64>>,
+    /// Device writes ended so far, and who waits for the next one.
+    ended: Cell<u64>,
+    ended_waiters: RefCell<Vec<std::task::Waker>>,
     /// The first durable write that failed (not for lack of space), even if
     /// every request it carried was cancelled: the shard must fail-stop.
     failure: RefCell<Option<String>>,
@@ -202,6 +205,8 @@ impl Io {
                 combined: Cell::new(0),
                 combiner: Combiner::new(combine_in_flight),
                 running: RefCell::new(BTreeMap::new()),
+                ended: Cell::new(0),
+                ended_waiters: RefCell::new(Vec::new()),
                 failure: RefCell::new(None),
             }),
         }
@@ -228,6 +233,24 @@ impl Io {
             .range(..start + len)
             .next_back()
             .is_some_and(|(_, &end)| end > start)
+    }
+
+    /// Device writes ended so far (see [`Io::write_ended_since`]).
+    pub fn writes_ended(&self) -> u64 {
+        self.s.ended.get()
+    }
+
+    /// Resolves once a device write has ended after [`Io::writes_ended`]
+    /// returned `seen`.
+    pub fn write_ended_since(&self, seen: u64) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.s.ended.get() != seen {
+                std::task::Poll::Ready(())
+            } else {
+                self.s.ended_waiters.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
     }
 
     /// A durable write that failed (other than for space), whoever waited
@@ -286,7 +309,7 @@ impl Io {
         let (s, d) = (self.s.clone(), done.clone());
         glommio::spawn_local(async move {
             let res = s.inner.write(at, buf).await;
-            s.running.borrow_mut().remove(&at.0);
+            s.end_running(at);
             d.finish(res);
         })
         .detach();
@@ -349,6 +372,15 @@ impl Shared {
         self.running.borrow_mut().insert(at.0, end);
         end
     }
+
+    /// The device write started at `at` has ended: wakes who waits for one.
+    fn end_running(&self, at: DiskSector) {
+        self.running.borrow_mut().remove(&at.0);
+        self.ended.set(self.ended.get() + 1);
+        for w in self.ended_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
 }
 
 fn bump(c: &Cell<u64>) {
@@ -373,7 +405,7 @@ fn start_combined(s: &Rc<Shared>) {
         glommio::spawn_local(async move {
             let (buf, dones) = assemble(&*s.inner, batch);
             let res = s.inner.write_durable(at, buf).await;
-            s.running.borrow_mut().remove(&at.0);
+            s.end_running(at);
             if let Err(e) = &res {
                 if e.raw_os_error() != Some(libc::ENOSPC) {
                     s.failure.borrow_mut().get_or_insert_with(|| {
