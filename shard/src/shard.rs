@@ -367,6 +367,16 @@ pub struct Shard {
     inner: Rc<Inner>,
 }
 
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // Ends the eraser task (it waits on this semaphore and would
+        // otherwise outlive the shard in its executor). Abandoned writes
+        // not erased yet are left as a crash leaves them: in flight, for
+        // recovery to decide.
+        self.inner.abandon_signal.close();
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) id: ShardId,
     pub(crate) node_id: u128,
