@@ -436,9 +436,7 @@ async fn erase_headers(inner: &Inner, at: &[DiskSector]) {
     // hazard (for a full rebuild only), not a shard that cannot open.
     let mut erased = 0;
     for &s in at {
-        let mut zeros = inner.io.alloc_buffer(1);
-        zeros.as_bytes_mut().fill(0);
-        match inner.io.write(s, zeros).await {
+        match inner.io.write_zero_sector(s).await {
             Ok(()) => erased += 1,
             Err(e) => tracing::warn!(
                 shard = inner.id.0,

@@ -1210,9 +1210,7 @@ impl Inner {
             }
             let mut erased = 0;
             for (_, run) in &ready {
-                let mut zeros = self.io.alloc_buffer(1);
-                zeros.as_bytes_mut().fill(0);
-                match self.io.write(run.start, zeros).await {
+                match self.io.write_zero_sector(run.start).await {
                     Ok(()) => erased += 1,
                     // The write that failed there may fail again (ENOSPC on
                     // a full copy-on-write filesystem, a bad sector): give

@@ -316,6 +316,13 @@ impl Io {
         Wait(done).await
     }
 
+    /// Overwrites one sector with zeros (erasing a header), as [`Io::write`].
+    pub async fn write_zero_sector(&self, at: DiskSector) -> io::Result<()> {
+        let mut zeros = self.alloc_buffer(1);
+        zeros.as_bytes_mut().fill(0);
+        self.write(at, zeros).await
+    }
+
     pub fn can_write_durable(&self) -> bool {
         self.s.inner.can_write_durable()
     }

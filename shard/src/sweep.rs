@@ -358,10 +358,8 @@ impl Inner {
             return Ok(false);
         }
         held.push(at);
-        let mut buf = self.io.alloc_buffer(1);
-        buf.as_bytes_mut().fill(0);
         self.io
-            .write(run.start, buf)
+            .write_zero_sector(run.start)
             .await
             .map_err(|e| ShardError::io(format!("erasing sector {at} (sweep)"), e))?;
         Ok(true)

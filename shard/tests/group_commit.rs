@@ -24,6 +24,14 @@ async fn write_concurrently(shard: &Rc<Shard>, count: u128, len: usize) {
     }
 }
 
+/// Space in use after three checkpoints (each may release quarantined runs).
+async fn used_after_checkpoints(shard: &Shard) -> u64 {
+    for _ in 0..3 {
+        shard.checkpoint().await.unwrap();
+    }
+    shard.stats().used_bytes
+}
+
 /// Chunks `0..count` read back as written by [`write_concurrently`].
 async fn assert_chunks(shard: &Shard, count: u128, len: usize, what: &str) {
     for n in 0..count {
@@ -226,21 +234,15 @@ fn quarantine_outlives_a_cancelled_running_write(write_through: bool) {
         drop(task); // cancelled while its device write is in flight
         let held = shard.stats().used_bytes;
         assert!(held > used, "the cancelled write's run is quarantined");
-        for _ in 0..3 {
-            shard.checkpoint().await.unwrap();
-        }
         assert_eq!(
-            shard.stats().used_bytes,
+            used_after_checkpoints(&shard).await,
             held,
             "not reusable while its write runs"
         );
         disk.hold_writes(false);
         glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
-        for _ in 0..3 {
-            shard.checkpoint().await.unwrap();
-        }
         assert_eq!(
-            shard.stats().used_bytes,
+            used_after_checkpoints(&shard).await,
             used,
             "reusable once the write ended"
         );
