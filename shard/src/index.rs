@@ -56,7 +56,7 @@ use std::collections::{hash_map, BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 
-use glommio::sync::Semaphore;
+use crate::sem::Semaphore;
 use shardstore_proto::ChunkId;
 use smallvec::SmallVec;
 

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use glommio::sync::{Semaphore, StaticPermit};
+use crate::sem::{Permit, Semaphore};
 use shardstore_proto::ChunkId;
 
 use crate::error::ShardError;
@@ -24,7 +24,7 @@ pub struct ChunkGuard<'a> {
     locks: &'a ChunkLocks,
     chunk: ChunkId,
     sem: Rc<Semaphore>,
-    permit: Option<StaticPermit>,
+    permit: Option<Permit<Rc<Semaphore>>>,
 }
 
 impl Drop for ChunkGuard<'_> {
@@ -54,7 +54,7 @@ impl ChunkLocks {
         };
         let permit = guard
             .sem
-            .acquire_static_permit(1)
+            .acquire_rc_permit(1)
             .await
             .map_err(|e| ShardError::Internal(format!("chunk lock closed: {e}")))?;
         guard.permit = Some(permit);

@@ -55,7 +55,7 @@ use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use glommio::sync::Semaphore;
+use crate::sem::{Permit, Semaphore};
 use shardstore_proto::{limits, ChunkId, ShardId};
 
 use crate::alloc::{Allocator, Free, Reclaimer, Release, Run};
@@ -414,7 +414,10 @@ pub(crate) struct Inner {
     /// Extent writes whose request failed or was cancelled: (generation,
     /// run), still in `inflight` until `erase_abandoned` has erased their
     /// headers; `abandon_signal` wakes the task that does.
-    abandoned: RefCell<Vec<(u64, Run)>>,
+    abandoned: RefCell<Vec<Abandoned>>,
+    /// This shard, for work that must outlive the request that starts it
+    /// (a checkpoint: see `Inner::checkpoint`).
+    me: Weak<Inner>,
     abandon_signal: Rc<Semaphore>,
     /// `MAX_WRITES_IN_FLIGHT` permits.
     write_slots: Semaphore,
@@ -439,6 +442,19 @@ pub(crate) struct Inner {
 /// Abandoned writes waiting for their header to be erased, at most (see
 /// `InflightGuard`'s drop).
 const MAX_ABANDONED: usize = 1024;
+
+/// Tries at erasing one abandoned write's header, `ERASE_RETRY` apart,
+/// before giving up on it.
+const ERASE_TRIES: u32 = 5;
+const ERASE_RETRY: Duration = Duration::from_millis(10);
+
+/// An extent write whose request failed or was cancelled, waiting for its
+/// header to be erased (see `Inner::erase_abandoned`).
+struct Abandoned {
+    generation: u64,
+    run: Run,
+    failed_erases: u32,
+}
 
 /// Extent writes (and deletes) between their space allocation and their
 /// index change at once, at most; more wait. Each is a run the next
@@ -480,10 +496,11 @@ impl Drop for InflightGuard<'_> {
         // recovery after a crash still scans its run and decides) until the
         // eraser has zeroed its header, so that no later checkpoint lets a
         // full rebuild find it and show it (see `erase_abandoned`).
-        self.inner
-            .abandoned
-            .borrow_mut()
-            .push((self.generation, self.run));
+        self.inner.abandoned.borrow_mut().push(Abandoned {
+            generation: self.generation,
+            run: self.run,
+            failed_erases: 0,
+        });
         self.inner.abandon_signal.signal(1);
     }
 }
@@ -680,7 +697,8 @@ impl Shard {
             len: superblock.capacity_sectors,
         };
         let checkpoint_sectors = (cfg.checkpoint_bytes / SECTOR).max(64).min(area.len.max(1));
-        let inner = Rc::new(Inner {
+        let inner = Rc::new_cyclic(|me| Inner {
+            me: me.clone(),
             id: cfg.shard,
             node_id: cfg.node_id,
             max_chunk_size: cfg.max_chunk_size,
@@ -1047,7 +1065,8 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
             let idle = s.next_generation.get() == s.last_checkpoint_generation.get()
                 && s.quarantine.borrow().frees.is_empty();
             if !idle {
-                if let Err(e) = s.checkpoint(1).await {
+                // Already a task of its own: nothing cancels it midway.
+                if let Err(e) = s.checkpoint_to_end(1).await {
                     tracing::error!(shard = s.id.0, error = %e, "background checkpoint failed");
                 }
             }
@@ -1133,7 +1152,7 @@ fn maybe_checkpoint(inner: &Rc<Inner>) {
     {
         let s = inner.clone();
         glommio::spawn_local(async move {
-            let res = s.checkpoint(1).await;
+            let res = s.checkpoint_to_end(1).await;
             s.checkpoint_requested.set(false);
             if let Err(e) = res {
                 tracing::error!(shard = s.id.0, error = %e, "checkpoint failed");
@@ -1162,15 +1181,15 @@ impl Inner {
             // No more writes, nor checkpoints: nothing is erased, and
             // nothing may wait for these to leave `inflight` (a sweep does).
             let left = std::mem::take(&mut *self.abandoned.borrow_mut());
-            for (g, run) in left {
-                self.end_abandoned(g, run);
+            for a in left {
+                self.end_abandoned(a.generation, a.run);
             }
         }
         res
     }
 
     /// Waits for one of the `MAX_WRITES_IN_FLIGHT` places of extent writes.
-    async fn write_slot(&self) -> Result<glommio::sync::Permit<'_>, ShardError> {
+    async fn write_slot(&self) -> Result<Permit<&Semaphore>, ShardError> {
         self.write_slots
             .acquire_permit(1)
             .await
@@ -1193,11 +1212,11 @@ impl Inner {
                 return Ok(());
             }
             let seen = self.io.writes_ended();
-            let ready: Vec<(u64, Run)> = {
+            let ready: Vec<Abandoned> = {
                 let mut list = self.abandoned.borrow_mut();
                 let (ready, busy) = std::mem::take(&mut *list)
                     .into_iter()
-                    .partition(|(_, r)| !self.io.being_written(r.start.0, r.len));
+                    .partition(|a| !self.io.being_written(a.run.start.0, a.run.len));
                 *list = busy;
                 ready
             };
@@ -1208,30 +1227,45 @@ impl Inner {
                 self.io.write_ended_since(seen).await;
                 continue;
             }
-            let mut erased = 0;
-            for (_, run) in &ready {
-                match self.io.write_zero_sector(run.start).await {
-                    Ok(()) => erased += 1,
-                    // The write that failed there may fail again (ENOSPC on
-                    // a full copy-on-write filesystem, a bad sector): give
-                    // up on this header rather than stop the shard. It
-                    // stays a hazard for a full rebuild only.
-                    Err(e) => tracing::warn!(
-                        shard = self.id.0,
-                        error = %e,
-                        sector = run.start.0,
-                        "could not erase the header of an abandoned write"
-                    ),
+            let (mut done, mut retry) = (Vec::new(), Vec::new());
+            for mut a in ready {
+                match self.io.write_zero_sector(a.run.start).await {
+                    Ok(()) => done.push(a),
+                    // Tried again a few times. The write that failed there
+                    // may keep failing (ENOSPC on a full copy-on-write
+                    // filesystem, a bad sector): then give up on this
+                    // header rather than stop the shard. It stays a hazard
+                    // for a full rebuild only.
+                    Err(e) => {
+                        a.failed_erases += 1;
+                        if a.failed_erases < ERASE_TRIES {
+                            retry.push(a);
+                        } else {
+                            tracing::warn!(
+                                shard = self.id.0,
+                                error = %e,
+                                sector = a.run.start.0,
+                                "could not erase the header of an abandoned write"
+                            );
+                            done.push(a);
+                        }
+                    }
                 }
             }
-            if erased > 0 {
+            if !done.is_empty() {
                 if let Err(e) = self.sync_data("fdatasync of erased headers").await {
-                    self.abandoned.borrow_mut().extend(ready);
+                    let mut list = self.abandoned.borrow_mut();
+                    list.extend(done);
+                    list.extend(retry);
                     return Err(e);
                 }
             }
-            for (g, run) in ready {
-                self.end_abandoned(g, run);
+            for a in done {
+                self.end_abandoned(a.generation, a.run);
+            }
+            if !retry.is_empty() {
+                self.abandoned.borrow_mut().extend(retry);
+                glommio::timer::sleep(ERASE_RETRY).await;
             }
         }
     }
@@ -1688,7 +1722,28 @@ impl Inner {
     /// Takes a durable checkpoint; see the module docs (steps a-c). One at a
     /// time. `min_len`: the reservation gets a run of at least this many
     /// sectors if the free map has one.
+    ///
+    /// It runs in a task of its own: a caller cancelled meanwhile (a write
+    /// waiting for space whose client went away) must not cut it between
+    /// its steps, which would lose the frees it took from the quarantine,
+    /// strand its reservation, or drop index changes whose store write
+    /// then failed unseen.
     pub(crate) async fn checkpoint(&self, min_len: u64) -> Result<(), ShardError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(ShardError::Internal("checkpoint of a closed shard".into()));
+        };
+        glommio::spawn_local(async move { me.checkpoint_to_end(min_len).await })
+            .detach()
+            .await
+            .unwrap_or_else(|| {
+                Err(ShardError::Internal(
+                    "the checkpoint task ended early".into(),
+                ))
+            })
+    }
+
+    /// The checkpoint itself, for callers that nothing cancels midway.
+    async fn checkpoint_to_end(&self, min_len: u64) -> Result<(), ShardError> {
         let _permit = self
             .checkpoint_lock
             .acquire_permit(1)

@@ -96,6 +96,8 @@ struct DiskState {
     write_through: bool,
     /// Writes wait (do not complete) while set; see `hold_writes`.
     hold_writes: bool,
+    /// Writes to let through, then writes to fail; see `fail_writes_after`.
+    fail_plan: (u32, u32),
 }
 
 /// The simulated disk. See the module docs.
@@ -119,6 +121,7 @@ impl SimDisk {
                 protect_below: 2,
                 write_through: false,
                 hold_writes: false,
+                fail_plan: (0, 0),
             })),
             kv: MemKv::default(),
         }
@@ -139,6 +142,12 @@ impl SimDisk {
     /// they complete, in order, once it is turned off.
     pub fn hold_writes(&self, on: bool) {
         self.state.borrow_mut().hold_writes = on;
+    }
+
+    /// The next `pass` writes complete as usual, then the `fail` after
+    /// them fail with ENOSPC: a fault placed on one write, not a rate.
+    pub fn fail_writes_after(&self, pass: u32, fail: u32) {
+        self.state.borrow_mut().fail_plan = (pass, fail);
     }
 
     pub fn set_faults(&self, faults: SimFaults) {
@@ -224,6 +233,15 @@ impl SimDisk {
         let mut off = (at.0 * SECTOR) as usize;
         if off + data.len() > st.durable.len() {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        match st.fail_plan {
+            (0, 0) => {}
+            (0, fail) => {
+                st.fail_plan = (0, fail - 1);
+                st.counts.write_enospc += 1;
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            (pass, fail) => st.fail_plan = (pass - 1, fail),
         }
         let f = st.faults;
         if st.rng.one_in(f.write_eio) {

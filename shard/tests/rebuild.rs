@@ -438,38 +438,63 @@ fn rebuild_does_not_revive_a_torn_write_recovery_discarded() {
 fn rebuild_does_not_revive_a_cancelled_write() {
     for write_through in [true, false] {
         let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 6);
-        let cfg = || ShardConfig {
+        let cfg = ShardConfig {
             write_through,
             ..sim_shard_config()
         };
-        let model = pattern(1, 4 * 4096);
-        run(|| async {
-            let shard = Rc::new(Shard::open_sim(cfg(), &disk).await.unwrap());
-            shard.write(cid(1), 0, &model).await.unwrap();
-            disk.hold_writes(true);
-            let task = {
-                let shard = shard.clone();
-                glommio::spawn_local(
-                    async move { shard.write(cid(1), 0, &pattern(2, 4 * 4096)).await },
-                )
-            };
-            for _ in 0..8 {
-                futures_lite::future::yield_now().await;
-            }
-            drop(task); // cancelled while its device write is held
-            disk.hold_writes(false);
-            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
-            for _ in 0..3 {
-                shard.checkpoint().await.unwrap();
-            }
-            assert_chunk(&shard, 1, &model, "the cancelled write is not applied").await;
-            shard.close().await.unwrap();
-        });
-        run(|| async {
-            let shard = open_rebuilt(cfg(), &disk).await;
-            let what =
-                format!("write_through {write_through}: the rebuild revived a cancelled write");
-            assert_chunk(&shard, 1, &model, &what).await;
-        });
+        let what = format!("write_through {write_through}: the rebuild revived a cancelled write");
+        cancelled_write_stays_away(&disk, &cfg, || {}, &what);
     }
+}
+
+/// The erase of a cancelled write's header fails twice (ENOSPC, as on a
+/// full copy-on-write filesystem) and is tried again: a rebuild still does
+/// not revive the write. Given up on after one failure, it did.
+#[test]
+fn a_failed_erase_is_tried_again() {
+    let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 7);
+    // The cancelled write lands; the two erases after it fail.
+    let fail_erases = || disk.fail_writes_after(1, 2);
+    let what = "the rebuild revived a cancelled write whose erase failed";
+    cancelled_write_stays_away(&disk, &sim_shard_config(), fail_erases, what);
+    let failed = disk.fault_counts().write_enospc;
+    assert_eq!(failed, 2, "both planned erase failures happened");
+}
+
+/// Writes chunk 1, then a second version whose request is cancelled while
+/// its device write is held; `on_release` runs just before the device lets
+/// writes through. The first version must stay, before and after a rebuild
+/// of the index from the data area.
+fn cancelled_write_stays_away(
+    disk: &shardstore_shard::SimDisk,
+    cfg: &ShardConfig,
+    on_release: impl Fn(),
+    what: &str,
+) {
+    let model = pattern(1, 4 * 4096);
+    run(|| async {
+        let shard = Rc::new(Shard::open_sim(cfg.clone(), disk).await.unwrap());
+        shard.write(cid(1), 0, &model).await.unwrap();
+        disk.hold_writes(true);
+        let task = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.write(cid(1), 0, &pattern(2, 4 * 4096)).await })
+        };
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        drop(task); // cancelled while its device write is held
+        on_release();
+        disk.hold_writes(false);
+        glommio::timer::sleep(std::time::Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            shard.checkpoint().await.unwrap();
+        }
+        assert_chunk(&shard, 1, &model, "the cancelled write is not applied").await;
+        shard.close().await.unwrap();
+    });
+    run(|| async {
+        let shard = open_rebuilt(cfg.clone(), disk).await;
+        assert_chunk(&shard, 1, &model, what).await;
+    });
 }

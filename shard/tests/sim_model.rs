@@ -1,6 +1,7 @@
 //! Randomized model test on the simulated disk (sled's `fuzz_model` habit,
 //! TigerBeetle's storage faults): random writes, overwrites, reads, deletes,
-//! sweeps (tombstone retirement), and `Reboot` steps that crash the disk
+//! sweeps (tombstone retirement), writes cancelled midway (a client going
+//! away), and `Reboot` steps that crash the disk
 //! while operations (and sometimes a sweep) are in flight
 //! (unsynced writes lost, torn at 512 B or reordered; the index store keeps
 //! its last checkpoint, or the one being flushed), for many seeds, against a
@@ -13,7 +14,9 @@
 //! seeds also inject EIO on writes and flushes (fail-stop) and ENOSPC.
 //!
 //! `SHARDSTORE_SIM_SEEDS=N` runs N seeds (default 40); a failure prints its
-//! seed, and `SHARDSTORE_SIM_SEED=S` replays just that one.
+//! seed, and `SHARDSTORE_SIM_SEED=S` replays just that one;
+//! `SHARDSTORE_SIM_TRACE=1` prints each seed as it starts (to find one that
+//! hangs).
 mod common;
 
 use std::cell::RefCell;
@@ -180,8 +183,26 @@ fn run_seed(seed: u64) {
                             continue;
                         };
                         let (off, data) = random_write(&mut rng, seed, step);
-                        let res = shard.write(c, off, &data).await;
                         let new = apply_write(&old, off as usize, &data);
+                        if rng.below(10) == 0 {
+                            // A request given up midway (its client went
+                            // away) after a random number of scheduling
+                            // rounds: unknown outcome until the next
+                            // reboot, and no later rebuild may revive it.
+                            let task = {
+                                let shard = shard.clone();
+                                glommio::spawn_local(async move {
+                                    let _ = shard.write(c, off, &data).await;
+                                })
+                            };
+                            for _ in 0..rng.below(6) {
+                                futures_lite::future::yield_now().await;
+                            }
+                            drop(task);
+                            model.insert(c, vec![old, new]);
+                            continue;
+                        }
+                        let res = shard.write(c, off, &data).await;
                         match res {
                             Ok(_) => {
                                 model.insert(c, vec![new]);
@@ -346,7 +367,11 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn model_with_crashes_many_seeds() {
+    let trace = std::env::var_os("SHARDSTORE_SIM_TRACE").is_some();
     for seed in seeds() {
+        if trace {
+            eprintln!("seed {seed}");
+        }
         let r = std::panic::catch_unwind(|| run_seed(seed));
         if let Err(e) = r {
             eprintln!("FAILING SEED: {seed} (replay with SHARDSTORE_SIM_SEED={seed})");
