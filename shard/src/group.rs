@@ -18,9 +18,14 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 pub struct Group {
+    s: Rc<State>,
+}
+
+struct State {
     /// Last ticket handed out.
     issued: Cell<u64>,
     /// All tickets up to this one are durable.
@@ -35,38 +40,46 @@ pub struct Group {
     waiters: RefCell<Vec<Waker>>,
 }
 
-struct InFlight<'a>(&'a Group, bool);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        // Also runs if the leader's future is dropped mid-flush: the others
-        // then elect a new leader instead of waiting forever (the abandoned
-        // flush no longer counts as covering their tickets).
-        if !self.1 {
-            self.0.covered.set(self.0.durable.get());
-        }
-        self.0.in_flight.set(self.0.in_flight.get() - 1);
-        self.0.round.set(self.0.round.get() + 1);
-        for w in self.0.waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-}
-
 struct NextRound<'a> {
-    group: &'a Group,
+    state: &'a State,
     seen: u64,
 }
 
 impl Future for NextRound<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.group.round.get() != self.seen {
+        if self.state.round.get() != self.seen {
             Poll::Ready(())
         } else {
-            self.group.waiters.borrow_mut().push(cx.waker().clone());
+            self.state.waiters.borrow_mut().push(cx.waker().clone());
             Poll::Pending
         }
+    }
+}
+
+impl State {
+    /// A flush covering tickets up to `covers` ended with `res`.
+    fn flush_ended(&self, covers: u64, res: io::Result<()>) {
+        match res {
+            Ok(()) => self.durable.set(self.durable.get().max(covers)),
+            Err(e) => {
+                self.failed
+                    .borrow_mut()
+                    .get_or_insert_with(|| (e.kind(), e.to_string()));
+            }
+        }
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.round.set(self.round.get() + 1);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .borrow()
+            .as_ref()
+            .map(|(kind, msg)| io::Error::new(*kind, format!("a flush failed: {msg}")))
     }
 }
 
@@ -78,66 +91,63 @@ impl Group {
 
     pub fn with_max_in_flight(max_in_flight: u32) -> Group {
         Group {
-            issued: Cell::new(0),
-            durable: Cell::new(0),
-            covered: Cell::new(0),
-            in_flight: Cell::new(0),
-            max_in_flight: max_in_flight.max(1),
-            failed: RefCell::new(None),
-            round: Cell::new(0),
-            waiters: RefCell::new(Vec::new()),
+            s: Rc::new(State {
+                issued: Cell::new(0),
+                durable: Cell::new(0),
+                covered: Cell::new(0),
+                in_flight: Cell::new(0),
+                max_in_flight: max_in_flight.max(1),
+                failed: RefCell::new(None),
+                round: Cell::new(0),
+                waiters: RefCell::new(Vec::new()),
+            }),
         }
     }
 
     #[cfg(test)]
     pub fn failed(&self) -> bool {
-        self.failed.borrow().is_some()
+        self.s.failed.borrow().is_some()
     }
 
-    fn failure(&self) -> Option<io::Error> {
-        self.failed
-            .borrow()
-            .as_ref()
-            .map(|(kind, msg)| io::Error::new(*kind, format!("an earlier flush failed: {msg}")))
-    }
-
-    /// Returns once everything completed before this call is durable, running
-    /// `flush` (as the group's leader) if no flush that covers it is running.
+    /// Returns once every write completed before the call is durable (a
+    /// flush issued after the call has completed), or with the error of a
+    /// failed flush, this one's or an earlier one's.
+    ///
+    /// The flush runs in a task of its own and records its own result: a
+    /// caller cancelled while it waits (its client went away) cannot cut a
+    /// flush off from its outcome. Dropped with its caller, a failed flush
+    /// went unseen, and the next one, succeeding, acknowledged writes whose
+    /// data the failed one may have lost.
     pub async fn sync<F, Fut>(&self, flush: F) -> io::Result<()>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = io::Result<()>>,
+        Fut: Future<Output = io::Result<()>> + 'static,
     {
-        let ticket = self.issued.get() + 1;
-        self.issued.set(ticket);
+        let s = &*self.s;
+        let ticket = s.issued.get() + 1;
+        s.issued.set(ticket);
         loop {
-            if let Some(e) = self.failure() {
+            // Read before a flush is started below, which may end before
+            // this task waits.
+            let seen = s.round.get();
+            if let Some(e) = s.failure() {
                 return Err(e);
             }
-            if self.durable.get() >= ticket {
+            if s.durable.get() >= ticket {
                 return Ok(());
             }
-            if self.covered.get() >= ticket || self.in_flight.get() >= self.max_in_flight {
-                let seen = self.round.get();
-                NextRound { group: self, seen }.await;
-                continue;
+            if s.covered.get() < ticket && s.in_flight.get() < s.max_in_flight {
+                let covers = s.issued.get();
+                s.covered.set(covers);
+                s.in_flight.set(s.in_flight.get() + 1);
+                let (state, flushing) = (self.s.clone(), flush());
+                glommio::spawn_local(async move {
+                    let res = flushing.await;
+                    state.flush_ended(covers, res);
+                })
+                .detach();
             }
-            // Become a leader: this flush covers every ticket issued so far.
-            let covers = self.issued.get();
-            self.covered.set(covers);
-            self.in_flight.set(self.in_flight.get() + 1);
-            let mut guard = InFlight(self, false);
-            let res = flush().await;
-            guard.1 = true;
-            match res {
-                Ok(()) => self.durable.set(self.durable.get().max(covers)),
-                Err(e) => {
-                    *self.failed.borrow_mut() = Some((e.kind(), e.to_string()));
-                    drop(guard);
-                    return Err(e);
-                }
-            }
-            drop(guard);
+            NextRound { state: s, seen }.await;
         }
     }
 }
@@ -186,6 +196,37 @@ mod tests {
             assert!(err.is_err());
             assert!(g.failed());
             assert!(g.sync(|| async { Ok(()) }).await.is_err());
+        });
+    }
+
+    /// The caller that started a flush is cancelled while the flush runs,
+    /// and the flush fails: the failure still reaches every later caller.
+    /// Cut off with its caller, it went unseen, and the next flush, which
+    /// succeeded, acknowledged writes the failed one may have lost.
+    #[test]
+    fn a_failed_flush_whose_caller_was_cancelled_still_fails_the_group() {
+        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(1 << 20)
+            .make()
+            .unwrap();
+        ex.run(async {
+            let g = Rc::new(Group::new());
+            let leader = {
+                let g = g.clone();
+                glommio::spawn_local(async move {
+                    g.sync(|| async {
+                        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                        Err(io::Error::from_raw_os_error(libc::EIO))
+                    })
+                    .await
+                })
+            };
+            futures_lite::future::yield_now().await;
+            drop(leader);
+            let later = g.sync(|| async { Ok(()) }).await;
+            let err = later.expect_err("a failed flush is never retried");
+            assert!(err.to_string().contains("Input/output error"), "{err}");
+            assert!(g.failed());
         });
     }
 }

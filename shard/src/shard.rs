@@ -1458,7 +1458,11 @@ impl Inner {
     /// nothing written since the last good one can be trusted, and the
     /// shard stops writing (fail-stop, never retried).
     pub(crate) async fn sync_data(&self, what: &str) -> Result<(), ShardError> {
-        if let Err(e) = self.data_sync.sync(|| self.io.sync()).await {
+        let flush = || {
+            let io = self.io.clone();
+            async move { io.sync().await }
+        };
+        if let Err(e) = self.data_sync.sync(flush).await {
             self.fail_stop(what, &e);
             return Err(ShardError::io(what.to_string(), e));
         }

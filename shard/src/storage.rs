@@ -167,6 +167,7 @@ pub struct IoCounters {
 /// The instrumented I/O layer: a storage plus counters. Every device access
 /// of the engine goes through here. Durable writes go through the write
 /// combiner (see `combine`) when it is on.
+#[derive(Clone)]
 pub struct Io {
     s: Rc<Shared>,
 }
