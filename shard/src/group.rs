@@ -158,13 +158,17 @@ mod tests {
     use glommio::{LocalExecutorBuilder, Placement};
     use std::rc::Rc;
 
-    #[test]
-    fn concurrent_callers_share_flushes() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
+    fn on_executor(f: impl Future<Output = ()>) {
+        LocalExecutorBuilder::new(Placement::Unbound)
             .io_memory(1 << 20)
             .make()
-            .unwrap();
-        ex.run(async {
+            .unwrap()
+            .run(f);
+    }
+
+    #[test]
+    fn concurrent_callers_share_flushes() {
+        on_executor(async {
             let g = Rc::new(Group::new());
             let flushes = Rc::new(Cell::new(0u32));
             let mut tasks = Vec::new();
@@ -205,11 +209,7 @@ mod tests {
     /// succeeded, acknowledged writes the failed one may have lost.
     #[test]
     fn a_failed_flush_whose_caller_was_cancelled_still_fails_the_group() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(1 << 20)
-            .make()
-            .unwrap();
-        ex.run(async {
+        on_executor(async {
             let g = Rc::new(Group::new());
             let leader = {
                 let g = g.clone();
