@@ -415,6 +415,10 @@ pub(crate) struct Inner {
     /// run), still in `inflight` until `erase_abandoned` has erased their
     /// headers; `abandon_signal` wakes the task that does.
     abandoned: RefCell<Vec<Abandoned>>,
+    /// Abandoned writes the eraser holds (see `ErasingBatch`).
+    erasing: Cell<usize>,
+    /// One eraser at a time: the background one, or `close`.
+    eraser_lock: Semaphore,
     /// This shard, for work that must outlive the request that starts it
     /// (a checkpoint: see `Inner::checkpoint`).
     me: Weak<Inner>,
@@ -454,6 +458,58 @@ struct Abandoned {
     generation: u64,
     run: Run,
     failed_erases: u32,
+    /// Erased (durably, once the batch's sync is done) or given up on.
+    finished: bool,
+}
+
+/// Abandoned writes the eraser has taken from `Inner::abandoned`. Counted
+/// in `Inner::erasing` (they are still in flight), and put back in the list
+/// when dropped unfinished: an erase cancelled midway (a cancelled
+/// `Shard::close`) loses none, which would leave them in flight for good.
+struct ErasingBatch<'a> {
+    inner: &'a Inner,
+    items: Vec<Abandoned>,
+}
+
+impl<'a> ErasingBatch<'a> {
+    /// Takes the abandoned writes whose device write has ended.
+    fn take_ready(inner: &'a Inner) -> ErasingBatch<'a> {
+        let mut list = inner.abandoned.borrow_mut();
+        let (items, busy): (Vec<Abandoned>, Vec<Abandoned>) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|a| !inner.io.being_written(a.run.start.0, a.run.len));
+        *list = busy;
+        inner.erasing.set(inner.erasing.get() + items.len());
+        ErasingBatch { inner, items }
+    }
+
+    /// Ends the finished ones (after the sync that made their erases
+    /// durable); true if some are left to try again.
+    fn end_finished(&mut self) -> bool {
+        let (done, left): (Vec<Abandoned>, Vec<Abandoned>) = std::mem::take(&mut self.items)
+            .into_iter()
+            .partition(|a| a.finished);
+        self.inner
+            .erasing
+            .set(self.inner.erasing.get() - done.len());
+        for a in done {
+            self.inner.end_abandoned(a.generation, a.run);
+        }
+        self.items = left;
+        !self.items.is_empty()
+    }
+}
+
+impl Drop for ErasingBatch<'_> {
+    fn drop(&mut self) {
+        let n = self.items.len();
+        self.inner.erasing.set(self.inner.erasing.get() - n);
+        let mut list = self.inner.abandoned.borrow_mut();
+        for mut a in self.items.drain(..) {
+            a.finished = false;
+            list.push(a);
+        }
+    }
 }
 
 /// Extent writes (and deletes) between their space allocation and their
@@ -462,7 +518,15 @@ struct Abandoned {
 /// most `MAX_CHECKPOINT_RUNS` (with `MAX_ABANDONED` still in flight too,
 /// and room left for the reservation's runs).
 const MAX_WRITES_IN_FLIGHT: u64 = 2048;
-const _: () = assert!(MAX_WRITES_IN_FLIGHT as usize + MAX_ABANDONED + 1024 <= MAX_CHECKPOINT_RUNS);
+
+/// Runs of the reservation at most, pending ones included. A fixed budget,
+/// not what the writes in flight leave at the time: a reservation taken
+/// while the shard is idle is still listed once thousands of writes are in
+/// flight.
+const MAX_RESERVED_RUNS: usize = 1024;
+const _: () = assert!(
+    MAX_WRITES_IN_FLIGHT as usize + MAX_ABANDONED + MAX_RESERVED_RUNS <= MAX_CHECKPOINT_RUNS
+);
 
 /// See [`Inner::begin_extent`].
 struct InflightGuard<'a> {
@@ -483,7 +547,8 @@ impl Drop for InflightGuard<'_> {
         if !self.armed {
             return;
         }
-        if self.inner.fail_stopped.get() || self.inner.abandoned.borrow().len() >= MAX_ABANDONED {
+        let waiting = self.inner.abandoned.borrow().len() + self.inner.erasing.get();
+        if self.inner.fail_stopped.get() || waiting >= MAX_ABANDONED {
             // Stopped: nothing more is written. Too many waiting (a stalled
             // device, clients giving up): each holds an in-flight record
             // and a checkpoint lists at most MAX_CHECKPOINT_RUNS runs, so
@@ -500,6 +565,7 @@ impl Drop for InflightGuard<'_> {
             generation: self.generation,
             run: self.run,
             failed_erases: 0,
+            finished: false,
         });
         self.inner.abandon_signal.signal(1);
     }
@@ -717,6 +783,8 @@ impl Shard {
             inflight: RefCell::new(BTreeMap::new()),
             failed: RefCell::new(std::collections::BTreeSet::new()),
             abandoned: RefCell::new(Vec::new()),
+            erasing: Cell::new(0),
+            eraser_lock: Semaphore::new(1),
             abandon_signal: Rc::new(Semaphore::new(0)),
             write_slots: Semaphore::new(MAX_WRITES_IN_FLIGHT),
             data_sync: Group::with_max_in_flight(cfg.max_flushes_in_flight),
@@ -1176,6 +1244,11 @@ impl Inner {
     /// this, a complete extent of a cancelled request would outlive the
     /// checkpoints, and a full rebuild would show it.
     pub(crate) async fn erase_abandoned(&self) -> Result<(), ShardError> {
+        let _one = self
+            .eraser_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| ShardError::Internal(format!("eraser lock closed: {e}")))?;
         let res = self.erase_abandoned_until_stopped().await;
         if self.fail_stopped.get() {
             // No more writes, nor checkpoints: nothing is erased, and
@@ -1212,25 +1285,22 @@ impl Inner {
                 return Ok(());
             }
             let seen = self.io.writes_ended();
-            let ready: Vec<Abandoned> = {
-                let mut list = self.abandoned.borrow_mut();
-                let (ready, busy) = std::mem::take(&mut *list)
-                    .into_iter()
-                    .partition(|a| !self.io.being_written(a.run.start.0, a.run.len));
-                *list = busy;
-                ready
-            };
-            if ready.is_empty() {
+            let mut batch = ErasingBatch::take_ready(self);
+            if batch.items.is_empty() {
+                drop(batch);
                 if self.abandoned.borrow().is_empty() {
                     return Ok(());
                 }
                 self.io.write_ended_since(seen).await;
                 continue;
             }
-            let (mut done, mut retry) = (Vec::new(), Vec::new());
-            for mut a in ready {
+            let mut erased = 0;
+            for a in batch.items.iter_mut() {
                 match self.io.write_zero_sector(a.run.start).await {
-                    Ok(()) => done.push(a),
+                    Ok(()) => {
+                        a.finished = true;
+                        erased += 1;
+                    }
                     // Tried again a few times. The write that failed there
                     // may keep failing (ENOSPC on a full copy-on-write
                     // filesystem, a bad sector): then give up on this
@@ -1238,33 +1308,25 @@ impl Inner {
                     // for a full rebuild only.
                     Err(e) => {
                         a.failed_erases += 1;
-                        if a.failed_erases < ERASE_TRIES {
-                            retry.push(a);
-                        } else {
+                        if a.failed_erases >= ERASE_TRIES {
                             tracing::warn!(
                                 shard = self.id.0,
                                 error = %e,
                                 sector = a.run.start.0,
                                 "could not erase the header of an abandoned write"
                             );
-                            done.push(a);
+                            a.finished = true;
                         }
                     }
                 }
             }
-            if !done.is_empty() {
-                if let Err(e) = self.sync_data("fdatasync of erased headers").await {
-                    let mut list = self.abandoned.borrow_mut();
-                    list.extend(done);
-                    list.extend(retry);
-                    return Err(e);
-                }
+            if erased > 0 {
+                // Failed: the batch goes back to the list as it is.
+                self.sync_data("fdatasync of erased headers").await?;
             }
-            for a in done {
-                self.end_abandoned(a.generation, a.run);
-            }
-            if !retry.is_empty() {
-                self.abandoned.borrow_mut().extend(retry);
+            let retry = batch.end_finished();
+            drop(batch);
+            if retry {
                 glommio::timer::sleep(ERASE_RETRY).await;
             }
         }
@@ -1778,8 +1840,7 @@ impl Inner {
             let want = self
                 .checkpoint_sectors
                 .saturating_sub(alloc.reserved_sectors());
-            let max_runs = MAX_CHECKPOINT_RUNS.saturating_sub(inflight.len() + 1);
-            alloc.reserve(want, min_len, max_runs);
+            alloc.reserve(want, min_len, MAX_RESERVED_RUNS);
             let mut scan: Vec<Run> = inflight.values().copied().collect();
             scan.extend(alloc.reserved_runs());
             // Guaranteed by the write slots and MAX_ABANDONED: a longer
