@@ -377,7 +377,13 @@ impl Shared {
     /// end sector. The caller removes it when the write ends.
     fn begin_running(&self, at: DiskSector, bytes: usize) -> u64 {
         let end = at.0 + bytes as u64 / SECTOR;
-        self.running.borrow_mut().insert(at.0, end);
+        let before = self.running.borrow_mut().insert(at.0, end);
+        // Two device writes at once from one sector: space handed out twice.
+        debug_assert!(
+            before.is_none(),
+            "a device write at sector {} is already running",
+            at.0
+        );
         end
     }
 

@@ -134,6 +134,18 @@ impl SweepPass {
         // again by this pass). Taken only after the sync: cancelled during
         // it, they stay stranded.
         if !inner.sweep_stranded.borrow().is_empty() {
+            // Their zero writes run in tasks of their own and may outlive
+            // the pass that started them: freed before they end, a sector
+            // could go to a new write that a late zero write then wipes.
+            loop {
+                let seen = inner.io.writes_ended();
+                let running =
+                    (inner.sweep_stranded.borrow().iter()).any(|&at| inner.io.being_written(at, 1));
+                if !running {
+                    break;
+                }
+                inner.io.write_ended_since(seen).await;
+            }
             inner.sync_erased().await?;
             let stranded = std::mem::take(&mut *inner.sweep_stranded.borrow_mut());
             inner.free_erased(stranded);
