@@ -5,57 +5,16 @@
 //! whatever the bytes.
 #![no_main]
 
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 use libfuzzer_sys::fuzz_target;
-use shardstore_proto::{limits, ShardId};
-use shardstore_server::conn::{connection_loop, Transport};
+use shardstore_proto::ShardId;
+use shardstore_server::conn::connection_loop;
 use shardstore_server::conn_limits::ConnLimits;
 use shardstore_server::handler::{NodeInfo, ShardCtx};
+use shardstore_server::mem_stream::MemStream;
 use shardstore_shard::{Shard, ShardConfig, SimDisk};
-use std::io;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-/// The client's bytes as the read side; replies are counted and dropped.
-struct MemStream {
-    input: Vec<u8>,
-    pos: usize,
-    written: usize,
-}
-
-impl AsyncRead for MemStream {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        // Small reads, so frames straddle reads as they do on a socket.
-        let n = buf.len().min(self.input.len() - self.pos).min(1 + self.pos % 4096);
-        let start = self.pos;
-        buf[..n].copy_from_slice(&self.input[start..start + n]);
-        self.pos += n;
-        Poll::Ready(Ok(n))
-    }
-}
-
-impl AsyncWrite for MemStream {
-    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.written += buf.len();
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Transport for MemStream {
-    async fn send_all(&mut self, slices: &[&[u8]], _timeout: Duration) -> io::Result<()> {
-        self.written += slices.iter().map(|s| s.len()).sum::<usize>();
-        Ok(())
-    }
-}
 
 thread_local! {
     static EXECUTOR: LocalExecutor = LocalExecutorBuilder::new(Placement::Unbound)
@@ -85,19 +44,9 @@ fuzz_target!(|data: &[u8]| {
                 idle_timeout: Duration::from_millis(50),
                 ..ConnLimits::default()
             };
-            let node = NodeInfo {
-                node_id: 1,
-                shard_count: 1,
-                shard_addrs: vec!["127.0.0.1:1".into()],
-                max_payload: 256 << 10,
-                max_chunk_size: limits::MAX_CHUNK_SIZE,
-                limits,
-                auth_secret: None,
-                tls: None,
-                stream_hints: Vec::new(),
-            };
+            let node = NodeInfo::single_shard(256 << 10, limits);
             let ctx = Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new()));
-            let stream = MemStream { input, pos: 0, written: 0 };
+            let (stream, _replies) = MemStream::new(input);
             let _ = connection_loop(&ctx, stream, "127.0.0.1:9".parse().unwrap()).await;
         });
     });

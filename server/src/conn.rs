@@ -266,6 +266,10 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener)
                     glommio::spawn_local(refuse(stream, ctx.limits.write_timeout)).detach();
                     continue;
                 }
+                // Counted from here, not from when its task first runs: the
+                // accept loop may take a whole backlog before any of them
+                // does, and the limit above must see them all.
+                let counted = Counted::open(&ctx);
                 // Registered so a graceful stop can shut its reads down;
                 // unregistered right after the stream is closed.
                 let registered = ctx.conns.register(stream.as_raw_fd());
@@ -273,6 +277,7 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener)
                 glommio::spawn_local(async move {
                     serve_connection(ctx, stream, peer).await;
                     drop(registered);
+                    drop(counted);
                 })
                 .detach();
             }
@@ -282,6 +287,30 @@ pub async fn accept_loop(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener)
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
+        // glommio accepts at once while connections wait: under a flood of
+        // them, requests and the metrics loop still get their turn.
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// An open connection in the shard's `connections` count while it lives.
+struct Counted {
+    ctx: Rc<ShardCtx>,
+}
+
+impl Counted {
+    fn open(ctx: &Rc<ShardCtx>) -> Counted {
+        let c = &ctx.counters;
+        c.connections.set(c.connections.get() + 1);
+        c.connections_total.set(c.connections_total.get() + 1);
+        Counted { ctx: ctx.clone() }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let c = &self.ctx.counters.connections;
+        c.set(c.get() - 1);
     }
 }
 
@@ -299,8 +328,6 @@ async fn refuse(mut stream: TcpStream, timeout: Duration) {
 
 pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let c = &ctx.counters;
-    c.connections.set(c.connections.get() + 1);
-    c.connections_total.set(c.connections_total.get() + 1);
     let result = match ctx.node.tls.clone() {
         None => connection_loop(&ctx, stream, peer).await,
         Some(acceptor) => {
@@ -321,7 +348,6 @@ pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: Socket
             }
         }
     };
-    c.connections.set(c.connections.get() - 1);
     if let Err(e) = result {
         debug!(shard = ctx.id.0, %peer, error = %e, "connection ended with an error");
     }
@@ -481,7 +507,15 @@ pub async fn connection_loop<S: Transport>(
                 debug!(shard = ctx.id.0, %peer, got, want, "connection closed mid-frame");
                 stop = Some(Stop::Close);
             }
-            Err(FrameError::Io(e)) => return Err(e),
+            Err(FrameError::Io(e)) => {
+                // The read side failed: with TLS, also what a graceful
+                // stop's shutdown of reads looks like (an end of stream
+                // without close_notify). Requests in flight still finish
+                // and get their replies if the write side works; returning
+                // here dropped them unanswered.
+                debug!(shard = ctx.id.0, %peer, error = %e, "read failed; finishing in-flight requests");
+                stop = Some(Stop::Eof);
+            }
             Err(FrameError::Body(e)) => {
                 debug!(shard = ctx.id.0, %peer, error = %e, "unexpected body error; closing");
                 stop = Some(Stop::Close);
@@ -797,9 +831,15 @@ async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result
     }
 }
 
+/// How a failed read of a frame's body or payload ends the connection:
+/// requests in flight still finish and are answered (see the read error
+/// of a frame header in `connection_loop`).
 fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> io::Result<Stop> {
     match e {
-        FrameError::Io(e) => Err(e),
+        FrameError::Io(e) => {
+            debug!(shard = ctx.id.0, %peer, error = %e, "read failed mid-frame; finishing in-flight requests");
+            Ok(Stop::Close)
+        }
         other => {
             debug!(shard = ctx.id.0, %peer, error = %other, "closing connection");
             Ok(Stop::Close)

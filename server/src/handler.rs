@@ -15,6 +15,7 @@ use shardstore_proto::{
     FLAG_ERROR, FLAG_RESPONSE, PROTOCOL_VERSION, READ_FLAGS_KNOWN, READ_FLAG_NEXT_CHUNK,
     ROUTE_FN_JUMP_SPLITMIX,
 };
+use shardstore_shard::sem::Semaphore;
 use shardstore_shard::{ReadData, ReadHints, Shard, ShardError, StreamHint};
 use std::rc::Rc;
 use std::time::Instant;
@@ -37,6 +38,24 @@ pub struct NodeInfo {
     /// sequential stream crossing into one of its chunks, see
     /// [`ShardCtx::route_stream_hints`]). Empty: hints stay on their shard.
     pub stream_hints: Vec<flume::Sender<StreamHint>>,
+}
+
+impl NodeInfo {
+    /// A node of one shard without TLS nor authentication, for the request
+    /// path run in one process (tests, fuzzing).
+    pub fn single_shard(max_payload: u32, limits: crate::conn_limits::ConnLimits) -> NodeInfo {
+        NodeInfo {
+            node_id: 1,
+            shard_count: 1,
+            shard_addrs: vec!["127.0.0.1:1".into()],
+            max_payload,
+            max_chunk_size: shardstore_proto::limits::MAX_CHUNK_SIZE,
+            limits,
+            auth_secret: None,
+            tls: None,
+            stream_hints: Vec::new(),
+        }
+    }
 }
 
 /// Bound of each shard's queue of stream hints. A hint that finds it full
@@ -740,13 +759,30 @@ impl ShardCtx {
     }
 
     /// Serves requests forwarded by other shards until every sender is gone.
+    ///
+    /// At most as many at once as the queue holds: the queue then fills and
+    /// senders answer BUSY. Taken off the queue without a limit, forwarded
+    /// requests piled up here while the connections that sent them (and
+    /// their buffer budget on the sending shard) were already gone.
     pub async fn serve_forwarded(self: Rc<Self>, rx: flume::Receiver<Forwarded>) {
-        while let Ok(msg) = rx.recv_async().await {
+        let slots = Rc::new(Semaphore::new(rx.capacity().unwrap_or(1024).max(1) as u64));
+        loop {
+            let Ok(slot) = slots.acquire_rc_permit(1).await else {
+                return;
+            };
+            let Ok(msg) = rx.recv_async().await else {
+                return;
+            };
             let ctx = self.clone();
             glommio::spawn_local(async move {
+                let _slot = slot;
                 ctx.counters
                     .forwarded_in
                     .set(ctx.counters.forwarded_in.get() + 1);
+                if msg.reply.is_disconnected() {
+                    // Its connection is gone: nobody reads the reply.
+                    return;
+                }
                 let reply = ctx
                     .execute_forwarded(msg.opcode, msg.request_id, &msg.body, msg.payload)
                     .await;

@@ -17,6 +17,7 @@ pub mod conn_limits;
 pub mod handler;
 pub mod lifecycle;
 pub mod logging;
+pub mod mem_stream;
 pub mod metrics;
 #[cfg(feature = "rdma")]
 pub mod rdma;

@@ -146,7 +146,13 @@ fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    // One thread answers every scrape: a client sending a byte now and
+    // then must not hold it past this, whatever each read's timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        if std::time::Instant::now() >= deadline {
+            return respond(&mut stream, "408 Request Timeout", "", false);
+        }
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;

@@ -201,12 +201,27 @@ fn shard_listener_addr(front: SocketAddr, shard: u32) -> anyhow::Result<SocketAd
     Ok(a)
 }
 
+/// A panic anywhere in the server (a bug) ends the process, after the usual
+/// message, instead of only its thread: a shard thread gone quietly would
+/// leave the other shards' requests forwarded to it waiting forever, and
+/// the service manager restarts a process that exited (recovery makes
+/// every acknowledged write visible again).
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        error!("a thread panicked: aborting the process");
+        std::process::abort();
+    }));
+}
+
 struct ShardListeners {
     front: RawFd,
     direct: RawFd,
 }
 
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    abort_on_panic();
     let started = Instant::now();
     let nofile = crate::conn_limits::raise_nofile_limit();
     crate::conn_limits::limit_allocator_footprint();
@@ -227,8 +242,9 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             if let Some(b) = board_cell.get() {
                 b.set_draining();
             }
-            // One message per shard (the channel is unbounded).
-            for _ in 0..limits::MAX_SHARDS {
+            // One message per shard and one for the RDMA thread (the
+            // channel is unbounded).
+            for _ in 0..=limits::MAX_SHARDS {
                 let _ = stop_tx.send(());
             }
         })

@@ -222,6 +222,46 @@ async fn connection_limit_answers_busy() {
     assert!(!h.is_error());
 }
 
+/// Connections that wait in the kernel's backlog together (the server was
+/// stopped while they connected) are counted as they are accepted, not when
+/// their tasks first run: the limit still holds. It did not: the accept
+/// loop took the whole backlog before any connection task ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_connections_stays_within_the_limit() {
+    raise_nofile();
+    let dir = data_dir("connburst");
+    let srv = TestServer::try_start(&dir, 1, &["--max-connections-per-shard", "20"]).unwrap();
+    let pid = srv.child.id().to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status();
+        assert!(st.unwrap().success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let mut socks = Vec::new();
+    for _ in 0..60 {
+        socks.push(TcpStream::connect(&srv.addr).await.unwrap());
+    }
+    signal("-CONT");
+    let (mut served, mut busy) = (0, 0);
+    for (i, s) in socks.iter_mut().enumerate() {
+        let _ = s.write_all(&ping_frame(i as u64)).await;
+        let mut h = [0u8; HEADER_LEN];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await;
+        let Ok(Ok(_)) = read else { continue };
+        match FrameHeader::decode(&h, limits::MAX_PAYLOAD) {
+            Ok((h, _)) if h.is_error() => busy += 1,
+            Ok(_) => served += 1,
+            Err(e) => panic!("bad frame: {e:?}"),
+        }
+    }
+    assert_eq!(served, 20, "served {served}, busy {busy}");
+    assert_eq!(busy, 40, "served {served}, busy {busy}");
+    drop(socks);
+    healthy(&srv, 7).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_gets_typed_busy_and_memory_stays_flat() {
     raise_nofile();

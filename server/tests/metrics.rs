@@ -319,3 +319,36 @@ async fn scrape_and_parse() {
     }
     drop(srv);
 }
+
+/// One client sending its request a byte at a time, each byte within the
+/// per-read timeout, holds the endpoint at most a few seconds: a scrape
+/// behind it is answered. Before, it held it until its request ended.
+#[test]
+fn a_trickling_client_does_not_hold_the_endpoint() {
+    let dir = data_dir("metrics-trickle");
+    let maddr = free_port();
+    let _srv = TestServer::try_start(&dir, 1, &["--metrics-addr", &maddr]).unwrap();
+    let trickler = {
+        let maddr = maddr.clone();
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&maddr).unwrap();
+            // 12 s of one byte a second, never the end of a request.
+            for _ in 0..12 {
+                if s.write_all(b"G").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let (head, _) = http_get(&maddr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "the scrape waited {waited:?}"
+    );
+    trickler.join().unwrap();
+}

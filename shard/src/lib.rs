@@ -26,7 +26,7 @@ mod prefetch;
 mod read_data;
 mod recover;
 mod scrub;
-mod sem;
+pub mod sem;
 mod shard;
 mod sim;
 mod storage;

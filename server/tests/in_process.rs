@@ -1,0 +1,147 @@
+//! The request path in one process, on a simulated disk: the connection
+//! loop over an in-memory stream, and the server of forwarded requests.
+
+use glommio::{LocalExecutorBuilder, Placement};
+use shardstore_proto::{
+    encode_frame, limits, ChunkId, FrameHeader, Opcode, ShardId, WriteRequest, HEADER_LEN,
+};
+use shardstore_server::conn::connection_loop;
+use shardstore_server::conn_limits::ConnLimits;
+use shardstore_server::handler::{Forwarded, NodeInfo, ShardCtx};
+use shardstore_server::mem_stream::MemStream;
+use shardstore_shard::{Shard, ShardConfig, SimDisk};
+use std::rc::Rc;
+
+/// Reply headers in `bytes`, in order.
+fn reply_headers(mut bytes: &[u8]) -> Vec<FrameHeader> {
+    let mut out = Vec::new();
+    while bytes.len() >= HEADER_LEN {
+        let (h, _) =
+            FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap(), limits::MAX_PAYLOAD)
+                .expect("a reply header");
+        let len = HEADER_LEN + h.rest_len();
+        out.push(h);
+        bytes = &bytes[len..];
+    }
+    out
+}
+
+fn on_executor(f: impl std::future::Future<Output = ()>) {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(512 << 10)
+        .make()
+        .unwrap()
+        .run(f);
+}
+
+/// A one-shard context on a fresh simulated disk.
+async fn sim_ctx() -> Rc<ShardCtx> {
+    let cfg = ShardConfig {
+        shard: ShardId(0),
+        shard_count: 1,
+        node_id: 1,
+        capacity_bytes: 2 << 20,
+        ..ShardConfig::default()
+    };
+    let disk = SimDisk::new(3 << 20, 1);
+    let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+    let node = NodeInfo::single_shard(256 << 10, ConnLimits::default());
+    Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new()))
+}
+
+/// The read side fails after the client's requests (what a TLS
+/// connection's reads give once a graceful stop has shut them down: an end
+/// of stream without close_notify). Requests already read still run and
+/// are answered; they were dropped unanswered.
+#[test]
+fn requests_read_before_a_read_error_are_answered() {
+    on_executor(async {
+        let ctx = sim_ctx().await;
+        // Eight pipelined writes, then the read side fails.
+        let mut input = Vec::new();
+        for id in 0..8u64 {
+            let data = vec![id as u8 + 1; 5000];
+            let w = WriteRequest {
+                chunk: 40 + u128::from(id),
+                offset: 0,
+                payload_crc: crc32c::crc32c(&data),
+                flags: 0,
+            };
+            encode_frame(Opcode::Write, 0, id, &w, data.len() as u32, &mut input);
+            input.extend_from_slice(&data);
+        }
+        let (stream, written) = MemStream::new(input);
+        let stream = stream.failing_at_end();
+        let res = connection_loop(&ctx, stream, "127.0.0.1:9".parse().unwrap()).await;
+        assert!(res.is_ok(), "{res:?}");
+        let replies = reply_headers(&written.borrow());
+        let mut ids: Vec<u64> = replies.iter().map(|h| h.request_id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..8).collect::<Vec<_>>(), "every write answered");
+        assert!(
+            replies.iter().all(|h| !h.is_error()),
+            "every write succeeded"
+        );
+        for id in 0..8u64 {
+            let r = ctx
+                .shard
+                .read(ChunkId(40 + u128::from(id)), 0, 5000)
+                .await
+                .unwrap();
+            assert_eq!(r.data.to_vec(), vec![id as u8 + 1; 5000]);
+        }
+    });
+}
+
+/// A request forwarded from another shard whose connection is gone by the
+/// time it is taken off the queue (its reply channel is closed) is not
+/// executed; one still awaited is.
+#[test]
+fn forwarded_requests_of_closed_connections_are_skipped() {
+    on_executor(async {
+        let ctx = sim_ctx().await;
+        let (tx, rx) = flume::bounded(4);
+        glommio::spawn_local(ctx.clone().serve_forwarded(rx)).detach();
+        let forward = |chunk: u128| {
+            let data = vec![7u8; 3000];
+            let w = WriteRequest {
+                chunk,
+                offset: 0,
+                payload_crc: crc32c::crc32c(&data),
+                flags: 0,
+            };
+            let mut frame = Vec::new();
+            encode_frame(Opcode::Write, 0, 1, &w, 0, &mut frame);
+            let (h, _) =
+                FrameHeader::decode(frame[..HEADER_LEN].try_into().unwrap(), limits::MAX_PAYLOAD)
+                    .unwrap();
+            let body = frame[HEADER_LEN..HEADER_LEN + h.body_len as usize].to_vec();
+            let (reply, replies) = flume::bounded(1);
+            let msg = Forwarded {
+                opcode: Opcode::Write,
+                request_id: 1,
+                body,
+                payload: data,
+                reply,
+            };
+            (msg, replies)
+        };
+        let (gone, replies) = forward(50);
+        drop(replies);
+        tx.send_async(gone).await.unwrap();
+        let (kept, replies) = forward(51);
+        tx.send_async(kept).await.unwrap();
+        let reply = replies.recv_async().await.unwrap();
+        let (h, _) = FrameHeader::decode(
+            reply.frame[..HEADER_LEN].try_into().unwrap(),
+            limits::MAX_PAYLOAD,
+        )
+        .unwrap();
+        assert!(!h.is_error());
+        assert!(ctx.shard.stat(ChunkId(51)).is_ok(), "the awaited write ran");
+        assert!(
+            ctx.shard.stat(ChunkId(50)).is_err(),
+            "the abandoned write ran"
+        );
+    });
+}
