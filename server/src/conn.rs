@@ -426,6 +426,14 @@ pub async fn connection_loop<S: Transport>(
                 conn.out.push_done(done);
                 continue;
             }
+            // Nothing in flight: replies waiting to be sent hold the bytes
+            // (a burst of requests answered at once). Sent first, or one
+            // connection's burst takes the whole shard budget and every
+            // request after it, its own and others', gets BUSY.
+            if !conn.out.is_empty() {
+                conn.out.flush(reader.get_mut(), lim.write_timeout).await?;
+                continue;
+            }
         }
         // Wait for the next request or for a pending one to finish.
         let ev = if conn.pending.is_empty() {

@@ -262,6 +262,41 @@ async fn a_backlog_of_connections_stays_within_the_limit() {
     healthy(&srv, 7).await;
 }
 
+/// A burst of READs answered at once (missing chunk: NOT_FOUND, no I/O),
+/// each reserving its 8 MiB length until its reply is sent: the connection
+/// sends replies once it holds its own bound, instead of reading on until
+/// the shard's whole budget is taken and its own requests get BUSY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_answered_reads_does_not_exhaust_the_shard_budget() {
+    let dir = data_dir("readburst");
+    let srv = TestServer::start(&dir, 1);
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let n = 300u64;
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        let r = ReadRequest {
+            chunk: 0xdead,
+            offset: 0,
+            len: limits::MAX_PAYLOAD,
+            flags: 0,
+        };
+        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
+    }
+    s.write_all(&reqs).await.unwrap();
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+        let mut rest = vec![0u8; h.rest_len()];
+        s.read_exact(&mut rest).await.unwrap();
+        let e = access_body::<ArchivedErrorBody>(&rest[..h.body_len as usize]).unwrap();
+        *codes.entry(e.code.to_native()).or_insert(0) += 1;
+    }
+    let not_found = ErrorCode::NotFound as u16;
+    assert_eq!(codes.get(&not_found), Some(&n), "{codes:?} (by code)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_gets_typed_busy_and_memory_stays_flat() {
     raise_nofile();
