@@ -831,10 +831,12 @@ fn execute_later(
     })
 }
 
+/// Skips a refused request's payload. Any failure ends reading only (see
+/// `frame_stop`): the replies queued, this request's refusal among them,
+/// are still sent.
 async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result<Option<Stop>> {
     match reader.skip_payload(n).await {
         Ok(()) => Ok(None),
-        Err(FrameError::Io(e)) => Err(e),
         Err(_) => Ok(Some(Stop::Close)),
     }
 }

@@ -210,7 +210,8 @@ fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
-        error!("a thread panicked: aborting the process");
+        // Not through `tracing`: the panic may have come from inside it.
+        eprintln!("shardstore: a thread panicked: aborting the process");
         std::process::abort();
     }));
 }

@@ -52,7 +52,8 @@ async fn sim_ctx() -> Rc<ShardCtx> {
 /// The read side fails after the client's requests (what a TLS
 /// connection's reads give once a graceful stop has shut them down: an end
 /// of stream without close_notify). Requests already read still run and
-/// are answered; they were dropped unanswered.
+/// are answered, and so is a refused one whose payload was being skipped;
+/// they were dropped unanswered.
 #[test]
 fn requests_read_before_a_read_error_are_answered() {
     on_executor(async {
@@ -70,6 +71,16 @@ fn requests_read_before_a_read_error_are_answered() {
             encode_frame(Opcode::Write, 0, id, &w, data.len() as u32, &mut input);
             input.extend_from_slice(&data);
         }
+        // A ninth, refused (an undefined flag): its payload is skipped, and
+        // the read fails partway through it.
+        let w = WriteRequest {
+            chunk: 48,
+            offset: 0,
+            payload_crc: 0,
+            flags: 1,
+        };
+        encode_frame(Opcode::Write, 0, 8, &w, 5000, &mut input);
+        input.extend_from_slice(&[0u8; 100]);
         let (stream, written) = MemStream::new(input);
         let stream = stream.failing_at_end();
         let res = connection_loop(&ctx, stream, "127.0.0.1:9".parse().unwrap()).await;
@@ -77,11 +88,10 @@ fn requests_read_before_a_read_error_are_answered() {
         let replies = reply_headers(&written.borrow());
         let mut ids: Vec<u64> = replies.iter().map(|h| h.request_id).collect();
         ids.sort_unstable();
-        assert_eq!(ids, (0..8).collect::<Vec<_>>(), "every write answered");
-        assert!(
-            replies.iter().all(|h| !h.is_error()),
-            "every write succeeded"
-        );
+        assert_eq!(ids, (0..9).collect::<Vec<_>>(), "every write answered");
+        for h in &replies {
+            assert_eq!(h.is_error(), h.request_id == 8, "only the ninth is refused");
+        }
         for id in 0..8u64 {
             let r = ctx
                 .shard

@@ -185,7 +185,9 @@ impl Allocator {
         // scattered; they are taken only when nothing bigger is free, and
         // meanwhile coalesce as their neighbours are freed.
         let mut piece = BIG_RUN_SECTORS.min(target.max(1));
-        while got < target && self.reserved.len() + self.pending.len() < max_runs {
+        // One run left over for the run of `min_len` below.
+        let pieces = max_runs.saturating_sub(1).max(1);
+        while got < target && self.reserved.len() + self.pending.len() < pieces {
             let Some(at) = self.take_next_fit(piece) else {
                 if piece > 1 {
                     piece = 1;
@@ -606,12 +608,47 @@ mod tests {
             len: 70,
         });
         // cursor is at the end of the area: wraps around to x first.
-        a.reserve(5, 60, 16);
-        let runs = a.reserved_runs();
+        let runs = reserve_with_a_run_of(&mut a, 5, 60, 16);
         assert_eq!(runs[0].start, x);
-        assert!(runs.iter().any(|r| r.len >= 60), "{runs:?}");
         a.activate_reservation();
         assert!(a.allocate(60).is_some());
+    }
+
+    /// Only one-sector holes ahead of the cursor, more of them than the
+    /// run budget: the budget still leaves room for the run of `min_len`.
+    #[test]
+    fn small_holes_do_not_crowd_out_the_big_run() {
+        let mut a = reserved_all();
+        let mut ones = Vec::new();
+        for _ in 0..10 {
+            ones.push(a.allocate(1).unwrap());
+            a.allocate(1).unwrap();
+        }
+        let big = a.allocate(16).unwrap();
+        a.allocate(64).unwrap(); // the rest: nothing left reserved
+        for &one in &ones {
+            a.free_run(Run { start: one, len: 1 });
+        }
+        a.free_run(Run {
+            start: big,
+            len: 16,
+        });
+        reserve_with_a_run_of(&mut a, 64, 8, 4);
+    }
+
+    /// Reserves, and checks the reservation has a run of `min_len` and at
+    /// most `max_runs` runs.
+    fn reserve_with_a_run_of(
+        a: &mut Allocator,
+        target: u64,
+        min_len: u64,
+        max_runs: usize,
+    ) -> Vec<Run> {
+        a.reserve(target, min_len, max_runs);
+        let runs = a.reserved_runs();
+        assert!(runs.len() <= max_runs, "{runs:?}");
+        assert!(runs.iter().any(|r| r.len >= min_len), "{runs:?}");
+        runs
     }
 
     #[test]

@@ -1134,7 +1134,7 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
                 && s.quarantine.borrow().frees.is_empty();
             if !idle {
                 // Already a task of its own: nothing cancels it midway.
-                if let Err(e) = s.checkpoint_to_end(1).await {
+                if let Err(e) = s.checkpoint_to_end(1, None).await {
                     tracing::error!(shard = s.id.0, error = %e, "background checkpoint failed");
                 }
             }
@@ -1220,7 +1220,7 @@ fn maybe_checkpoint(inner: &Rc<Inner>) {
     {
         let s = inner.clone();
         glommio::spawn_local(async move {
-            let res = s.checkpoint_to_end(1).await;
+            let res = s.checkpoint_to_end(1, None).await;
             s.checkpoint_requested.set(false);
             if let Err(e) = res {
                 tracing::error!(shard = s.id.0, error = %e, "checkpoint failed");
@@ -1334,8 +1334,9 @@ impl Inner {
 
     pub(crate) fn check_writable(&self) -> Result<(), ShardError> {
         if let Some(failure) = self.io.durable_write_failure() {
-            // Also when every request it carried was cancelled.
-            self.fail_stop("a durable write of the data area", &failure);
+            // Also when every request it carried (or that waited for the
+            // flush) was cancelled.
+            self.fail_stop("a durable write or flush of the data area", &failure);
         }
         if self.fail_stopped.get() {
             Err(ShardError::ReadOnly)
@@ -1522,7 +1523,15 @@ impl Inner {
     pub(crate) async fn sync_data(&self, what: &str) -> Result<(), ShardError> {
         let flush = || {
             let io = self.io.clone();
-            async move { io.sync().await }
+            async move {
+                let res = io.sync().await;
+                if let Err(e) = &res {
+                    // Also when every caller waiting for it was cancelled:
+                    // the next write's check_writable stops the shard.
+                    io.record_failure(format!("fdatasync of the data area: {e}"));
+                }
+                res
+            }
         };
         if let Err(e) = self.data_sync.sync(flush).await {
             self.fail_stop(what, &e);
@@ -1773,16 +1782,7 @@ impl Inner {
     /// unless one that ran meanwhile (while it waited for the lock) made room.
     async fn checkpoint_for(&self, min_len: u64) -> Result<(), ShardError> {
         let ran = self.counters.checkpoints.get();
-        let _permit = self
-            .checkpoint_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|e| ShardError::Internal(format!("checkpoint lock closed: {e}")))?;
-        if self.counters.checkpoints.get() != ran && self.alloc.borrow().has_run(min_len) {
-            return Ok(());
-        }
-        drop(_permit);
-        self.checkpoint(min_len).await
+        self.checkpoint_detached(min_len, Some(ran)).await
     }
 
     /// Takes a durable checkpoint; see the module docs (steps a-c). One at a
@@ -1795,10 +1795,21 @@ impl Inner {
     /// strand its reservation, or drop index changes whose store write
     /// then failed unseen.
     pub(crate) async fn checkpoint(&self, min_len: u64) -> Result<(), ShardError> {
+        self.checkpoint_detached(min_len, None).await
+    }
+
+    /// `checkpoint`, skipped if `unless_ran_since` (a count of checkpoints)
+    /// is given and a checkpoint that ran since then left a run of
+    /// `min_len` in the reservation.
+    async fn checkpoint_detached(
+        &self,
+        min_len: u64,
+        unless_ran_since: Option<u64>,
+    ) -> Result<(), ShardError> {
         let Some(me) = self.me.upgrade() else {
             return Err(ShardError::Internal("checkpoint of a closed shard".into()));
         };
-        glommio::spawn_local(async move { me.checkpoint_to_end(min_len).await })
+        glommio::spawn_local(async move { me.checkpoint_to_end(min_len, unless_ran_since).await })
             .detach()
             .await
             .unwrap_or_else(|| {
@@ -1809,12 +1820,21 @@ impl Inner {
     }
 
     /// The checkpoint itself, for callers that nothing cancels midway.
-    async fn checkpoint_to_end(&self, min_len: u64) -> Result<(), ShardError> {
+    async fn checkpoint_to_end(
+        &self,
+        min_len: u64,
+        unless_ran_since: Option<u64>,
+    ) -> Result<(), ShardError> {
         let _permit = self
             .checkpoint_lock
             .acquire_permit(1)
             .await
             .map_err(|e| ShardError::Internal(format!("checkpoint lock closed: {e}")))?;
+        if let Some(ran) = unless_ran_since {
+            if self.counters.checkpoints.get() != ran && self.alloc.borrow().has_run(min_len) {
+                return Ok(());
+            }
+        }
         self.check_writable()?;
         let (ck, freed) = {
             let mut alloc = self.alloc.borrow_mut();
