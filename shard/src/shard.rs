@@ -362,7 +362,11 @@ pub(crate) fn now_ns() -> u64 {
 
 /// The per-core storage engine. `!Send`: lives in one executor, shared by
 /// that executor's tasks through `Rc<Shard>`. Background tasks (checkpoints,
-/// scrub) hold a weak reference and end when the shard is dropped.
+/// scrub) hold a weak reference and end when the shard is dropped. A
+/// checkpoint already running holds a strong one until it ends (it runs in
+/// a task of its own so that no cancelled caller cuts it), so the index
+/// store stays open for that long after a drop: call `close` (which waits
+/// for it) before opening the same folder again in the same process.
 pub struct Shard {
     inner: Rc<Inner>,
 }
