@@ -2,7 +2,9 @@
 //! acknowledgement while the server is SIGKILLed at a random moment; after
 //! each restart every acknowledged write must read back byte for byte, every
 //! unacknowledged one must be all old or all new, and no read may answer
-//! CORRUPT.
+//! CORRUPT. Meanwhile another client resets its connections (SO_LINGER 0)
+//! at random moments of its writes, so the server drops requests wherever
+//! they are; those writes may land (now or after the restart) or not.
 //!
 //! `SHARDSTORE_CRASH_CYCLES=N` sets the number of kill cycles (default 16);
 //! `SHARDSTORE_CRASH_SEED=S` the seed (printed on failure).
@@ -10,9 +12,12 @@
 mod common;
 use common::*;
 use shardstore_client::{ClientConfig, ClientError};
-use shardstore_proto::ChunkId;
+use shardstore_proto::{
+    encode_frame, limits, ChunkId, FrameHeader, Opcode, WriteRequest, HEADER_LEN,
+};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone, Debug, PartialEq)]
 enum State {
@@ -92,6 +97,93 @@ async fn writer(
     }
 }
 
+/// Length of every write of an [`abandoner`]: each replaces its whole chunk,
+/// so every version it sent is a complete state the chunk may be in.
+const ABANDONED_LEN: usize = 8192;
+
+/// A client that gives up: each write of its `chunks` goes out on a fresh
+/// connection to the front address (so it is forwarded when another shard
+/// owns it); usually the connection is then reset after a random moment,
+/// sometimes partway through the frame, sometimes the reply is awaited.
+/// A write without a reply may land at any time until the server stops, even
+/// after a later acknowledged one (it is still in flight on the server), so
+/// every such version stays allowed until the next restart. Returns the
+/// allowed states and the number of writes given up.
+async fn abandoner(addr: String, chunks: Vec<ChunkId>, model: Model, seed: u64) -> (Model, u64) {
+    let mut rng = Rng(seed | 1);
+    let mut certain: BTreeMap<ChunkId, State> =
+        chunks.iter().map(|c| (*c, model[c][0].clone())).collect();
+    let mut maybe: BTreeMap<ChunkId, Vec<State>> = chunks
+        .iter()
+        .map(|c| (*c, model[c][1..].to_vec()))
+        .collect();
+    let mut given_up = 0;
+    let done =
+        |certain: BTreeMap<ChunkId, State>, mut maybe: BTreeMap<ChunkId, Vec<State>>| -> Model {
+            certain
+                .into_iter()
+                .map(|(c, s)| {
+                    let mut allowed = vec![s];
+                    allowed.append(maybe.get_mut(&c).unwrap());
+                    (c, allowed)
+                })
+                .collect()
+        };
+    loop {
+        let c = chunks[rng.below(chunks.len() as u64) as usize];
+        let data = pattern(rng.next(), ABANDONED_LEN);
+        let new = State::Present(data.clone());
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            return (done(certain, maybe), given_up);
+        };
+        let w = WriteRequest {
+            chunk: c.0,
+            offset: 0,
+            payload_crc: crc32c::crc32c(&data),
+            flags: 0,
+        };
+        let mut frame = Vec::new();
+        encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut frame);
+        frame.extend_from_slice(&data);
+        let whole = rng.below(4) != 0;
+        let send = if whole {
+            frame.len()
+        } else {
+            1 + rng.below(frame.len() as u64 - 1) as usize
+        };
+        if s.write_all(&frame[..send]).await.is_err() {
+            maybe.get_mut(&c).unwrap().push(new);
+            return (done(certain, maybe), given_up);
+        }
+        if whole && rng.below(3) == 0 {
+            let mut h = [0u8; HEADER_LEN];
+            match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await {
+                Ok(Ok(_)) => {
+                    let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+                    if h.is_error() {
+                        maybe.get_mut(&c).unwrap().push(new);
+                    } else {
+                        certain.insert(c, new);
+                    }
+                    continue;
+                }
+                _ => {
+                    // The server died (or is dying).
+                    maybe.get_mut(&c).unwrap().push(new);
+                    return (done(certain, maybe), given_up);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(rng.below(2000))).await;
+        let _ = s.set_linger(Some(Duration::ZERO));
+        drop(s);
+        given_up += 1;
+        if whole {
+            maybe.get_mut(&c).unwrap().push(new);
+        }
+    }
+}
+
 async fn verify(client: &shardstore_client::Client, model: &mut Model, seed: u64, cycle: u32) {
     for (c, allowed) in model.iter_mut() {
         let got = match client.read(*c, 0, 4 << 20).await {
@@ -134,6 +226,11 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut model: Model = (0..writers * per_writer)
         .map(|n| (ChunkId(0xc0de_0000 + n as u128), vec![State::Absent]))
         .collect();
+    let abandoned_chunks: Vec<ChunkId> = (0..8).map(|n| ChunkId(0xab_0000 + n)).collect();
+    for c in &abandoned_chunks {
+        model.insert(*c, vec![State::Absent]);
+    }
+    let mut total_given_up = 0;
     let cfg = ClientConfig {
         request_timeout: Duration::from_secs(5),
         ..ClientConfig::default()
@@ -174,9 +271,25 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                 rng.next(),
             )));
         }
+        let mine: Model = abandoned_chunks
+            .iter()
+            .map(|c| (*c, model[c].clone()))
+            .collect();
+        let gives_up = tokio::spawn(abandoner(
+            srv.addr.clone(),
+            abandoned_chunks.clone(),
+            mine,
+            rng.next(),
+        ));
         tokio::time::sleep(Duration::from_millis(20 + rng.below(400))).await;
         let pid = srv.child.id();
         srv.kill();
+        let (m, n) = tokio::time::timeout(Duration::from_secs(20), gives_up)
+            .await
+            .unwrap_or_else(|_| panic!("the abandoning client hung after the kill of pid {pid}"))
+            .unwrap();
+        model.extend(m);
+        total_given_up += n;
         for t in tasks {
             let m = tokio::time::timeout(Duration::from_secs(20), t)
                 .await
@@ -188,7 +301,8 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     }
     let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
     eprintln!(
-        "crash test: {total_acks} acknowledged writes/deletes over {cycles} kills; \
+        "crash test: {total_acks} acknowledged writes/deletes over {cycles} kills, \
+         {total_given_up} writes given up midway; \
          {} sweep passes and {} scrub passes finished before a kill",
         log.matches("sweep pass done").count(),
         log.matches("scrub pass done").count()
