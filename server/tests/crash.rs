@@ -175,7 +175,8 @@ async fn abandoner(addr: String, chunks: Vec<ChunkId>, model: Model, seed: u64) 
             }
         }
         tokio::time::sleep(Duration::from_micros(rng.below(2000))).await;
-        let _ = s.set_linger(Some(Duration::ZERO));
+        // A linger of zero: the close sends RST at once (it never blocks).
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         drop(s);
         given_up += 1;
         if whole {
