@@ -12,6 +12,23 @@
 //!
 //! All device I/O goes through the [`Storage`] trait: glommio DMA
 //! ([`DmaStorage`]) or a seeded simulated disk with faults ([`SimDisk`]).
+//!
+//! Cancellation: a request's future may be dropped at any `.await` (its
+//! client went away), and the shard stays consistent whatever the point.
+//! The rules that keep it so:
+//! - work other requests depend on, or whose outcome must be seen, runs in
+//!   a task of its own and records its own result: every device write (its
+//!   range tracked while it runs), every group flush (`group`), every
+//!   checkpoint (`Inner::checkpoint`);
+//! - state changed before an `.await` and finished after it is owned by a
+//!   guard that restores or hands it on when dropped (`InflightGuard` and
+//!   the eraser, `ErasingBatch`, `ReadEpoch`, the sweep's `SweepPass`, the
+//!   chunk locks);
+//! - waiting uses [`sem::Semaphore`], never glommio's directly: a woken
+//!   waiter dropped before it ran loses a wake-up there.
+//!
+//! The simulator cancels writes and sweep passes midway, and the server's
+//! crash test resets connections in the middle of writes.
 
 mod alloc;
 mod cache;
