@@ -155,20 +155,12 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glommio::{LocalExecutorBuilder, Placement};
+    use crate::run_test;
     use std::rc::Rc;
-
-    fn on_executor(f: impl Future<Output = ()>) {
-        LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(1 << 20)
-            .make()
-            .unwrap()
-            .run(f);
-    }
 
     #[test]
     fn concurrent_callers_share_flushes() {
-        on_executor(async {
+        run_test(async {
             let g = Rc::new(Group::new());
             let flushes = Rc::new(Cell::new(0u32));
             let mut tasks = Vec::new();
@@ -209,7 +201,7 @@ mod tests {
     /// succeeded, acknowledged writes the failed one may have lost.
     #[test]
     fn a_failed_flush_whose_caller_was_cancelled_still_fails_the_group() {
-        on_executor(async {
+        run_test(async {
             let g = Rc::new(Group::new());
             let leader = {
                 let g = g.clone();

@@ -980,14 +980,7 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(256 << 10)
-            .make()
-            .expect("glommio executor")
-            .run(f)
-    }
+    use crate::run_test as run;
 
     fn ext(l: u64, n: u32) -> ExtentRec {
         ExtentRec {

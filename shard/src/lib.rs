@@ -66,3 +66,13 @@ pub use shard::{
 pub use sim::{MemKv, SimDisk, SimFaultCounts, SimFaults, SimRng};
 pub use storage::{IoBuf, IoFuture, ReadBuf, Storage};
 pub use sweep::SweepReport;
+
+/// Runs `f` to its end on a fresh executor (unit tests).
+#[cfg(test)]
+pub(crate) fn run_test<T>(f: impl std::future::Future<Output = T>) -> T {
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(256 << 10)
+        .make()
+        .expect("glommio executor")
+        .run(f)
+}

@@ -70,16 +70,12 @@ impl ChunkLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glommio::{LocalExecutorBuilder, Placement};
+    use crate::run_test;
     use std::rc::Rc;
 
     #[test]
     fn serializes_per_chunk_and_cleans_up() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(1 << 20)
-            .make()
-            .unwrap();
-        ex.run(async {
+        run_test(async {
             let locks = Rc::new(ChunkLocks::default());
             let order = Rc::new(RefCell::new(Vec::new()));
             let mut tasks = Vec::new();

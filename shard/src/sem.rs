@@ -128,7 +128,7 @@ impl Semaphore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glommio::{LocalExecutorBuilder, Placement};
+    use crate::run_test;
     use std::cell::Cell;
     use std::time::Duration;
 
@@ -137,11 +137,7 @@ mod tests {
     /// through `sem.0`) the second waiter is never woken.
     #[test]
     fn a_cancelled_woken_waiter_passes_its_turn_on() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(1 << 20)
-            .make()
-            .unwrap();
-        ex.run(async {
+        run_test(async {
             let sem = Rc::new(Semaphore::new(1));
             let held = sem.acquire_permit(1).await.unwrap();
             let got = Rc::new(Cell::new(0u32));
@@ -170,11 +166,7 @@ mod tests {
 
     #[test]
     fn permits_give_their_units_back_and_close_fails_waiters() {
-        let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(1 << 20)
-            .make()
-            .unwrap();
-        ex.run(async {
+        run_test(async {
             let sem = Rc::new(Semaphore::new(3));
             let a = sem.acquire_permit(2).await.unwrap();
             let b = sem.acquire_rc_permit(1).await.unwrap();
