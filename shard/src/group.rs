@@ -109,6 +109,12 @@ impl Group {
         self.s.failed.borrow().is_some()
     }
 
+    /// What failed, once a flush has (recorded by the flush itself, whoever
+    /// waited for it).
+    pub fn failure(&self) -> Option<String> {
+        self.s.failed.borrow().as_ref().map(|(_, msg)| msg.clone())
+    }
+
     /// Returns once every write completed before the call is durable (a
     /// flush issued after the call has completed), or with the error of a
     /// failed flush, this one's or an earlier one's.

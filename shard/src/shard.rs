@@ -1337,9 +1337,10 @@ impl Inner {
     }
 
     pub(crate) fn check_writable(&self) -> Result<(), ShardError> {
-        if let Some(failure) = self.io.durable_write_failure() {
-            // Also when every request it carried (or that waited for the
-            // flush) was cancelled.
+        // Also when every request it carried, or that waited for the flush,
+        // was cancelled.
+        let failure = (self.io.durable_write_failure()).or_else(|| self.data_sync.failure());
+        if let Some(failure) = failure {
             self.fail_stop("a durable write or flush of the data area", &failure);
         }
         if self.fail_stopped.get() {
@@ -1527,15 +1528,7 @@ impl Inner {
     pub(crate) async fn sync_data(&self, what: &str) -> Result<(), ShardError> {
         let flush = || {
             let io = self.io.clone();
-            async move {
-                let res = io.sync().await;
-                if let Err(e) = &res {
-                    // Also when every caller waiting for it was cancelled:
-                    // the next write's check_writable stops the shard.
-                    io.record_failure(format!("fdatasync of the data area: {e}"));
-                }
-                res
-            }
+            async move { io.sync().await }
         };
         if let Err(e) = self.data_sync.sync(flush).await {
             self.fail_stop(what, &e);

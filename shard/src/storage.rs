@@ -256,13 +256,6 @@ impl Io {
 
     /// A durable write that failed (other than for space), whoever waited
     /// for it: the shard must stop writing.
-    /// Records a failed flush (or durable write) that nobody may have
-    /// seen: the first one recorded stays (see `durable_write_failure`).
-    pub fn record_failure(&self, what: String) {
-        self.s.failure.borrow_mut().get_or_insert(what);
-    }
-
-    /// The first failed O_DSYNC write or recorded flush failure, if any.
     pub fn durable_write_failure(&self) -> Option<String> {
         self.s.failure.borrow().clone()
     }
