@@ -677,7 +677,7 @@ async fn handle_frame<S: Transport>(
             fail(out, ErrReply::new(ErrorCode::Malformed, e.to_string()));
             return skip(reader, payload_len).await;
         }
-        Err(e) => return Ok(Some(frame_stop(ctx, peer, e)?)),
+        Err(e) => return Ok(Some(frame_stop(ctx, peer, e))),
     };
     let req = match Parsed::decode(op, body) {
         Ok(r) => r,
@@ -718,7 +718,7 @@ async fn handle_frame<S: Transport>(
         let body = body.to_vec();
         let mut payload = vec![0u8; payload_len];
         if let Err(e) = reader.read_payload(&mut payload).await {
-            return Ok(Some(frame_stop(ctx, peer, e)?));
+            return Ok(Some(frame_stop(ctx, peer, e)));
         }
         if let Parsed::Write(w) = &req {
             if let Err(e) = ctx.check_payload(w, &payload) {
@@ -764,7 +764,7 @@ async fn handle_frame<S: Transport>(
             // The payload goes from the socket buffer straight into the DMA
             // buffer that is written to disk.
             if let Err(e) = reader.read_payload(pw.payload_mut()).await {
-                return Ok(Some(frame_stop(ctx, peer, e)?));
+                return Ok(Some(frame_stop(ctx, peer, e)));
             }
             if let Err(e) = ctx.check_payload(&w, pw.payload_mut()) {
                 fail(out, e);
@@ -844,15 +844,7 @@ async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result
 /// How a failed read of a frame's body or payload ends the connection:
 /// requests in flight still finish and are answered (see the read error
 /// of a frame header in `connection_loop`).
-fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> io::Result<Stop> {
-    match e {
-        FrameError::Io(e) => {
-            debug!(shard = ctx.id.0, %peer, error = %e, "read failed mid-frame; finishing in-flight requests");
-            Ok(Stop::Close)
-        }
-        other => {
-            debug!(shard = ctx.id.0, %peer, error = %other, "closing connection");
-            Ok(Stop::Close)
-        }
-    }
+fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> Stop {
+    debug!(shard = ctx.id.0, %peer, error = %e, "bad or unreadable frame; finishing in-flight requests, then closing");
+    Stop::Close
 }
