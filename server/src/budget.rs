@@ -1,11 +1,14 @@
 //! Memory budgets for request and reply payload buffers (invariant 6).
 //!
 //! A shard has one [`Budget`] for all its connections; each connection has
-//! its own byte count. A request reserves its payload bytes (write payload, or
-//! read length) before any buffer is allocated; the [`Reservation`] travels
-//! with the request and its reply and is released when the reply has been
-//! sent. Over the connection's bound the connection is simply not read
-//! (TCP backpressure); over the shard's bound the request gets a typed BUSY.
+//! its own byte count. A request reserves its payload bytes before any buffer
+//! is allocated: a write's payload, or what a read can return (its length,
+//! capped by the chunk's end when this shard owns the chunk; the length asked
+//! when the read is forwarded). The [`Reservation`] travels with the request
+//! and its reply, is resized to the reply's payload once that is built, and
+//! is released when the reply has been sent. Over the connection's bound the
+//! connection is simply not read (TCP backpressure); over the shard's bound
+//! the request gets a typed BUSY.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -56,6 +59,22 @@ impl Reservation {
             bytes,
         })
     }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Holds `bytes` instead: what a request's reply turned out to need
+    /// once it is built (a READ reserves its bound before it knows how much
+    /// it returns). Growing is never refused: the bytes exist by then, and
+    /// the count must say so.
+    pub fn resize(&mut self, bytes: u64) {
+        let (old, shard, conn) = (self.bytes, &self.shard.used, &self.conn);
+        shard.set(shard.get() - old + bytes);
+        conn.set(conn.get() - old + bytes);
+        self.bytes = bytes;
+    }
 }
 
 impl Drop for Reservation {
@@ -84,5 +103,26 @@ mod tests {
         let big = Reservation::try_new(&b, &c, 500).unwrap();
         assert!(Reservation::try_new(&b, &c, 1).is_none());
         drop(big);
+    }
+
+    #[test]
+    fn a_resized_reservation_counts_its_new_size() {
+        let b = Budget::new(100);
+        let c = Rc::new(Cell::new(0));
+        let mut r = Reservation::try_new(&b, &c, 80).unwrap();
+        r.resize(10);
+        assert_eq!((b.used(), c.get(), r.bytes()), (10, 10, 10));
+        assert!(
+            Reservation::try_new(&b, &c, 90).is_some(),
+            "the room freed is usable"
+        );
+        r.resize(120);
+        assert_eq!(
+            (b.used(), c.get()),
+            (120, 120),
+            "growth is counted, not refused"
+        );
+        drop(r);
+        assert_eq!((b.used(), c.get()), (0, 0));
     }
 }

@@ -961,8 +961,8 @@ const DOCS: &[Doc] = &[
         set: None,
         default: "64",
         help: &[
-            "Payload buffers all of a shard's connections may hold, MiB (at least",
-            "conn_buffer_mib); past it requests get BUSY.",
+            "Payload buffers all of a shard's connections may hold, MiB; past it",
+            "requests get BUSY. Below conn_buffer_mib, one connection can hold it all.",
         ],
     },
     Doc {

@@ -63,24 +63,27 @@ enum Part {
 
 impl Outbox {
     fn push_done(&mut self, done: Completed) {
-        self.push(&done.frame, done.payload);
-        self.holds.extend(done.hold);
-    }
-
-    fn push(&mut self, frame: &[u8], payload: ReplyPayload) {
         let start = self.frames.len();
-        self.frames.extend_from_slice(frame);
-        self.push_inline(start, payload, None);
+        self.frames.extend_from_slice(&done.frame);
+        self.push_inline(start, done.payload, done.hold);
     }
 
     /// Records a reply appended to `frames` in place from `start`, its
-    /// payload, and the reservation to release once it is sent.
+    /// payload, and the reservation to release once it is sent. Until then
+    /// the reservation holds what the reply holds: its payload (a write's
+    /// data buffer is gone by now; a read may return less than it asked).
     fn push_inline(&mut self, start: usize, payload: ReplyPayload, hold: Option<Reservation>) {
         self.push_frames_since(start);
-        if !payload.is_empty() {
+        let len = payload.len() as u64;
+        if len > 0 {
             self.parts.push(Part::Payload(payload));
         }
-        self.holds.extend(hold);
+        if let Some(mut hold) = hold {
+            if len > 0 {
+                hold.resize(len);
+                self.holds.push(hold);
+            }
+        }
     }
 
     /// Records that `frames[start..]` was appended in place.
@@ -690,8 +693,13 @@ async fn handle_frame<S: Transport>(
             return skip(reader, payload_len).await;
         }
     };
-    // Payload bytes this request will hold: its write data or its read reply.
+    let owner = req.owner(ctx.node.shard_count, ctx.id);
+    // Payload bytes this request will hold: its write data or its read
+    // reply, which a local READ bounds by the chunk's length now (an 8 MiB
+    // READ of a 4 KiB chunk holds 4 KiB, not 8 MiB). The reservation is
+    // resized to the reply once that is built (see `Outbox::push_inline`).
     let hold_bytes = match &req {
+        Parsed::Read(r) if owner == ctx.id => ctx.read_reply_bound(r),
         Parsed::Read(r) => r.len.min(ctx.node.max_payload) as u64,
         _ => payload_len as u64,
     };
@@ -713,7 +721,6 @@ async fn handle_frame<S: Transport>(
     } else {
         None
     };
-    let owner = req.owner(ctx.node.shard_count, ctx.id);
     if owner != ctx.id {
         let body = body.to_vec();
         let mut payload = vec![0u8; payload_len];

@@ -530,6 +530,17 @@ impl ShardCtx {
         Ok(ReplyPayload::None)
     }
 
+    /// The most payload bytes a READ of this shard's chunk can return now:
+    /// its length, capped by the payload limit and by the chunk's end (0 for
+    /// a missing chunk or an offset at or past its end).
+    pub fn read_reply_bound(&self, r: &ReadRequest) -> u64 {
+        let len = u64::from(r.len.min(self.node.max_payload));
+        match self.shard.stat(ChunkId(r.chunk)) {
+            Ok(st) => len.min(st.chunk_len.saturating_sub(r.offset)),
+            Err(_) => 0,
+        }
+    }
+
     /// Whether the shard has a read cache (READs may be answered inline).
     pub fn shard_has_cache(&self) -> bool {
         self.shard.has_cache()

@@ -262,6 +262,53 @@ async fn a_backlog_of_connections_stays_within_the_limit() {
     healthy(&srv, 7).await;
 }
 
+/// Sends `n` READs of `MAX_PAYLOAD` bytes at offset 0 of `chunk` in one
+/// write, then reads their replies: per reply, the error code (None for a
+/// success) and its payload.
+async fn pipelined_big_reads(
+    s: &mut TcpStream,
+    chunk: u128,
+    n: u64,
+) -> Vec<(Option<u16>, Vec<u8>)> {
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        let r = ReadRequest {
+            chunk,
+            offset: 0,
+            len: limits::MAX_PAYLOAD,
+            flags: 0,
+        };
+        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
+    }
+    s.write_all(&reqs).await.unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..n {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+        let mut rest = vec![0u8; h.rest_len()];
+        s.read_exact(&mut rest).await.unwrap();
+        let payload = rest.split_off(h.body_len as usize);
+        let code = h.is_error().then(|| {
+            access_body::<ArchivedErrorBody>(&rest)
+                .unwrap()
+                .code
+                .to_native()
+        });
+        replies.push((code, payload));
+    }
+    replies
+}
+
+/// Counts replies by error code (0: success).
+fn by_code(replies: &[(Option<u16>, Vec<u8>)]) -> std::collections::BTreeMap<u16, u64> {
+    let mut codes = std::collections::BTreeMap::new();
+    for (code, _) in replies {
+        *codes.entry(code.unwrap_or(0)).or_insert(0) += 1;
+    }
+    codes
+}
+
 /// A burst of READs answered at once (missing chunk: NOT_FOUND, no I/O),
 /// each reserving its 8 MiB length until its reply is sent: the connection
 /// sends replies once it holds its own bound, instead of reading on until
@@ -272,29 +319,40 @@ async fn a_burst_of_answered_reads_does_not_exhaust_the_shard_budget() {
     let srv = TestServer::start(&dir, 1);
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     let n = 300u64;
-    let mut reqs = Vec::new();
-    for i in 0..n {
-        let r = ReadRequest {
-            chunk: 0xdead,
-            offset: 0,
-            len: limits::MAX_PAYLOAD,
-            flags: 0,
-        };
-        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
-    }
-    s.write_all(&reqs).await.unwrap();
-    let mut codes = std::collections::BTreeMap::new();
-    for _ in 0..n {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).await.unwrap();
-        let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
-        let mut rest = vec![0u8; h.rest_len()];
-        s.read_exact(&mut rest).await.unwrap();
-        let e = access_body::<ArchivedErrorBody>(&rest[..h.body_len as usize]).unwrap();
-        *codes.entry(e.code.to_native()).or_insert(0) += 1;
-    }
+    let codes = by_code(&pipelined_big_reads(&mut s, 0xdead, n).await);
     let not_found = ErrorCode::NotFound as u16;
     assert_eq!(codes.get(&not_found), Some(&n), "{codes:?} (by code)");
+}
+
+/// A READ holds budget for what it can return, not for what it asks: 8 MiB
+/// READs of a 4 KiB chunk, pipelined on one connection to a shard whose
+/// whole budget is 8 MiB, all succeed, cached or not. Each used to hold its
+/// 8 MiB until its reply was sent, so every READ behind the first got BUSY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_hold_budget_for_what_they_return() {
+    for cache in ["64", "0"] {
+        let dir = data_dir(&format!("readhold-{cache}"));
+        let srv =
+            TestServer::try_start(&dir, 1, &["--shard-buffer-mib", "8", "--cache-mib", cache])
+                .unwrap();
+        let data = pattern(7, 4096);
+        let c = srv.client().await;
+        c.write(ChunkId(0xbeef), 0, bytes::Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+        let replies = pipelined_big_reads(&mut s, 0xbeef, 50).await;
+        assert_eq!(
+            by_code(&replies).get(&0),
+            Some(&50),
+            "cache {cache}: replies by code {:?}",
+            by_code(&replies)
+        );
+        assert!(
+            replies.iter().all(|(_, p)| p == &data),
+            "cache {cache}: the chunk's bytes"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
