@@ -34,6 +34,9 @@ pub enum ErrorCode {
     Internal = 14,
     /// The server is shutting down and accepts no new requests.
     ShuttingDown = 15,
+    /// The shard that took the request gave up waiting for the shard that
+    /// owns the chunk: the request may still take effect.
+    Timeout = 16,
 }
 
 impl ErrorCode {
@@ -55,6 +58,7 @@ impl ErrorCode {
             13 => Unauthorized,
             14 => Internal,
             15 => ShuttingDown,
+            16 => Timeout,
             _ => return None,
         })
     }
@@ -77,6 +81,7 @@ impl ErrorCode {
             Unauthorized => "UNAUTHORIZED",
             Internal => "INTERNAL",
             ShuttingDown => "SHUTTING_DOWN",
+            Timeout => "TIMEOUT",
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_interval_ms: Option<u64>,
@@ -308,6 +310,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         frame_timeout_ms,
         idle_timeout_ms,
         write_timeout_ms,
+        forward_timeout_ms,
         metrics_addr,
         metrics_interval_ms,
         shutdown_timeout_ms,
@@ -454,6 +457,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         frame_timeout: ms(c.frame_timeout_ms, d.frame_timeout),
         idle_timeout: ms(c.idle_timeout_ms, d.idle_timeout),
         write_timeout: ms(c.write_timeout_ms, d.write_timeout),
+        forward_timeout: ms(c.forward_timeout_ms, d.forward_timeout),
     };
     let s = Settings {
         listen,
@@ -570,6 +574,7 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         ("frame_timeout_ms", l.frame_timeout.as_millis() as u64),
         ("idle_timeout_ms", l.idle_timeout.as_millis() as u64),
         ("write_timeout_ms", l.write_timeout.as_millis() as u64),
+        ("forward_timeout_ms", l.forward_timeout.as_millis() as u64),
     ] {
         if v == 0 {
             return Err(bad(key, "must be at least 1"));
@@ -749,6 +754,7 @@ impl Settings {
             frame_timeout_ms: Some(self.limits.frame_timeout.as_millis() as u64),
             idle_timeout_ms: Some(self.limits.idle_timeout.as_millis() as u64),
             write_timeout_ms: Some(self.limits.write_timeout.as_millis() as u64),
+            forward_timeout_ms: Some(self.limits.forward_timeout.as_millis() as u64),
             metrics_addr: Some(
                 self.metrics_addr
                     .map(|a| a.to_string())
@@ -982,6 +988,16 @@ const DOCS: &[Doc] = &[
         set: None,
         default: "10000",
         help: &["Longest wait for a client to take reply bytes."],
+    },
+    Doc {
+        key: "forward_timeout_ms",
+        set: None,
+        default: "30000",
+        help: &[
+            "Longest wait for the shard that owns a chunk to answer a request another",
+            "shard took for it (a client that did not route by hash; RDMA). Past it the",
+            "client gets TIMEOUT: the request may still take effect.",
+        ],
     },
     Doc {
         key: "metrics_addr",

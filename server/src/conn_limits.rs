@@ -14,6 +14,9 @@ pub struct ConnLimits {
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// Longest wait for another shard of this node to answer a request
+    /// forwarded to it (invariant 6: time waiting for a peer is bounded).
+    pub forward_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -26,6 +29,7 @@ impl Default for ConnLimits {
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
+            forward_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! forwarded request carries owned bytes only.
 
 use crate::stats::ShardCounters;
+use futures_lite::FutureExt;
 use shardstore_proto::{
     access_body, encode_frame, limits, route, ArchivedChunkRequest, ArchivedListRequest,
     ArchivedReadRequest, ArchivedWriteRequest, ChunkId, ChunkRequest, DeleteReply, Empty,
@@ -188,6 +189,18 @@ pub async fn await_shard_reply(
             format!("shard {owner} dropped a forwarded request (stopping?)"),
         )
     })
+}
+
+/// The error for a forwarded request `owner` did not answer within `after`
+/// (`forward_timeout_ms`): the request may still take effect there.
+pub fn forward_timed_out(owner: ShardId, after: std::time::Duration) -> ErrReply {
+    ErrReply::new(
+        ErrorCode::Timeout,
+        format!(
+            "shard {owner} did not answer a forwarded request within {} ms; it may still take effect",
+            after.as_millis()
+        ),
+    )
 }
 
 /// Error reply parts.
@@ -722,7 +735,17 @@ impl ShardCtx {
         self.counters
             .forwarded_out
             .set(self.counters.forwarded_out.get() + 1);
-        await_shard_reply(owner, rx).await
+        let after = self.limits.forward_timeout;
+        let timed_out = async {
+            glommio::timer::sleep(after).await;
+            tracing::warn!(
+                shard = self.id.0,
+                owner = owner.0,
+                "a forwarded request timed out"
+            );
+            Err(forward_timed_out(owner, after))
+        };
+        await_shard_reply(owner, rx).or(timed_out).await
     }
 
     /// Sends this shard's stream hints for chunks of other shards to their

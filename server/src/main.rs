@@ -224,6 +224,9 @@ pub struct ServeArgs {
     /// Longest wait for a client to take reply bytes, ms. [default: 10000]
     #[arg(long, env = "SHARDSTORE_WRITE_TIMEOUT_MS")]
     write_timeout_ms: Option<u64>,
+    /// Longest wait for the owning shard to answer a forwarded request, ms. [default: 30000]
+    #[arg(long, env = "SHARDSTORE_FORWARD_TIMEOUT_MS")]
+    forward_timeout_ms: Option<u64>,
     /// Prometheus endpoint address (GET /metrics), or "off". [default: off]
     #[arg(long, env = "SHARDSTORE_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -288,6 +291,7 @@ impl ServeArgs {
             frame_timeout_ms: self.frame_timeout_ms,
             idle_timeout_ms: self.idle_timeout_ms,
             write_timeout_ms: self.write_timeout_ms,
+            forward_timeout_ms: self.forward_timeout_ms,
             metrics_addr: self.metrics_addr.clone(),
             metrics_interval_ms: self.metrics_interval_ms,
             shutdown_timeout_ms: self.shutdown_timeout_ms,

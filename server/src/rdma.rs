@@ -23,7 +23,7 @@
 
 use crate::handler::{
     await_shard_reply, check_write_payload, encode_error, encode_header_error, enqueue_to_shard,
-    EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
+    forward_timed_out, EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
 };
 use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
 use shardstore_proto::{ErrorCode, Opcode, ShardId};
@@ -36,13 +36,20 @@ use tracing::{debug, info, warn};
 pub struct Bridge {
     peers: Arc<Vec<flume::Sender<Forwarded>>>,
     shard_count: u32,
+    forward_timeout: std::time::Duration,
 }
 
 impl Bridge {
-    pub fn new(peers: Vec<flume::Sender<Forwarded>>) -> Bridge {
+    /// `forward_timeout`: longest wait for a shard's answer (see
+    /// `ConnLimits::forward_timeout`).
+    pub fn new(
+        peers: Vec<flume::Sender<Forwarded>>,
+        forward_timeout: std::time::Duration,
+    ) -> Bridge {
         Bridge {
             shard_count: peers.len() as u32,
             peers: Arc::new(peers),
+            forward_timeout,
         }
     }
 
@@ -79,7 +86,9 @@ impl Bridge {
             payload,
         };
         let rx = enqueue_to_shard(&self.peers, owner, msg)?;
-        await_shard_reply(owner, rx).await
+        tokio::time::timeout(self.forward_timeout, await_shard_reply(owner, rx))
+            .await
+            .map_err(|_| forward_timed_out(owner, self.forward_timeout))?
     }
 }
 
@@ -210,7 +219,7 @@ pub fn start(
     };
     let max_payload = opts.max_payload;
     let max_in_flight = opts.limits.max_in_flight;
-    let bridge = Bridge::new(peers);
+    let bridge = Bridge::new(peers, opts.limits.forward_timeout);
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("shardstore-rdma".into())
@@ -372,14 +381,18 @@ mod tests {
         ErrorCode::from_u16(e.code.to_native()).unwrap()
     }
 
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn requests_reach_their_owning_shard_and_replies_come_back() {
         let (senders, joins) = start_shards();
-        let bridge = Bridge::new(senders);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let bridge = Bridge::new(senders, std::time::Duration::from_secs(30));
+        let rt = rt();
         let local = tokio::task::LocalSet::new();
         let (connector, listener) = loopback::listener();
         local.block_on(&rt, async move {
@@ -490,20 +503,32 @@ mod tests {
     fn a_full_shard_queue_is_busy_not_unbounded() {
         // A queue nobody serves, of depth 1.
         let (tx, _rx) = flume::bounded::<Forwarded>(1);
-        let bridge = Bridge::new(vec![tx]);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let bridge = Bridge::new(vec![tx], std::time::Duration::from_secs(30));
+        let rt = rt();
         rt.block_on(async {
             let ping = || bridge.call(Opcode::Ping, 1, Vec::new(), Vec::new());
-            // The first one waits in the queue forever; the second is BUSY.
+            // The first one waits in the queue (until its timeout); the second is BUSY.
             let first = ping();
             tokio::pin!(first);
             assert!(futures_lite::future::poll_once(&mut first).await.is_none());
             let r = ping().await;
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Busy);
+        });
+    }
+
+    #[test]
+    fn a_shard_that_does_not_answer_times_out() {
+        // A queue nobody serves: the request waits there until its timeout.
+        let (tx, _rx) = flume::bounded::<Forwarded>(1);
+        let bridge = Bridge::new(vec![tx], std::time::Duration::from_millis(100));
+        let rt = rt();
+        rt.block_on(async {
+            let started = std::time::Instant::now();
+            let r = bridge.call(Opcode::Ping, 1, Vec::new(), Vec::new()).await;
+            let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
+            assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Timeout);
+            assert!(started.elapsed() >= std::time::Duration::from_millis(100));
         });
     }
 }

@@ -3,7 +3,8 @@
 
 use glommio::{LocalExecutorBuilder, Placement};
 use shardstore_proto::{
-    encode_frame, limits, ChunkId, FrameHeader, Opcode, ShardId, WriteRequest, HEADER_LEN,
+    encode_frame, limits, ChunkId, ErrorCode, FrameHeader, Opcode, ShardId, WriteRequest,
+    HEADER_LEN,
 };
 use shardstore_server::conn::connection_loop;
 use shardstore_server::conn_limits::ConnLimits;
@@ -153,5 +154,37 @@ fn forwarded_requests_of_closed_connections_are_skipped() {
             ctx.shard.stat(ChunkId(50)).is_err(),
             "the abandoned write ran"
         );
+    });
+}
+
+/// A request forwarded to a shard that never answers ends with TIMEOUT
+/// after `forward_timeout` (invariant 6: time waiting for a peer is
+/// bounded); it waited for good.
+#[test]
+fn a_forwarded_request_the_owner_never_answers_times_out() {
+    on_executor(async {
+        let cfg = ShardConfig {
+            capacity_bytes: 2 << 20,
+            ..ShardConfig::default()
+        };
+        let disk = SimDisk::new(3 << 20, 1);
+        let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+        let limits = ConnLimits {
+            forward_timeout: std::time::Duration::from_millis(100),
+            ..ConnLimits::default()
+        };
+        let mut node = NodeInfo::single_shard(256 << 10, limits);
+        node.shard_count = 2;
+        // Shard 1's queue: kept open, never served.
+        let (to_self, _) = flume::bounded::<Forwarded>(4);
+        let (to_owner, _owner_rx) = flume::bounded::<Forwarded>(4);
+        let ctx = ShardCtx::new(shard, ShardId(0), node, vec![to_self, to_owner]);
+        let started = std::time::Instant::now();
+        let r = ctx
+            .forward(ShardId(1), Opcode::Ping, 7, Vec::new(), Vec::new())
+            .await;
+        let e = r.err().expect("no answer: an error");
+        assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
     });
 }
