@@ -548,6 +548,17 @@ async fn run_shard(
             dir.display()
         )),
     ));
+    // Debug builds only, for the test that a shard's panic ends the whole
+    // process (`abort_on_panic`): `SHARDSTORE_DEBUG_PANIC_SHARD=N` makes
+    // shard N panic once it serves.
+    #[cfg(debug_assertions)]
+    if std::env::var("SHARDSTORE_DEBUG_PANIC_SHARD").is_ok_and(|v| v == id.0.to_string()) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+            panic!("SHARDSTORE_DEBUG_PANIC_SHARD: shard {id} panics on purpose");
+        })
+        .detach();
+    }
     // Serve until the first signal, then drain (see lifecycle.rs).
     let _ = rt.stop.recv_async().await;
     drop(a); // cancelling the accept tasks closes this shard's listeners

@@ -25,7 +25,7 @@ fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process:
         }
         assert!(
             Instant::now() < deadline,
-            "server did not exit after SIGTERM"
+            "server did not exit within {within:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -159,4 +159,25 @@ fn systemd_notifications() {
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
     recv_until("STATUS=stopped", &mut got);
+}
+
+/// A shard whose thread panics takes the whole process down (abort, for
+/// the unit's `Restart=on-failure`), instead of leaving a node whose other
+/// shards forward requests to it that nobody answers. The panic comes from
+/// a hook of debug builds (`SHARDSTORE_DEBUG_PANIC_SHARD`).
+#[test]
+fn a_shard_panic_aborts_the_process() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: the panic hook exists in debug builds only");
+        return;
+    }
+    let dir = data_dir("panic-abort");
+    let mut srv =
+        TestServer::try_start_env(&dir, 2, &[], &[("SHARDSTORE_DEBUG_PANIC_SHARD", "1")]).unwrap();
+    let status = wait_exit(&mut srv.child, Duration::from_secs(20));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+    let log = srv.log();
+    assert!(log.contains("panics on purpose"), "{log}");
+    assert!(log.contains("aborting the process"), "{log}");
 }

@@ -68,6 +68,16 @@ impl TestServer {
     }
 
     pub fn try_start(data_dir: &Path, shards: u32, extra: &[&str]) -> Result<TestServer, String> {
+        Self::try_start_env(data_dir, shards, extra, &[])
+    }
+
+    /// [`TestServer::try_start`] with environment variables for the server.
+    pub fn try_start_env(
+        data_dir: &Path,
+        shards: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<TestServer, String> {
         let ready = data_dir.join("ready.addr");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
@@ -99,6 +109,7 @@ impl TestServer {
             .arg(&ready)
             .args(extra)
             .env("RUST_LOG", "info,shardstore=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
