@@ -694,6 +694,40 @@ async fn handle_frame<S: Transport>(
         }
     };
     let owner = req.owner(ctx.node.shard_count, ctx.id);
+    // `bytes` of the shard's budget for this request (Err: over it).
+    let try_hold = |held: &Rc<std::cell::Cell<u64>>, bytes: u64| match bytes {
+        0 => Ok(None),
+        _ => Reservation::try_new(&ctx.budget, held, bytes)
+            .map(Some)
+            .ok_or(()),
+    };
+    let refuse_busy = |out: &mut Outbox| {
+        ctx.counters.busy.set(ctx.counters.busy.get() + 1);
+        fail(
+            out,
+            ErrReply::new(
+                ErrorCode::Busy,
+                "shard request buffer budget exhausted; retry later",
+            ),
+        );
+    };
+    if let Parsed::Read(r) = &req {
+        if owner == ctx.id && ctx.shard_has_cache() {
+            // A cache hit is answered inline, straight into the outbox; it
+            // then holds exactly its payload until sent.
+            let start = out.frames.len();
+            if let Some(payload) = ctx.read_now(op, id, r, &mut out.frames) {
+                match try_hold(&conn.held, payload.len() as u64) {
+                    Ok(hold) => out.push_inline(start, payload, hold),
+                    Err(()) => {
+                        out.frames.truncate(start);
+                        refuse_busy(out);
+                    }
+                }
+                return Ok(None);
+            }
+        }
+    }
     // Payload bytes this request will hold: its write data or its read
     // reply, which a local READ bounds by the chunk's length now (an 8 MiB
     // READ of a 4 KiB chunk holds 4 KiB, not 8 MiB). The reservation is
@@ -703,23 +737,9 @@ async fn handle_frame<S: Transport>(
         Parsed::Read(r) => r.len.min(ctx.node.max_payload) as u64,
         _ => payload_len as u64,
     };
-    let hold = if hold_bytes > 0 {
-        match Reservation::try_new(&ctx.budget, &conn.held, hold_bytes) {
-            Some(h) => Some(h),
-            None => {
-                ctx.counters.busy.set(ctx.counters.busy.get() + 1);
-                fail(
-                    out,
-                    ErrReply::new(
-                        ErrorCode::Busy,
-                        "shard request buffer budget exhausted; retry later",
-                    ),
-                );
-                return skip(reader, payload_len).await;
-            }
-        }
-    } else {
-        None
+    let Ok(hold) = try_hold(&conn.held, hold_bytes) else {
+        refuse_busy(out);
+        return skip(reader, payload_len).await;
     };
     if owner != ctx.id {
         let body = body.to_vec();
@@ -790,14 +810,7 @@ async fn handle_frame<S: Transport>(
                 }
             }));
         }
-        Parsed::Read(ref r) if ctx.shard_has_cache() => {
-            // A cache hit is answered inline, straight into the outbox.
-            let start = out.frames.len();
-            match ctx.read_now(op, id, r, &mut out.frames) {
-                Some(payload) => out.push_inline(start, payload, hold),
-                None => conn.pending.push(execute_later(ctx, op, id, req, hold)),
-            }
-        }
+        // A READ here missed the cache (or there is none): see above.
         Parsed::Read(_) | Parsed::Delete(_) => {
             conn.pending.push(execute_later(ctx, op, id, req, hold));
         }

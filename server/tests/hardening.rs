@@ -147,16 +147,7 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
         .await
         .unwrap();
     let mut hog = TcpStream::connect(&srv.addr).await.unwrap();
-    let mut reqs = Vec::new();
-    for i in 0..2000u64 {
-        let r = ReadRequest {
-            chunk: 0xb16,
-            offset: 0,
-            len: 1 << 20,
-            flags: 0,
-        };
-        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
-    }
+    let reqs = read_frames(0xb16, 2000, 1 << 20);
     let writer = tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(5), hog.write_all(&reqs)).await;
         hog
@@ -262,6 +253,21 @@ async fn a_backlog_of_connections_stays_within_the_limit() {
     healthy(&srv, 7).await;
 }
 
+/// `n` READ frames (ids 0..n) of `len` bytes at offset 0 of `chunk`.
+fn read_frames(chunk: u128, n: u64, len: u32) -> Vec<u8> {
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        let r = ReadRequest {
+            chunk,
+            offset: 0,
+            len,
+            flags: 0,
+        };
+        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
+    }
+    reqs
+}
+
 /// Sends `n` READs of `MAX_PAYLOAD` bytes at offset 0 of `chunk` in one
 /// write, then reads their replies: per reply, the error code (None for a
 /// success) and its payload.
@@ -270,17 +276,9 @@ async fn pipelined_big_reads(
     chunk: u128,
     n: u64,
 ) -> Vec<(Option<u16>, Vec<u8>)> {
-    let mut reqs = Vec::new();
-    for i in 0..n {
-        let r = ReadRequest {
-            chunk,
-            offset: 0,
-            len: limits::MAX_PAYLOAD,
-            flags: 0,
-        };
-        encode_frame(Opcode::Read, 0, i, &r, 0, &mut reqs);
-    }
-    s.write_all(&reqs).await.unwrap();
+    s.write_all(&read_frames(chunk, n, limits::MAX_PAYLOAD))
+        .await
+        .unwrap();
     let mut replies = Vec::new();
     for _ in 0..n {
         let mut h = [0u8; HEADER_LEN];
@@ -353,6 +351,44 @@ async fn reads_hold_budget_for_what_they_return() {
             "cache {cache}: the chunk's bytes"
         );
     }
+}
+
+/// Cache hits answered inline hold their payload from the budget too (they
+/// reserve once their reply is built): over it they get BUSY in a well
+/// formed stream. A client that asks for 1 MiB replies and does not read
+/// them holds the whole 1 MiB budget; once it is gone, the same reads
+/// succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_over_the_budget_get_busy_in_a_well_formed_stream() {
+    let dir = data_dir("hitbusy");
+    let srv = TestServer::try_start(&dir, 1, &["--shard-buffer-mib", "1"]).unwrap();
+    let data = pattern(9, 1 << 20);
+    let c = srv.client().await;
+    c.write(ChunkId(0xcafe), 0, bytes::Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let back = c.read(ChunkId(0xcafe), 0, 1 << 20).await.unwrap();
+        assert_eq!(&back.data[..], &data[..]);
+    }
+    let mut hog = TcpStream::connect(&srv.addr).await.unwrap();
+    hog.write_all(&read_frames(0xcafe, 64, 1 << 20))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let codes = by_code(&pipelined_big_reads(&mut s, 0xcafe, 12).await);
+    assert_eq!(codes.get(&(ErrorCode::Busy as u16)), Some(&12), "{codes:?}");
+    drop(hog);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let replies = pipelined_big_reads(&mut s, 0xcafe, 12).await;
+    assert_eq!(
+        by_code(&replies).get(&0),
+        Some(&12),
+        "{:?}",
+        by_code(&replies)
+    );
+    assert!(replies.iter().all(|(_, p)| p == &data));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
