@@ -6,7 +6,8 @@
 //! capped by the chunk's end when this shard owns the chunk; the length asked
 //! when the read is forwarded). The [`Reservation`] travels with the request
 //! and its reply, is resized to the reply's payload once that is built, and
-//! is released when the reply has been sent. Over the connection's bound the
+//! is released when the reply has been sent (at once when the reply has no
+//! payload: a write's data buffer is gone by then). Over the connection's bound the
 //! connection is simply not read (TCP backpressure); over the shard's bound
 //! the request gets a typed BUSY.
 
@@ -58,6 +59,17 @@ impl Reservation {
             conn: conn.clone(),
             bytes,
         })
+    }
+
+    /// Holds nothing yet, but counts what it is resized to (a READ whose
+    /// chunk was missing or ended before it at admission may still return
+    /// bytes if a write lands before it runs).
+    pub fn empty(shard: &Rc<Budget>, conn: &Rc<Cell<u64>>) -> Reservation {
+        Reservation {
+            shard: shard.clone(),
+            conn: conn.clone(),
+            bytes: 0,
+        }
     }
 
     /// Bytes held.

@@ -992,7 +992,7 @@ const DOCS: &[Doc] = &[
     Doc {
         key: "forward_timeout_ms",
         set: None,
-        default: "30000",
+        default: "8000",
         help: &[
             "Longest wait for the shard that owns a chunk to answer a request another",
             "shard took for it (a client that did not route by hash; RDMA). Past it the",

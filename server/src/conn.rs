@@ -712,6 +712,12 @@ async fn handle_frame<S: Transport>(
         );
     };
     if let Parsed::Read(r) = &req {
+        if owner == ctx.id && ctx.budget.used() >= ctx.budget.limit() {
+            // Refused before the cache is looked at: a hit refused after
+            // would have counted as served and moved the cache's state.
+            refuse_busy(out);
+            return Ok(None);
+        }
         if owner == ctx.id && ctx.shard_has_cache() {
             // A cache hit is answered inline, straight into the outbox; it
             // then holds exactly its payload until sent.
@@ -737,9 +743,18 @@ async fn handle_frame<S: Transport>(
         Parsed::Read(r) => r.len.min(ctx.node.max_payload) as u64,
         _ => payload_len as u64,
     };
-    let Ok(hold) = try_hold(&conn.held, hold_bytes) else {
-        refuse_busy(out);
-        return skip(reader, payload_len).await;
+    let hold = match &req {
+        // Counted even when nothing is expected back (see `Reservation::empty`).
+        Parsed::Read(_) if owner == ctx.id && hold_bytes == 0 => {
+            Some(Reservation::empty(&ctx.budget, &conn.held))
+        }
+        _ => match try_hold(&conn.held, hold_bytes) {
+            Ok(hold) => hold,
+            Err(()) => {
+                refuse_busy(out);
+                return skip(reader, payload_len).await;
+            }
+        },
     };
     if owner != ctx.id {
         let body = body.to_vec();
@@ -755,7 +770,8 @@ async fn handle_frame<S: Transport>(
         }
         let ctx = ctx.clone();
         conn.pending.push(Box::pin(async move {
-            match ctx.forward(owner, op, id, body, payload).await {
+            let (reply, hold) = ctx.forward(owner, op, id, body, payload, hold).await;
+            match reply {
                 Ok(EncodedReply { frame, payload }) => Completed {
                     frame,
                     payload: ReplyPayload::Owned(payload),

@@ -29,7 +29,9 @@ impl Default for ConnLimits {
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
-            forward_timeout: Duration::from_secs(30),
+            // Below the client's default request timeout (10 s), so
+            // that its callers see the typed TIMEOUT.
+            forward_timeout: Duration::from_secs(8),
         }
     }
 }

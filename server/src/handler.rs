@@ -70,6 +70,12 @@ pub struct Forwarded {
     pub body: Vec<u8>,
     pub payload: Vec<u8>,
     pub reply: flume::Sender<EncodedReply>,
+    /// When the sender stops waiting (`forward_timeout_ms`): a request
+    /// still queued then is dropped unexecuted.
+    pub deadline: std::time::Instant,
+    /// Never sent on: dropped with this message, it tells the sender that
+    /// the owner has let go of the payload (see [`Queued::released`]).
+    pub release: flume::Sender<()>,
 }
 
 /// A reply encoded by the owner: header and body, then payload bytes.
@@ -144,17 +150,28 @@ pub struct ForwardMsg {
     pub request_id: u64,
     pub body: Vec<u8>,
     pub payload: Vec<u8>,
+    /// See [`Forwarded::deadline`].
+    pub deadline: std::time::Instant,
+}
+
+/// A request queued for another shard.
+pub struct Queued {
+    /// The reply (see [`await_shard_reply`]); dropping it tells the owner
+    /// nobody waits for the request any more.
+    pub reply: flume::Receiver<EncodedReply>,
+    /// Disconnects once the owner has dropped the request: its payload is
+    /// no longer held anywhere.
+    pub released: flume::Receiver<()>,
 }
 
 /// Queues a request for shard `owner` without waiting: a missing shard is
-/// INVALID_REQUEST, a full queue BUSY (never unbounded growth). The reply
-/// arrives on the returned channel (see [`await_shard_reply`]). Used by
+/// INVALID_REQUEST, a full queue BUSY (never unbounded growth). Used by
 /// shard-to-shard forwarding and by the RDMA bridge.
 pub fn enqueue_to_shard(
     peers: &[flume::Sender<Forwarded>],
     owner: ShardId,
     msg: ForwardMsg,
-) -> Result<flume::Receiver<EncodedReply>, ErrReply> {
+) -> Result<Queued, ErrReply> {
     let Some(peer) = peers.get(owner.0 as usize) else {
         return Err(ErrReply::new(
             ErrorCode::InvalidRequest,
@@ -162,12 +179,15 @@ pub fn enqueue_to_shard(
         ));
     };
     let (tx, rx) = flume::bounded(1);
+    let (release, released) = flume::bounded(1);
     let fwd = Forwarded {
         opcode: msg.opcode,
         request_id: msg.request_id,
         body: msg.body,
         payload: msg.payload,
         reply: tx,
+        deadline: msg.deadline,
+        release,
     };
     if peer.try_send(fwd).is_err() {
         return Err(ErrReply::new(
@@ -175,7 +195,40 @@ pub fn enqueue_to_shard(
             format!("forwarding queue to shard {owner} is full"),
         ));
     }
-    Ok(rx)
+    Ok(Queued {
+        reply: rx,
+        released,
+    })
+}
+
+/// A forwarded request's share of its sender's buffer budget, kept until the
+/// owner lets go of the request: given back with the reply, or, when the
+/// sender stops waiting first (a TIMEOUT, or the request's future dropped
+/// with its connection), held by a task of its own until the owner drops
+/// the request. Its payload is in the owner's queue or in use until then.
+struct HoldUntilReleased {
+    hold: Option<crate::budget::Reservation>,
+    released: Option<flume::Receiver<()>>,
+}
+
+impl HoldUntilReleased {
+    /// The reply came: the owner is done with the request.
+    fn take(mut self) -> Option<crate::budget::Reservation> {
+        self.released = None;
+        self.hold.take()
+    }
+}
+
+impl Drop for HoldUntilReleased {
+    fn drop(&mut self) {
+        if let (Some(hold), Some(released)) = (self.hold.take(), self.released.take()) {
+            glommio::spawn_local(async move {
+                let _hold = hold;
+                let _ = released.recv_async().await;
+            })
+            .detach();
+        }
+    }
 }
 
 /// Waits for the reply to a request queued by [`enqueue_to_shard`].
@@ -706,7 +759,12 @@ impl ShardCtx {
         check_write_payload(w, payload)
     }
 
-    /// Sends a request to its owner and waits for the encoded reply.
+    /// Sends a request to its owner and waits for the encoded reply, at
+    /// most `forward_timeout_ms` (then TIMEOUT). `hold`: the request's
+    /// share of this shard's buffer budget, given back with the reply. On
+    /// a timeout it stays held until the owner has let go of the request
+    /// (answered it, or dropped it unexecuted once past its deadline): its
+    /// payload is still in the owner's queue or in use until then.
     pub async fn forward(
         &self,
         owner: ShardId,
@@ -714,38 +772,53 @@ impl ShardCtx {
         request_id: u64,
         body: Vec<u8>,
         payload: Vec<u8>,
-    ) -> Result<EncodedReply, ErrReply> {
+        hold: Option<crate::budget::Reservation>,
+    ) -> (
+        Result<EncodedReply, ErrReply>,
+        Option<crate::budget::Reservation>,
+    ) {
+        let after = self.limits.forward_timeout;
         let msg = ForwardMsg {
             opcode,
             request_id,
             body,
             payload,
+            deadline: std::time::Instant::now() + after,
         };
-        let rx = match enqueue_to_shard(&self.peers, owner, msg) {
-            Ok(rx) => rx,
+        let queued = match enqueue_to_shard(&self.peers, owner, msg) {
+            Ok(q) => q,
             Err(e) => {
                 if e.code == ErrorCode::Busy {
                     self.counters
                         .forward_busy
                         .set(self.counters.forward_busy.get() + 1);
                 }
-                return Err(e);
+                return (Err(e), hold);
             }
         };
         self.counters
             .forwarded_out
             .set(self.counters.forwarded_out.get() + 1);
-        let after = self.limits.forward_timeout;
+        let held = HoldUntilReleased {
+            hold,
+            released: Some(queued.released),
+        };
+        let reply = async { Some(await_shard_reply(owner, queued.reply).await) };
         let timed_out = async {
             glommio::timer::sleep(after).await;
-            tracing::warn!(
-                shard = self.id.0,
-                owner = owner.0,
-                "a forwarded request timed out"
-            );
-            Err(forward_timed_out(owner, after))
+            None
         };
-        await_shard_reply(owner, rx).or(timed_out).await
+        match reply.or(timed_out).await {
+            Some(r) => (r, held.take()),
+            None => {
+                tracing::warn!(
+                    shard = self.id.0,
+                    owner = owner.0,
+                    "a forwarded request timed out"
+                );
+                (Err(forward_timed_out(owner, after)), None)
+            }
+        }
     }
 
     /// Sends this shard's stream hints for chunks of other shards to their
@@ -813,8 +886,10 @@ impl ShardCtx {
                 ctx.counters
                     .forwarded_in
                     .set(ctx.counters.forwarded_in.get() + 1);
-                if msg.reply.is_disconnected() {
-                    // Its connection is gone: nobody reads the reply.
+                if msg.reply.is_disconnected() || std::time::Instant::now() >= msg.deadline {
+                    // Its connection is gone, or its sender stopped waiting
+                    // (TIMEOUT): nobody reads the reply, and the client was
+                    // told the request may not have taken effect.
                     return;
                 }
                 let reply = ctx

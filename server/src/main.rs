@@ -224,7 +224,7 @@ pub struct ServeArgs {
     /// Longest wait for a client to take reply bytes, ms. [default: 10000]
     #[arg(long, env = "SHARDSTORE_WRITE_TIMEOUT_MS")]
     write_timeout_ms: Option<u64>,
-    /// Longest wait for the owning shard to answer a forwarded request, ms. [default: 30000]
+    /// Longest wait for the owning shard to answer a forwarded request, ms. [default: 8000]
     #[arg(long, env = "SHARDSTORE_FORWARD_TIMEOUT_MS")]
     forward_timeout_ms: Option<u64>,
     /// Prometheus endpoint address (GET /metrics), or "off". [default: off]

@@ -84,11 +84,19 @@ impl Bridge {
             request_id,
             body,
             payload,
+            deadline: std::time::Instant::now() + self.forward_timeout,
         };
-        let rx = enqueue_to_shard(&self.peers, owner, msg)?;
-        tokio::time::timeout(self.forward_timeout, await_shard_reply(owner, rx))
+        // This path keeps no buffer budget (the TCP path holds its share
+        // until the owner lets go, see `ShardCtx::forward`): after a
+        // timeout, the payload stays in a stalled owner's queue until the
+        // owner drops it, at most the queue's depth of them per owner.
+        let queued = enqueue_to_shard(&self.peers, owner, msg)?;
+        tokio::time::timeout(self.forward_timeout, await_shard_reply(owner, queued.reply))
             .await
-            .map_err(|_| forward_timed_out(owner, self.forward_timeout))?
+            .map_err(|_| {
+                warn!(owner = owner.0, "a forwarded RDMA request timed out");
+                forward_timed_out(owner, self.forward_timeout)
+            })?
     }
 }
 

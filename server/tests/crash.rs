@@ -231,6 +231,14 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     for c in &abandoned_chunks {
         model.insert(*c, vec![State::Absent]);
     }
+    let probes: Vec<ChunkId> = (0..2)
+        .map(|shard| {
+            (0x9e_0000u128..)
+                .map(ChunkId)
+                .find(|c| shardstore_proto::route(*c, 2).0 == shard)
+                .unwrap()
+        })
+        .collect();
     let mut total_given_up = 0;
     let cfg = ClientConfig {
         request_timeout: Duration::from_secs(5),
@@ -283,6 +291,16 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             rng.next(),
         ));
         tokio::time::sleep(Duration::from_millis(20 + rng.below(400))).await;
+        // Still answering, whatever the abandoner cancelled meanwhile: a
+        // write that cannot complete within the client's timeout (5 s) is
+        // a hang (a cancelled request that left a lock or a semaphore
+        // behind stops every later write of its shard). One chunk per
+        // shard, outside the model.
+        for chunk in &probes {
+            if let Err(e) = client.write(*chunk, 0, vec![cycle as u8; 4096]).await {
+                panic!("cycle {cycle}: the server stopped answering writes to {chunk}: {e}");
+            }
+        }
         let pid = srv.child.id();
         srv.kill();
         let (m, n) = tokio::time::timeout(Duration::from_secs(20), gives_up)

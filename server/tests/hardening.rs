@@ -307,10 +307,12 @@ fn by_code(replies: &[(Option<u16>, Vec<u8>)]) -> std::collections::BTreeMap<u16
     codes
 }
 
-/// A burst of READs answered at once (missing chunk: NOT_FOUND, no I/O),
-/// each reserving its 8 MiB length until its reply is sent: the connection
-/// sends replies once it holds its own bound, instead of reading on until
-/// the shard's whole budget is taken and its own requests get BUSY.
+/// A burst of READs answered at once (missing chunk: NOT_FOUND, no I/O)
+/// all get NOT_FOUND, none BUSY. Each used to reserve its 8 MiB length
+/// until its reply was sent, and this test guarded the connection sending
+/// its replies once it holds its own bound; a READ of a missing chunk now
+/// reserves nothing (see `reads_hold_budget_for_what_they_return`), so it
+/// guards only the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_answered_reads_does_not_exhaust_the_shard_budget() {
     let dir = data_dir("readburst");

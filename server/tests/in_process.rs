@@ -6,6 +6,7 @@ use shardstore_proto::{
     encode_frame, limits, ChunkId, ErrorCode, FrameHeader, Opcode, ShardId, WriteRequest,
     HEADER_LEN,
 };
+use shardstore_server::budget::Reservation;
 use shardstore_server::conn::connection_loop;
 use shardstore_server::conn_limits::ConnLimits;
 use shardstore_server::handler::{Forwarded, NodeInfo, ShardCtx};
@@ -105,15 +106,17 @@ fn requests_read_before_a_read_error_are_answered() {
 }
 
 /// A request forwarded from another shard whose connection is gone by the
-/// time it is taken off the queue (its reply channel is closed) is not
-/// executed; one still awaited is.
+/// time it is taken off the queue (its reply channel is closed), or whose
+/// sender stopped waiting (past its deadline: the client got TIMEOUT), is
+/// not executed; one still awaited is.
 #[test]
 fn forwarded_requests_of_closed_connections_are_skipped() {
     on_executor(async {
         let ctx = sim_ctx().await;
         let (tx, rx) = flume::bounded(4);
         glommio::spawn_local(ctx.clone().serve_forwarded(rx)).detach();
-        let forward = |chunk: u128| {
+        let in_a_minute = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let forward = |chunk: u128, deadline: std::time::Instant| {
             let data = vec![7u8; 3000];
             let w = WriteRequest {
                 chunk,
@@ -134,13 +137,17 @@ fn forwarded_requests_of_closed_connections_are_skipped() {
                 body,
                 payload: data,
                 reply,
+                deadline,
+                release: flume::bounded(1).0,
             };
             (msg, replies)
         };
-        let (gone, replies) = forward(50);
+        let (gone, replies) = forward(50, in_a_minute);
         drop(replies);
         tx.send_async(gone).await.unwrap();
-        let (kept, replies) = forward(51);
+        let (late, late_replies) = forward(52, std::time::Instant::now());
+        tx.send_async(late).await.unwrap();
+        let (kept, replies) = forward(51, in_a_minute);
         tx.send_async(kept).await.unwrap();
         let reply = replies.recv_async().await.unwrap();
         let (h, _) = FrameHeader::decode(
@@ -153,6 +160,11 @@ fn forwarded_requests_of_closed_connections_are_skipped() {
         assert!(
             ctx.shard.stat(ChunkId(50)).is_err(),
             "the abandoned write ran"
+        );
+        assert!(ctx.shard.stat(ChunkId(52)).is_err(), "the late write ran");
+        assert!(
+            late_replies.recv_async().await.is_err(),
+            "the late write was answered"
         );
     });
 }
@@ -177,14 +189,25 @@ fn a_forwarded_request_the_owner_never_answers_times_out() {
         node.shard_count = 2;
         // Shard 1's queue: kept open, never served.
         let (to_self, _) = flume::bounded::<Forwarded>(4);
-        let (to_owner, _owner_rx) = flume::bounded::<Forwarded>(4);
+        let (to_owner, owner_rx) = flume::bounded::<Forwarded>(4);
         let ctx = ShardCtx::new(shard, ShardId(0), node, vec![to_self, to_owner]);
         let started = std::time::Instant::now();
-        let r = ctx
-            .forward(ShardId(1), Opcode::Ping, 7, Vec::new(), Vec::new())
+        let held = Rc::new(std::cell::Cell::new(0));
+        let hold = Reservation::try_new(&ctx.budget, &held, 5000);
+        let (r, back) = ctx
+            .forward(ShardId(1), Opcode::Ping, 7, Vec::new(), Vec::new(), hold)
             .await;
         let e = r.err().expect("no answer: an error");
         assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
         assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        // The request (and its payload) is still in the owner's queue: its
+        // share of the budget stays taken until the owner lets go of it.
+        assert!(back.is_none());
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(ctx.budget.used(), 5000, "given back while still queued");
+        // The owner takes it off its queue past its deadline and drops it.
+        drop(owner_rx.recv_async().await.unwrap());
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(ctx.budget.used(), 0, "kept after the owner let go");
     });
 }
