@@ -191,3 +191,21 @@ fn a_shard_panic_aborts_the_process() {
     assert!(log.contains("panics on purpose"), "{log}");
     assert!(log.contains("aborting the process"), "{log}");
 }
+
+/// A second server on a data folder in use is refused (its shards' indexes
+/// are locked), with `--rebuild-index` too, and the first one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_folder_is_refused() {
+    let dir = data_dir("second-server");
+    let first = TestServer::start(&dir, 1);
+    let c = first.client().await;
+    c.write(ChunkId(7), 0, vec![7u8; 4096]).await.unwrap();
+    let e = match TestServer::try_start(&dir, 1, &["--rebuild-index"]) {
+        Err(e) => e,
+        Ok(_) => panic!("a second server started on a data folder in use"),
+    };
+    assert!(e.contains("another server"), "{e}");
+    c.write(ChunkId(8), 0, vec![8u8; 4096]).await.unwrap();
+    let r = c.read(ChunkId(7), 0, 4096).await.unwrap();
+    assert_eq!(&r.data[..], &[7u8; 4096][..]);
+}

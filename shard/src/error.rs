@@ -45,6 +45,10 @@ pub enum ShardError {
     /// The index is missing or damaged; the message says how to rebuild it.
     #[error("{0}")]
     IndexMissing(String),
+    /// The shard's folder is in use: its index is locked by another process
+    /// (a second server on the same data folder), or by this one still.
+    #[error("{0}")]
+    InUse(String),
     /// The index holds something this engine never writes (a bug or corruption).
     #[error("index is inconsistent: {0}")]
     IndexCorrupt(String),
@@ -72,6 +76,7 @@ impl ShardError {
             ShardError::Io { .. } | ShardError::Index(_) => ErrorCode::Io,
             ShardError::IndexCorrupt(_)
             | ShardError::IndexMissing(_)
+            | ShardError::InUse(_)
             | ShardError::ShardCountMismatch { .. }
             | ShardError::Format(_)
             | ShardError::Internal(_) => ErrorCode::Internal,

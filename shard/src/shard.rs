@@ -602,14 +602,43 @@ enum Found {
 /// the threads sled starts (its flusher, and the first time its
 /// process-wide I/O pool) inherit the CPU mask of the thread that opens it,
 /// and the shard thread is pinned to its CPU.
-async fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, sled::Error> {
+///
+/// sled locks its folder (`flock`) for as long as a handle to it lives. A
+/// lock held by another process means a second server on the same data
+/// folder: `ShardError::InUse`, never a reason to rebuild. Within one
+/// process, sled lets go of a dropped database from its own threads a
+/// little later, so a reopen right after a close (tests, an embedding
+/// application) tries again for up to `INDEX_LOCK_WAIT` first.
+async fn open_sled(cfg: &ShardConfig) -> Result<sled::Db, ShardError> {
     let config = sled::Config::new()
         .path(cfg.dir.join("index"))
         .cache_capacity(cfg.index_cache_bytes);
-    glommio::executor()
-        .spawn_blocking(move || config.open())
-        .await
+    let deadline = std::time::Instant::now() + INDEX_LOCK_WAIT;
+    loop {
+        let c = config.clone();
+        let e = match glommio::executor().spawn_blocking(move || c.open()).await {
+            Ok(db) => return Ok(db),
+            Err(e) => e,
+        };
+        // sled reports its failed `flock` as ErrorKind::Other with this text.
+        let locked =
+            matches!(&e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
+        if !locked {
+            return Err(ShardError::Index(e));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ShardError::InUse(format!(
+                "{}: the shard's index is locked by another process (is another server using \
+                 this data folder?): {e}",
+                cfg.dir.display()
+            )));
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
 }
+
+/// How long an open waits for the index's lock (see `open_sled`).
+const INDEX_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 pub(crate) fn rebuild_hint(cfg: &ShardConfig, why: &str) -> ShardError {
     ShardError::IndexMissing(format!(
@@ -648,6 +677,7 @@ impl Shard {
         let index_existed = cfg.dir.join("index").exists();
         let db = match open_sled(&cfg).await {
             Ok(db) => db,
+            Err(e @ ShardError::InUse(_)) => return Err(e),
             Err(e) if cfg.rebuild_index => {
                 tracing::warn!(shard = cfg.shard.0, error = %e, "index does not open; discarding it to rebuild");
                 let _ = std::fs::remove_dir_all(cfg.dir.join("index"));

@@ -185,3 +185,36 @@ fn a_checkpoint_amid_thousands_of_writes_still_opens() {
         shard.write(cid(1), 0, b"y").await.unwrap();
     });
 }
+
+/// A shard folder whose index another open shard holds (a second server on
+/// the same data folder) is refused as in use, even with `rebuild_index`,
+/// which used to discard the running shard's index and rebuild it. The
+/// shard that holds it goes on, and its data reads back after a reopen.
+#[test]
+fn a_folder_in_use_is_refused_not_rebuilt() {
+    let dir = tempdir();
+    run(|| async {
+        let first = open(dir.path(), 4 * MIB).await;
+        first.write(cid(1), 0, b"kept").await.unwrap();
+        let mut cfg = config(dir.path(), 4 * MIB);
+        cfg.rebuild_index = true;
+        match Shard::open(cfg).await {
+            Err(e @ ShardError::InUse(_)) => {
+                assert!(e.to_string().contains("another server"), "{e}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a folder in use"),
+        }
+        first.write(cid(2), 0, b"more").await.unwrap();
+        first.close().await.unwrap();
+    });
+    run(|| async {
+        let shard = open(dir.path(), 4 * MIB).await;
+        for (n, want) in [(1, b"kept"), (2, b"more")] {
+            let r = shard.read(cid(n), 0, 4).await.unwrap();
+            assert_eq!(&r.data.to_vec()[..], &want[..]);
+        }
+        assert!(shard.stats().recovery_replayed <= 2, "the index was kept");
+        shard.close().await.unwrap();
+    });
+}
