@@ -87,6 +87,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         if a.rebuild {
             let index = dir.join("index");
             if index.exists() {
+                refuse_if_locked(&index.join("db"))?;
                 std::fs::remove_dir_all(&index)
                     .with_context(|| format!("removing {}", index.display()))?;
             }
@@ -132,4 +133,23 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Fails if sled's lock on an index file is held: a server is running on
+/// this data folder, and removing its index would not stop it but would
+/// leave it without one at its next start.
+fn refuse_if_locked(db: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(db) else {
+        return Ok(()); // no index file: nothing holds it
+    };
+    // SAFETY: flock on a descriptor this function owns; the lock goes with it.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+        anyhow::bail!(
+            "{} is locked: a server is using this data folder; stop it before `check --rebuild`",
+            db.display()
+        );
+    }
+    Ok(())
 }

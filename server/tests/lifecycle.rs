@@ -193,7 +193,8 @@ fn a_shard_panic_aborts_the_process() {
 }
 
 /// A second server on a data folder in use is refused (its shards' indexes
-/// are locked), with `--rebuild-index` too, and the first one goes on.
+/// are locked), with `--rebuild-index` too, and so is `check --rebuild`;
+/// the first server goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_folder_is_refused() {
     let dir = data_dir("second-server");
@@ -205,6 +206,22 @@ async fn a_second_server_on_the_same_data_folder_is_refused() {
         Ok(_) => panic!("a second server started on a data folder in use"),
     };
     assert!(e.contains("another server"), "{e}");
+    // `check --rebuild` would discard the indexes: refused too.
+    let out = Command::new(bin())
+        .args(["check", "--rebuild", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check --rebuild ran on a folder in use"
+    );
+    assert!(
+        stderr.contains("a server is using this data folder"),
+        "{stderr}"
+    );
+    assert!(dir.join("shard-000").join("index").exists());
     c.write(ChunkId(8), 0, vec![8u8; 4096]).await.unwrap();
     let r = c.read(ChunkId(7), 0, 4096).await.unwrap();
     assert_eq!(&r.data[..], &[7u8; 4096][..]);
