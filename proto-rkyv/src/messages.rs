@@ -216,6 +216,9 @@ pub struct StatsReply {
     /// Extent writes that went to the device inside a write started for
     /// another one (write combining); `device_writes` counts that once.
     pub combined_writes: u64,
+    /// Requests forwarded to their owner that got no answer within
+    /// `forward_timeout` (answered TIMEOUT here).
+    pub forward_timeouts: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

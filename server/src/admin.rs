@@ -273,7 +273,7 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6} {:>9}",
+        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
         "shard",
         "checkpoints",
         "ckpt_waits",
@@ -282,12 +282,14 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         "tombstones",
         "retired",
         "sweeps",
-        "combined"
+        "combined",
+        "fwd_busy",
+        "fwd_tmout"
     );
     for st in all {
         let _ = writeln!(
             out,
-            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6} {:>9}",
+            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
             st.shard,
             st.checkpoints,
             st.checkpoint_waits,
@@ -296,7 +298,9 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
             st.tombstones,
             st.tombstones_retired,
             st.sweep_passes,
-            st.combined_writes
+            st.combined_writes,
+            st.forward_busy,
+            st.forward_timeouts
         );
     }
     let _ = writeln!(

@@ -736,6 +736,7 @@ impl ShardCtx {
             stream_hints_in: c.stream_hints_in.get(),
             stream_hints_dropped: c.stream_hints_dropped.get(),
             combined_writes: s.combined_writes,
+            forward_timeouts: c.forward_timeouts.get(),
         }
     }
 
@@ -811,6 +812,9 @@ impl ShardCtx {
         match reply.or(timed_out).await {
             Some(r) => (r, held.take()),
             None => {
+                self.counters
+                    .forward_timeouts
+                    .set(self.counters.forward_timeouts.get() + 1);
                 tracing::warn!(
                     shard = self.id.0,
                     owner = owner.0,

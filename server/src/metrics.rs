@@ -415,7 +415,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 45] = [
+    let fams: [Family; 46] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -463,6 +463,12 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Forwards refused because the owner's queue was full.",
             |s| s.stats.forward_busy,
+        ),
+        (
+            "shardstore_forward_timeouts_total",
+            "counter",
+            "Forwards answered TIMEOUT: the owner did not answer within forward_timeout.",
+            |s| s.stats.forward_timeouts,
         ),
         (
             "shardstore_malformed_frames_total",

@@ -50,6 +50,8 @@ pub struct ShardCounters {
     pub forwarded_out: Cell<u64>,
     pub forwarded_in: Cell<u64>,
     pub forward_busy: Cell<u64>,
+    /// Forwards answered TIMEOUT (no reply from the owner in time).
+    pub forward_timeouts: Cell<u64>,
     /// Stream hints sent to other shards, received, and dropped.
     pub stream_hints_out: Cell<u64>,
     pub stream_hints_in: Cell<u64>,

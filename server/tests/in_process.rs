@@ -200,6 +200,7 @@ fn a_forwarded_request_the_owner_never_answers_times_out() {
         let e = r.err().expect("no answer: an error");
         assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
         assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        assert_eq!(ctx.stats().forward_timeouts, 1, "counted in STATS");
         // The request (and its payload) is still in the owner's queue: its
         // share of the budget stays taken until the owner lets go of it.
         assert!(back.is_none());
