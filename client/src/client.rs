@@ -148,11 +148,20 @@ impl Client {
 
     /// Connects to a node's front address and fetches its topology. Shard
     /// connections are opened on first use.
-    pub async fn connect_with(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
-        if cfg.max_in_flight_per_connection == 0 {
-            return Err(invalid(
-                "max_in_flight_per_connection must be at least 1".into(),
-            ));
+    pub async fn connect_with(addr: &str, mut cfg: ClientConfig) -> Result<Client, ClientError> {
+        if let Some(tls) = &mut cfg.tls {
+            // Shard connections go to the addresses the topology advertises
+            // (often IPs); the certificate names the node the user gave.
+            if tls.server_name.is_none() && crate::rdma::rdma_target(addr).is_none() {
+                tls.server_name = Some(crate::conn::host_of(addr));
+            }
+        }
+        let max = crate::config::MAX_IN_FLIGHT_PER_CONNECTION;
+        if !(1..=max).contains(&cfg.max_in_flight_per_connection) {
+            return Err(invalid(format!(
+                "max_in_flight_per_connection must be 1 to {max}, not {}",
+                cfg.max_in_flight_per_connection
+            )));
         }
         let front = Slot::new(addr.to_owned());
         let reply = call(

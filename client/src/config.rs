@@ -3,6 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Largest [`ClientConfig::max_in_flight_per_connection`] accepted.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1 << 20;
+
 /// How a [`crate::Client`] connects and how long it waits.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -15,8 +18,12 @@ pub struct ClientConfig {
     /// chunk (zero cross-core hops on the server). `false`: send everything
     /// to the front address and let the server forward.
     pub route_direct: bool,
-    /// Most requests awaiting a reply on one connection; further calls wait
-    /// for a slot (backpressure, never unbounded memory).
+    /// Most requests outstanding on one connection (1 to
+    /// [`MAX_IN_FLIGHT_PER_CONNECTION`]); further calls wait for a slot
+    /// (backpressure, never unbounded memory). A request keeps its slot
+    /// until its reply is in hand or its call has ended, and, if it ended
+    /// first (timeout), until its frame has left the connection's queue: a
+    /// connection the server does not read holds at most this many frames.
     pub max_in_flight_per_connection: usize,
     /// Shared secret for servers that require authentication (read it with
     /// [`Secret::from_file`]). With a secret set, every connection runs the
@@ -32,8 +39,10 @@ pub struct ClientConfig {
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     pub config: Arc<rustls::ClientConfig>,
-    /// Name to verify the server's certificate against; default: the host
-    /// part of the address being connected to.
+    /// Name to verify the server's certificate against, on every connection
+    /// of the client; default: the host part of the front address given to
+    /// `Client::connect_with` (shard connections too, whatever addresses
+    /// the topology advertises for them).
     pub server_name: Option<String>,
 }
 

@@ -13,7 +13,13 @@
 //!   registration fails once the connection is closed, so every registered
 //!   request is answered, failed with `ConnectionClosed`, or removed by its
 //!   caller (timeout or cancellation), never left behind;
-//! - at most `max_in_flight_per_connection` requests await replies (semaphore);
+//! - at most `max_in_flight_per_connection` requests are outstanding
+//!   (semaphore): a request's slot is taken until its call has ended *and*
+//!   its frame has left the writer's queue (sent or skipped), so a stalled
+//!   connection holds at most that many frames, however many callers time
+//!   out meanwhile;
+//! - a frame whose caller gave up (timeout, cancellation) before the writer
+//!   took it is skipped, never sent late;
 //! - once closed a connection stays dead; the client opens a new one.
 
 use crate::{ClientConfig, ClientError};
@@ -26,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
@@ -53,9 +59,13 @@ pub(crate) struct Reply {
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 
 pub(crate) struct Outgoing {
+    pub(crate) id: u64,
     /// Header and body.
     pub(crate) head: Vec<u8>,
     pub(crate) payload: Bytes,
+    /// The request's in-flight slot, shared with its call: given back when
+    /// both the call and this frame are gone.
+    _slot: Arc<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -68,7 +78,7 @@ pub(crate) struct Shared {
     addr: String,
     pending: Mutex<Pending>,
     dead: AtomicBool,
-    in_flight: Semaphore,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -79,6 +89,12 @@ impl Shared {
 
     pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
         self.pending().waiters.remove(&id)
+    }
+
+    /// Whether the call that queued request `id` still waits for its reply
+    /// (false once it timed out, was cancelled, or the connection closed).
+    pub(crate) fn is_awaited(&self, id: u64) -> bool {
+        self.pending().waiters.contains_key(&id)
     }
 
     /// Marks the connection dead and fails every pending request.
@@ -208,7 +224,10 @@ impl Connection {
             addr: addr.to_owned(),
             pending: Mutex::new(Pending::default()),
             dead: AtomicBool::new(false),
-            in_flight: Semaphore::new(cfg.max_in_flight_per_connection.max(1)),
+            in_flight: Arc::new(Semaphore::new(
+                cfg.max_in_flight_per_connection
+                    .clamp(1, crate::config::MAX_IN_FLIGHT_PER_CONNECTION),
+            )),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = start(shared.clone(), rx);
@@ -231,12 +250,14 @@ impl Connection {
     where
         F: FnOnce(u64, &mut Vec<u8>),
     {
-        let _permit = self
-            .shared
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| ClientError::ConnectionClosed)?;
+        let slot = Arc::new(
+            self.shared
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ClientError::ConnectionClosed)?,
+        );
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -253,7 +274,12 @@ impl Connection {
         let mut head = Vec::with_capacity(128);
         encode(id, &mut head);
         self.tx
-            .send(Outgoing { head, payload })
+            .send(Outgoing {
+                id,
+                head,
+                payload,
+                _slot: slot.clone(),
+            })
             .map_err(|_| ClientError::ConnectionClosed)?;
         // A dropped sender means the reader lost the connection mid-reply.
         rx.await.map_err(|_| ClientError::ConnectionClosed)?
@@ -273,10 +299,10 @@ async fn writer_task(
         // Yield once so the others queue theirs too, then take everything
         // queued: one write for the whole batch (without the yield a
         // pipelined client made one write per request).
-        append(first, &mut small, &mut queue);
+        append(&shared, first, &mut small, &mut queue);
         tokio::task::yield_now().await;
         while let Ok(out) = rx.try_recv() {
-            append(out, &mut small, &mut queue);
+            append(&shared, out, &mut small, &mut queue);
         }
         if !small.is_empty() {
             queue.push_back(small.split().freeze());
@@ -289,8 +315,13 @@ async fn writer_task(
 }
 
 /// Adds one request to the batch: small payloads are copied behind their
-/// header, large ones are queued as their own slice.
-fn append(out: Outgoing, small: &mut BytesMut, queue: &mut VecDeque<Bytes>) {
+/// header, large ones are queued as their own slice. A request nobody
+/// waits for any more is dropped unsent (with its slot).
+fn append(shared: &Shared, out: Outgoing, small: &mut BytesMut, queue: &mut VecDeque<Bytes>) {
+    if !shared.is_awaited(out.id) {
+        tracing::debug!(addr = %shared.addr, request_id = out.id, "request given up before it was sent: skipped");
+        return;
+    }
     small.extend_from_slice(&out.head);
     if out.payload.len() <= COPY_PAYLOAD_MAX {
         small.extend_from_slice(&out.payload);
@@ -412,7 +443,7 @@ async fn read_reply(
 }
 
 /// The host part of "host:port" (brackets of an IPv6 literal removed).
-fn host_of(addr: &str) -> String {
+pub(crate) fn host_of(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     host.trim_start_matches('[')
         .trim_end_matches(']')

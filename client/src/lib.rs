@@ -78,7 +78,7 @@ mod topology;
 mod types;
 
 pub use client::Client;
-pub use config::{ClientConfig, ClientTls, Secret};
+pub use config::{ClientConfig, ClientTls, Secret, MAX_IN_FLIGHT_PER_CONNECTION};
 pub use error::ClientError;
 pub use shardstore_proto::{ChunkId, ErrorCode, ShardId, StatsReply};
 pub use topology::Topology;

@@ -48,7 +48,7 @@ mod imp {
     use bytes::Bytes;
     use shardstore_net::rdma::verbs::{self, VerbsEndpoint, VerbsRegion};
     use shardstore_net::rdma::{Held, PoolConfig, RdmaConn, RdmaError};
-    use shardstore_proto::{limits, FrameHeader, HEADER_LEN};
+    use shardstore_proto::limits;
     use std::collections::HashMap;
     use std::io;
     use std::sync::{Arc, Mutex};
@@ -105,8 +105,11 @@ mod imp {
         mut rx: mpsc::UnboundedReceiver<Outgoing>,
     ) {
         while let Some(out) = rx.recv().await {
-            let id = FrameHeader::from_bytes(out.head[..HEADER_LEN].try_into().expect("a header"))
-                .request_id;
+            let id = out.id;
+            if !shared.is_awaited(id) {
+                // Given up (timeout, cancellation) before it was sent.
+                continue;
+            }
             let msg = match conn.prepare_request(&out.head, &out.payload) {
                 Ok((msg, h)) => {
                     // Recorded before sending: the reply may come at once.

@@ -48,6 +48,50 @@ async fn silence_is_a_timeout_and_the_connection_stays_usable() {
     assert_eq!(fake.ctl.connections.load(SeqCst), 1);
 }
 
+/// A server that stops reading: writes whose callers time out meanwhile
+/// are never sent when it reads again (they used to stay queued, without
+/// bound, and all reach the server late, after their callers were told they
+/// timed out), and a config over the in-flight limit is a typed error.
+#[tokio::test]
+async fn writes_given_up_on_a_stalled_connection_are_never_sent() {
+    let fake = Fake::start().await;
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_millis(10),
+        max_in_flight_per_connection: 2,
+        ..ClientConfig::default()
+    };
+    let too_many = ClientConfig {
+        max_in_flight_per_connection: usize::MAX,
+        ..cfg.clone()
+    };
+    match Client::connect_with(&fake.addr, too_many).await {
+        Err(ClientError::InvalidArgument(m)) => assert!(m.contains("max_in_flight"), "{m}"),
+        other => panic!("expected InvalidArgument, got {:?}", other.err()),
+    }
+    let client = Client::connect_with(&fake.addr, cfg).await.unwrap();
+    client.write(ChunkId(1), 0, &b"x"[..]).await.unwrap();
+    let before = fake.ctl.requests.load(SeqCst);
+    fake.ctl.paused.store(true, SeqCst);
+    let payload = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let tries = 150;
+    for _ in 0..tries {
+        // (The fake may still take the frame it was already waiting for.)
+        match client.write(ChunkId(2), 0, payload.clone()).await {
+            Ok(_) | Err(ClientError::Timeout { .. }) => {}
+            Err(e) => panic!("expected Timeout, got {e:?}"),
+        }
+    }
+    fake.ctl.paused.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the sockets' buffers took before the stall was noticed, at most.
+    let sent = fake.ctl.requests.load(SeqCst) - before;
+    assert!(
+        sent <= 40,
+        "{sent} of {tries} given-up writes reached the server"
+    );
+    client.write(ChunkId(3), 0, &b"after"[..]).await.unwrap();
+}
+
 #[tokio::test]
 async fn dropped_connection_is_reopened_and_reads_retried() {
     let fake = Fake::start().await;

@@ -16,7 +16,9 @@ struct Pki {
     other_ca: PathBuf,
 }
 
-fn make_pki(dir: &Path) -> Pki {
+/// A CA, a server certificate for `names`, a client certificate, and an
+/// unrelated CA.
+fn make_pki(dir: &Path, names: &[&str]) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let w = |name: &str, text: String| {
         let p = dir.join(name);
@@ -28,7 +30,7 @@ fn make_pki(dir: &Path) -> Pki {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+    let server = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
         .unwrap()
         .signed_by(&server_key, &ca, &ca_key)
         .unwrap();
@@ -64,7 +66,7 @@ fn tls_client(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_server_and_client_certificates() {
     let dir = data_dir("tls");
-    let pki = make_pki(&dir);
+    let pki = make_pki(&dir, &["localhost", "127.0.0.1"]);
     let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
     let (cert, key, ca) = (s(&pki.server_cert), s(&pki.server_key), s(&pki.ca));
     let srv = TestServer::try_start(&dir, 2, &["--tls-cert-file", &cert, "--tls-key-file", &key])
@@ -117,4 +119,31 @@ async fn tls_with_server_and_client_certificates() {
     let anon = Client::connect_with(&srv.addr, tls_client(&pki.ca, None)).await;
     assert!(anon.is_err(), "a client without a certificate was served");
     ok.ping().await.unwrap();
+}
+
+/// A certificate naming only the host the user typed: shard connections
+/// (to the addresses the topology advertises, IPs) verify against that
+/// name too, not against the advertised IP (they used to fail with `Tls`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_connections_verify_the_name_the_user_gave() {
+    let dir = data_dir("tls-name");
+    let pki = make_pki(&dir, &["localhost"]);
+    let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let (cert, key) = (s(&pki.server_cert), s(&pki.server_key));
+    let srv = TestServer::try_start(&dir, 2, &["--tls-cert-file", &cert, "--tls-key-file", &key])
+        .unwrap();
+    let port = srv.addr.rsplit_once(':').unwrap().1;
+    let mut cfg = tls_client(&pki.ca, None);
+    cfg.tls.as_mut().unwrap().server_name = None;
+    let c = Client::connect_with(&format!("localhost:{port}"), cfg)
+        .await
+        .unwrap();
+    assert!(c.config().route_direct);
+    for sh in 0..2 {
+        c.ping_shard(ShardId(sh)).await.unwrap();
+    }
+    let data = pattern(9, 5000);
+    for chunk in 0..8 {
+        c.write(ChunkId(chunk), 0, data.clone()).await.unwrap();
+    }
 }

@@ -22,6 +22,8 @@ pub struct Ctl {
     pub corrupt_read_crc: AtomicBool,
     /// Read requests and never answer them.
     pub silent: AtomicBool,
+    /// Stop reading requests (between frames) while set.
+    pub paused: AtomicBool,
     /// Close the connection, without answering, on this many next requests.
     pub drop_next: AtomicUsize,
     /// Advertised in TOPOLOGY.
@@ -56,6 +58,7 @@ impl Fake {
             reorder: AtomicUsize::new(1),
             corrupt_read_crc: AtomicBool::new(false),
             silent: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             drop_next: AtomicUsize::new(0),
             max_payload: AtomicU32::new(limits::MAX_PAYLOAD),
             route_fn: AtomicU32::new(ROUTE_FN_JUMP_SPLITMIX),
@@ -92,6 +95,9 @@ async fn serve(ctl: Arc<Ctl>, stream: TcpStream) {
     let mut reader = FrameReader::new(rd.compat(), limits::MAX_PAYLOAD);
     let mut held: Vec<Vec<u8>> = Vec::new();
     loop {
+        while ctl.paused.load(SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         let frame = match reader.next_frame().await {
             Ok(Some(f)) => f,
             _ => return,
