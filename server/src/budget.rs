@@ -89,6 +89,21 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Holds `bytes` instead if that fits the shard's budget as `try_new`
+    /// judges it (shrinking always does); false, holding what it held, if
+    /// growing would pass it. A READ admitted for what its chunk held then
+    /// may find it grown by a write that ran first.
+    pub fn try_resize(&mut self, bytes: u64) -> bool {
+        let others = self.shard.used.get() - self.bytes;
+        let over = bytes > self.bytes && others > 0 && others + bytes > self.shard.limit;
+        if !over {
+            self.resize(bytes);
+        }
+        !over
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.shard.used.set(self.shard.used.get() - self.bytes);
@@ -135,6 +150,22 @@ mod tests {
             "growth is counted, not refused"
         );
         drop(r);
+        assert_eq!((b.used(), c.get()), (0, 0));
+    }
+
+    #[test]
+    fn a_reservation_grows_only_within_the_budget() {
+        let b = Budget::new(100);
+        let c = Rc::new(Cell::new(0));
+        let mut r = Reservation::try_new(&b, &c, 10).unwrap();
+        assert!(r.try_resize(500), "alone, it may grow as try_new admits");
+        r.resize(10);
+        let other = Reservation::try_new(&b, &c, 50).unwrap();
+        assert!(r.try_resize(40));
+        assert!(!r.try_resize(51), "would pass the budget");
+        assert_eq!((b.used(), r.bytes()), (90, 40), "kept what it held");
+        assert!(r.try_resize(5), "shrinking always fits");
+        drop((r, other));
         assert_eq!((b.used(), c.get()), (0, 0));
     }
 }

@@ -703,18 +703,15 @@ async fn handle_frame<S: Transport>(
     };
     let refuse_busy = |out: &mut Outbox| {
         ctx.counters.busy.set(ctx.counters.busy.get() + 1);
-        fail(
-            out,
-            ErrReply::new(
-                ErrorCode::Busy,
-                "shard request buffer budget exhausted; retry later",
-            ),
-        );
+        fail(out, busy_reply());
     };
     if let Parsed::Read(r) = &req {
         if owner == ctx.id && ctx.budget.used() >= ctx.budget.limit() {
-            // Refused before the cache is looked at: a hit refused after
-            // would have counted as served and moved the cache's state.
+            // Refused before the cache is looked at when the budget is
+            // full: a hit refused after has counted as served and moved
+            // the cache's state (that still happens to a hit larger than
+            // what is left of the budget; knowing its size first would
+            // cost every hit a second chunk-table lookup).
             refuse_busy(out);
             return Ok(None);
         }
@@ -858,13 +855,34 @@ fn execute_later(
     let ctx = ctx.clone();
     Box::pin(async move {
         let mut frame = Vec::new();
-        let payload = ctx.execute(op, id, req, None, &mut frame).await;
+        let mut hold = hold;
+        let mut payload = ctx.execute(op, id, req, None, &mut frame).await;
+        // A local READ reserved what its chunk held at admission; a write
+        // that ran first may have grown it. Its reply must fit the budget
+        // too, or it is refused (a READ has no effect to undo).
+        if let Some(h) = hold.as_mut() {
+            if !h.try_resize(payload.len() as u64) {
+                ctx.counters.busy.set(ctx.counters.busy.get() + 1);
+                ctx.counters.error(op);
+                frame.clear();
+                payload = ReplyPayload::None;
+                encode_error(&mut frame, op, id, &busy_reply());
+            }
+        }
         Completed {
             frame,
             payload,
             hold,
         }
     })
+}
+
+/// The refusal of a request over the shard's buffer budget.
+fn busy_reply() -> ErrReply {
+    ErrReply::new(
+        ErrorCode::Busy,
+        "shard request buffer budget exhausted; retry later",
+    )
 }
 
 /// Skips a refused request's payload. Any failure ends reading only (see
@@ -883,4 +901,70 @@ async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result
 fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> Stop {
     debug!(shard = ctx.id.0, %peer, error = %e, "bad or unreadable frame; finishing in-flight requests, then closing");
     Stop::Close
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn_limits::ConnLimits;
+    use crate::handler::NodeInfo;
+    use shardstore_proto::{Opcode, ReadRequest, ShardId};
+    use shardstore_shard::{Shard, ShardConfig, SimDisk};
+    use std::cell::Cell;
+
+    /// A READ admitted for a 4 KiB chunk that a write grows to 1 MiB before
+    /// the READ runs: its reply would hold 1 MiB of a 64 KiB budget, so it
+    /// is refused with BUSY (it used to be sent, the budget passed 16 times
+    /// over, as many times as such READs were queued).
+    #[test]
+    fn a_read_whose_chunk_grew_since_admission_stays_within_the_budget() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(512 << 10)
+            .make()
+            .unwrap()
+            .run(async {
+                let cfg = ShardConfig {
+                    capacity_bytes: 4 << 20,
+                    ..ShardConfig::default()
+                };
+                let disk = SimDisk::new(6 << 20, 1);
+                let shard = Shard::open_sim(cfg, &disk).await.unwrap();
+                let limits = ConnLimits {
+                    shard_buffer_bytes: 64 << 10,
+                    ..ConnLimits::default()
+                };
+                let node = NodeInfo::single_shard(2 << 20, limits);
+                let ctx = Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new()));
+                ctx.shard.write(ChunkId(9), 0, &[1u8; 4096]).await.unwrap();
+                let r = ReadRequest {
+                    chunk: 9,
+                    offset: 0,
+                    len: 1 << 20,
+                    flags: 0,
+                };
+                let held = Rc::new(Cell::new(0));
+                let bound = ctx.read_reply_bound(&r);
+                assert_eq!(bound, 4096, "admitted for what the chunk holds");
+                let hold = Reservation::try_new(&ctx.budget, &held, bound);
+                let other = Reservation::try_new(&ctx.budget, &held, 4096);
+                let grown = vec![2u8; 1 << 20];
+                ctx.shard.write(ChunkId(9), 0, &grown).await.unwrap();
+                let done = execute_later(&ctx, Opcode::Read, 5, Parsed::Read(r), hold).await;
+                assert!(
+                    ctx.budget.used() <= ctx.budget.limit(),
+                    "{} bytes held of a {} byte budget",
+                    ctx.budget.used(),
+                    ctx.budget.limit()
+                );
+                assert_eq!(done.payload.len(), 0);
+                let e = shardstore_proto::access_body::<shardstore_proto::ArchivedErrorBody>(
+                    &done.frame[HEADER_LEN..],
+                )
+                .expect("an error reply");
+                assert_eq!(e.code.to_native(), ErrorCode::Busy as u16);
+                assert_eq!(ctx.counters.busy.get(), 1);
+                drop((done, other));
+                assert_eq!(ctx.budget.used(), 0);
+            });
+    }
 }

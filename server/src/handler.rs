@@ -231,12 +231,20 @@ impl Drop for HoldUntilReleased {
     }
 }
 
-/// Waits for the reply to a request queued by [`enqueue_to_shard`].
+/// Waits for the reply to a request queued by [`enqueue_to_shard`] with
+/// `deadline`, `after` its sending. An owner drops a request it takes past
+/// its deadline unexecuted: that is a TIMEOUT too (the sender's own timer
+/// may not have fired yet), not a failure of the owner.
 pub async fn await_shard_reply(
     owner: ShardId,
     rx: flume::Receiver<EncodedReply>,
+    deadline: Instant,
+    after: std::time::Duration,
 ) -> Result<EncodedReply, ErrReply> {
     rx.recv_async().await.map_err(|_| {
+        if Instant::now() >= deadline {
+            return forward_timed_out(owner, after);
+        }
         ErrReply::new(
             ErrorCode::Internal,
             format!("shard {owner} dropped a forwarded request (stopping?)"),
@@ -784,8 +792,9 @@ impl ShardCtx {
             request_id,
             body,
             payload,
-            deadline: std::time::Instant::now() + after,
+            deadline: Instant::now() + after,
         };
+        let deadline = msg.deadline;
         let queued = match enqueue_to_shard(&self.peers, owner, msg) {
             Ok(q) => q,
             Err(e) => {
@@ -804,12 +813,19 @@ impl ShardCtx {
             hold,
             released: Some(queued.released),
         };
-        let reply = async { Some(await_shard_reply(owner, queued.reply).await) };
+        let reply = async { Some(await_shard_reply(owner, queued.reply, deadline, after).await) };
         let timed_out = async {
             glommio::timer::sleep(after).await;
             None
         };
         match reply.or(timed_out).await {
+            Some(Err(e)) if e.code == ErrorCode::Timeout => {
+                // Dropped by the owner past its deadline: it let go of it.
+                self.counters
+                    .forward_timeouts
+                    .set(self.counters.forward_timeouts.get() + 1);
+                (Err(e), held.take())
+            }
             Some(r) => (r, held.take()),
             None => {
                 self.counters

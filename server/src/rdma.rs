@@ -90,13 +90,18 @@ impl Bridge {
         // until the owner lets go, see `ShardCtx::forward`): after a
         // timeout, the payload stays in a stalled owner's queue until the
         // owner drops it, at most the queue's depth of them per owner.
+        let deadline = msg.deadline;
         let queued = enqueue_to_shard(&self.peers, owner, msg)?;
-        tokio::time::timeout(self.forward_timeout, await_shard_reply(owner, queued.reply))
-            .await
-            .map_err(|_| {
-                warn!(owner = owner.0, "a forwarded RDMA request timed out");
-                forward_timed_out(owner, self.forward_timeout)
-            })?
+        let after = self.forward_timeout;
+        tokio::time::timeout(
+            after,
+            await_shard_reply(owner, queued.reply, deadline, after),
+        )
+        .await
+        .map_err(|_| {
+            warn!(owner = owner.0, "a forwarded RDMA request timed out");
+            forward_timed_out(owner, self.forward_timeout)
+        })?
     }
 }
 

@@ -212,3 +212,32 @@ fn a_forwarded_request_the_owner_never_answers_times_out() {
         assert_eq!(ctx.budget.used(), 0, "kept after the owner let go");
     });
 }
+
+/// A forwarded request its owner dropped unexecuted because it was past its
+/// deadline is a TIMEOUT for the sender, whose own timer may not have fired
+/// yet (it was INTERNAL, "dropped a forwarded request"); dropped before its
+/// deadline (the owner stopping), it is INTERNAL.
+#[test]
+fn a_forward_dropped_past_its_deadline_is_a_timeout() {
+    use shardstore_server::handler::{await_shard_reply, EncodedReply};
+    use std::time::{Duration, Instant};
+    on_executor(async {
+        let after = Duration::from_millis(50);
+        let (tx, rx) = flume::bounded::<EncodedReply>(1);
+        let deadline = Instant::now() + after;
+        glommio::timer::sleep(after).await;
+        drop(tx);
+        let e = await_shard_reply(ShardId(1), rx, deadline, after)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
+        let (tx, rx) = flume::bounded::<EncodedReply>(1);
+        drop(tx);
+        let e = await_shard_reply(ShardId(1), rx, Instant::now() + after, after)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::Internal, "{}", e.message);
+    });
+}
