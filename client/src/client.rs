@@ -484,6 +484,9 @@ impl Client {
 
     /// Counters of one shard, asked at that shard's own address. The reply is
     /// returned as the protocol defines it (deserialized from the archive).
+    /// A reply from another shard is a `Protocol` error: over `rdma://`
+    /// every shard's address is the node's one RDMA endpoint, which answers
+    /// STATS for shard 0 only (ask over TCP for the others).
     pub async fn stats(&self, shard: ShardId) -> Result<StatsReply, ClientError> {
         self.check_shard(shard)?;
         let slot = &self.inner.shards[shard.0 as usize];
@@ -498,8 +501,21 @@ impl Client {
         )
         .await?;
         let r = body!(reply, ArchivedStatsReply, Opcode::Stats)?;
-        rkyv::deserialize::<StatsReply, rkyv::rancor::Error>(r)
-            .map_err(|e| ClientError::Protocol(format!("stats reply: {e}")))
+        let st = rkyv::deserialize::<StatsReply, rkyv::rancor::Error>(r)
+            .map_err(|e| ClientError::Protocol(format!("stats reply: {e}")))?;
+        if st.shard != shard.0 {
+            return Err(ClientError::Protocol(format!(
+                "asked shard {} for its counters, shard {} answered{}",
+                shard.0,
+                st.shard,
+                if crate::rdma::rdma_target(&slot.addr).is_some() {
+                    " (an rdma:// address reaches shard 0 only: ask over TCP)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(st)
     }
 }
 

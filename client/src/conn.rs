@@ -171,6 +171,7 @@ impl Connection {
             }
         };
         stream.set_nodelay(true).map_err(connect_err)?;
+        detect_dead_peer(&stream).map_err(connect_err)?;
         let (rd, wr): (ReadHalf, WriteHalf) = match &cfg.tls {
             None => {
                 let mut stream = stream;
@@ -442,6 +443,29 @@ async fn read_reply(
     Ok(true)
 }
 
+/// How long sent bytes may stay unacknowledged, or an idle connection's
+/// peer stay silent to keepalive probes, before the kernel closes the
+/// connection. A peer gone without a FIN or RST (host down, partition, a
+/// NAT or firewall that forgot the flow) would otherwise keep every call on
+/// the connection timing out for the kernel's default of about 15 minutes;
+/// closed, its calls fail and the next ones reconnect. A peer that is alive
+/// but not reading (backpressure) still answers window probes and is kept.
+pub(crate) const DEAD_PEER_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sets keepalive probes and TCP_USER_TIMEOUT so that a dead peer closes
+/// the connection within about [`DEAD_PEER_AFTER`].
+fn detect_dead_peer(stream: &TcpStream) -> io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let probe = std::time::Duration::from_secs(5);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(DEAD_PEER_AFTER - 3 * probe)
+            .with_interval(probe)
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(DEAD_PEER_AFTER))
+}
+
 /// The host part of "host:port" (brackets of an IPv6 literal removed).
 pub(crate) fn host_of(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -543,4 +567,22 @@ async fn handshake_reply<R: futures_io::AsyncRead + Unpin>(
         )));
     }
     Ok(frame.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_detect_a_dead_peer() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        detect_dead_peer(&s).unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(DEAD_PEER_AFTER));
+        let probes = sock.keepalive_time().unwrap()
+            + sock.keepalive_interval().unwrap() * sock.keepalive_retries().unwrap();
+        assert_eq!(probes, DEAD_PEER_AFTER);
+    }
 }

@@ -44,6 +44,11 @@
 //! have been applied and a replay would bump the chunk's version again: the
 //! caller decides whether that is acceptable.
 //!
+//! A call that times out before its request was written is never sent
+//! later. A peer that vanished without closing (host down, partition) is
+//! detected by keepalive probes and TCP_USER_TIMEOUT within about 30 s;
+//! its connection then closes like a dropped one.
+//!
 //! # Example
 //!
 //! Needs a running server (`shardstore serve`):

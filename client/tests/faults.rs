@@ -231,3 +231,18 @@ async fn limits_are_checked_before_sending() {
         .unwrap();
     client.list(ShardId(0), None, 256).await.unwrap();
 }
+
+/// Counters are returned only from the shard asked (over rdma:// every
+/// shard address reached shard 0, whose counters came back under the other
+/// shards' names).
+#[tokio::test]
+async fn stats_from_another_shard_are_refused() {
+    let fake = Fake::start().await;
+    let client = Client::connect(&fake.addr).await.unwrap();
+    assert_eq!(client.stats(ShardId(0)).await.unwrap().shard, 0);
+    fake.ctl.stats_shard.store(3, SeqCst);
+    match client.stats(ShardId(0)).await {
+        Err(ClientError::Protocol(m)) => assert!(m.contains("shard 3 answered"), "{m}"),
+        other => panic!("expected Protocol, got {other:?}"),
+    }
+}

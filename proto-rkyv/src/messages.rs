@@ -1,7 +1,14 @@
 //! Message bodies. Flat records (no maps); ids are `u128`, sizes explicit
-//! `u32`/`u64`. Field order is the wire format: append only, and bump
-//! [`crate::PROTOCOL_VERSION`] for anything else. The golden frames in
-//! `tests/golden/` catch accidental changes.
+//! `u32`/`u64`. Field order is the wire format. Any change to a message's
+//! fields, appending one included, changes its archived layout: rkyv 0.8
+//! finds a body's root at a fixed distance from its end, so a peer built
+//! with the other layout fails to validate the body or misreads it. The
+//! messages of the data path (and HELLO, AUTH, TOPOLOGY, errors) therefore
+//! never change within a [`crate::PROTOCOL_VERSION`]; the golden frames in
+//! `tests/golden/` catch accidental changes. [`StatsReply`] is the
+//! exception: an admin reply that grows with the server's counters, read by
+//! the CLI and client of the same release (an older one gets a `Protocol`
+//! error or wrong counters from STATS, nothing else).
 
 use rkyv::{Archive, Deserialize, Serialize};
 

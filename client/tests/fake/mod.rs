@@ -29,6 +29,8 @@ pub struct Ctl {
     /// Advertised in TOPOLOGY.
     pub max_payload: AtomicU32,
     pub route_fn: AtomicU32,
+    /// The shard a STATS reply says it comes from.
+    pub stats_shard: AtomicU32,
     pub connections: AtomicUsize,
     pub requests: AtomicUsize,
     /// Chunk -> (code, sector, message) answered to any request on it.
@@ -62,6 +64,7 @@ impl Fake {
             drop_next: AtomicUsize::new(0),
             max_payload: AtomicU32::new(limits::MAX_PAYLOAD),
             route_fn: AtomicU32::new(ROUTE_FN_JUMP_SPLITMIX),
+            stats_shard: AtomicU32::new(0),
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             errors: Mutex::new(HashMap::new()),
@@ -212,6 +215,14 @@ fn handle(ctl: &Ctl, f: &shardstore_net::Frame) -> Vec<u8> {
     let mut chunks = ctl.chunks.lock().unwrap();
     match op {
         Opcode::Ping => reply!(op, id, &Empty {}),
+        Opcode::Stats => reply!(
+            op,
+            id,
+            &StatsReply {
+                shard: ctl.stats_shard.load(SeqCst),
+                ..StatsReply::default()
+            }
+        ),
         Opcode::Topology => reply!(
             op,
             id,
