@@ -87,7 +87,9 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         if a.rebuild {
             let index = dir.join("index");
             if index.exists() {
-                refuse_if_locked(&index.join("db"))?;
+                // Held while the index is removed: a server starting
+                // meanwhile finds it locked.
+                let _lock = refuse_if_locked(&index.join("db"))?;
                 std::fs::remove_dir_all(&index)
                     .with_context(|| format!("removing {}", index.display()))?;
             }
@@ -135,21 +137,29 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Fails if sled's lock on an index file is held: a server is running on
-/// this data folder, and removing its index would not stop it but would
-/// leave it without one at its next start.
-fn refuse_if_locked(db: &std::path::Path) -> anyhow::Result<()> {
+/// Takes sled's lock on an index file (the same `flock` sled takes), or
+/// fails if it is held: a server is running on this data folder, and
+/// removing its index would not stop it but would leave it without one at
+/// its next start. The lock is held until the returned file is dropped.
+fn refuse_if_locked(db: &std::path::Path) -> anyhow::Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::File::open(db) else {
-        return Ok(()); // no index file: nothing holds it
+        return Ok(None); // no index file: nothing holds it
     };
     // SAFETY: flock on a descriptor this function owns; the lock goes with it.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            anyhow::bail!(
+                "{} is locked: a server is using this data folder; stop it before `check --rebuild`",
+                db.display()
+            );
+        }
+        // Unknown whether a server holds it: do not delete it blind.
         anyhow::bail!(
-            "{} is locked: a server is using this data folder; stop it before `check --rebuild`",
+            "could not lock {} to see whether a server uses it: {e}",
             db.display()
         );
     }
-    Ok(())
+    Ok(Some(f))
 }
