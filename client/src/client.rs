@@ -354,9 +354,12 @@ impl Client {
         )
         .await?;
         let r = body!(reply, ArchivedReadReply, Opcode::Read)?;
-        if reply.payload.len() > len as usize {
+        // Shorter than asked only where the chunk ends.
+        let chunk_len = r.chunk_len.to_native();
+        let expected = u64::from(len).min(chunk_len.saturating_sub(offset));
+        if reply.payload.len() as u64 != expected {
             return Err(ClientError::Protocol(format!(
-                "read reply of {} bytes for a read of {len}",
+                "read reply of {} bytes for a read of {len} at offset {offset} of a {chunk_len}-byte chunk (expected {expected})",
                 reply.payload.len()
             )));
         }
@@ -371,7 +374,7 @@ impl Client {
         }
         Ok(ReadResult {
             version: r.version.to_native(),
-            chunk_len: r.chunk_len.to_native(),
+            chunk_len,
             data: reply.payload,
         })
     }

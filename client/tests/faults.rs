@@ -246,3 +246,21 @@ async fn stats_from_another_shard_are_refused() {
         other => panic!("expected Protocol, got {other:?}"),
     }
 }
+
+/// A READ reply shorter than the chunk allows (a server bug or a damaged
+/// frame with a consistent crc) is a Protocol error, not silently short data.
+#[tokio::test]
+async fn a_short_read_inside_the_chunk_is_refused() {
+    let fake = Fake::start().await;
+    let client = Client::connect(&fake.addr).await.unwrap();
+    client.write(ChunkId(6), 0, vec![9u8; 100]).await.unwrap();
+    assert_eq!(
+        client.read(ChunkId(6), 90, 50).await.unwrap().data.len(),
+        10
+    );
+    fake.ctl.short_read.store(true, SeqCst);
+    match client.read(ChunkId(6), 10, 50).await {
+        Err(ClientError::Protocol(m)) => assert!(m.contains("expected 50"), "{m}"),
+        other => panic!("expected Protocol, got {other:?}"),
+    }
+}

@@ -20,6 +20,8 @@ pub struct Ctl {
     pub reorder: AtomicUsize,
     /// Send READ replies with a wrong payload crc.
     pub corrupt_read_crc: AtomicBool,
+    /// Send READ replies one byte short (with a matching crc).
+    pub short_read: AtomicBool,
     /// Read requests and never answer them.
     pub silent: AtomicBool,
     /// Stop reading requests (between frames) while set.
@@ -59,6 +61,7 @@ impl Fake {
             addr: addr.clone(),
             reorder: AtomicUsize::new(1),
             corrupt_read_crc: AtomicBool::new(false),
+            short_read: AtomicBool::new(false),
             silent: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             drop_next: AtomicUsize::new(0),
@@ -268,7 +271,10 @@ fn handle(ctl: &Ctl, f: &shardstore_net::Frame) -> Vec<u8> {
             };
             let start = (r.offset.to_native() as usize).min(data.len());
             let end = (start + r.len.to_native() as usize).min(data.len());
-            let payload = &data[start..end];
+            let mut payload = &data[start..end];
+            if ctl.short_read.load(SeqCst) && !payload.is_empty() {
+                payload = &payload[..payload.len() - 1];
+            }
             let mut crc = payload_crc(payload);
             if ctl.corrupt_read_crc.load(SeqCst) {
                 crc ^= 1;
