@@ -68,9 +68,29 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut bad = 0usize;
     for i in 0..shard_count {
         let dir = a.data_dir.join(ShardConfig::folder_name(ShardId(i)));
-        let data_len = std::fs::metadata(dir.join("data"))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        // `check` never creates a shard: opening a missing one would format
+        // it empty (and a data file made here, on a device-backed node,
+        // would leave an index that does not describe the device).
+        if !dir.is_dir() {
+            println!(
+                "shard {i}: {} is missing (restore it from a backup; `serve --format` creates it empty)",
+                dir.display()
+            );
+            bad += 1;
+            continue;
+        }
+        let data_len = match (std::fs::metadata(dir.join("data")), &ranges) {
+            (Ok(m), _) => m.len(),
+            (Err(_), Some(_)) => 0,
+            (Err(e), None) => {
+                println!(
+                    "shard {i}: {}: {e} (if this node keeps its data on a block device, pass --device DEV)",
+                    dir.join("data").display()
+                );
+                bad += 1;
+                continue;
+            }
+        };
         let cfg = ShardConfig {
             shard: ShardId(i),
             shard_count,

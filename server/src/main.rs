@@ -192,8 +192,10 @@ pub struct ServeArgs {
     /// equal per-shard ranges, instead of files in the data folder.
     #[arg(long, env = "SHARDSTORE_DEVICE")]
     device: Option<PathBuf>,
-    /// Format over a foreign or damaged superblock (destroys what was there).
-    /// One-shot operator action: a flag only, never a config key or env.
+    /// Format over a foreign or damaged superblock (destroys what was there),
+    /// and create shard folders missing from an initialized data folder
+    /// (empty: their chunks are lost). One-shot operator action: a flag
+    /// only, never a config key or env.
     #[arg(long)]
     format: bool,
     /// Rebuild a missing or damaged index from the data area at start-up.

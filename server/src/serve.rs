@@ -175,6 +175,30 @@ pub fn open_node_meta(
     }
 }
 
+/// Refuses a node whose data folder lost a shard's folder: started anyway,
+/// that shard would be created empty and its chunks silently NOT_FOUND.
+pub fn refuse_missing_shards(data_dir: &Path, shard_count: u32) -> anyhow::Result<()> {
+    let missing: Vec<String> = (0..shard_count)
+        .map(|i| ShardConfig::folder_name(ShardId(i)))
+        .filter(|f| !data_dir.join(f).is_dir())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "data dir {} was initialized for {shard_count} shards ({NODE_FILE}) but {} missing: \
+             restore it from a backup (a file-backed shard keeps its data there, a device-backed \
+             one its index: `shardstore check --rebuild --device DEV` rebuilds that), or start \
+             with --format to create it empty, losing its chunks",
+            data_dir.display(),
+            if missing.len() == 1 {
+                format!("{} is", missing[0])
+            } else {
+                format!("{} are", missing.join(", "))
+            }
+        );
+    }
+    Ok(())
+}
+
 /// The CPUs this process may run on (honours taskset and cgroup cpusets).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
@@ -253,10 +277,14 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     lifecycle::status("starting: opening shards");
     let cpus = opts.cpus.clone().unwrap_or_else(allowed_cpus);
+    let initialized = opts.data_dir.join(NODE_FILE).exists();
     let meta = open_node_meta(&opts.data_dir, opts.shards, cpus.len() as u32)?;
     let n = meta.shard_count;
     if n == 0 || n > limits::MAX_SHARDS {
         bail!("shard count {n} out of range 1..={}", limits::MAX_SHARDS);
+    }
+    if initialized && !opts.format {
+        refuse_missing_shards(&opts.data_dir, n)?;
     }
     crate::config::check_oversubscribe(n, &cpus, opts.allow_oversubscribe)
         .with_context(|| format!("data dir {}", opts.data_dir.display()))?;

@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 use shardstore_proto::ChunkId;
-use std::process::Command;
 
 async fn assert_data(srv: &TestServer) {
     let c = srv.client().await;
@@ -33,11 +32,7 @@ async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
     srv.kill();
 
     // A clean check (recovery runs first: the kill skipped the last checkpoint).
-    let out = Command::new(bin())
-        .args(["check", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = run_check(&dir, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert_eq!(stdout.matches("0 problems").count(), 2, "{stdout}");
@@ -56,11 +51,7 @@ async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
         "the refusal does not say how to fix it: {err}"
     );
 
-    let out = Command::new(bin())
-        .args(["check", "--rebuild", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = run_check(&dir, &["--rebuild"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert_eq!(stdout.matches("index rebuilt").count(), 2, "{stdout}");

@@ -207,11 +207,7 @@ async fn a_second_server_on_the_same_data_folder_is_refused() {
     };
     assert!(e.contains("another server"), "{e}");
     // `check --rebuild` would discard the indexes: refused too.
-    let out = Command::new(bin())
-        .args(["check", "--rebuild", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = run_check(&dir, &["--rebuild"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -225,4 +221,68 @@ async fn a_second_server_on_the_same_data_folder_is_refused() {
     c.write(ChunkId(8), 0, vec![8u8; 4096]).await.unwrap();
     let r = c.read(ChunkId(7), 0, 4096).await.unwrap();
     assert_eq!(&r.data[..], &[7u8; 4096][..]);
+}
+
+/// A shard folder lost from an initialized data folder (a partial restore,
+/// a wrong `rm`): `serve` and `check` refuse instead of creating it empty
+/// (its chunks silently NOT_FOUND, and `check` said "0 problems"); `serve
+/// --format` creates it empty on purpose, the other shard's data intact.
+/// `check` without `--device` on a shard with no data file (a device-backed
+/// node) refuses instead of formatting a file there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_folder_is_refused_not_recreated_empty() {
+    let dir = data_dir("lost-shard");
+    let kept: Vec<u128> = {
+        let srv = TestServer::start(&dir, 2);
+        let c = srv.client().await;
+        let mut kept = Vec::new();
+        for chunk in 0..16u128 {
+            c.write(ChunkId(chunk), 0, vec![chunk as u8; 4096])
+                .await
+                .unwrap();
+            if c.shard_of(ChunkId(chunk)).0 == 0 {
+                kept.push(chunk);
+            }
+        }
+        kept
+    };
+    assert!(!kept.is_empty());
+    std::fs::remove_dir_all(dir.join("shard-001")).unwrap();
+    let e = match TestServer::try_start(&dir, 2, &[]) {
+        Err(e) => e,
+        Ok(_) => panic!("a server started with a shard folder missing"),
+    };
+    assert!(e.contains("shard-001 is missing"), "{e}");
+    let check = || run_check(&dir, &[]);
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "check passed a missing shard: {stdout}"
+    );
+    assert!(stdout.contains("is missing"), "{stdout}");
+    assert!(!dir.join("shard-001").exists(), "check created the shard");
+    // A shard with its index but no data file: refused, index kept.
+    std::fs::create_dir_all(dir.join("shard-001")).unwrap();
+    let data0 = dir.join("shard-000").join("data");
+    let moved = dir.join("data0.moved");
+    std::fs::rename(&data0, &moved).unwrap();
+    let out = run_check(&dir, &["--rebuild"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("--device"), "{stdout}");
+    assert!(!data0.exists(), "check made a data file");
+    assert!(
+        dir.join("shard-000").join("index").exists(),
+        "index removed"
+    );
+    std::fs::rename(&moved, &data0).unwrap();
+    std::fs::remove_dir_all(dir.join("shard-001")).unwrap();
+    // Created empty on purpose; shard 0 keeps its chunks.
+    let srv = TestServer::try_start(&dir, 2, &["--format"]).unwrap();
+    let c = srv.client().await;
+    for chunk in kept {
+        let r = c.read(ChunkId(chunk), 0, 4096).await.unwrap();
+        assert_eq!(&r.data[..], &[chunk as u8; 4096][..]);
+    }
 }

@@ -642,7 +642,8 @@ const INDEX_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 pub(crate) fn rebuild_hint(cfg: &ShardConfig, why: &str) -> ShardError {
     ShardError::IndexMissing(format!(
-        "{}: {why}; run `shardstore check --data-dir DATA_DIR --rebuild` with the server stopped, \
+        "{}: {why}; run `shardstore check --data-dir DATA_DIR --rebuild` (with `--device DEV` \
+         if the node keeps its data on a block device) with the server stopped, \
          or start the server with --rebuild-index",
         cfg.dir.display()
     ))

@@ -169,6 +169,18 @@ impl Drop for TestServer {
 }
 
 /// Deterministic test bytes for (chunk, seed).
+/// Runs `shardstore check [flags] --data-dir DIR` and returns its output.
+#[allow(dead_code)]
+pub fn run_check(dir: &Path, flags: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .arg("check")
+        .args(flags)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
