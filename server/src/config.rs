@@ -801,7 +801,9 @@ const DOCS: &[Doc] = &[
         default: "\"./shardstore-data\"",
         help: &[
             "Data folder (node identity, one shard-NNN folder per shard). Must be a",
-            "real filesystem: tmpfs cannot do O_DIRECT and is refused.",
+            "real filesystem: tmpfs cannot do O_DIRECT and is refused. Under the",
+            "packaged systemd unit only /var/lib/shardstore is writable: for another",
+            "path add `ReadWritePaths=` with `systemctl edit shardstore`.",
         ],
     },
     Doc {

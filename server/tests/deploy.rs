@@ -138,10 +138,16 @@ fn unit_passes_systemd_analyze_verify() {
         "CapabilityBoundingSet=",
         "RestrictAddressFamilies=",
         "Restart=on-failure",
+        // A start refused for good is not retried every 2 s forever.
+        "StartLimitBurst=",
         "CPUAffinity",
     ] {
         assert!(text.contains(want), "unit lacks {want}");
     }
+    assert!(
+        !text.lines().any(|l| l.starts_with("ExecReload")),
+        "settings apply at start only: a reload would report a change it did not make"
+    );
     assert!(
         !text.lines().any(|l| l.starts_with("SystemCallFilter")),
         "a syscall filter may block io_uring"
