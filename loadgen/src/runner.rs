@@ -285,6 +285,15 @@ impl Worker {
                 Outcome::Ok(r.data.len() as u64)
             }
             Err(ClientError::NotFound(_)) if !self.chunk_acknowledged(pick.index) => Outcome::Miss,
+            // Acknowledged, then gone: data lost, whatever the error budget.
+            Err(ClientError::NotFound(_)) if cfg.verify => {
+                sh.report_integrity_failure(format!(
+                    "key {key} (chunk {}) read by loop {}: NOT_FOUND after a write of it was acknowledged",
+                    chunk_of(key),
+                    self.id
+                ));
+                Outcome::Err(VERIFY_MISMATCH)
+            }
             Err(e) => Outcome::Err(self.failed(sh, Op::Read, key, &e)),
         }
     }
@@ -335,7 +344,10 @@ impl Worker {
             }
             let now = Instant::now();
             let intended = pacer.next_intended(now);
-            if sh.end.is_some_and(|end| intended >= end) {
+            // Nothing is sent once the window is over, however far behind
+            // the schedule (open loop): what was due and not sent is the
+            // schedule deficit, not a late request run after the end.
+            if sh.end.is_some_and(|end| intended >= end || now >= end) {
                 break;
             }
             let measured = intended >= sh.measure_start;
@@ -362,7 +374,11 @@ impl Worker {
                 Op::Write => self.write(&sh, pick).await,
             };
             let done = Instant::now();
-            let in_window = measured && sh.end.is_none_or(|end| done <= end);
+            // Open loop: every request sent in the window counts, however
+            // late its reply (the slowest ones are the point of measuring
+            // from the schedule). Closed loop: those completed in it.
+            let in_window =
+                measured && (cfg.rate.is_some() || sh.end.is_none_or(|end| done <= end));
             let lat = latency_ns(intended, done);
             let mut s = lock(&self.stats);
             let record = |stats: &mut Stats| {

@@ -219,30 +219,28 @@ fn verify_run_against_a_live_server_reports_clean_figures() {
     assert!(svg.starts_with("<svg"));
 }
 
-#[test]
-fn open_loop_and_op_count_modes() {
-    let server = Server::start("modes", 1);
-    let json = server.dir.join("open.json");
-    let out = run_loadgen(&[
-        "--addr",
-        &server.addr,
-        "--rate",
-        "1000",
-        "--duration",
-        "2s",
-        "--warmup",
-        "0s",
-        "--keys",
-        "200",
+/// Preloads 200 keys of 4 KiB and reads them with `flags` (rate and
+/// duration), the report in `json`.
+fn open_loop_reads(server: &Server, json: &Path, flags: &[&str]) -> Output {
+    let mut args = vec!["--addr", &server.addr, "--warmup", "0s", "--keys", "200"];
+    args.extend([
         "--preload",
         "--read-ratio",
         "read-only",
         "--size",
         "4k",
         "-q",
-        "--json",
-        json.to_str().unwrap(),
     ]);
+    args.extend(["--json", json.to_str().unwrap()]);
+    args.extend(flags);
+    run_loadgen(&args)
+}
+
+#[test]
+fn open_loop_and_op_count_modes() {
+    let server = Server::start("modes", 1);
+    let json = server.dir.join("open.json");
+    let out = open_loop_reads(&server, &json, &["--rate", "1000", "--duration", "2s"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v = read_json(&json);
     check_schema(&v).unwrap();
@@ -272,6 +270,102 @@ fn open_loop_and_op_count_modes() {
     let v = read_json(&json);
     assert_eq!(num(&v, "ops.total.ops"), 777.0);
     assert_eq!(num(&v, "ops.write.ops"), 777.0);
+}
+
+/// Open loop far over what one connection with one request at a time can
+/// serve: the run ends with its window, what was due and never sent is the
+/// schedule deficit, and every request sent counts however late its reply
+/// (the loop used to run its whole backlog after the window, leave those
+/// late replies out of the totals and report a deficit of 0).
+#[test]
+fn open_loop_overload_counts_what_was_never_sent() {
+    let server = Server::start("overload", 1);
+    let json = server.dir.join("over.json");
+    let rate = 50_000.0;
+    let t0 = Instant::now();
+    let out = open_loop_reads(
+        &server,
+        &json,
+        &[
+            "--rate",
+            "50000",
+            "--connections",
+            "1",
+            "--pipeline",
+            "1",
+            "--duration",
+            "1s",
+        ],
+    );
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = read_json(&json);
+    let ops = num(&v, "ops.total.ops");
+    let deficit = num(&v, "open_loop.schedule_deficit");
+    assert!(
+        deficit > rate / 2.0,
+        "deficit {deficit} with {ops} ops sent"
+    );
+    let scheduled = ops + deficit;
+    assert!(
+        (0.95 * rate..=1.05 * rate).contains(&scheduled),
+        "{ops} sent + {deficit} never sent, for {rate} scheduled"
+    );
+    assert!(took < Duration::from_secs(8), "the run took {took:?}");
+}
+
+/// With --verify, an acknowledged chunk found NOT_FOUND is lost data: the
+/// run fails as an integrity failure (exit 4) whatever --max-error-rate
+/// allows (it was counted as an ordinary error and the run exited 0).
+#[test]
+fn verify_fails_on_an_acknowledged_chunk_gone() {
+    let server = Server::start("lost", 1);
+    let json = server.dir.join("lost.json");
+    let child = Command::new(loadgen())
+        .args([
+            "--addr",
+            &server.addr,
+            "--keys",
+            "20",
+            "--connections",
+            "2",
+            "--pipeline",
+            "2",
+            "--preload",
+            "--verify",
+            "--read-ratio",
+            "read-only",
+            "--duration",
+            "3s",
+            "--warmup",
+            "0s",
+            "--max-error-rate",
+            "1",
+            "-q",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    for key in 0..20u64 {
+        let chunk = format!("{:x}", shardstore_loadgen::chunk_of(key).0);
+        let out = Command::new(server_bin())
+            .args(["rm", &chunk, "--addr", &server.addr])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("NOT_FOUND after a write of it was acknowledged"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
