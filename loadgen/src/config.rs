@@ -279,6 +279,14 @@ impl Config {
         if self.key_offset.checked_add(self.keys).is_none() {
             return Err("--key-offset + --keys overflows".into());
         }
+        // Without --io-size (checked with the pieces above) each key is one
+        // tracked piece.
+        if self.io_size.is_none() && self.keys > MAX_SLOTS {
+            return Err(format!(
+                "--keys {} is more than {MAX_SLOTS} keys to track",
+                self.keys
+            ));
+        }
         if self.ops == Some(0) {
             return Err("--ops must be at least 1".into());
         }
@@ -444,6 +452,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("duration {s:?} must be non-negative"));
     }
+    // Far beyond any run, and safe to add to an Instant.
+    const MAX_SECS: f64 = 365.0 * 86400.0;
+    if v * mult > MAX_SECS {
+        return Err(format!("duration {s:?} is longer than a year"));
+    }
     Ok(Duration::from_secs_f64(v * mult))
 }
 
@@ -489,6 +502,16 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("x").is_err());
+        // Refused, not a panic in Duration or a later Instant overflow.
+        assert!(parse_duration("1e20").is_err());
+        assert!(parse_duration("1e19s").is_err());
+    }
+
+    #[test]
+    fn too_many_keys_are_refused_before_connecting() {
+        let e = check(&["--keys", "10000000000"]).unwrap_err();
+        assert!(e.contains("keys to track"), "{e}");
+        assert!(check(&["--keys", "1000000"]).is_ok());
     }
 
     #[test]
