@@ -48,17 +48,8 @@ impl Reservation {
     /// A request larger than the whole budget is admitted only when nothing
     /// else is reserved, so it can never starve forever.
     pub fn try_new(shard: &Rc<Budget>, conn: &Rc<Cell<u64>>, bytes: u64) -> Option<Reservation> {
-        let used = shard.used.get();
-        if used > 0 && used + bytes > shard.limit {
-            return None;
-        }
-        shard.used.set(used + bytes);
-        conn.set(conn.get() + bytes);
-        Some(Reservation {
-            shard: shard.clone(),
-            conn: conn.clone(),
-            bytes,
-        })
+        let mut r = Reservation::empty(shard, conn);
+        r.try_resize(bytes).then_some(r)
     }
 
     /// Holds nothing yet, but counts what it is resized to (a READ whose
@@ -87,13 +78,13 @@ impl Reservation {
         conn.set(conn.get() - old + bytes);
         self.bytes = bytes;
     }
-}
 
-impl Reservation {
-    /// Holds `bytes` instead if that fits the shard's budget as `try_new`
-    /// judges it (shrinking always does); false, holding what it held, if
-    /// growing would pass it. A READ admitted for what its chunk held then
-    /// may find it grown by a write that ran first.
+    /// Holds `bytes` instead if that fits the shard's budget (shrinking
+    /// always does); false, holding what it held, if growing would pass it.
+    /// Growth past the budget is admitted only when nothing else is
+    /// reserved, so a request larger than the whole budget can never starve
+    /// forever. A READ admitted for what its chunk held then may find it
+    /// grown by a write that ran first.
     pub fn try_resize(&mut self, bytes: u64) -> bool {
         let others = self.shard.used.get() - self.bytes;
         let over = bytes > self.bytes && others > 0 && others + bytes > self.shard.limit;

@@ -818,27 +818,25 @@ impl ShardCtx {
             glommio::timer::sleep(after).await;
             None
         };
-        match reply.or(timed_out).await {
-            Some(Err(e)) if e.code == ErrorCode::Timeout => {
-                // Dropped by the owner past its deadline: it let go of it.
-                self.counters
-                    .forward_timeouts
-                    .set(self.counters.forward_timeouts.get() + 1);
-                (Err(e), held.take())
-            }
+        let (r, hold) = match reply.or(timed_out).await {
+            // A reply, or the owner dropped the request (past its deadline:
+            // TIMEOUT): either way it has let go of it.
             Some(r) => (r, held.take()),
             None => {
-                self.counters
-                    .forward_timeouts
-                    .set(self.counters.forward_timeouts.get() + 1);
                 tracing::warn!(
                     shard = self.id.0,
                     owner = owner.0,
                     "a forwarded request timed out"
                 );
+                // `held` keeps the budget until the owner lets go.
                 (Err(forward_timed_out(owner, after)), None)
             }
+        };
+        if matches!(&r, Err(e) if e.code == ErrorCode::Timeout) {
+            let c = &self.counters.forward_timeouts;
+            c.set(c.get() + 1);
         }
+        (r, hold)
     }
 
     /// Sends this shard's stream hints for chunks of other shards to their

@@ -100,7 +100,7 @@ impl Bridge {
         .await
         .map_err(|_| {
             warn!(owner = owner.0, "a forwarded RDMA request timed out");
-            forward_timed_out(owner, self.forward_timeout)
+            forward_timed_out(owner, after)
         })?
     }
 }
