@@ -65,7 +65,16 @@ pub(crate) struct Outgoing {
     pub(crate) payload: Bytes,
     /// The request's in-flight slot, shared with its call: given back when
     /// both the call and this frame are gone.
-    _slot: Arc<OwnedSemaphorePermit>,
+    slot: Arc<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    /// Whether its call has ended (timeout, cancellation, connection
+    /// closed) before the frame was sent: then this frame holds the slot's
+    /// only handle, and nobody waits for a reply.
+    pub(crate) fn given_up(&self) -> bool {
+        Arc::strong_count(&self.slot) == 1
+    }
 }
 
 #[derive(Default)]
@@ -89,12 +98,6 @@ impl Shared {
 
     pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
         self.pending().waiters.remove(&id)
-    }
-
-    /// Whether the call that queued request `id` still waits for its reply
-    /// (false once it timed out, was cancelled, or the connection closed).
-    pub(crate) fn is_awaited(&self, id: u64) -> bool {
-        self.pending().waiters.contains_key(&id)
     }
 
     /// Marks the connection dead and fails every pending request.
@@ -279,7 +282,7 @@ impl Connection {
                 id,
                 head,
                 payload,
-                _slot: slot.clone(),
+                slot: slot.clone(),
             })
             .map_err(|_| ClientError::ConnectionClosed)?;
         // A dropped sender means the reader lost the connection mid-reply.
@@ -319,7 +322,7 @@ async fn writer_task(
 /// header, large ones are queued as their own slice. A request nobody
 /// waits for any more is dropped unsent (with its slot).
 fn append(shared: &Shared, out: Outgoing, small: &mut BytesMut, queue: &mut VecDeque<Bytes>) {
-    if !shared.is_awaited(out.id) {
+    if out.given_up() {
         tracing::debug!(addr = %shared.addr, request_id = out.id, "request given up before it was sent: skipped");
         return;
     }

@@ -105,11 +105,11 @@ mod imp {
         mut rx: mpsc::UnboundedReceiver<Outgoing>,
     ) {
         while let Some(out) = rx.recv().await {
-            let id = out.id;
-            if !shared.is_awaited(id) {
+            if out.given_up() {
                 // Given up (timeout, cancellation) before it was sent.
                 continue;
             }
+            let id = out.id;
             let msg = match conn.prepare_request(&out.head, &out.payload) {
                 Ok((msg, h)) => {
                     // Recorded before sending: the reply may come at once.
