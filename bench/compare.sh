@@ -43,6 +43,7 @@
 #        REDIS_N=600000 (GETs per redis-benchmark run)  SEQ_CHUNKS=16
 #        WARM_PASSES=2 (unmeasured read passes before the cached rows: the
 #        cache admits a sector to its main queue when it is read again)
+#        SERVER_ARGS="--poll-us 200"  extra flags for every shardstore start
 #        SHARDSTORE_BIN=path  use this server binary instead of building one
 #        (e.g. while the work tree does not build); the loadgen is still built
 set -euo pipefail
@@ -120,7 +121,7 @@ ss_start() {
     rm -f "$SS_DIR/ready"
     echo "--- start $* ($(date +%T))" >>"$SS_DIR/server.log"
     taskset -c "$SERVER_CPU" "$SS" serve --listen 127.0.0.1:0 --data-dir "$SS_DIR/data" --shards 1 \
-        --capacity-mib 4096 --io-memory-kib 1024 --ready-file "$SS_DIR/ready" "$@" 2>>"$SS_DIR/server.log" &
+        --capacity-mib 4096 --io-memory-kib 1024 --ready-file "$SS_DIR/ready" ${SERVER_ARGS:-} "$@" 2>>"$SS_DIR/server.log" &
     SS_PID=$!
     for _ in $(seq 600); do
         [[ -s $SS_DIR/ready ]] && break
@@ -401,7 +402,7 @@ done
 {
     echo "shardstore vs peers, $(date -u +%Y-%m-%dT%H:%MZ), medians of $RUNS runs of ${DUR}s (cold sequential rows: one pass per run), each shardstore run followed by one peer run; ratio = median / median"
     echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $fstype on $(df "$BENCH_DIR" | awk 'NR==2 {print $1}'), kernel $(uname -r)"
-    echo "build: $BUILD"
+    echo "build: $BUILD; extra server flags: ${SERVER_ARGS:-none}"
     echo "servers on cpu $SERVER_CPU, load generators on cpu $CLIENT_CPU; load average before the run: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews figures)"
     echo
     echo "| workload | shardstore | peer | ratio | notes |"

@@ -11,6 +11,7 @@
 #   bench/engine.sh [WORKDIR]      WORKDIR: on the filesystem to measure
 #                                  (default target/bench-engine; not tmpfs)
 # Env: RUNS=3 SECS=10 RECOVERY_GIB=1 SERVER_CPU=0 CLIENT_CPU=1
+#      SERVER_ARGS="--poll-us 200"  extra flags for every server start
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-target/bench-engine}
@@ -33,7 +34,7 @@ start_server() { # $1 data dir, rest: extra flags
   local dir=$1; shift
   rm -f "$dir/ready"
   taskset -c "$SERVER_CPU" "$BIN" serve --listen 127.0.0.1:0 --shards 1 --data-dir "$dir" \
-    --capacity-mib "${CAPACITY_MIB:-2048}" --ready-file "$dir/ready" "$@" 2>>"$dir/server.log" &
+    --capacity-mib "${CAPACITY_MIB:-2048}" --ready-file "$dir/ready" ${SERVER_ARGS:-} "$@" 2>>"$dir/server.log" &
   SRV=$!
   for _ in $(seq 1 3000); do [ -s "$dir/ready" ] && break; sleep 0.01; done
   [ -s "$dir/ready" ] || { echo "server did not start" >&2; tail "$dir/server.log" >&2; exit 1; }
@@ -62,7 +63,7 @@ if [ ! -s "$WORK/fio.dat" ]; then
   dd if=/dev/zero of="$WORK/fio.dat" bs=1M count=1024 oflag=direct status=none
 fi
 
-echo "# $(date -u +%FT%TZ) $(uname -r) fs: $(df -T "$WORK" | awk 'NR==2{print $2" "$1}') runs=$RUNS secs=$SECS"
+echo "# $(date -u +%FT%TZ) $(uname -r) fs: $(df -T "$WORK" | awk 'NR==2{print $2" "$1}') runs=$RUNS secs=$SECS server flags: ${SERVER_ARGS:-none}"
 for qd in 1 32; do
   : >"$WORK/ss.$qd"; : >"$WORK/fio.$qd"
   for r in $(seq 1 "$RUNS"); do

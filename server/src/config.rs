@@ -88,6 +88,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub_period_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write_combine: Option<u32>,
@@ -174,6 +176,8 @@ pub struct Settings {
     pub sync_mode: SyncMode,
     /// One scrub pass over every live sector per this period; 0: off.
     pub scrub_period_secs: u64,
+    /// How long an idle shard thread keeps polling before it sleeps, µs.
+    pub poll_us: u64,
     /// Data written between index checkpoints, per shard.
     pub checkpoint_mib: u64,
     /// Durable writes at the device per shard before adjacent ones queue and
@@ -273,11 +277,14 @@ pub fn parse(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Merges `over` (flags and environment, already merged by clap) over
-/// `file`: a value in `over` wins.
 /// Largest `write_combine`.
 pub const MAX_WRITE_COMBINE: u32 = 64;
 
+/// Largest `poll_us` accepted (one second).
+pub const MAX_POLL_US: u64 = 1_000_000;
+
+/// Merges `over` (flags and environment, already merged by clap) over
+/// `file`: a value in `over` wins.
 pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
     macro_rules! pick {
         ($($f:ident),* $(,)?) => {
@@ -297,6 +304,7 @@ pub fn merge(over: FileConfig, file: FileConfig) -> FileConfig {
         prefetch,
         sync_mode,
         scrub_period_secs,
+        poll_us,
         checkpoint_mib,
         write_combine,
         index_cache_mib,
@@ -472,6 +480,7 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
         prefetch: c.prefetch.unwrap_or(Prefetch::Auto),
         sync_mode: c.sync_mode.unwrap_or(SyncMode::Dsync),
         scrub_period_secs: c.scrub_period_secs.unwrap_or(defaults::SCRUB_PERIOD_SECS),
+        poll_us: c.poll_us.unwrap_or(0),
         checkpoint_mib: c.checkpoint_mib.unwrap_or(defaults::CHECKPOINT_MIB),
         write_combine: c.write_combine.unwrap_or(defaults::WRITE_COMBINE),
         index_cache_mib: c.index_cache_mib.unwrap_or(defaults::INDEX_CACHE_MIB),
@@ -557,6 +566,12 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
                 "{} is not between 0 and {MAX_WRITE_COMBINE}",
                 s.write_combine
             ),
+        ));
+    }
+    if s.poll_us > MAX_POLL_US {
+        return Err(bad(
+            "poll_us",
+            format!("{} is over {MAX_POLL_US} (one second)", s.poll_us),
         ));
     }
     if s.io_memory_kib < 64 {
@@ -741,6 +756,7 @@ impl Settings {
             prefetch: Some(self.prefetch),
             sync_mode: Some(self.sync_mode),
             scrub_period_secs: Some(self.scrub_period_secs),
+            poll_us: Some(self.poll_us),
             checkpoint_mib: Some(self.checkpoint_mib),
             write_combine: Some(self.write_combine),
             index_cache_mib: Some(self.index_cache_mib),
@@ -879,6 +895,20 @@ const DOCS: &[Doc] = &[
             "one device round trip), \"adaptive\" (O_DSYNC when no other write is in",
             "flight, else a plain write sharing an fdatasync with the writes beside",
             "it) or \"group\" (every write shares an fdatasync).",
+        ],
+    },
+    Doc {
+        key: "poll_us",
+        set: None,
+        default: "0",
+        help: &[
+            "Microseconds an idle shard thread keeps polling its rings before it sleeps",
+            "(Seastar's idle poll). A request arriving meanwhile does not wait for a",
+            "sleeping core to wake, which shortens round trips at low queue depth (see",
+            "README, Performance), but the core stays busy: for cores given to shardstore",
+            "alone. While device writes are in flight the poller lets kernel work run",
+            "every 20 us (write completions run on that core). 0 (default): sleep at once.",
+            "At most 1000000.",
         ],
     },
     Doc {

@@ -169,6 +169,9 @@ pub struct ServeArgs {
     /// Seconds per scrub pass over every live sector (0: no scrubber). [default: 86400]
     #[arg(long, env = "SHARDSTORE_SCRUB_PERIOD_SECS")]
     scrub_period_secs: Option<u64>,
+    /// Microseconds an idle shard thread polls before it sleeps (0: sleep at once; for dedicated cores). [default: 0]
+    #[arg(long, env = "SHARDSTORE_POLL_US")]
+    poll_us: Option<u64>,
     /// Data written per shard between index checkpoints, MiB; bounds the recovery scan. [default: 256]
     #[arg(long, env = "SHARDSTORE_CHECKPOINT_MIB")]
     checkpoint_mib: Option<u64>,
@@ -280,6 +283,7 @@ impl ServeArgs {
             prefetch: self.prefetch,
             sync_mode: self.sync_mode,
             scrub_period_secs: self.scrub_period_secs,
+            poll_us: self.poll_us,
             checkpoint_mib: self.checkpoint_mib,
             write_combine: self.write_combine,
             index_cache_mib: self.index_cache_mib,
@@ -424,6 +428,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         prefetch: s.prefetch == config::Prefetch::Auto,
         sync_mode: s.sync_mode,
         scrub_period_secs: s.scrub_period_secs,
+        poll: std::time::Duration::from_micros(s.poll_us),
         checkpoint_bytes: s.checkpoint_mib << 20,
         write_combine: s.write_combine,
         limits: s.limits,

@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub prefetch: bool,
     pub sync_mode: crate::config::SyncMode,
     pub scrub_period_secs: u64,
+    /// Idle polling before a shard thread sleeps (`poll_us`); zero: none.
+    pub poll: std::time::Duration,
     /// Data written between index checkpoints, per shard.
     pub checkpoint_bytes: u64,
     /// See `ShardConfig::combine_in_flight`.
@@ -421,11 +423,16 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         // checkpoints to it (see shardstore_shard's `index`). Not pinned to
         // the shard's CPU, so that work does not take turns with the shard
         // thread, nor do the threads sled starts from it.
+        let poll = opts.poll;
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
+            .spin_before_park(opts.poll)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move {
+                if !poll.is_zero() {
+                    shardstore_shard::poll::spawn_write_yielder();
+                }
                 let queues = ShardQueues {
                     peers,
                     forwarded: rx,

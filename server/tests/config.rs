@@ -77,6 +77,12 @@ fn precedence_flag_env_file_default() {
     assert_eq!(value(&show, "sync_mode"), "dsync", "default");
     assert_eq!(value(&show, "checkpoint_mib"), "256", "default");
     assert_eq!(value(&show, "write_combine"), "4", "default");
+    assert_eq!(value(&show, "poll_us"), "0", "default");
+    let show = stdout(&run(
+        &["config", "show", "--poll-us", "200"],
+        &[("SHARDSTORE_POLL_US", "50")],
+    ));
+    assert_eq!(value(&show, "poll_us"), "200", "flag over env");
     let show = stdout(&run(
         &["config", "show", "--sync-mode", "group"],
         &[("SHARDSTORE_SYNC_MODE", "adaptive")],
@@ -141,6 +147,7 @@ fn errors_name_the_key() {
             "write_combine = 65\n",
             "write_combine: 65 is not between 0 and 64",
         ),
+        ("poll_us = 1000001\n", "poll_us: 1000001 is over 1000000"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(&dir, &format!("e{i}.toml"), text);

@@ -234,6 +234,28 @@ async fn checkpoint_mib_sets_the_checkpoint_size() {
     }
 }
 
+/// A server whose shard threads poll when idle (`--poll-us`) serves
+/// durable writes and reads like one that sleeps (the write yielder runs
+/// while the writes are in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_server_serves_writes_and_reads() {
+    let dir = data_dir("poll-us");
+    let srv = TestServer::try_start(&dir, 1, &["--poll-us", "200"]).unwrap();
+    let c = srv.client().await;
+    for i in 0..64u64 {
+        c.write(ChunkId(0x7000 + u128::from(i)), 0, pattern(i, 4096))
+            .await
+            .unwrap();
+    }
+    for i in 0..64u64 {
+        let got = c
+            .read(ChunkId(0x7000 + u128::from(i)), 0, 4096)
+            .await
+            .unwrap();
+        assert_eq!(&got.data[..], &pattern(i, 4096)[..], "chunk {i}");
+    }
+}
+
 /// Deleted chunks' tombstones are retired in the background (a sweep after
 /// each scrub pass): STATS shows them held, then retired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
