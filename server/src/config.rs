@@ -632,6 +632,7 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     };
     if let Some(n) = s.shards {
         check_oversubscribe(n, &cpus, s.allow_oversubscribe)?;
+        check_polling(n, &cpus, s.poll_us)?;
     }
     let shards = s.shards.map(u64::from).unwrap_or(cpus.len() as u64);
     if let Some(limit) = m.memlock_bytes {
@@ -715,6 +716,23 @@ pub fn read_secret(p: &Path) -> Result<Vec<u8>, ConfigError> {
 pub fn world_readable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+/// Refuses idle polling when shards share cores: a polling shard thread
+/// makes no system calls, so another shard on its core (and the requests it
+/// forwards there) would wait for the scheduler tick.
+pub fn check_polling(shards: u32, cpus: &[usize], poll_us: u64) -> Result<(), ConfigError> {
+    if poll_us > 0 && shards as usize > cpus.len() {
+        return Err(bad(
+            "poll_us",
+            format!(
+                "{shards} shards share {} CPUs: shard threads polling on a shared core would \
+                 hold each other off. Set poll_us = 0 or give each shard a CPU",
+                cpus.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses more shards than CPUs unless the operator said so.
@@ -906,9 +924,10 @@ const DOCS: &[Doc] = &[
             "(Seastar's idle poll). A request arriving meanwhile does not wait for a",
             "sleeping core to wake, which shortens round trips at low queue depth (see",
             "README, Performance), but the core stays busy: for cores given to shardstore",
-            "alone. While device writes are in flight the poller lets kernel work run",
-            "every 20 us (write completions run on that core). 0 (default): sleep at once.",
-            "At most 1000000.",
+            "alone; refused when shards share CPUs. While device writes or syncs are in",
+            "flight the poller lets kernel work run every 20 us (write completions run on",
+            "that core), and the core stays busy. 0 (default): sleep at once. At most",
+            "1000000.",
         ],
     },
     Doc {
@@ -1217,6 +1236,9 @@ mod tests {
         let e = check("shards = 3\n").unwrap_err();
         assert!(e.starts_with("shards: 3 shards but only 2 CPUs"), "{e}");
         check("shards = 3\nallow_oversubscribe = true\n").unwrap();
+        let e = check("shards = 3\nallow_oversubscribe = true\npoll_us = 100\n").unwrap_err();
+        assert!(e.starts_with("poll_us: 3 shards share 2 CPUs"), "{e}");
+        check("shards = 2\npoll_us = 100\n").unwrap();
         let e = check("cpus = \"0,7\"\n").unwrap_err();
         assert!(e.starts_with("cpus: CPU 7 is not allowed"), "{e}");
         let e = check("cpus = \"1\"\nshards = 2\n").unwrap_err();

@@ -290,6 +290,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     crate::config::check_oversubscribe(n, &cpus, opts.allow_oversubscribe)
         .with_context(|| format!("data dir {}", opts.data_dir.display()))?;
+    crate::config::check_polling(n, &cpus, opts.poll.as_micros() as u64)?;
     if n as usize > cpus.len() {
         warn!(shards = n, cpus = cpus.len(), "more shards than CPUs (allow_oversubscribe): shards will share cores (fine for testing, slow in production)");
     }

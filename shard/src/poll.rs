@@ -41,8 +41,8 @@ pub fn writes_in_flight() -> u64 {
 }
 
 /// Held for the duration of one device write or sync (dropped with its
-/// future if that is cancelled).
-pub(crate) struct WriteInFlight(());
+/// future if that is cancelled). Not `Send`: it counts on its own thread.
+pub(crate) struct WriteInFlight(std::marker::PhantomData<*const ()>);
 
 impl WriteInFlight {
     pub(crate) fn enter() -> WriteInFlight {
@@ -52,7 +52,7 @@ impl WriteInFlight {
                 w.wake();
             }
         });
-        WriteInFlight(())
+        WriteInFlight(std::marker::PhantomData)
     }
 }
 
