@@ -461,6 +461,54 @@ fn a_failed_erase_is_tried_again() {
     assert_eq!(failed, 2, "both planned erase failures happened");
 }
 
+/// The erase of a cancelled write's header keeps failing: it is given up
+/// after its five tries, as it must be (a header that cannot be written
+/// must not stop the shard). The shard stays writable, checkpoints pass the
+/// abandoned write, reads serve the acknowledged version, and later writes
+/// land; a full rebuild may then show the cancelled write, but only whole
+/// (its request failed, so either version is allowed), never torn.
+#[test]
+fn an_erase_that_keeps_failing_is_given_up() {
+    let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 8);
+    let cfg = sim_shard_config();
+    let (v1, v2) = (pattern(1, 4 * 4096), pattern(2, 4 * 4096));
+    run(|| async {
+        let shard = Rc::new(Shard::open_sim(cfg.clone(), &disk).await.unwrap());
+        shard.write(cid(1), 0, &v1).await.unwrap();
+        disk.hold_writes(true);
+        let task = {
+            let shard = shard.clone();
+            let v2 = v2.clone();
+            glommio::spawn_local(async move { shard.write(cid(1), 0, &v2).await })
+        };
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        drop(task); // cancelled while its device write is held
+        // The cancelled write lands; every erase of its header fails.
+        disk.fail_writes_after(1, 5);
+        disk.hold_writes(false);
+        glommio::timer::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(disk.fault_counts().write_enospc, 5, "five tries");
+        for _ in 0..3 {
+            shard.checkpoint().await.unwrap();
+        }
+        assert!(!shard.stats().fail_stopped);
+        assert_chunk(&shard, 1, &v1, "the cancelled write is not applied").await;
+        shard.write(cid(2), 0, &v2).await.unwrap();
+        assert_chunk(&shard, 2, &v2, "a later write").await;
+        assert!(shard.verify().await.unwrap().problems.is_empty());
+        shard.close().await.unwrap();
+    });
+    run(|| async {
+        let shard = open_rebuilt(cfg.clone(), &disk).await;
+        let got = shard.read(cid(1), 0, 1 << 20).await.unwrap().data.to_vec();
+        assert!(got == v1 || got == v2, "chunk 1 torn after the rebuild");
+        assert_chunk(&shard, 2, &v2, "the later write after the rebuild").await;
+        assert!(shard.verify().await.unwrap().problems.is_empty());
+    });
+}
+
 /// Writes chunk 1, then a second version whose request is cancelled while
 /// its device write is held; `on_release` runs just before the device lets
 /// writes through. The first version must stay, before and after a rebuild
