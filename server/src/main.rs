@@ -398,6 +398,13 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if let Some(key) = s
+        .tls_key_file
+        .as_deref()
+        .filter(|p| config::world_readable(p))
+    {
+        tracing::warn!(file = %key.display(), "tls_key_file (the server's private key) is readable by every user; chmod o-r it");
+    }
     let tls = match (&s.tls_cert_file, &s.tls_key_file) {
         (Some(cert), Some(key)) => Some(
             shardstore_net::tls::server_config(cert, key, s.tls_client_ca_file.as_deref())

@@ -69,8 +69,18 @@ async fn tls_with_server_and_client_certificates() {
     let pki = make_pki(&dir, &["localhost", "127.0.0.1"]);
     let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
     let (cert, key, ca) = (s(&pki.server_cert), s(&pki.server_key), s(&pki.ca));
+    let key_mode = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pki.server_key, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    key_mode(0o644);
     let srv = TestServer::try_start(&dir, 2, &["--tls-cert-file", &cert, "--tls-key-file", &key])
         .unwrap();
+    let warning = "tls_key_file (the server's private key) is readable by every user";
+    assert!(
+        srv.log().contains(warning),
+        "no warning about a world-readable key"
+    );
     // Trusting the CA: every operation works on every shard connection.
     let c = Client::connect_with(&srv.addr, tls_client(&pki.ca, None))
         .await
@@ -95,6 +105,7 @@ async fn tls_with_server_and_client_certificates() {
     drop(srv);
 
     // Client certificates required.
+    key_mode(0o600);
     let dir2 = data_dir("mtls");
     let srv = TestServer::try_start(
         &dir2,
@@ -116,6 +127,10 @@ async fn tls_with_server_and_client_certificates() {
     .await
     .unwrap();
     ok.write(ChunkId(8), 0, vec![1u8; 10]).await.unwrap();
+    assert!(
+        !srv.log().contains(warning),
+        "a warning about a key only its owner reads"
+    );
     let anon = Client::connect_with(&srv.addr, tls_client(&pki.ca, None)).await;
     assert!(anon.is_err(), "a client without a certificate was served");
     ok.ping().await.unwrap();

@@ -485,7 +485,7 @@ fn an_erase_that_keeps_failing_is_given_up() {
             futures_lite::future::yield_now().await;
         }
         drop(task); // cancelled while its device write is held
-        // The cancelled write lands; every erase of its header fails.
+                    // The cancelled write lands; every erase of its header fails.
         disk.fail_writes_after(1, 5);
         disk.hold_writes(false);
         glommio::timer::sleep(std::time::Duration::from_millis(300)).await;
