@@ -27,6 +27,16 @@ impl Default for ListenOptions {
 
 /// A bound, listening, non-blocking socket with SO_REUSEADDR set.
 pub fn listen_socket(addr: SocketAddr, opts: &ListenOptions) -> io::Result<Socket> {
+    let sk = bind_socket(addr, opts)?;
+    sk.listen(opts.backlog)?;
+    Ok(sk)
+}
+
+/// [`listen_socket`] without the `listen`: connections are refused until
+/// the owner calls `listen(opts.backlog)`, e.g. once it can serve them.
+/// Another socket already listening on `addr` fails the bind; one only
+/// bound (with SO_REUSEADDR) does not, and then the later `listen` fails.
+pub fn bind_socket(addr: SocketAddr, opts: &ListenOptions) -> io::Result<Socket> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6
     } else {
@@ -47,7 +57,6 @@ pub fn listen_socket(addr: SocketAddr, opts: &ListenOptions) -> io::Result<Socke
     sk.set_nodelay(true)?;
     sk.set_nonblocking(true)?;
     sk.bind(&SockAddr::from(addr))?;
-    sk.listen(opts.backlog)?;
     Ok(sk)
 }
 

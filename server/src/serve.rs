@@ -13,12 +13,12 @@ use crate::lifecycle::{self, Drain};
 use crate::metrics::{self, Board, NodeFacts};
 use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
-use shardstore_net::tcp::{listen_socket, ListenOptions};
+use shardstore_net::tcp::{bind_socket, ListenOptions};
 use shardstore_proto::{limits, ShardId};
 use shardstore_shard::StreamHint;
 use shardstore_shard::{Shard, ShardConfig};
 use std::net::SocketAddr;
-use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -242,9 +242,28 @@ fn abort_on_panic() {
     }));
 }
 
+/// A shard's sockets, bound but not listening: the shard listens once its
+/// storage is open, so a connection made while it recovers is refused at
+/// once instead of waiting in the backlog for the recovery to end.
 struct ShardListeners {
-    front: RawFd,
-    direct: RawFd,
+    front: socket2::Socket,
+    direct: socket2::Socket,
+    backlog: i32,
+}
+
+impl ShardListeners {
+    /// Starts listening; glommio listeners on both sockets.
+    fn listen(self) -> std::io::Result<(glommio::net::TcpListener, glommio::net::TcpListener)> {
+        self.front.listen(self.backlog)?;
+        self.direct.listen(self.backlog)?;
+        // SAFETY: the fds come from sockets this shard owns and hands over whole.
+        Ok(unsafe {
+            (
+                glommio::net::TcpListener::from_raw_fd(self.front.into_raw_fd()),
+                glommio::net::TcpListener::from_raw_fd(self.direct.into_raw_fd()),
+            )
+        })
+    }
 }
 
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -320,9 +339,10 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         None => opts.metrics_interval,
     };
 
-    // Bind everything before starting shards. The front address is served
-    // by every shard through SO_REUSEPORT (the kernel spreads connections);
-    // each shard also has its own direct address.
+    // Bind everything before starting shards (each listens once it has
+    // opened its storage). The front address is served by every shard
+    // through SO_REUSEPORT (the kernel spreads connections among the shards
+    // listening); each shard also has its own direct address.
     let mut listeners = Vec::new();
     let mut front = opts.listen;
     let mut shard_addrs = Vec::new();
@@ -331,11 +351,11 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         ..ListenOptions::default()
     };
     for i in 0..n {
-        let f = listen_socket(front, &reuse)
-            .with_context(|| format!("binding front address {front}"))?;
+        let f =
+            bind_socket(front, &reuse).with_context(|| format!("binding front address {front}"))?;
         front = f.local_addr()?.as_socket().context("front address")?;
         let want = shard_listener_addr(opts.listen, i)?;
-        let d = listen_socket(want, &ListenOptions::default())
+        let d = bind_socket(want, &ListenOptions::default())
             .with_context(|| format!("binding shard {i}'s address {want}"))?;
         shard_addrs.push(
             d.local_addr()?
@@ -344,10 +364,12 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .to_string(),
         );
         listeners.push(ShardListeners {
-            front: f.into_raw_fd(),
-            direct: d.into_raw_fd(),
+            front: f,
+            direct: d,
+            backlog: reuse.backlog,
         });
     }
+    info!(%front, ?shard_addrs, "addresses bound; shards listen once their storage is open");
 
     let mut node = NodeInfo {
         node_id: meta.node_id,
@@ -550,14 +572,29 @@ async fn run_shard(
 ) -> Result<(), String> {
     let id = cfg.shard;
     let dir = cfg.dir.clone();
-    // SAFETY: the fds were created by `listen_socket` on the main thread and
-    // handed over to this shard alone.
-    let front = unsafe { glommio::net::TcpListener::from_raw_fd(lis.front) };
-    let direct = unsafe { glommio::net::TcpListener::from_raw_fd(lis.direct) };
+    // Debug builds only, for the test that connections made while shards
+    // open are refused: `SHARDSTORE_DEBUG_OPEN_DELAY_MS=N` delays the open.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SHARDSTORE_DEBUG_OPEN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        glommio::timer::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let shard = match Shard::open(cfg).await {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send((id.0, Err(format!("opening {}: {e}", dir.display()))));
+            return Ok(());
+        }
+    };
+    let (front, direct) = match lis.listen() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send((
+                id.0,
+                Err(format!("listening on shard {id}'s addresses: {e}")),
+            ));
             return Ok(());
         }
     };

@@ -192,6 +192,55 @@ fn a_shard_panic_aborts_the_process() {
     assert!(log.contains("aborting the process"), "{log}");
 }
 
+/// A shard listens only once its storage is open: a connection made while
+/// the shards open (recovery, formatting) is refused at once, where it used
+/// to wait in the backlog until they were; once ready, the node serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_refused_until_the_shards_are_open() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: the open-delay hook exists in debug builds only");
+        return;
+    }
+    let dir = data_dir("listen-after-open");
+    let d = dir.to_path_buf();
+    let starting = tokio::task::spawn_blocking(move || {
+        TestServer::try_start_env(&d, 2, &[], &[("SHARDSTORE_DEBUG_OPEN_DELAY_MS", "3000")])
+    });
+    // The addresses are bound (and logged) before the shards open.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let front = loop {
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let found = log
+            .lines()
+            .filter(|l| l.contains("addresses bound"))
+            .flat_map(|l| l.split_whitespace())
+            .find_map(|w| w.strip_prefix("front="))
+            .map(str::to_owned);
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no bound addresses logged: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let e = std::net::TcpStream::connect(&front).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "connecting to {front} while the shards open: {e}"
+    );
+    let srv = starting.await.unwrap().unwrap();
+    assert_eq!(srv.addr, front);
+    let c = srv.client().await;
+    c.write(ChunkId(9), 0, vec![9u8; 100]).await.unwrap();
+    assert_eq!(
+        &c.read(ChunkId(9), 0, 100).await.unwrap().data[..],
+        &[9u8; 100][..]
+    );
+}
+
 /// A second server on a data folder in use is refused (its shards' indexes
 /// are locked), with `--rebuild-index` too, and so is `check --rebuild`;
 /// the first server goes on.
