@@ -34,8 +34,9 @@ pub fn listen_socket(addr: SocketAddr, opts: &ListenOptions) -> io::Result<Socke
 
 /// [`listen_socket`] without the `listen`: connections are refused until
 /// the owner calls `listen(opts.backlog)`, e.g. once it can serve them.
-/// Another socket already listening on `addr` fails the bind; one only
-/// bound (with SO_REUSEADDR) does not, and then the later `listen` fails.
+/// A socket already listening on `addr` fails the bind. Until the `listen`,
+/// the address is not held against other SO_REUSEADDR sockets: one may bind
+/// and listen there meanwhile, and then whichever listens second fails.
 pub fn bind_socket(addr: SocketAddr, opts: &ListenOptions) -> io::Result<Socket> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6

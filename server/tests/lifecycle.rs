@@ -204,7 +204,8 @@ async fn connections_are_refused_until_the_shards_are_open() {
     let dir = data_dir("listen-after-open");
     let d = dir.to_path_buf();
     let starting = tokio::task::spawn_blocking(move || {
-        TestServer::try_start_env(&d, 2, &[], &[("SHARDSTORE_DEBUG_OPEN_DELAY_MS", "3000")])
+        let env = [("SHARDSTORE_DEBUG_OPEN_DELAY_MS", "3000")];
+        TestServer::try_start_env(&d, 2, &["--log-format", "text"], &env)
     });
     // The addresses are bound (and logged) before the shards open.
     let deadline = Instant::now() + Duration::from_secs(20);
