@@ -440,22 +440,19 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             scrub_period_secs: opts.scrub_period_secs,
             checkpoint_bytes: opts.checkpoint_bytes,
             combine_in_flight: opts.write_combine,
+            yield_while_writing: !opts.poll.is_zero(),
             ..ShardConfig::default()
         };
         // The blocking thread opens sled and writes the shard's index
         // checkpoints to it (see shardstore_shard's `index`). Not pinned to
         // the shard's CPU, so that work does not take turns with the shard
         // thread, nor do the threads sled starts from it.
-        let poll = opts.poll;
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
             .spin_before_park(opts.poll)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move {
-                if !poll.is_zero() {
-                    shardstore_shard::poll::spawn_write_yielder();
-                }
                 let queues = ShardQueues {
                     peers,
                     forwarded: rx,

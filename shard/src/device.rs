@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use glommio::io::{DmaFile, OpenOptions};
 
 use crate::layout::{DiskSector, DATA_START_SECTOR, SECTOR};
-use crate::poll::WriteInFlight;
 use crate::storage::{IoBuf, IoFuture, ReadBuf, Storage};
 
 /// A range of a raw block device (or of any file) used as one shard's area.
@@ -199,7 +198,6 @@ impl DmaStorage {
 
     /// Writes the whole buffer (whole sectors) at `at` with one DMA write.
     async fn write_impl(&self, file: &DmaFile, at: DiskSector, buf: IoBuf) -> io::Result<()> {
-        let _counted = WriteInFlight::enter();
         let len = buf.len();
         assert!(len > 0 && len as u64 % SECTOR == 0);
         let buf = match buf {
@@ -302,10 +300,7 @@ impl Storage for DmaStorage {
     /// `fdatasync`. Callers must treat an error as fatal for writes
     /// (fail-stop): the kernel may have dropped the dirty pages.
     fn sync(&self) -> IoFuture<'_, ()> {
-        Box::pin(async {
-            let _counted = WriteInFlight::enter();
-            self.file.fdatasync().await.map_err(to_io)
-        })
+        Box::pin(async { self.file.fdatasync().await.map_err(to_io) })
     }
 
     fn describe(&self) -> String {

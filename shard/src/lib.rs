@@ -39,7 +39,7 @@ mod group;
 mod index;
 mod layout;
 mod locks;
-pub mod poll;
+mod poll;
 mod prefetch;
 mod read_data;
 mod recover;

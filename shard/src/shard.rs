@@ -128,6 +128,10 @@ pub struct ShardConfig {
     /// adjacent queued ones go out as one device write (see `combine`).
     /// 0 turns combining off.
     pub combine_in_flight: u32,
+    /// For a shard thread that polls when idle (glommio's
+    /// `spin_before_park`): while device writes or syncs run, give the core
+    /// to kernel work every 20 us (see `poll`).
+    pub yield_while_writing: bool,
     /// Open the data area with O_DSYNC: each extent write is durable when
     /// it completes, so the ack needs no separate flush and concurrent
     /// writes never wait for each other's flush. Off: writes are made
@@ -181,6 +185,7 @@ impl Default for ShardConfig {
             zero_fill: true,
             max_flushes_in_flight: 1,
             combine_in_flight: Self::DEFAULT_COMBINE_IN_FLIGHT,
+            yield_while_writing: false,
             write_through: true,
             adaptive_sync: false,
             cache_bytes: 0,
@@ -712,6 +717,9 @@ impl Shard {
     ) -> Result<Shard, ShardError> {
         let started = Instant::now();
         let io = Io::new(storage, cfg.combine_in_flight);
+        if cfg.yield_while_writing {
+            crate::poll::spawn_write_yielder(&io);
+        }
         let what = io.describe();
         let size = io
             .size_bytes()
@@ -1193,7 +1201,7 @@ fn spawn_eraser(weak: Weak<Inner>, signal: Rc<Semaphore>) {
 }
 
 /// Decrements a counter when dropped (also when the future holding it is).
-struct DecrementOnDrop<'a>(&'a Cell<u32>);
+pub(crate) struct DecrementOnDrop<'a>(pub(crate) &'a Cell<u32>);
 
 impl Drop for DecrementOnDrop<'_> {
     fn drop(&mut self) {

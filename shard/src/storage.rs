@@ -22,6 +22,7 @@ use glommio::io::{DmaBuffer, ReadResult};
 
 use crate::combine::{share_result, Combiner, Done, Queued, Wait};
 use crate::layout::{DiskSector, SECTOR};
+use crate::shard::DecrementOnDrop;
 
 /// A boxed, single-threaded I/O future.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + 'a>>;
@@ -191,6 +192,28 @@ struct Shared {
     /// The first durable write that failed (not for lack of space), even if
     /// every request it carried was cancelled: the shard must fail-stop.
     failure: RefCell<Option<String>>,
+    /// Syncs running.
+    syncs: Cell<u32>,
+    /// Who waits for a device write or sync to start (see `poll`).
+    busy_waiter: RefCell<Option<std::task::Waker>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets a waiter see that the shard is gone.
+        if let Some(w) = self.busy_waiter.take() {
+            w.wake();
+        }
+    }
+}
+
+/// A handle on an [`Io`] that does not keep it alive.
+pub(crate) struct WeakIo(std::rc::Weak<Shared>);
+
+impl WeakIo {
+    pub(crate) fn upgrade(&self) -> Option<Io> {
+        self.0.upgrade().map(|s| Io { s })
+    }
 }
 
 impl Io {
@@ -209,8 +232,26 @@ impl Io {
                 ended: Cell::new(0),
                 ended_waiters: RefCell::new(Vec::new()),
                 failure: RefCell::new(None),
+                syncs: Cell::new(0),
+                busy_waiter: RefCell::new(None),
             }),
         }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakIo {
+        WeakIo(Rc::downgrade(&self.s))
+    }
+
+    /// Device writes and syncs running now (a write stays running when
+    /// the requests it carries are cancelled).
+    pub(crate) fn device_writes_in_flight(&self) -> u64 {
+        self.s.running.borrow().len() as u64 + u64::from(self.s.syncs.get())
+    }
+
+    /// Registers `cx`'s task to be woken when a device write or sync starts
+    /// (or the `Io` is dropped); one waiter at a time.
+    pub(crate) fn wake_on_device_write(&self, cx: &std::task::Context<'_>) {
+        *self.s.busy_waiter.borrow_mut() = Some(cx.waker().clone());
     }
 
     pub fn counters(&self) -> IoCounters {
@@ -368,7 +409,12 @@ impl Io {
 
     pub async fn sync(&self) -> io::Result<()> {
         bump(&self.s.flushes);
-        self.s.inner.sync().await
+        let s = &self.s;
+        s.syncs.set(s.syncs.get() + 1);
+        s.device_write_started();
+        // Also when the future is dropped unfinished.
+        let _running = DecrementOnDrop(&s.syncs);
+        s.inner.sync().await
     }
 }
 
@@ -378,6 +424,7 @@ impl Shared {
     fn begin_running(&self, at: DiskSector, bytes: usize) -> u64 {
         let end = at.0 + bytes as u64 / SECTOR;
         let before = self.running.borrow_mut().insert(at.0, end);
+        self.device_write_started();
         // Two device writes at once from one sector: space handed out twice.
         debug_assert!(
             before.is_none(),
@@ -385,6 +432,12 @@ impl Shared {
             at.0
         );
         end
+    }
+
+    fn device_write_started(&self) {
+        if let Some(w) = self.busy_waiter.take() {
+            w.wake();
+        }
     }
 
     /// The device write started at `at` has ended: wakes who waits for one.
