@@ -386,24 +386,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// A secret every user may read is served anyway, with a warning.
+fn warn_if_world_readable(p: &std::path::Path, what: &str) {
+    if config::world_readable(p) {
+        tracing::warn!(file = %p.display(), "{what} is readable by every user; chmod o-r it");
+    }
+}
+
 fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let s = a.resolve()?;
     logging::init(&s.log_level, s.log_format);
     let auth_secret = match &s.auth_secret_file {
         Some(p) => {
-            if config::world_readable(p) {
-                tracing::warn!(file = %p.display(), "auth_secret_file is readable by every user; chmod o-r it");
-            }
+            warn_if_world_readable(p, "auth_secret_file");
             Some(std::sync::Arc::new(config::read_secret(p)?))
         }
         None => None,
     };
-    if let Some(key) = s
-        .tls_key_file
-        .as_deref()
-        .filter(|p| config::world_readable(p))
-    {
-        tracing::warn!(file = %key.display(), "tls_key_file (the server's private key) is readable by every user; chmod o-r it");
+    if let Some(key) = &s.tls_key_file {
+        warn_if_world_readable(key, "tls_key_file (the server's private key)");
     }
     let tls = match (&s.tls_cert_file, &s.tls_key_file) {
         (Some(cert), Some(key)) => Some(
