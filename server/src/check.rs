@@ -149,12 +149,58 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
                 bad += 1;
             }
         }
+        match give_back(&dir) {
+            Ok(0) => {}
+            Ok(n) => println!(
+                "shard {i}: {n} files this check created or rewrote given back to the owner of {}",
+                dir.display()
+            ),
+            Err(e) => {
+                println!("shard {i}: {e:#}");
+                bad += 1;
+            }
+        }
     }
     Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Run as root on a shard folder that belongs to another user (the service
+/// account), the files this check created (a rebuilt index, sled's new
+/// segments and snapshots) belong to root, and the service could not open
+/// its index at its next start. Gives every file under `dir` whose owner
+/// differs back to `dir`'s owner and group; returns how many. Does nothing
+/// unless run as root.
+fn give_back(dir: &Path) -> anyhow::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(0);
+    }
+    let top =
+        std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let (uid, gid) = (top.uid(), top.gid());
+    let mut given = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let path = entry?.path();
+            let m = std::fs::symlink_metadata(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if m.uid() != uid || m.gid() != gid {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+                    .with_context(|| format!("giving {} back to {uid}:{gid}", path.display()))?;
+                given += 1;
+            }
+            if m.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    Ok(given)
 }
 
 /// Takes sled's lock on an index file (the same `flock` sled takes), or

@@ -16,10 +16,10 @@ async fn assert_data(srv: &TestServer) {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
-    let dir = data_dir("check");
-    let srv = TestServer::start(&dir, 2);
+/// Writes what `assert_data` checks (and a deleted chunk) on a 2-shard
+/// server, then kills it.
+async fn write_then_kill(dir: &std::path::Path) {
+    let srv = TestServer::start(dir, 2);
     let c = srv.client().await;
     for n in 0..10u128 {
         c.write(ChunkId(n), 0, pattern(n as u64, 8000))
@@ -30,6 +30,28 @@ async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
     c.delete(ChunkId(99)).await.unwrap();
     drop(c);
     srv.kill();
+}
+
+/// Every path under `dir`, not `dir` itself.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                todo.push(p.clone());
+            }
+            all.push(p);
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
+    let dir = data_dir("check");
+    write_then_kill(&dir).await;
 
     // A clean check (recovery runs first: the kill skipped the last checkpoint).
     let out = run_check(&dir, &[]);
@@ -62,6 +84,64 @@ async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
     // Or let the server rebuild at start-up.
     std::fs::remove_dir_all(dir.join("shard-001").join("index")).unwrap();
     let srv = TestServer::try_start(&dir, 2, &["--rebuild-index"]).unwrap();
+    assert_data(&srv).await;
+    srv.kill();
+}
+
+/// Under the packaged unit the data folder belongs to the service account,
+/// and an admin may run `check --rebuild` as root: the index it rebuilds
+/// (and any sled file it writes) must go back to the folder's owner, or the
+/// service cannot open it at its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_run_as_root_gives_the_files_back_to_the_folders_owner() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run check as another user than the folder's owner");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = data_dir("check-owner");
+    write_then_kill(&dir).await;
+
+    // Every file owned by the service account, as StateDirectory= leaves it.
+    for p in walk(&dir).iter().chain([&dir.to_path_buf()]) {
+        std::os::unix::fs::lchown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+
+    for shard in ["shard-000", "shard-001"] {
+        std::fs::remove_dir_all(dir.join(shard).join("index")).unwrap();
+    }
+    let out = run_check(&dir, &["--rebuild"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("index rebuilt").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.matches("given back to the owner").count(),
+        2,
+        "{stdout}"
+    );
+
+    let mut files = 0;
+    for p in walk(&dir) {
+        // The test's own server.log is opened by the test, as root.
+        if p.file_name().is_some_and(|n| n == "server.log") {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (NOBODY, NOBODY),
+            "{} kept by root",
+            p.display()
+        );
+        files += 1;
+    }
+    assert!(files > 6, "only {files} files under {}", dir.display());
+
+    // And the service account can start on it and read everything.
+    let srv = TestServer::try_start_as(&dir, 2, NOBODY)
+        .unwrap_or_else(|e| panic!("the service account could not start on the folder: {e}"));
     assert_data(&srv).await;
     srv.kill();
 }

@@ -78,6 +78,23 @@ impl TestServer {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<TestServer, String> {
+        Self::spawn(data_dir, shards, extra, env, None)
+    }
+
+    /// [`TestServer::try_start`] as user and group `uid` (the test must run
+    /// as root).
+    #[allow(dead_code)]
+    pub fn try_start_as(data_dir: &Path, shards: u32, uid: u32) -> Result<TestServer, String> {
+        Self::spawn(data_dir, shards, &[], &[], Some(uid))
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        shards: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        uid: Option<u32>,
+    ) -> Result<TestServer, String> {
         let ready = data_dir.join("ready.addr");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
@@ -92,6 +109,10 @@ impl TestServer {
             ("--io-memory-kib", "512"),
         ];
         let mut cmd = Command::new(bin());
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         cmd.arg("serve");
         for (flag, value) in defaults {
             if !extra.contains(&flag) {
