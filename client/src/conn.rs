@@ -311,7 +311,15 @@ async fn writer_task(
         if !small.is_empty() {
             queue.push_back(small.split().freeze());
         }
-        if let Err(e) = write_all_vectored(&mut wr, &mut queue).await {
+        // Flushed too: a TLS stream reports bytes written once they are
+        // encrypted into its buffer, and keeps what the socket did not take
+        // until the next write or flush (the frame's end would wait for the
+        // next request).
+        let sent = match write_all_vectored(&mut wr, &mut queue).await {
+            Ok(()) => wr.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             shared.close(&format!("write failed: {e}"));
             return;
         }
@@ -506,6 +514,7 @@ where
     let mut out = Vec::new();
     encode_frame(Opcode::Hello, 0, 0, &Empty {}, 0, &mut out);
     stream.write_all(&out).await?;
+    stream.flush().await?;
     let mut reader = FrameReader::new((&mut *stream).compat(), limits::MAX_PAYLOAD);
     let hello = handshake_reply(&mut reader, Opcode::Hello).await?;
     let h = shardstore_proto::access_body::<ArchivedHelloReply>(&hello)
@@ -527,6 +536,7 @@ where
     out.clear();
     encode_frame(Opcode::Auth, 0, 1, &req, 0, &mut out);
     reader.get_mut().get_mut().write_all(&out).await?;
+    reader.get_mut().get_mut().flush().await?;
     let ok = handshake_reply(&mut reader, Opcode::Auth).await?;
     let r = shardstore_proto::access_body::<ArchivedAuthReply>(&ok)
         .map_err(|e| ClientError::Protocol(format!("auth reply: {e}")))?;
@@ -575,6 +585,73 @@ async fn handshake_reply<R: futures_io::AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
+
+    /// A write half that, like a TLS stream whose socket is full, takes
+    /// bytes and passes them on only when flushed.
+    struct PassedOnFlush {
+        held: Vec<u8>,
+        passed: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl tokio::io::AsyncWrite for PassedOnFlush {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let me = self.get_mut();
+            me.passed.lock().unwrap().append(&mut me.held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_flushes_every_batch() {
+        let passed = Arc::new(Mutex::new(Vec::new()));
+        let p = passed.clone();
+        let conn =
+            Connection::with_transport("mock", &ClientConfig::default(), move |shared, rx| {
+                let wr = PassedOnFlush {
+                    held: Vec::new(),
+                    passed: p,
+                };
+                tokio::spawn(writer_task(shared, rx, Box::new(wr)));
+                tokio::spawn(std::future::pending::<()>()).abort_handle()
+            });
+        let c = conn.clone();
+        let call = tokio::spawn(async move {
+            c.call(
+                |id, out| out.extend_from_slice(&id.to_le_bytes()),
+                Bytes::from_static(b"the request's last bytes"),
+            )
+            .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !passed
+            .lock()
+            .unwrap()
+            .ends_with(b"the request's last bytes")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the request never left the writer: it was written but not flushed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        call.abort();
+    }
 
     #[tokio::test]
     async fn connections_detect_a_dead_peer() {
