@@ -491,7 +491,11 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
         rebuilt: true,
         ..RecoveryReport::default()
     };
+    // From empty space, as at a fresh open: a recovery that failed partway
+    // (the index damaged) has marked the old index's extents used, and
+    // every live extent would then overlap "used" space and be skipped.
     let area = inner.alloc.borrow().area();
+    *inner.alloc.borrow_mut() = crate::alloc::Allocator::new(area);
     let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
     superseded_holes(&mut found);
     let (mut found, discarded) = triage(inner, found, false, &mut report);
