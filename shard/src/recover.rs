@@ -422,16 +422,16 @@ fn punch(inner: &Inner, f: &Found, l: u64) -> Result<(), ShardError> {
 }
 
 /// Zeroes the first header sector of each extent recovery (or a rebuild)
-/// discarded, a write torn by the crash and never acknowledged, and makes
-/// that durable before the checkpoint that follows moves `replay_from` past
-/// them. Left alone, such a header would stay on disk in free space, and
+/// discarded, a write torn by the crash and never acknowledged (made
+/// durable by `make_durable` before the checkpoint that follows moves
+/// `replay_from` past them), and returns how many it zeroed. Left alone, such a header would stay on disk in free space, and
 /// once newer writes of its chunk had covered its torn sectors, a full
 /// rebuild would take it for an acknowledged extent partly overwritten and
 /// show its intact sectors (see `superseded_holes`). Each sector zeroed
 /// holds that discarded header, so no kept extent uses it: after recovery,
 /// it is in the run of a write in flight at the crash. Best effort: the
 /// shard still opens if the device refuses these writes.
-async fn erase_headers(inner: &Inner, at: &[DiskSector]) {
+async fn erase_headers(inner: &Inner, at: &[DiskSector]) -> usize {
     // Best effort: a device that cannot take these writes leaves the old
     // hazard (for a full rebuild only), not a shard that cannot open.
     let mut erased = 0;
@@ -446,21 +446,32 @@ async fn erase_headers(inner: &Inner, at: &[DiskSector]) {
             ),
         }
     }
-    if erased == 0 {
-        return;
-    }
-    match inner.io.sync().await {
-        Ok(()) => tracing::info!(
+    erased
+}
+
+/// Ends a recovery or a rebuild: erases the headers of the discarded
+/// extents (`erase_headers`), then one fdatasync of the data area, always.
+/// What recovery replayed may be a write the device completed but never
+/// flushed (the crash came before its group commit), and the checkpoint
+/// that follows the open makes the index that points at it durable and
+/// frees the older pieces it supersedes: the data must be durable first,
+/// also where the index is on another device than the data (a block
+/// device). A failed sync fails the open (never retried, as everywhere).
+async fn make_durable(inner: &Inner, discarded: &[DiskSector]) -> Result<(), ShardError> {
+    let erased = erase_headers(inner, discarded).await;
+    inner
+        .io
+        .sync()
+        .await
+        .map_err(|e| ShardError::io("fdatasync of the data area after recovery", e))?;
+    if erased > 0 {
+        tracing::info!(
             shard = inner.id.0,
             erased,
             "erased the headers of discarded extents"
-        ),
-        Err(e) => tracing::warn!(
-            shard = inner.id.0,
-            error = %e,
-            "could not sync the erased headers of discarded extents"
-        ),
+        );
     }
+    Ok(())
 }
 
 /// Normal start: index plus the data area written since the checkpoint.
@@ -473,7 +484,7 @@ pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryRe
     for f in &found {
         replay(inner, f, &mut report)?;
     }
-    erase_headers(inner, &torn).await;
+    make_durable(inner, &torn).await?;
     let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
     inner.next_generation.set(next);
     report.chunks = inner.index.chunk_count();
@@ -505,7 +516,7 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
     }
     // So that a later rebuild, after newer writes covered their bad
     // sectors, does not take them for live extents partly overwritten.
-    erase_headers(inner, &discarded).await;
+    make_durable(inner, &discarded).await?;
     inner.next_generation.set(max + 1);
     report.chunks = inner.index.chunk_count();
     Ok(report)
