@@ -1756,10 +1756,13 @@ impl Inner {
         assert_write_buffer(self.node_id, &header, w.buf.as_bytes());
 
         self.write_extent(chunk, run, w.buf).await?;
+        // The change first: if the index proves inconsistent, the run goes
+        // back (see `InflightGuard`) with no extent registered on it, which
+        // the next write there would find registered twice.
+        let (change, frees, meta) = self.data_extent_change(&header, at, old)?;
         self.alloc
             .borrow_mut()
             .register_extent(at, w.header_sectors, w.sectors);
-        let (change, frees, meta) = self.data_extent_change(&header, at, old)?;
         self.apply_index(generation, change, frees);
         guard.disarm();
         bump(&self.counters.writes, 1);
