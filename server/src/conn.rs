@@ -149,8 +149,9 @@ impl Outbox {
 // Shards are single-threaded executors: no `Send` bound is wanted on these futures.
 #[allow(async_fn_in_trait)]
 pub trait Transport: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin {
-    /// Writes every slice, in order, within `timeout` of the socket first
-    /// refusing more (a peer that stopped reading is cut off).
+    /// Writes every slice, in order. Each time the socket refuses more, the
+    /// peer has `timeout` to take some of it: a peer that stopped reading
+    /// is cut off (`TimedOut`), a slow one that keeps reading is not.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()>;
 }
 
@@ -159,7 +160,6 @@ impl Transport for TcpStream {
     /// payloads go from their DMA buffers to the kernel without a copy), and
     /// glommio's poll-armed write when it is full.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
-        let mut deadline = None;
         let fd = self.as_raw_fd();
         let mut idx = 0; // first slice not fully sent
         let mut off = 0; // bytes of slices[idx] already sent
@@ -170,12 +170,9 @@ impl Transport for TcpStream {
             let sent = match send_vectored(fd, &iov) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                    within(d, self.write(&slices[idx][off..]))
+                    within(Instant::now() + timeout, self.write(&slices[idx][off..]))
                         .await
-                        .ok_or_else(|| {
-                            io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
-                        })??
+                        .ok_or_else(stopped_reading)??
                 }
                 Err(e) => return Err(e),
             };
@@ -204,18 +201,26 @@ impl Transport for futures_rustls::server::TlsStream<TcpStream> {
     /// rustls encrypts into its own records, so this path copies; replies
     /// are still batched into one flush per readiness.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
-        let write = async {
-            for s in slices {
-                self.write_all(s).await?;
+        for s in slices {
+            let mut s = *s;
+            while !s.is_empty() {
+                let n = within(Instant::now() + timeout, self.write(s))
+                    .await
+                    .ok_or_else(stopped_reading)??;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                s = &s[n..];
             }
-            self.flush().await
-        };
-        within(Instant::now() + timeout, write)
+        }
+        within(Instant::now() + timeout, self.flush())
             .await
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
-            })?
+            .ok_or_else(stopped_reading)?
     }
+}
+
+fn stopped_reading() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
 }
 
 fn send_vectored(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -352,6 +357,10 @@ pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: Socket
         }
     };
     if let Err(e) = result {
+        if e.kind() == io::ErrorKind::TimedOut {
+            // Only sending replies times out with an error (see `Transport`).
+            c.timeouts.set(c.timeouts.get() + 1);
+        }
         debug!(shard = ctx.id.0, %peer, error = %e, "connection ended with an error");
     }
 }

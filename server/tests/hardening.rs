@@ -139,13 +139,40 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
         drop(TcpStream::connect(&srv.addr).await.unwrap());
     }
     healthy(&srv, 4).await;
+    // The slowloris and the idle connections are counted.
+    let c = srv.client().await;
+    let mut n = 0;
+    for shard in [ShardId(0), ShardId(1)] {
+        n += c.stats(shard).await.unwrap().timeouts;
+    }
+    assert!(n >= 2, "timeouts counted: {n}");
+}
 
-    // A client that pipelines reads and never reads the replies is cut
-    // off once its replies cannot drain (write timeout); memory stays flat.
+/// A client that pipelines reads and never reads the replies is cut off
+/// once its replies cannot drain (write timeout), and counted; memory stays
+/// flat. The idle timeout is long here, so no other connection's timeout
+/// is counted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_counted() {
+    let dir = data_dir("hog");
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &["--idle-timeout-ms", "60000", "--write-timeout-ms", "1000"],
+    )
+    .unwrap();
     let c = srv.client().await;
     c.write(ChunkId(0xb16), 0, vec![9u8; 1 << 20])
         .await
         .unwrap();
+    let timeouts = |c: shardstore_client::Client| async move {
+        let mut n = 0;
+        for shard in [ShardId(0), ShardId(1)] {
+            n += c.stats(shard).await.unwrap().timeouts;
+        }
+        n
+    };
+    let before = timeouts(c.clone()).await;
     let mut hog = TcpStream::connect(&srv.addr).await.unwrap();
     let reqs = read_frames(0xb16, 2000, 1 << 20);
     let writer = tokio::spawn(async move {
@@ -155,20 +182,74 @@ async fn slow_idle_and_flooding_clients_are_cut_off() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     healthy(&srv, 5).await;
     let mut hog = writer.await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    // Drain what the kernel buffered; the server must have closed.
+    // Unread, the hog is cut off (and counted) within the write timeout
+    // from the socket last taking anything. Only then drained: a client
+    // that reads is not cut off, however many replies it has to take.
+    let t = Instant::now();
+    while timeouts(c.clone()).await == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "non-reading client not cut off (or its write timeout not counted)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         closed_within(&mut hog, Duration::from_secs(5)).await,
-        "non-reading client not cut off"
+        "non-reading client not closed after its write timeout"
     );
     healthy(&srv, 6).await;
-    let st = c.stats(ShardId(0)).await.unwrap();
-    let st1 = c.stats(ShardId(1)).await.unwrap();
+    assert_eq!(timeouts(c).await, before + 1);
+}
+
+/// A client that reads its replies slowly but steadily is not cut off,
+/// however long the whole burst takes to drain: the write timeout counts
+/// from the last time the socket took anything (it counted from the first
+/// refusal of a flush, cutting such a client off mid-burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_keeps_reading_gets_every_reply() {
+    let dir = data_dir("slowreader");
+    let srv = TestServer::try_start(&dir, 1, &["--write-timeout-ms", "500"]).unwrap();
+    let c = srv.client().await;
+    c.write(ChunkId(0x51), 0, pattern(0x51, 1 << 20))
+        .await
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(32 << 10).unwrap();
+    let mut s = sock.connect(srv.addr.parse().unwrap()).await.unwrap();
+    const N: u64 = 12;
+    s.write_all(&read_frames(0x51, N, 1 << 20)).await.unwrap();
+    // About 1.3 MB/s: the 12 MiB of replies take about 9 s, far more than
+    // the write timeout, and the socket never takes all of them at once.
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    // Replies parsed so far, and where the next one starts.
+    let (mut replies, mut at) = (0, 0);
+    while replies < N {
+        match s.read(&mut buf).await.unwrap() {
+            0 => panic!(
+                "cut off after {:?}, {replies} of {N} replies read",
+                t.elapsed()
+            ),
+            n => got.extend_from_slice(&buf[..n]),
+        }
+        while let Some(h) = got.get(at..at + HEADER_LEN) {
+            let (h, _) = FrameHeader::decode(h.try_into().unwrap(), limits::MAX_PAYLOAD).unwrap();
+            let end = at + HEADER_LEN + h.rest_len();
+            if end > got.len() {
+                break;
+            }
+            assert!(!h.is_error(), "an error reply");
+            let payload = at + HEADER_LEN + h.body_len as usize;
+            assert!(got[payload..end] == pattern(0x51, 1 << 20)[..]);
+            (replies, at) = (replies + 1, end);
+        }
+        tokio::time::sleep(Duration::from_millis(12)).await;
+    }
     assert!(
-        st.timeouts + st1.timeouts >= 3,
-        "timeouts counted: {} {}",
-        st.timeouts,
-        st1.timeouts
+        t.elapsed() > Duration::from_secs(2),
+        "drained in {:?}",
+        t.elapsed()
     );
 }
 
