@@ -668,6 +668,7 @@ async fn handle_frame<S: Transport>(
         encode_error(&mut out.frames, op, id, &e);
         out.push_frames_since(start);
     };
+    ctx.counters.request(op);
     if head.header.is_response() {
         ctx.counters
             .malformed_frames
@@ -678,7 +679,6 @@ async fn handle_frame<S: Transport>(
         );
         return Ok(Some(Stop::Close));
     }
-    ctx.counters.request(op);
     let body = match reader.read_body(&head).await {
         Ok(b) => b,
         Err(FrameError::Body(e)) => {
@@ -733,6 +733,7 @@ async fn handle_frame<S: Transport>(
                     Ok(hold) => out.push_inline(start, payload, hold),
                     Err(()) => {
                         out.frames.truncate(start);
+                        ctx.counters.read_refused(payload.len() as u64);
                         refuse_busy(out);
                     }
                 }
@@ -871,6 +872,7 @@ fn execute_later(
         // too, or it is refused (a READ has no effect to undo).
         if let Some(h) = hold.as_mut() {
             if !h.try_resize(payload.len() as u64) {
+                ctx.counters.read_refused(payload.len() as u64);
                 ctx.counters.busy.set(ctx.counters.busy.get() + 1);
                 ctx.counters.error(op);
                 frame.clear();
@@ -972,6 +974,11 @@ mod tests {
                 .expect("an error reply");
                 assert_eq!(e.code.to_native(), ErrorCode::Busy as u16);
                 assert_eq!(ctx.counters.busy.get(), 1);
+                assert_eq!(
+                    ctx.counters.bytes_out.get(),
+                    0,
+                    "a refused read counted as sent"
+                );
                 drop((done, other));
                 assert_eq!(ctx.budget.used(), 0);
             });

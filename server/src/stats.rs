@@ -85,6 +85,13 @@ impl ShardCounters {
         c.set(c.get() + 1);
     }
 
+    /// A READ reply counted in `bytes_out` when it was built, replaced by
+    /// BUSY before it was sent.
+    pub fn read_refused(&self, bytes: u64) {
+        self.bytes_out
+            .set(self.bytes_out.get().saturating_sub(bytes));
+    }
+
     pub fn error(&self, op: Opcode) {
         let c = &self.errors[op as usize];
         c.set(c.get() + 1);

@@ -214,6 +214,13 @@ async fn malformed_frames_get_typed_errors_and_hurt_nobody() {
         malformed += client.stats(ShardId(sh)).await.unwrap().malformed_frames;
     }
     assert!(malformed >= 7, "malformed frames counted: {malformed}");
+    // Every error answered a request that was counted.
+    for sh in 0..2 {
+        let st = client.stats(ShardId(sh)).await.unwrap();
+        for (op, (r, e)) in st.requests.iter().zip(&st.errors).enumerate() {
+            assert!(e <= r, "shard {sh} opcode {op}: {e} errors of {r} requests");
+        }
+    }
     // Bounded latency for a normal request, and memory within the budget.
     let t = std::time::Instant::now();
     client.ping().await.unwrap();
