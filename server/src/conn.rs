@@ -18,7 +18,8 @@
 
 use crate::budget::Reservation;
 use crate::handler::{
-    encode_error, encode_header_error, EncodedReply, ErrReply, Parsed, ReplyPayload, ShardCtx,
+    encode_error, encode_header_error, Count, EncodedReply, ErrReply, Parsed, ReplyPayload,
+    ShardCtx,
 };
 use futures_lite::{AsyncWriteExt, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -779,11 +780,18 @@ async fn handle_frame<S: Transport>(
         conn.pending.push(Box::pin(async move {
             let (reply, hold) = ctx.forward(owner, op, id, body, payload, hold).await;
             match reply {
-                Ok(EncodedReply { frame, payload }) => Completed {
-                    frame,
-                    payload: ReplyPayload::Owned(payload),
-                    hold,
-                },
+                Ok(EncodedReply { frame, payload }) => {
+                    // The owner's error replies are counted here, where
+                    // the request was (see `ForwardMsg::counted`).
+                    if is_error_frame(&frame) {
+                        ctx.counters.error(op);
+                    }
+                    Completed {
+                        frame,
+                        payload: ReplyPayload::Owned(payload),
+                        hold,
+                    }
+                }
                 Err(e) => {
                     ctx.counters.error(op);
                     let mut frame = Vec::new();
@@ -824,7 +832,7 @@ async fn handle_frame<S: Transport>(
             conn.pending.push(Box::pin(async move {
                 let mut frame = Vec::new();
                 let payload = ctx
-                    .execute(op, id, Parsed::Write(w), Some(pw), &mut frame)
+                    .execute(op, id, Parsed::Write(w), Some(pw), &mut frame, Count::Here)
                     .await;
                 Completed {
                     frame,
@@ -846,7 +854,9 @@ async fn handle_frame<S: Transport>(
         | Parsed::Auth => {
             // No device I/O: answer inline, straight into the outbox.
             let start = out.frames.len();
-            let payload = ctx.execute(op, id, req, None, &mut out.frames).await;
+            let payload = ctx
+                .execute(op, id, req, None, &mut out.frames, Count::Here)
+                .await;
             out.push_frames_since(start);
             debug_assert!(payload.is_empty());
         }
@@ -866,7 +876,9 @@ fn execute_later(
     Box::pin(async move {
         let mut frame = Vec::new();
         let mut hold = hold;
-        let mut payload = ctx.execute(op, id, req, None, &mut frame).await;
+        let mut payload = ctx
+            .execute(op, id, req, None, &mut frame, Count::Here)
+            .await;
         // A local READ reserved what its chunk held at admission; a write
         // that ran first may have grown it. Its reply must fit the budget
         // too, or it is refused (a READ has no effect to undo).
@@ -886,6 +898,14 @@ fn execute_later(
             hold,
         }
     })
+}
+
+/// Whether an encoded reply carries an error body.
+fn is_error_frame(frame: &[u8]) -> bool {
+    frame
+        .get(..HEADER_LEN)
+        .and_then(|h| <&[u8; HEADER_LEN]>::try_from(h).ok())
+        .is_some_and(|h| shardstore_proto::FrameHeader::from_bytes(h).is_error())
 }
 
 /// The refusal of a request over the shard's buffer budget.

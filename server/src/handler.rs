@@ -63,6 +63,15 @@ impl NodeInfo {
 /// is dropped: read-ahead is an optimisation, never worth a wait.
 pub const STREAM_HINT_QUEUE: usize = 256;
 
+/// Where a request and its outcome are counted (`requests`, `errors`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// On this shard.
+    Here,
+    /// On the shard that forwarded it here (see [`ForwardMsg::counted`]).
+    BySender,
+}
+
 /// A request handed to its owning shard. Only owned, `Send` data.
 pub struct Forwarded {
     pub opcode: Opcode,
@@ -76,6 +85,8 @@ pub struct Forwarded {
     /// Never sent on: dropped with this message, it tells the sender that
     /// the owner has let go of the payload (see [`Queued::released`]).
     pub release: flume::Sender<()>,
+    /// See [`ForwardMsg::counted`].
+    pub counted: bool,
 }
 
 /// A reply encoded by the owner: header and body, then payload bytes.
@@ -152,6 +163,11 @@ pub struct ForwardMsg {
     pub payload: Vec<u8>,
     /// See [`Forwarded::deadline`].
     pub deadline: std::time::Instant,
+    /// The sender counts the request and its outcome in its own `requests`
+    /// and `errors` (a shard that took it from a client connection), so
+    /// the owner does not count it again (only in `forwarded_in` and its
+    /// execution latency). False from the RDMA bridge: the owner counts it.
+    pub counted: bool,
 }
 
 /// A request queued for another shard.
@@ -188,6 +204,7 @@ pub fn enqueue_to_shard(
         reply: tx,
         deadline: msg.deadline,
         release,
+        counted: msg.counted,
     };
     if peer.try_send(fwd).is_err() {
         return Err(ErrReply::new(
@@ -455,6 +472,8 @@ impl ShardCtx {
     /// Executes a request this shard owns. For WRITE, `payload` holds the
     /// bytes already read (and checked by the caller against the crc).
     /// Appends the reply's header and body to `out` and returns its payload.
+    /// An error reply is counted in `errors` unless `errors` says the
+    /// sender counts it (see [`ForwardMsg::counted`]).
     pub async fn execute(
         &self,
         opcode: Opcode,
@@ -462,6 +481,7 @@ impl ShardCtx {
         req: Parsed,
         write: Option<shardstore_shard::PendingWrite>,
         out: &mut Vec<u8>,
+        errors: Count,
     ) -> ReplyPayload {
         // In-flight gauge and latency histogram (metrics), released on drop.
         let _in_flight = self.counters.start(opcode);
@@ -471,7 +491,9 @@ impl ShardCtx {
         {
             Ok(p) => p,
             Err(e) => {
-                self.counters.error(opcode);
+                if errors == Count::Here {
+                    self.counters.error(opcode);
+                }
                 encode_error(out, opcode, request_id, &e);
                 ReplyPayload::None
             }
@@ -793,6 +815,7 @@ impl ShardCtx {
             body,
             payload,
             deadline: Instant::now() + after,
+            counted: true,
         };
         let deadline = msg.deadline;
         let queued = match enqueue_to_shard(&self.peers, owner, msg) {
@@ -911,7 +934,17 @@ impl ShardCtx {
                     return;
                 }
                 let reply = ctx
-                    .execute_forwarded(msg.opcode, msg.request_id, &msg.body, msg.payload)
+                    .execute_forwarded(
+                        msg.opcode,
+                        msg.request_id,
+                        &msg.body,
+                        msg.payload,
+                        if msg.counted {
+                            Count::BySender
+                        } else {
+                            Count::Here
+                        },
+                    )
                     .await;
                 let _ = msg.reply.send(reply);
             })
@@ -925,9 +958,12 @@ impl ShardCtx {
         request_id: u64,
         body: &[u8],
         payload: Vec<u8>,
+        count: Count,
     ) -> EncodedReply {
         let mut frame = Vec::new();
-        self.counters.request(opcode);
+        if count == Count::Here {
+            self.counters.request(opcode);
+        }
         let result = async {
             let req = Parsed::decode(opcode, body)?;
             let owner = req.owner(self.node.shard_count, self.id);
@@ -955,12 +991,14 @@ impl ShardCtx {
         .await;
         let payload = match result {
             Ok((req, write)) => {
-                self.execute(opcode, request_id, req, write, &mut frame)
+                self.execute(opcode, request_id, req, write, &mut frame, count)
                     .await
             }
             Err(e) => {
                 debug!(shard = self.id.0, code = %e.code, "forwarded request refused");
-                self.counters.error(opcode);
+                if count == Count::Here {
+                    self.counters.error(opcode);
+                }
                 encode_error(&mut frame, opcode, request_id, &e);
                 ReplyPayload::None
             }

@@ -360,7 +360,7 @@ pub fn render(board: &Board) -> String {
     per_op(
         &mut o,
         "shardstore_requests_total",
-        "Requests received, by opcode.",
+        "Requests received from clients, by opcode (a forwarded one on the shard that took it).",
         &|s, op| s.stats.requests.get(op).copied().unwrap_or(0),
     );
     per_op(

@@ -85,6 +85,7 @@ impl Bridge {
             body,
             payload,
             deadline: std::time::Instant::now() + self.forward_timeout,
+            counted: false,
         };
         // This path keeps no buffer budget (the TCP path holds its share
         // until the owner lets go, see `ShardCtx::forward`): after a

@@ -43,7 +43,11 @@ impl Latency {
 
 #[derive(Default)]
 pub struct ShardCounters {
+    /// Requests taken from a client connection (or the RDMA bridge), by
+    /// opcode: a request forwarded to its owner is counted here once, on
+    /// the shard that took it (the owner counts it in `forwarded_in`).
     pub requests: [Cell<u64>; OPCODE_SLOTS],
+    /// Of those, answered with an error (also the owner's errors).
     pub errors: [Cell<u64>; OPCODE_SLOTS],
     pub bytes_in: Cell<u64>,
     pub bytes_out: Cell<u64>,

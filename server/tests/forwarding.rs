@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use shardstore_client::ClientConfig;
-use shardstore_proto::{route, ChunkId, ShardId};
+use shardstore_proto::{route, ChunkId, Opcode, ShardId};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_only_client_reaches_every_shard() {
@@ -36,6 +36,12 @@ async fn front_only_client_reaches_every_shard() {
         assert_eq!(&r.data[..], &pattern(id.0 as u64, 5000)[..]);
         assert_eq!(front.stat(*id).await.unwrap().shard, route(*id, 3));
     }
+    // Chunks that do not exist, read through the front: NOT_FOUND from
+    // their owners.
+    let missing: Vec<ChunkId> = (0..30u128).map(|i| ChunkId(0xdead_0000 + i)).collect();
+    for id in &missing {
+        assert!(front.read(*id, 0, 10).await.is_err());
+    }
     // A direct client sees the same data at the owners.
     let direct = srv.client().await;
     for id in &ids {
@@ -55,6 +61,30 @@ async fn front_only_client_reaches_every_shard() {
         fwd_in += st.forwarded_in;
     }
     assert_eq!(fwd_out, fwd_in);
+    // Each request counted once across the shards (on the shard whose
+    // connection took it), and each error reply once.
+    let (mut requests, mut errors) = (vec![0; 32], vec![0; 32]);
+    for s in 0..3 {
+        let st = direct.stats(ShardId(s)).await.unwrap();
+        for (op, (r, e)) in st.requests.iter().zip(&st.errors).enumerate() {
+            requests[op] += r;
+            errors[op] += e;
+        }
+    }
+    let (write, read, stat) = (
+        Opcode::Write as usize,
+        Opcode::Read as usize,
+        Opcode::Stat as usize,
+    );
+    assert_eq!(requests[write], 60, "writes counted");
+    assert_eq!(
+        requests[read],
+        60 + 30 + 60,
+        "reads counted (front, missing, direct)"
+    );
+    assert_eq!(requests[stat], 60, "stats counted");
+    assert_eq!(errors[read], 30, "NOT_FOUND replies counted");
+    assert_eq!(errors[write] + errors[stat], 0);
     // Every front connection lands on one shard; requests for the other two
     // shards' chunks (about 2/3 of 3 x 60 requests) must have been forwarded.
     assert!(fwd_out >= 60, "forwarded {fwd_out}");
