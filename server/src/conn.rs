@@ -393,18 +393,20 @@ pub async fn connection_loop<S: Transport>(
     };
     if let Some(secret) = ctx.node.auth_secret.clone() {
         let deadline = Instant::now() + lim.frame_timeout;
-        let ok = match within(deadline, authenticate(ctx, &mut reader, &secret, peer)).await {
+        let outcome = match within(deadline, authenticate(ctx, &mut reader, &secret, peer)).await {
             Some(r) => r?,
             None => {
                 ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
                 debug!(shard = ctx.id.0, %peer, "authentication handshake timed out");
-                false
+                Handshake::Abandoned
             }
         };
-        if !ok {
-            ctx.counters
-                .auth_failures
-                .set(ctx.counters.auth_failures.get() + 1);
+        if outcome != Handshake::Passed {
+            if outcome == Handshake::Refused {
+                ctx.counters
+                    .auth_failures
+                    .set(ctx.counters.auth_failures.get() + 1);
+            }
             reader.get_mut().close().await.ok();
             return Ok(());
         }
@@ -550,15 +552,27 @@ pub async fn connection_loop<S: Transport>(
     Ok(())
 }
 
+/// How a connection's handshake ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handshake {
+    Passed,
+    /// A wrong proof, a request before it, or a frame that is not one:
+    /// counted in `auth_failures`.
+    Refused,
+    /// Closed (or timed out) before a complete frame: a health check or a
+    /// port scan, not a failed login; not counted there.
+    Abandoned,
+}
+
 /// The server side of the handshake in `shardstore_proto::auth`. Nothing
 /// but HELLO then AUTH is accepted; anything else, or a wrong proof, gets a
-/// typed UNAUTHORIZED and the connection closes. Returns whether it passed.
+/// typed UNAUTHORIZED and the connection closes.
 async fn authenticate<S: Transport>(
     ctx: &ShardCtx,
     reader: &mut FrameReader<S>,
     secret: &[u8],
     peer: SocketAddr,
-) -> io::Result<bool> {
+) -> io::Result<Handshake> {
     use shardstore_proto::{
         auth, encode_frame, ArchivedAuthRequest, AuthReply, HelloReply, Opcode,
     };
@@ -569,7 +583,8 @@ async fn authenticate<S: Transport>(
     loop {
         let head = match reader.read_head().await {
             Ok(Some(h)) => h,
-            Ok(None) | Err(_) => return Ok(false),
+            Err(FrameError::Header { .. }) => return Ok(Handshake::Refused),
+            Ok(None) | Err(_) => return Ok(Handshake::Abandoned),
         };
         let (op, id) = (head.opcode, head.header.request_id);
         let refuse = |out: &mut Vec<u8>, why: &str| {
@@ -579,14 +594,14 @@ async fn authenticate<S: Transport>(
             debug!(shard = ctx.id.0, %peer, opcode = ?op, "request before authentication");
             refuse(&mut out, "authenticate first: HELLO, then AUTH");
             reader.get_mut().write_all(&out).await?;
-            return Ok(false);
+            return Ok(Handshake::Refused);
         }
         let body = match reader.read_body(&head).await {
             Ok(b) => b,
             Err(_) => {
                 refuse(&mut out, "malformed handshake frame");
                 reader.get_mut().write_all(&out).await?;
-                return Ok(false);
+                return Ok(Handshake::Refused);
             }
         };
         if step == Opcode::Hello {
@@ -608,14 +623,14 @@ async fn authenticate<S: Transport>(
             debug!(shard = ctx.id.0, %peer, "authentication failed");
             refuse(&mut out, "authentication failed");
             reader.get_mut().write_all(&out).await?;
-            return Ok(false);
+            return Ok(Handshake::Refused);
         };
         let reply = AuthReply {
             server_proof: auth::server_proof(secret, &server_nonce, &client_nonce),
         };
         encode_frame(op, shardstore_proto::FLAG_RESPONSE, id, &reply, 0, &mut out);
         reader.get_mut().write_all(&out).await?;
-        return Ok(true);
+        return Ok(Handshake::Passed);
     }
 }
 

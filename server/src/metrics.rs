@@ -491,7 +491,7 @@ pub fn render(board: &Board) -> String {
         (
             "shardstore_auth_failures_total",
             "counter",
-            "Connections refused for failed authentication.",
+            "Connections refused for failed authentication (not those that closed or timed out before a frame).",
             |s| s.stats.auth_failures,
         ),
         (

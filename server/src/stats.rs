@@ -67,7 +67,8 @@ pub struct ShardCounters {
     pub refused_connections: Cell<u64>,
     /// Connections closed by a frame, idle or write timeout.
     pub timeouts: Cell<u64>,
-    /// Connections refused for failed authentication.
+    /// Connections refused for failed authentication (a wrong proof, a
+    /// request before it); not those closed or timed out before a frame.
     pub auth_failures: Cell<u64>,
     /// Connections whose TLS handshake failed.
     pub tls_failures: Cell<u64>,

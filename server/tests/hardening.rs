@@ -594,6 +594,25 @@ async fn shared_secret_authentication() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{e:?}");
+    // Counted: refusals, not connections that never tried (a health check
+    // that connects and closes, a client that says nothing in time).
+    let failures = || async {
+        let mut n = 0;
+        for shard in [ShardId(0), ShardId(1)] {
+            n += c.stats(shard).await.unwrap().auth_failures;
+        }
+        n
+    };
+    let before = failures().await;
+    for _ in 0..3 {
+        drop(TcpStream::connect(&srv.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        failures().await,
+        before,
+        "a connect-and-close counted as an auth failure"
+    );
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     let mut f = Vec::new();
     encode_frame(Opcode::Delete, 0, 5, &ChunkRequest { chunk: 1 }, 0, &mut f);
@@ -608,9 +627,15 @@ async fn shared_secret_authentication() {
         10,
         "the DELETE was executed"
     );
-    // Handshake deadline: say nothing and be cut off.
+    assert_eq!(failures().await, before + 1, "the refused DELETE");
+    // Handshake deadline: say nothing and be cut off (a timeout).
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    assert_eq!(
+        failures().await,
+        before + 1,
+        "a timeout counted as an auth failure"
+    );
     // A client with a secret refuses a server that does not authenticate.
     let open_dir = data_dir("auth-open");
     let open = TestServer::start(&open_dir, 1);
