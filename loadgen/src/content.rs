@@ -102,6 +102,12 @@ pub enum Mismatch {
     Bytes {
         first_bad_offset: usize,
     },
+    /// Version `found` whole, but the bytes past its length are a newer,
+    /// longer version's: that write (not acknowledged) partly landed.
+    Torn {
+        found: u64,
+        newer: u64,
+    },
 }
 
 impl fmt::Display for Mismatch {
@@ -134,6 +140,10 @@ impl fmt::Display for Mismatch {
             Mismatch::Bytes { first_bad_offset } => {
                 write!(f, "payload differs from byte {first_bad_offset} on")
             }
+            Mismatch::Torn { found, newer } => write!(
+                f,
+                "version {found} followed by the tail of version {newer} (torn write)"
+            ),
         }
     }
 }
@@ -212,12 +222,54 @@ pub fn check(
             first_bad_offset: i,
         });
     }
+    // Past this version's length an older, longer version's bytes may
+    // follow, never a newer one's: those would be the tail of a write that
+    // did not land whole. Compared on up to TORN_PROBE bytes (at least
+    // TORN_MIN, so that a chance match of pseudo-random bytes is out).
+    for newer in version + 1..=high {
+        let newer_len = (len_of(newer) as usize).min(data.len());
+        let end = newer_len.min(expect_len + TORN_PROBE);
+        if end >= expect_len + TORN_MIN {
+            let theirs = value(at, newer, seed, end);
+            if data[expect_len..end] == theirs[expect_len..end] {
+                return Err(Mismatch::Torn {
+                    found: version,
+                    newer,
+                });
+            }
+        }
+    }
     Ok(version)
 }
+
+/// Bytes past a version's length compared with a newer version's (see
+/// `check`): at most, and at least for a verdict.
+const TORN_PROBE: usize = 64;
+const TORN_MIN: usize = 8;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tail_of_a_newer_longer_version_is_a_torn_write() {
+        let len_of = |v: u64| if v % 2 == 0 { 300 } else { 100 };
+        let (v1, v2) = (value(at(5), 1, 7, 100), value(at(5), 2, 7, 300));
+        // Version 1 acknowledged, version 2 failed: its header did not
+        // land, its tail did.
+        let mut torn = v1.clone();
+        torn.extend_from_slice(&v2[100..]);
+        assert_eq!(
+            check(&torn, 300, at(5), 7, 1, 2, len_of),
+            Err(Mismatch::Torn { found: 1, newer: 2 })
+        );
+        // Version 3 (shorter) over version 2: 2's tail stays, and a failed
+        // version 4 (as long as 2) did not land.
+        let mut kept = value(at(5), 3, 7, 100);
+        kept.extend_from_slice(&v2[100..]);
+        assert_eq!(check(&kept, 300, at(5), 7, 3, 4, len_of), Ok(3));
+        assert_eq!(check(&kept, 300, at(5), 7, 3, 3, len_of), Ok(3));
+    }
 
     fn at(key: u64) -> PieceAt {
         PieceAt { key, offset: 0 }
