@@ -119,7 +119,7 @@ mod imp {
                 Err(e) => {
                     // Out of registered memory: fail this request only.
                     if let Some(w) = shared.take(id) {
-                        let _ = w.send(Err(ClientError::Io(io::Error::other(e.to_string()))));
+                        let _ = w.send(Err(super::out_of_registered_memory(&e)));
                     }
                     continue;
                 }
@@ -188,9 +188,34 @@ mod imp {
     }
 }
 
+/// A request this client could not stage in its registered memory: BUSY,
+/// like a server over its buffer budget, so that it is not taken for a lost
+/// connection (and retried at once on the same one).
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+fn out_of_registered_memory(e: &dyn std::fmt::Display) -> crate::ClientError {
+    use shardstore_proto::ErrorCode;
+    crate::ClientError::Server {
+        code: Some(ErrorCode::Busy),
+        raw_code: ErrorCode::Busy as u16,
+        chunk: shardstore_proto::ChunkId(0),
+        sector: 0,
+        message: format!("client RDMA registered memory exhausted: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_registered_memory_is_busy_not_a_lost_connection() {
+        let e = out_of_registered_memory(&"no buffer of 1048576 bytes");
+        assert_eq!(e.code(), Some(shardstore_proto::ErrorCode::Busy));
+        assert!(
+            !e.is_connection_loss(),
+            "would be retried on the same connection"
+        );
+    }
 
     #[test]
     fn rdma_front_serves_every_shard_slot() {
