@@ -7,7 +7,9 @@
 //! Write path, in this order (invariants 2 and 3):
 //! 1. validate (`prepare_write`): limits, not fail-stopped, space; allocate the
 //!    buffer the payload is received into;
-//! 2. take the chunk's writer lock (per-chunk generation order);
+//! 2. take the chunk's writer lock (per-chunk generation order), and wait
+//!    while an abandoned write of the chunk waits for the erase of its
+//!    header (`Inner::settle_abandoned`);
 //! 3. read-modify-write the partial head/tail sector from the current version
 //!    (crc-verified) or zeros;
 //! 4. allocate a contiguous run from the reservation (in memory only; if the
@@ -50,7 +52,7 @@
 //! retried.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -424,6 +426,9 @@ pub(crate) struct Inner {
     /// run), still in `inflight` until `erase_abandoned` has erased their
     /// headers; `abandon_signal` wakes the task that does.
     abandoned: RefCell<Vec<Abandoned>>,
+    /// Chunks with abandoned writes waiting for their erase, and how many
+    /// (see `Inner::settle_abandoned`).
+    abandoned_chunks: RefCell<HashMap<ChunkId, u32>>,
     /// Abandoned writes the eraser holds (see `ErasingBatch`).
     erasing: Cell<usize>,
     /// One eraser at a time: the background one, or `close`.
@@ -464,6 +469,7 @@ const ERASE_RETRY: Duration = Duration::from_millis(10);
 /// An extent write whose request failed or was cancelled, waiting for its
 /// header to be erased (see `Inner::erase_abandoned`).
 struct Abandoned {
+    chunk: ChunkId,
     generation: u64,
     run: Run,
     failed_erases: u32,
@@ -502,7 +508,7 @@ impl<'a> ErasingBatch<'a> {
             .erasing
             .set(self.inner.erasing.get() - done.len());
         for a in done {
-            self.inner.end_abandoned(a.generation, a.run);
+            self.inner.end_erased(a);
         }
         self.items = left;
         !self.items.is_empty()
@@ -540,6 +546,7 @@ const _: () = assert!(
 /// See [`Inner::begin_extent`].
 struct InflightGuard<'a> {
     inner: &'a Inner,
+    chunk: ChunkId,
     generation: u64,
     run: Run,
     armed: bool,
@@ -570,7 +577,14 @@ impl Drop for InflightGuard<'_> {
         // recovery after a crash still scans its run and decides) until the
         // eraser has zeroed its header, so that no later checkpoint lets a
         // full rebuild find it and show it (see `erase_abandoned`).
+        *self
+            .inner
+            .abandoned_chunks
+            .borrow_mut()
+            .entry(self.chunk)
+            .or_insert(0) += 1;
         self.inner.abandoned.borrow_mut().push(Abandoned {
+            chunk: self.chunk,
             generation: self.generation,
             run: self.run,
             failed_erases: 0,
@@ -826,6 +840,7 @@ impl Shard {
             inflight: RefCell::new(BTreeMap::new()),
             failed: RefCell::new(std::collections::BTreeSet::new()),
             abandoned: RefCell::new(Vec::new()),
+            abandoned_chunks: RefCell::new(HashMap::new()),
             erasing: Cell::new(0),
             eraser_lock: Semaphore::new(1),
             abandon_signal: Rc::new(Semaphore::new(0)),
@@ -1298,7 +1313,7 @@ impl Inner {
             // nothing may wait for these to leave `inflight` (a sweep does).
             let left = std::mem::take(&mut *self.abandoned.borrow_mut());
             for a in left {
-                self.end_abandoned(a.generation, a.run);
+                self.end_erased(a);
             }
         }
         res
@@ -1310,6 +1325,39 @@ impl Inner {
             .acquire_permit(1)
             .await
             .map_err(|e| ShardError::Internal(format!("write slots closed: {e}")))
+    }
+
+    /// An abandoned write the eraser is done with (erased durably, given up
+    /// on, or the shard stopped): see `end_abandoned`; writes of its chunk
+    /// may go on.
+    fn end_erased(&self, a: Abandoned) {
+        let mut chunks = self.abandoned_chunks.borrow_mut();
+        if let Some(n) = chunks.get_mut(&a.chunk) {
+            *n -= 1;
+            if *n == 0 {
+                chunks.remove(&a.chunk);
+            }
+        }
+        drop(chunks);
+        self.end_abandoned(a.generation, a.run);
+    }
+
+    /// Waits until no abandoned write of `chunk` waits for the erase of its
+    /// header (called with the chunk's lock held, before a write or delete
+    /// of it reads its meta). Such a write may have landed whole; a later
+    /// write computes the chunk's length and version without it, so if
+    /// both were found after a crash, recovery would replay both and show
+    /// part of the abandoned one. Once its header is erased (durably) it
+    /// cannot be found. Waits at most for the eraser (a write and a flush,
+    /// a few retries if those fail), and not at all in the common case.
+    async fn settle_abandoned(&self, chunk: ChunkId) -> Result<(), ShardError> {
+        let mut pause = Duration::from_micros(50);
+        while self.abandoned_chunks.borrow().contains_key(&chunk) {
+            self.check_writable()?;
+            glommio::timer::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// An abandoned write leaves `inflight` as a failed one; its run goes
@@ -1507,7 +1555,7 @@ impl Inner {
     /// never-referenced run to the eraser, which erases its header once its
     /// device write has ended, then ends the in-flight record and
     /// quarantines the run (see `erase_abandoned`).
-    fn begin_extent(&self, run: Run) -> (Generation, InflightGuard<'_>) {
+    fn begin_extent(&self, chunk: ChunkId, run: Run) -> (Generation, InflightGuard<'_>) {
         let g = self.next_generation.get();
         self.next_generation.set(g + 1);
         self.inflight.borrow_mut().insert(g, run);
@@ -1515,6 +1563,7 @@ impl Inner {
             Generation(g),
             InflightGuard {
                 inner: self,
+                chunk,
                 generation: g,
                 run,
                 armed: true,
@@ -1696,6 +1745,7 @@ impl Inner {
         let chunk = w.chunk;
         let _slot = self.write_slot().await?;
         let _lock = self.locks.lock(chunk).await?;
+        self.settle_abandoned(chunk).await?;
         self.check_writable()?;
         let old = self.index.get_meta(chunk);
         let old_len = old.map_or(0, |m| m.len);
@@ -1725,7 +1775,7 @@ impl Inner {
             start: at,
             len: total,
         };
-        let (generation, guard) = self.begin_extent(run);
+        let (generation, guard) = self.begin_extent(chunk, run);
         let chunk_len = old_len.max(end);
         let now = now_ns();
         let crcs: Crcs = {
@@ -1781,6 +1831,7 @@ impl Inner {
         self.check_writable()?;
         let _slot = self.write_slot().await?;
         let _lock = self.locks.lock(chunk).await?;
+        self.settle_abandoned(chunk).await?;
         self.check_writable()?;
         let meta = self
             .index
@@ -1788,7 +1839,7 @@ impl Inner {
             .ok_or(ShardError::NotFound(chunk))?;
         let at = self.allocate_run(1, 0).await?;
         let run = Run { start: at, len: 1 };
-        let (generation, guard) = self.begin_extent(run);
+        let (generation, guard) = self.begin_extent(chunk, run);
         let header = ExtentHeader {
             kind: ExtentKind::Tombstone,
             chunk,

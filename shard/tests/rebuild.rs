@@ -462,6 +462,27 @@ fn a_failed_erase_is_tried_again() {
     assert_eq!(failed, 2, "both planned erase failures happened");
 }
 
+/// Starts a write of `data` to chunk `n` with the disk holding writes, and
+/// cancels it while its device write is held (it lands once the disk lets
+/// writes through again).
+async fn cancel_a_held_write(
+    shard: &Rc<Shard>,
+    disk: &shardstore_shard::SimDisk,
+    n: u128,
+    data: &[u8],
+) {
+    disk.hold_writes(true);
+    let task = {
+        let shard = shard.clone();
+        let data = data.to_vec();
+        glommio::spawn_local(async move { shard.write(cid(n), 0, &data).await })
+    };
+    for _ in 0..8 {
+        futures_lite::future::yield_now().await;
+    }
+    drop(task);
+}
+
 /// The erase of a cancelled write's header keeps failing: it is given up
 /// after its five tries, as it must be (a header that cannot be written
 /// must not stop the shard). The shard stays writable, checkpoints pass the
@@ -476,17 +497,8 @@ fn an_erase_that_keeps_failing_is_given_up() {
     run(|| async {
         let shard = Rc::new(Shard::open_sim(cfg.clone(), &disk).await.unwrap());
         shard.write(cid(1), 0, &v1).await.unwrap();
-        disk.hold_writes(true);
-        let task = {
-            let shard = shard.clone();
-            let v2 = v2.clone();
-            glommio::spawn_local(async move { shard.write(cid(1), 0, &v2).await })
-        };
-        for _ in 0..8 {
-            futures_lite::future::yield_now().await;
-        }
-        drop(task); // cancelled while its device write is held
-                    // The cancelled write lands; every erase of its header fails.
+        cancel_a_held_write(&shard, &disk, 1, &v2).await;
+        // The cancelled write lands; every erase of its header fails.
         disk.fail_writes_after(1, 5);
         disk.hold_writes(false);
         glommio::timer::sleep(std::time::Duration::from_millis(300)).await;
@@ -693,5 +705,53 @@ fn a_write_that_finds_the_index_inconsistent_leaves_its_space_reusable() {
             shard.write(c, 0, &pattern(n as u64, 4096)).await.unwrap();
         }
         shard.close().await.unwrap();
+    });
+}
+
+/// A write cancelled while its device write ran lands whole with nothing
+/// indexing it; a later, smaller write of the same chunk is acknowledged;
+/// the process dies before the cancelled write's header is erased. The
+/// later write computed the chunk's length without the cancelled one, so
+/// recovery replaying both showed part of the cancelled write (review
+/// finding). A write of a chunk with an abandoned write waiting for its
+/// erase now waits for it: recovery finds only what was acknowledged.
+#[test]
+fn a_write_after_a_cancelled_one_of_its_chunk_waits_for_the_erase() {
+    let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 10);
+    let cfg = sim_shard_config();
+    let v1 = pattern(1, 2 * 4096);
+    let (extending, small) = (pattern(2, 4 * 4096), pattern(3, 100));
+    run(|| async {
+        let shard = Rc::new(Shard::open_sim(cfg.clone(), &disk).await.unwrap());
+        shard.write(cid(1), 0, &v1).await.unwrap();
+        shard.checkpoint().await.unwrap();
+        cancel_a_held_write(&shard, &disk, 1, &extending).await;
+        // It lands; the first erase of its header fails, the next (after
+        // ERASE_RETRY) would work.
+        disk.fail_writes_after(1, 1);
+        disk.hold_writes(false);
+        while disk.fault_counts().write_enospc == 0 {
+            futures_lite::future::yield_now().await;
+        }
+        shard.write(cid(1), 0, &small).await.unwrap();
+        std::mem::forget(shard); // the process dies
+    });
+    disk.crash();
+    run(|| async {
+        let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
+        let mut want = v1.clone();
+        want[..100].copy_from_slice(&small);
+        let got = shard.read(cid(1), 0, 1 << 20).await.unwrap().data.to_vec();
+        assert!(
+            got == want,
+            "chunk 1 after recovery: {} bytes, {} (the cancelled write partly visible)",
+            got.len(),
+            if got.len() == want.len() {
+                "wrong bytes"
+            } else {
+                "wrong length"
+            }
+        );
+        assert!(shard.verify().await.unwrap().problems.is_empty());
     });
 }
