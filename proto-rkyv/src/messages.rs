@@ -12,6 +12,18 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+/// The id a node shows its clients (TOPOLOGY): the first 16 bytes of
+/// SHA-256 of a label and the node's id. One-way: the id it comes from
+/// cannot be recovered from it.
+pub fn public_node_id(node_id: u128) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"shardstore public node id v1");
+    h.update(node_id.to_le_bytes());
+    let d = h.finalize();
+    u128::from_le_bytes(d[..16].try_into().expect("16 of 32 bytes"))
+}
+
 /// Body of requests and replies that carry no fields (PING).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Empty {}
@@ -19,6 +31,9 @@ pub struct Empty {}
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct TopologyReply {
     pub protocol_version: u16,
+    /// The node's public id, [`public_node_id`] of its id: stable for the
+    /// node, never the id itself (that seeds the checks of the extent
+    /// headers on disk, which clients must not be able to forge).
     pub node_id: u128,
     pub shard_count: u32,
     pub route_fn: u32,

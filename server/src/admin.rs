@@ -190,7 +190,7 @@ async fn run_async(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let client = connect(&conn).await?;
             let t = client.topology();
             println!("protocol   {}", t.protocol_version);
-            println!("node       {:032x}", t.node_id);
+            println!("node       {:032x} (public id)", t.node_id);
             println!("shards     {}", t.shard_count);
             println!("route fn   {}", t.route_fn);
             println!("payload    {} bytes max", t.max_payload);

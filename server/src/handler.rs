@@ -773,7 +773,7 @@ impl ShardCtx {
     pub fn topology(&self) -> TopologyReply {
         TopologyReply {
             protocol_version: PROTOCOL_VERSION,
-            node_id: self.node.node_id,
+            node_id: shardstore_proto::public_node_id(self.node.node_id),
             shard_count: self.node.shard_count,
             route_fn: ROUTE_FN_JUMP_SPLITMIX,
             answering_shard: self.id.0,

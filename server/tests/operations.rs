@@ -327,3 +327,23 @@ async fn combined_writes_are_counted() {
         assert_eq!(&r.data[..], &pattern(i, 4096)[..]);
     }
 }
+
+/// TOPOLOGY shows a public id derived from the node's id, never the id
+/// itself: that seeds the checks of the extent headers on disk, and a
+/// client that knew it could write payloads that recovery would take for
+/// extents of other chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_shows_a_public_node_id_not_the_node_id() {
+    let dir = data_dir("publicid");
+    let srv = TestServer::start(&dir, 1);
+    let text = std::fs::read_to_string(dir.join("shardstore.node")).unwrap();
+    let id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("node_id"))
+        .and_then(|v| u128::from_str_radix(v.trim_start_matches([' ', '=']).trim(), 16).ok())
+        .expect("node_id in shardstore.node");
+    let shown = srv.client().await.topology().node_id;
+    assert_ne!(shown, id, "the node id itself is sent to clients");
+    assert_eq!(shown, public_node_id(id));
+    srv.kill();
+}

@@ -291,8 +291,11 @@ pub type Crcs = SmallVec<[u32; 4]>;
 /// The self-describing header of one extent (data or tombstone).
 ///
 /// Its crc is seeded with the node id and covers the intended disk position,
-/// so a header-looking sector written by a client (payload bytes) or a header
-/// that landed at the wrong place is never taken for a real one.
+/// so a header that landed at the wrong place is never taken for a real one,
+/// nor is a header-looking sector written by a client (payload bytes) unless
+/// it guessed the 32-bit seed: the node id is never sent to clients (see
+/// README, Security). Decoding also refuses generations past
+/// [`MAX_GENERATION`] and sizes past the largest chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExtentHeader {
     pub kind: ExtentKind,
@@ -312,6 +315,10 @@ pub struct ExtentHeader {
     /// crc of each data sector, see [`sector_crc`]. Empty for a tombstone.
     pub crcs: Crcs,
 }
+
+/// Generations are counted from 1 and never reach this (2^62: a billion
+/// writes a second for 146 years); a header claiming one is not ours.
+pub const MAX_GENERATION: u64 = 1 << 62;
 
 fn header_crc(node_id: u128, header: &[u8]) -> u32 {
     let seed = crc32c::crc32c(&node_id.to_le_bytes());
@@ -427,15 +434,32 @@ impl ExtentHeader {
         if !all_zero(&header[crcs_end..]) {
             return Err("extent header padding is not zero".into());
         }
+        // Bounds no header this code writes can exceed: past them the
+        // sector is not taken for a header (and sizes from disk cannot
+        // overflow later arithmetic).
+        let (first, generation, chunk_len) =
+            (le_u64(header, 32), le_u64(header, 48), le_u64(header, 56));
+        let max_sectors = limits::MAX_CHUNK_SIZE / SECTOR;
+        if first.checked_add(count).is_none_or(|end| end > max_sectors) {
+            return Err(format!(
+                "extent sectors {first}+{count} past the largest chunk"
+            ));
+        }
+        if chunk_len > limits::MAX_CHUNK_SIZE {
+            return Err(format!("chunk length {chunk_len} past the largest chunk"));
+        }
+        if generation >= MAX_GENERATION {
+            return Err(format!("generation {generation} out of range"));
+        }
         let crcs = (0..count as usize)
             .map(|i| le_u32(header, EXTENT_HEADER_FIXED + 4 * i))
             .collect();
         Ok(ExtentHeader {
             kind,
             chunk: ChunkId(le_u128(header, 16)),
-            first_sector: LogicalSector(le_u64(header, 32)),
-            generation: Generation(le_u64(header, 48)),
-            chunk_len: le_u64(header, 56),
+            first_sector: LogicalSector(first),
+            generation: Generation(generation),
+            chunk_len,
             timestamp_ns: le_u64(header, 64),
             version: le_u64(header, 72),
             created_ns: le_u64(header, 80),

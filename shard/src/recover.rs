@@ -69,7 +69,8 @@ use crate::alloc::{Release, Run};
 use crate::error::ShardError;
 use crate::index::{Change, Checkpoint};
 use crate::layout::{
-    DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR, SECTOR,
+    DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR,
+    MAX_GENERATION, SECTOR,
 };
 use crate::shard::Inner;
 
@@ -128,11 +129,13 @@ impl Found {
     }
 }
 
-/// Valid extents with a generation of at least `min_generation` inside `runs`.
+/// Valid extents with a generation in `generations` inside `runs`. A
+/// header with a generation past its end is not taken for one of ours
+/// (logged): no such generation had been handed out.
 async fn scan(
     inner: &Inner,
     runs: &[Run],
-    min_generation: u64,
+    generations: std::ops::Range<u64>,
     report: &mut RecoveryReport,
 ) -> Result<(Vec<Found>, u64), ShardError> {
     let area_end = DATA_START_SECTOR + inner.capacity_sectors;
@@ -199,8 +202,19 @@ async fn scan(
                         continue;
                     }
                 };
+                if h.generation.0 >= generations.end {
+                    tracing::warn!(
+                        shard = inner.id.0,
+                        sector = here,
+                        generation = h.generation.0,
+                        bound = generations.end,
+                        "a header with a generation never handed out; not ours, skipped"
+                    );
+                    i += 1;
+                    continue;
+                }
                 max_generation = max_generation.max(h.generation.0);
-                if h.generation.0 < min_generation {
+                if h.generation.0 < generations.start {
                     i += 1;
                     continue;
                 }
@@ -478,14 +492,22 @@ async fn make_durable(inner: &Inner, discarded: &[DiskSector]) -> Result<(), Sha
 pub(crate) async fn recover(inner: &Inner, ck: &Checkpoint) -> Result<RecoveryReport, ShardError> {
     let mut report = RecoveryReport::default();
     let index_max = load_allocator(inner)?;
-    let (found, scan_max) = scan(inner, &ck.scan, ck.replay_from, &mut report).await?;
+    // Since the checkpoint, every generation handed out went with an extent
+    // of at least one sector in its runs (space freed meanwhile is only
+    // reused after the next checkpoint).
+    let scanned: u64 = ck.scan.iter().map(|r| r.len).sum();
+    let bound = ck.high_water.saturating_add(scanned);
+    let (found, scan_max) = scan(inner, &ck.scan, ck.replay_from..bound, &mut report).await?;
     let (mut found, torn) = triage(inner, found, true, &mut report);
     found.sort_by_key(|f| f.header.generation);
     for f in &found {
         replay(inner, f, &mut report)?;
     }
     make_durable(inner, &torn).await?;
-    let next = ck.high_water.max(index_max + 1).max(scan_max + 1);
+    let next = ck
+        .high_water
+        .max(index_max.saturating_add(1))
+        .max(scan_max + 1);
     inner.next_generation.set(next);
     report.chunks = inner.index.chunk_count();
     Ok(report)
@@ -507,7 +529,7 @@ pub(crate) async fn rebuild(inner: &Inner) -> Result<RecoveryReport, ShardError>
     // every live extent would then overlap "used" space and be skipped.
     let area = inner.alloc.borrow().area();
     *inner.alloc.borrow_mut() = crate::alloc::Allocator::new(area);
-    let (mut found, max) = scan(inner, &[area], 0, &mut report).await?;
+    let (mut found, max) = scan(inner, &[area], 0..MAX_GENERATION, &mut report).await?;
     superseded_holes(&mut found);
     let (mut found, discarded) = triage(inner, found, false, &mut report);
     found.sort_by_key(|f| f.header.generation);
@@ -651,4 +673,88 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
 /// How long a scrub should wait between extents to spread a pass over `period`.
 pub(crate) fn pace(period: Duration, extents: u64) -> Duration {
     period / (extents.max(1) as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{sector_crc, Generation};
+    use crate::shard::{Shard, ShardConfig};
+    use crate::sim::SimDisk;
+
+    const NODE: u128 = 0x5eed;
+
+    /// The sector where `bytes` (one sector) lies on `disk`.
+    fn find(disk: &SimDisk, bytes: &[u8]) -> u64 {
+        (0..disk.sectors())
+            .find(|&s| disk.sector(s) == bytes)
+            .expect("the payload is on the disk")
+    }
+
+    /// Puts an extent of chunk `victim` with `generation` where `decoy`'s
+    /// payload (two sectors) lies, as a client could by sending those
+    /// bytes as its payload: a header sector, then one data sector.
+    fn forge(disk: &SimDisk, decoy: &[u8], victim: ChunkId, generation: u64) {
+        let at = find(disk, &decoy[..SECTOR as usize]);
+        let evil = vec![0xee; SECTOR as usize];
+        let h = ExtentHeader {
+            kind: ExtentKind::Data,
+            chunk: victim,
+            first_sector: LogicalSector(0),
+            generation: Generation(generation),
+            chunk_len: SECTOR,
+            timestamp_ns: 1,
+            version: 99,
+            created_ns: 1,
+            disk_sector: DiskSector(at),
+            durable_below: 0,
+            crcs: smallvec::smallvec![sector_crc(
+                victim,
+                LogicalSector(0),
+                Generation(generation),
+                &evil
+            )],
+        };
+        let mut header = vec![0u8; SECTOR as usize];
+        h.encode(NODE, &mut header);
+        disk.put_sector(at, &header);
+        disk.put_sector(at + 1, &evil);
+    }
+
+    /// Headers in a recovery scan that claim a generation no write was
+    /// given (one past any counter, one past what the checkpoint's runs
+    /// could hold) are not replayed: the victim chunk keeps its data, and
+    /// the first no longer overflows the generation counter.
+    #[test]
+    fn headers_with_generations_never_handed_out_are_not_replayed() {
+        let disk = SimDisk::new((4 << 20) + (64 << 10), 11);
+        let cfg = ShardConfig {
+            node_id: NODE,
+            capacity_bytes: 4 << 20,
+            checkpoint_interval_ms: 3_600_000,
+            ..ShardConfig::default()
+        };
+        let victim = ChunkId(1);
+        let good = vec![0x11u8; SECTOR as usize];
+        let decoys: Vec<Vec<u8>> = (0..2u8)
+            .map(|i| vec![0xd0 + i; 2 * SECTOR as usize])
+            .collect();
+        crate::run_test(async {
+            let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
+            shard.write(victim, 0, &good).await.unwrap();
+            shard.checkpoint().await.unwrap();
+            for (i, d) in decoys.iter().enumerate() {
+                shard.write(ChunkId(10 + i as u128), 0, d).await.unwrap();
+            }
+            std::mem::forget(shard); // the process dies
+        });
+        forge(&disk, &decoys[0], victim, u64::MAX);
+        forge(&disk, &decoys[1], victim, 1 << 40);
+        crate::run_test(async {
+            let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
+            let r = shard.read(victim, 0, SECTOR as u32).await.unwrap();
+            assert!(r.data.to_vec() == good, "a forged extent was replayed");
+            shard.write(victim, 0, b"after").await.unwrap();
+        });
+    }
 }
