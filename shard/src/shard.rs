@@ -123,7 +123,12 @@ pub struct ShardConfig {
     /// transaction, which measured about 2.7x slower per durable 4 KiB write
     /// on ext4 here. Not done for block devices (nothing to convert).
     pub zero_fill: bool,
-    /// Group-commit flushes allowed in flight at once (see `group`).
+    /// Group-commit flushes allowed in flight at once (see `group`). Keep
+    /// it at 1 (the default, and what the server uses): Linux reports a
+    /// write-back error to one fdatasync of an open file, so with several
+    /// in flight, a later one may succeed and acknowledge writes before
+    /// the one that got the error stops the shard. Only the engine
+    /// benchmark (`examples/engine_bench.rs`, `FLUSHES`) raises it.
     pub max_flushes_in_flight: u32,
     /// Combined durable writes allowed at the device at once: durable
     /// extent writes that arrive while this many are in flight queue, and
