@@ -2083,6 +2083,28 @@ impl Inner {
     /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
     async fn read(&self, chunk: ChunkId, offset: u64, len: u32) -> Result<ReadOutcome, ShardError> {
         let _epoch = self.begin_read();
+        // Read-ahead of these bytes in flight: wait for it before taking
+        // the meta, so that the meta and the extents the read uses are
+        // taken together with no wait between (`read_bytes` finds nothing
+        // pending then). Taken before, a delete or overwrite during the
+        // wait left the old meta over the new extents: zeros, or newer
+        // bytes under the old version.
+        // (A range past any chunk's end fails its bounds check below.)
+        let range = offset
+            .checked_add(u64::from(len))
+            .and_then(|e| e.checked_next_multiple_of(SECTOR));
+        if let Some(end) = range {
+            let first = offset / SECTOR * SECTOR;
+            loop {
+                let pending = self.prefetch.pending(chunk, first, end);
+                if pending.is_empty() {
+                    break;
+                }
+                for p in pending {
+                    p.await;
+                }
+            }
+        }
         let (meta, end) = self.read_bounds(chunk, offset, len)?;
         let (data, cached) = if offset >= end {
             (ReadData::default(), true)

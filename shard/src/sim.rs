@@ -96,6 +96,8 @@ struct DiskState {
     write_through: bool,
     /// Writes wait (do not complete) while set; see `hold_writes`.
     hold_writes: bool,
+    /// Reads wait while set; see `hold_reads`.
+    hold_reads: bool,
     /// Writes to let through, then writes to fail; see `fail_writes_after`.
     fail_plan: (u32, u32),
 }
@@ -121,6 +123,7 @@ impl SimDisk {
                 protect_below: 2,
                 write_through: false,
                 hold_writes: false,
+                hold_reads: false,
                 fail_plan: (0, 0),
             })),
             kv: MemKv::default(),
@@ -142,6 +145,12 @@ impl SimDisk {
     /// they complete, in order, once it is turned off.
     pub fn hold_writes(&self, on: bool) {
         self.state.borrow_mut().hold_writes = on;
+    }
+
+    /// While on, reads of the data area stay in flight; they complete
+    /// (with what the disk holds then) once it is turned off.
+    pub fn hold_reads(&self, on: bool) {
+        self.state.borrow_mut().hold_reads = on;
     }
 
     /// The next `pass` writes complete as usual, then the `fail` after
@@ -372,7 +381,12 @@ impl Storage for SimDisk {
     }
 
     fn read(&self, at: DiskSector, sectors: u64) -> IoFuture<'_, ReadBuf> {
-        Box::pin(async move { self.do_read(at, sectors) })
+        Box::pin(async move {
+            while self.state.borrow().hold_reads {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            self.do_read(at, sectors)
+        })
     }
 
     fn sync(&self) -> IoFuture<'_, ()> {

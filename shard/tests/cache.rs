@@ -669,3 +669,65 @@ fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
         assert_eq!(first, expect);
     });
 }
+
+/// A read that waits for read-ahead in flight over its range takes the
+/// chunk's meta only after the wait: a delete made meanwhile gives
+/// NOT_FOUND (or the read is served whole from before it), never the old
+/// meta over what the index holds after (zeros for a deleted chunk, or a
+/// newer version's bytes under the old version) (review finding).
+#[test]
+fn a_read_waiting_for_read_ahead_sees_a_delete_made_meanwhile() {
+    let disk = shardstore_shard::SimDisk::new(64 * MIB + 64 * 1024, 12);
+    let cfg = ShardConfig {
+        cache_bytes: 16 * MIB,
+        prefetch: true,
+        capacity_bytes: 64 * MIB,
+        ..sim_shard_config()
+    };
+    let (c, len, step) = (cid(7), 1usize << 20, 64u32 << 10);
+    let data = pattern(7, len);
+    run(|| async {
+        let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
+        shard.write(c, 0, &data).await.unwrap();
+        shard.close().await.unwrap();
+    });
+    run(|| async {
+        // Cold cache: the first read starts a stream, the second reads
+        // ahead of it; both that read and the read-ahead are held at the
+        // disk, and a third read waits for the read-ahead.
+        let shard = std::rc::Rc::new(Shard::open_sim(cfg.clone(), &disk).await.unwrap());
+        shard.read(c, 0, step).await.unwrap();
+        disk.hold_reads(true);
+        let read_at = |at: u64| {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.read(c, at, step).await })
+        };
+        let second = read_at(u64::from(step));
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        let third = read_at(2 * u64::from(step));
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+        shard.delete(c).await.unwrap();
+        disk.hold_reads(false);
+        // Each read is from before the delete (its bytes) or after it
+        // (NOT_FOUND).
+        let check = |r: Result<shardstore_shard::ReadOutcome, ShardError>, at: usize| match r {
+            Err(ShardError::NotFound(_)) => {}
+            Ok(r) => assert!(
+                r.data.to_vec() == data[at..at + step as usize],
+                "the read at {at} answered version {} with bytes never written there",
+                r.version
+            ),
+            Err(e) => panic!("{e}"),
+        };
+        check(second.await, step as usize);
+        check(third.await, 2 * step as usize);
+        assert!(
+            shard.stats().cache.prefetch_issued > 0,
+            "no read-ahead was held"
+        );
+    });
+}
