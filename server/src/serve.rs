@@ -412,6 +412,16 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     for (i, (lis, (rx, hints))) in listeners.into_iter().zip(queues).enumerate() {
         let i = i as u32;
         let cpu = cpus[i as usize % cpus.len()];
+        #[allow(unused_mut)]
+        let mut ring_depth = 128;
+        // Debug builds only, for the test that a shard whose executor
+        // cannot start ends the start-up with its reason:
+        // `SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD=N` asks io_uring for rings
+        // deeper than it makes for shard N.
+        #[cfg(debug_assertions)]
+        if std::env::var("SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD").is_ok_and(|v| v == i.to_string()) {
+            ring_depth = 1 << 20;
+        }
         let node = node.clone();
         let peers = senders.clone();
         let ready = ready_tx.clone();
@@ -450,6 +460,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
+            .ring_depth(ring_depth)
             .spin_before_park(opts.poll)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move {
@@ -467,15 +478,39 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     drop(senders);
 
     let mut failed = None;
+    let mut reported = vec![false; n as usize];
     for _ in 0..n {
         match ready_rx.recv() {
-            Ok((i, Ok(summary))) => info!(shard = i, "{summary}"),
+            Ok((i, Ok(summary))) => {
+                reported[i as usize] = true;
+                info!(shard = i, "{summary}");
+            }
             Ok((i, Err(e))) => {
+                reported[i as usize] = true;
                 error!(shard = i, error = %e, "shard failed to start");
                 failed.get_or_insert(format!("shard {i}: {e}"));
             }
             Err(_) => {
-                failed.get_or_insert("a shard exited during start-up".into());
+                // Every shard that runs drops its sender once it reported:
+                // the rest never ran (their executor could not be made:
+                // io_uring refused, the CPU not allowed, locked memory),
+                // and their threads have ended with the reason.
+                let mut why = Vec::new();
+                for (i, h) in handles.drain(..).enumerate() {
+                    if !reported[i] {
+                        let e = match h.join() {
+                            Ok(Ok(())) => "ended without a word".to_owned(),
+                            Ok(Err(e)) => e,
+                            Err(e) => e.to_string(),
+                        };
+                        error!(shard = i, error = %e, "shard executor failed to start");
+                        why.push(format!("shard {i}: {e}"));
+                    }
+                }
+                failed.get_or_insert(format!(
+                    "a shard's executor failed to start: {}",
+                    why.join("; ")
+                ));
                 break;
             }
         }
@@ -618,6 +653,9 @@ async fn run_shard(
             dir.display()
         )),
     ));
+    // Let go of it: once every running shard has, a shard whose executor
+    // never ran ends the wait for all of them (see `serve`).
+    drop(ready);
     // Debug builds only, for the test that a shard's panic ends the whole
     // process (`abort_on_panic`): `SHARDSTORE_DEBUG_PANIC_SHARD=N` makes
     // shard N panic once it serves.

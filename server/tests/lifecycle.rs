@@ -336,3 +336,30 @@ async fn a_lost_shard_folder_is_refused_not_recreated_empty() {
         assert_eq!(&r.data[..], &[chunk as u8; 4096][..]);
     }
 }
+
+/// A shard whose executor cannot be made (io_uring refuses its rings) ends
+/// the start-up with that reason, at once: the other shards, open and
+/// serving, used to keep the start-up waiting for it forever.
+#[test]
+fn a_shard_whose_executor_cannot_start_fails_the_start_with_its_reason() {
+    let dir = data_dir("badexec");
+    let t = std::time::Instant::now();
+    let err = match TestServer::try_start_env(
+        &dir,
+        2,
+        &[],
+        &[("SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD", "1")],
+    ) {
+        Ok(_) => panic!("started with a shard that has no executor"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("shard 1") && err.contains("executor failed to start"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+}
