@@ -188,7 +188,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
     /// Once every shard is ready, write the front address to this file
-    /// (for scripts and tests that listen on port 0).
+    /// (for scripts and tests that listen on port 0). Removed at start
+    /// (one left by an earlier run) and at a graceful stop.
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Put the data areas on this block device (or partition), split into

@@ -269,6 +269,15 @@ impl ShardListeners {
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     abort_on_panic();
     let started = Instant::now();
+    // A ready file left by an earlier run would tell a script waiting for
+    // this one that it is ready, with the old address.
+    if let Some(p) = &opts.ready_file {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("removing the old ready file {}: {e}", p.display()),
+        }
+    }
     let nofile = crate::conn_limits::raise_nofile_limit();
     crate::conn_limits::limit_allocator_footprint();
     // Signals first: from here on SIGTERM drains instead of killing.
@@ -573,6 +582,9 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     lifecycle::status("stopped");
     if close_failed > 0 {
         bail!("{close_failed} shard(s) did not close cleanly");
+    }
+    if let Some(p) = &opts.ready_file {
+        let _ = std::fs::remove_file(p);
     }
     info!("shardstore stopped");
     Ok(())

@@ -363,3 +363,42 @@ fn a_shard_whose_executor_cannot_start_fails_the_start_with_its_reason() {
         t.elapsed()
     );
 }
+
+/// The ready file is the signal that this run is ready: one left by an
+/// earlier run is removed at start (a script waiting for it would find the
+/// old address at once), and the file is removed again at a graceful stop.
+#[test]
+fn a_stale_ready_file_is_removed_at_start_and_the_file_at_stop() {
+    let dir = data_dir("readyfile");
+    let ready = dir.join("ready.addr");
+    std::fs::write(&ready, "127.0.0.1:1\n").unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(["--capacity-mib", "64", "--io-memory-kib", "512"])
+        .arg("--data-dir")
+        .arg(&*dir)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("SHARDSTORE_DEBUG_OPEN_DELAY_MS", "1500")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        !ready.exists(),
+        "the old ready file is still there while the shards open"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&ready) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(addr.trim(), "127.0.0.1:1");
+    sigterm(child.id());
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    assert!(!ready.exists(), "the ready file outlived the server");
+}
