@@ -1168,11 +1168,8 @@ impl Shard {
         if !self.inner.fail_stopped.get() {
             self.inner.erase_abandoned().await?;
             self.inner.checkpoint(1).await?;
-            self.inner
-                .io
-                .sync()
-                .await
-                .map_err(|e| ShardError::io("fdatasync at close", e))?;
+            // Through the group: a failure stops the shard, never retried.
+            self.inner.sync_data("fdatasync at close").await?;
         }
         tracing::info!(shard = self.inner.id.0, "shard closed");
         Ok(())
@@ -1627,7 +1624,10 @@ impl Inner {
             self.fail_stop(what, &e);
             return Err(ShardError::io(what.to_string(), e));
         }
-        Ok(())
+        // A durable (O_DSYNC) write that failed meanwhile stopped the shard
+        // outside this group (its failure is a failed flush too): what this
+        // flush covered is not acknowledged after the stop.
+        self.check_writable()
     }
 
     /// Applies an index change (in memory only: the data area is the durable

@@ -102,6 +102,30 @@ fn flush_eio_fail_stops_writes_but_reads_go_on() {
     });
 }
 
+/// The fdatasync at close goes through the group like every other: its
+/// failure stops the shard (it used to return an error and leave the shard
+/// writable, and a second close retried the flush).
+#[test]
+fn a_failed_flush_at_close_fail_stops_the_shard() {
+    let disk = SimDisk::new(5 * MIB, 8);
+    run(|| async {
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
+        shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
+        disk.set_faults(SimFaults {
+            flush_eio: 1,
+            ..SimFaults::default()
+        });
+        assert!(shard.close().await.is_err());
+        assert!(
+            shard.stats().fail_stopped,
+            "a failed flush at close did not stop the shard"
+        );
+        disk.set_faults(SimFaults::default());
+        let e = shard.write(cid(2), 0, b"x").await.unwrap_err();
+        assert!(matches!(e, ShardError::ReadOnly), "{e}");
+    });
+}
+
 #[test]
 fn enospc_from_the_device_is_no_space_and_writes_resume() {
     let disk = SimDisk::new(5 * MIB, 8);
