@@ -60,16 +60,22 @@ fn one_device_write_per_acknowledged_write() {
     }
 }
 
+/// A shard with chunk 1 written, on a disk whose every flush now fails.
+async fn written_then_flushes_fail(disk: &SimDisk) -> Shard {
+    let shard = Shard::open_sim(sim_shard_config(), disk).await.unwrap();
+    shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
+    disk.set_faults(SimFaults {
+        flush_eio: 1,
+        ..SimFaults::default()
+    });
+    shard
+}
+
 #[test]
 fn flush_eio_fail_stops_writes_but_reads_go_on() {
     let disk = SimDisk::new(5 * MIB, 7);
     run(|| async {
-        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
-        shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
-        disk.set_faults(SimFaults {
-            flush_eio: 1,
-            ..SimFaults::default()
-        });
+        let shard = written_then_flushes_fail(&disk).await;
         let e = shard.write(cid(2), 0, &pattern(2, 5000)).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::Io, "{e}");
         assert!(shard.stats().fail_stopped);
@@ -109,12 +115,7 @@ fn flush_eio_fail_stops_writes_but_reads_go_on() {
 fn a_failed_flush_at_close_fail_stops_the_shard() {
     let disk = SimDisk::new(5 * MIB, 8);
     run(|| async {
-        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
-        shard.write(cid(1), 0, &pattern(1, 10_000)).await.unwrap();
-        disk.set_faults(SimFaults {
-            flush_eio: 1,
-            ..SimFaults::default()
-        });
+        let shard = written_then_flushes_fail(&disk).await;
         assert!(shard.close().await.is_err());
         assert!(
             shard.stats().fail_stopped,
