@@ -847,7 +847,9 @@ const DOCS: &[Doc] = &[
         help: &[
             "Block device (or partition) holding the data areas, split into equal",
             "per-shard ranges; data_dir still holds the node file and the indexes.",
-            "The service user needs read-write access to the device node.",
+            "The service user needs read-write access to the device node. The first",
+            "start on a device needs the --format flag (run `shardstore serve --config",
+            "FILE --format` once by hand, stop it, then start the service).",
         ],
     },
     Doc {

@@ -193,10 +193,12 @@ pub struct ServeArgs {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Put the data areas on this block device (or partition), split into
-    /// equal per-shard ranges, instead of files in the data folder.
+    /// equal per-shard ranges, instead of files in the data folder. The
+    /// first start on a device needs --format.
     #[arg(long, env = "SHARDSTORE_DEVICE")]
     device: Option<PathBuf>,
-    /// Format over a foreign or damaged superblock (destroys what was there),
+    /// Format a device the first time, or over a foreign or damaged
+    /// superblock (destroys what was there),
     /// and create shard folders missing from an initialized data folder
     /// (empty: their chunks are lost). One-shot operator action: a flag
     /// only, never a config key or env.

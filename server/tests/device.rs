@@ -61,7 +61,16 @@ async fn serve_on_a_loop_device() {
     };
     let args = dev_args(&lo);
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-    let srv = TestServer::try_start(&dir, 2, &extra).unwrap();
+    // A device with no superblock of ours is taken only with --format
+    // (zeros where it goes prove nothing), and then formatted.
+    let err = match TestServer::try_start(&dir, 2, &extra) {
+        Ok(_) => panic!("a blank device was formatted without --format"),
+        Err(e) => e,
+    };
+    assert!(err.contains("--format"), "unclear refusal: {err}");
+    let mut first = extra.clone();
+    first.push("--format");
+    let srv = TestServer::try_start(&dir, 2, &first).unwrap();
     let c = srv.client().await;
     for n in 0..20u128 {
         c.write(ChunkId(n), n as u64 * 10, pattern(n as u64, 9000))

@@ -777,6 +777,17 @@ impl Shard {
         let superblock = match found {
             Found::Ours(sb) => sb,
             Found::Blank => {
+                if cfg.device.is_some() && !cfg.format {
+                    // Zeros where our superblock goes prove nothing on a
+                    // device: a filesystem or volume may keep its
+                    // signature elsewhere (btrfs at 64 KiB, a ZFS label
+                    // past its first 8 KiB), and each shard sees only its
+                    // own range. A device is taken only when asked.
+                    return Err(ShardError::Format(format!(
+                        "{what} holds no shardstore superblock: a block device is formatted \
+                         only with --format (it may hold data whose signature lies elsewhere)"
+                    )));
+                }
                 if !index.is_empty() {
                     return Err(ShardError::Format(format!(
                         "{what} holds no superblock but the index in {} is not empty: refusing to reformat",
