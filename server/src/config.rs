@@ -512,6 +512,9 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
     Ok(s)
 }
 
+/// Largest `io_memory_kib`: glommio registers (pins) it per shard.
+pub const MAX_IO_MEMORY_KIB: u64 = 1 << 20;
+
 fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     if s.rdma_listen.is_some() && !cfg!(feature = "rdma") {
         return Err(bad(
@@ -574,8 +577,14 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
             format!("{} is over {MAX_POLL_US} (one second)", s.poll_us),
         ));
     }
-    if s.io_memory_kib < 64 {
-        return Err(bad("io_memory_kib", "must be at least 64"));
+    if s.io_memory_kib < 64 || s.io_memory_kib > MAX_IO_MEMORY_KIB {
+        return Err(bad(
+            "io_memory_kib",
+            format!(
+                "{} is not between 64 and {MAX_IO_MEMORY_KIB} (1 GiB per shard)",
+                s.io_memory_kib
+            ),
+        ));
     }
     if s.forward_queue == 0 {
         return Err(bad("forward_queue", "must be at least 1"));
@@ -633,6 +642,18 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     if let Some(n) = s.shards {
         check_oversubscribe(n, &cpus, s.allow_oversubscribe)?;
         check_polling(n, &cpus, s.poll_us)?;
+    } else if cpus.len() > limits::MAX_SHARDS as usize {
+        // One shard per CPU by default: refused here, before a data
+        // folder is made for a shard count no start could use.
+        return Err(bad(
+            "shards",
+            format!(
+                "one shard per CPU would be {} shards, over the limit of {}; set shards \
+                 (or cpus)",
+                cpus.len(),
+                limits::MAX_SHARDS
+            ),
+        ));
     }
     let shards = s.shards.map(u64::from).unwrap_or(cpus.len() as u64);
     if let Some(limit) = m.memlock_bytes {
@@ -692,6 +713,25 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         ));
     }
     let authenticated = s.auth_secret_file.is_some() || s.tls_client_ca_file.is_some();
+    if let Some(r) = s.rdma_listen {
+        // RDMA connections cannot authenticate (nor use TLS): off loopback
+        // they serve anyone who reaches them, which must be asked for.
+        if !r.ip().is_loopback() && !s.insecure_no_auth {
+            return Err(bad(
+                "rdma_listen",
+                format!(
+                    "{r} is not a loopback address and RDMA connections cannot authenticate; \
+                     pass --insecure-no-auth to serve anyone who can reach it"
+                ),
+            ));
+        }
+        if s.tls_cert_file.is_some() {
+            return Err(bad(
+                "rdma_listen",
+                "RDMA connections cannot use TLS: unset tls_cert_file or rdma_listen",
+            ));
+        }
+    }
     if !s.listen.ip().is_loopback() && !authenticated && !s.insecure_no_auth {
         return Err(bad(
             "listen",
@@ -884,8 +924,8 @@ const DOCS: &[Doc] = &[
         set: None,
         default: "1024",
         help: &[
-            "glommio registered (mlocked) I/O memory per shard, KiB. shards x this",
-            "must fit RLIMIT_MEMLOCK (LimitMEMLOCK= in the unit).",
+            "glommio registered (mlocked) I/O memory per shard, KiB, 64 to 1048576.",
+            "shards x this must fit RLIMIT_MEMLOCK (LimitMEMLOCK= in the unit).",
         ],
     },
     Doc {
@@ -1231,6 +1271,54 @@ mod tests {
         let e = check("shards = \n").unwrap_err();
         assert!(e.starts_with("t.toml:1"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn io_memory_is_bounded_without_a_memlock_limit() {
+        let f = parse("io_memory_kib = 1073741824\n", "t.toml").unwrap();
+        let unlimited = Machine {
+            memlock_bytes: None,
+            ..machine()
+        };
+        let e = resolve(f, &unlimited).unwrap_err().to_string();
+        assert!(
+            e.starts_with("io_memory_kib: 1073741824 is not between"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn one_shard_per_cpu_is_refused_past_the_shard_limit() {
+        let big = || Machine {
+            allowed_cpus: (0..300).collect(),
+            memlock_bytes: None,
+            ..machine()
+        };
+        let e = resolve(parse("", "t.toml").unwrap(), &big())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("shards: one shard per CPU would be 300 shards"),
+            "{e}"
+        );
+        let f = parse("shards = 256\nallow_oversubscribe = true\n", "t.toml").unwrap();
+        resolve(f, &big()).unwrap();
+    }
+
+    #[test]
+    fn rdma_off_loopback_needs_the_insecure_flag_and_no_tls() {
+        if !cfg!(feature = "rdma") {
+            let e = check("rdma_listen = \"0.0.0.0:7800\"\n").unwrap_err();
+            assert!(e.contains("built without rdma"), "{e}");
+            return;
+        }
+        let e = check("rdma_listen = \"0.0.0.0:7800\"\n").unwrap_err();
+        assert!(
+            e.starts_with("rdma_listen: 0.0.0.0:7800 is not a loopback"),
+            "{e}"
+        );
+        check("rdma_listen = \"0.0.0.0:7800\"\ninsecure_no_auth = true\n").unwrap();
+        check("rdma_listen = \"127.0.0.1:7800\"\n").unwrap();
     }
 
     #[test]
