@@ -17,9 +17,12 @@
 //! device read filled (shared, reference counted) and the sector's offset in
 //! it, so a hit is served by handing that buffer to the socket, and
 //! consecutive sectors from one read are served as one slice. A buffer stays
-//! alive while any of its sectors is cached (the weight counts the sectors
-//! cached, so a partly evicted large read holds more memory than it weighs
-//! until its last sector goes; sequential reads are evicted together).
+//! alive while any of its sectors is cached. The weight counts the sectors
+//! cached, so a large read whose sectors are mostly evicted holds more
+//! memory than it weighs: the cache counts the bytes of the buffers its
+//! entries hold, and past [`HELD_MAX_RATIO`] times its capacity copies each
+//! sector still cached from a mostly evicted buffer into one of its own
+//! (`compact`), so the buffers can go.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -41,6 +44,36 @@ pub(crate) const HOT_ALLOCATION: f64 = 0.8;
 /// `(generation, disk sector)`.
 pub(crate) type Key = (u64, u64);
 
+/// Bytes of buffers the entries may hold, at most, in multiples of the
+/// cache's capacity before `compact` runs.
+pub(crate) const HELD_MAX_RATIO: u64 = 2;
+/// A buffer is compacted away when fewer than 1 in this many of its
+/// sectors are still cached.
+const SPARSE: u64 = 4;
+
+/// The buffer of one device read, shared by the entries of its sectors:
+/// counted in the cache's held bytes while any of them holds it.
+struct Held {
+    bytes: u64,
+    total: Rc<Cell<u64>>,
+}
+
+impl Held {
+    fn new(bytes: u64, total: &Rc<Cell<u64>>) -> Rc<Held> {
+        total.set(total.get() + bytes);
+        Rc::new(Held {
+            bytes,
+            total: total.clone(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.set(self.total.get() - self.bytes);
+    }
+}
+
 /// One cached, verified sector.
 pub(crate) struct CachedSector {
     /// The whole buffer of the read that brought it in.
@@ -54,6 +87,8 @@ pub(crate) struct CachedSector {
     /// count of such entries, taken down when the entry is first read or
     /// dropped (evicted, replaced, forgotten).
     prefetched: Cell<Option<Rc<Cell<u64>>>>,
+    /// `parent`'s share of the held bytes (one per buffer).
+    held: Rc<Held>,
 }
 
 impl CachedSector {
@@ -85,6 +120,8 @@ pub struct CacheCounters {
     pub prefetch_issued: Cell<u64>,
     pub prefetch_used: Cell<u64>,
     pub prefetch_wasted: Cell<u64>,
+    /// Sectors given a copy of their own by `compact`.
+    pub compacted: Cell<u64>,
     /// Read requests served entirely from the cache, and the others.
     pub cached_reads: Cell<u64>,
     pub uncached_reads: Cell<u64>,
@@ -134,6 +171,8 @@ pub(crate) struct ReadCache {
     /// none, a hit is one lookup (`get`) instead of two (`peek`, to see the
     /// mark, then `get`).
     prefetched_live: Rc<Cell<u64>>,
+    /// Bytes of the buffers the entries hold (see `Held`).
+    held_bytes: Rc<Cell<u64>>,
 }
 
 impl ReadCache {
@@ -160,6 +199,7 @@ impl ReadCache {
             capacity_bytes: sectors * SECTOR,
             counters,
             prefetched_live: Rc::default(),
+            held_bytes: Rc::default(),
         }
     }
 
@@ -250,6 +290,7 @@ impl ReadCache {
         let mut map = map.borrow_mut();
         let n = crcs.len() as u64;
         debug_assert_eq!(buf.len() as u64, n * SECTOR);
+        let held = Held::new(buf.len() as u64, &self.held_bytes);
         for (i, crc) in (0..n).zip(crcs) {
             let mark = prefetched.then(|| {
                 let live = &self.prefetched_live;
@@ -263,13 +304,46 @@ impl ReadCache {
                     off: (i * SECTOR) as u32,
                     crc: *crc,
                     prefetched: Cell::new(mark),
+                    held: held.clone(),
                 },
             );
+        }
+        drop(held);
+        if self.held_bytes.get() > HELD_MAX_RATIO * self.capacity_bytes {
+            self.compact(&mut map);
         }
         bump(&self.counters.inserted, n);
         if prefetched {
             bump(&self.counters.prefetch_issued, n);
         }
+    }
+
+    /// Gives each entry whose buffer has fewer than 1 in [`SPARSE`] of its
+    /// sectors still cached a copy of its own sector, so those buffers go.
+    /// Runs when the held bytes pass [`HELD_MAX_RATIO`] times the capacity
+    /// (a cache of mostly evicted large reads); the policy's state of the
+    /// entries is kept (`peek_mut`).
+    fn compact(&self, map: &mut Map) {
+        let sparse: Vec<Key> = map
+            .iter()
+            .filter(|(_, e)| e.held.bytes > SPARSE * SECTOR * Rc::strong_count(&e.held) as u64)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &sparse {
+            if let Some(mut e) = map.peek_mut(k) {
+                let off = e.off as usize;
+                let own = e.parent[off..off + SECTOR as usize].to_vec();
+                e.parent = ReadBuf::from_vec(own);
+                e.off = 0;
+                e.held = Held::new(SECTOR, &self.held_bytes);
+            }
+        }
+        bump(&self.counters.compacted, sparse.len() as u64);
+    }
+
+    /// Bytes of the buffers the entries hold (at least what they weigh).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.held_bytes.get()
     }
 
     /// Takes back `n` hits counted by lookups whose read was then planned
@@ -335,6 +409,38 @@ mod tests {
         assert!(c.lookup(7, 100, 1).is_none());
         assert!(c.contains(7, 102));
         assert_eq!(c.usage(), (4 * SECTOR, 4));
+    }
+
+    /// Large reads of which one sector each stays hot (read again) while
+    /// the rest is evicted: the buffers they hold are bounded, by copying
+    /// those sectors out of their mostly evicted buffers, and the copies
+    /// serve the same bytes.
+    #[test]
+    fn buffers_held_by_a_few_hot_sectors_are_bounded() {
+        let cap = 256 * SECTOR;
+        let c = ReadCache::new(cap);
+        for g in 0..64u64 {
+            put(&c, g, 0, buf(256, g as u8), false);
+            // Its last sector (still in probation) read again: it outlives
+            // the rest.
+            c.lookup(g, 255, 1).unwrap();
+            assert!(
+                c.held_bytes() <= HELD_MAX_RATIO * cap + 256 * SECTOR,
+                "{} bytes held by a cache of {cap} after {} reads",
+                c.held_bytes(),
+                g + 1
+            );
+        }
+        assert!(c.counters.compacted.get() > 0);
+        let mut served = 0;
+        for g in 0..64u64 {
+            if let Some(h) = c.lookup(g, 255, 1) {
+                assert!(h.buf.iter().all(|&b| b == g as u8), "generation {g}");
+                assert_eq!(h.crc, crc32c::crc32c(&h.buf));
+                served += 1;
+            }
+        }
+        assert!(served > 0);
     }
 
     #[test]

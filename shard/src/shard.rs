@@ -299,6 +299,12 @@ pub struct CacheStats {
     pub prefetch_issued: u64,
     pub prefetch_used: u64,
     pub prefetch_wasted: u64,
+    /// Bytes of the read buffers the entries hold (at least `bytes`: a
+    /// buffer stays while any of its sectors is cached), bounded to a
+    /// small multiple of the capacity by giving sectors of mostly evicted
+    /// buffers a copy of their own (`compacted` sectors so far).
+    pub held_bytes: u64,
+    pub compacted: u64,
 }
 
 /// A validated write whose payload buffer is waiting to be filled.
@@ -2425,6 +2431,8 @@ impl Inner {
             prefetch_issued: c.prefetch_issued.get(),
             prefetch_used: c.prefetch_used.get(),
             prefetch_wasted: c.prefetch_wasted.get(),
+            held_bytes: self.cache.held_bytes(),
+            compacted: c.compacted.get(),
         }
     }
 }
