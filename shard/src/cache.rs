@@ -48,8 +48,10 @@ pub(crate) type Key = (u64, u64);
 /// cache's capacity before `compact` runs.
 pub(crate) const HELD_MAX_RATIO: u64 = 2;
 /// A buffer is compacted away when fewer than 1 in this many of its
-/// sectors are still cached.
-const SPARSE: u64 = 4;
+/// sectors are still cached: after `compact`, every buffer left has at
+/// least half of its sectors cached, so the held bytes are at most twice
+/// the weight.
+const SPARSE: u64 = 2;
 
 /// The buffer of one device read, shared by the entries of its sectors:
 /// counted in the cache's held bytes while any of them holds it.
@@ -173,6 +175,10 @@ pub(crate) struct ReadCache {
     prefetched_live: Rc<Cell<u64>>,
     /// Bytes of the buffers the entries hold (see `Held`).
     held_bytes: Rc<Cell<u64>>,
+    /// Bytes inserted since `compact` last ran: it runs at most once per
+    /// half a capacity inserted, so its walk over the entries costs about
+    /// two entries per sector inserted, whatever the buffers look like.
+    since_compact: Cell<u64>,
 }
 
 impl ReadCache {
@@ -200,6 +206,7 @@ impl ReadCache {
             counters,
             prefetched_live: Rc::default(),
             held_bytes: Rc::default(),
+            since_compact: Cell::new(0),
         }
     }
 
@@ -309,7 +316,12 @@ impl ReadCache {
             );
         }
         drop(held);
-        if self.held_bytes.get() > HELD_MAX_RATIO * self.capacity_bytes {
+        let since = self.since_compact.get() + buf.len() as u64;
+        self.since_compact.set(since);
+        if self.held_bytes.get() > HELD_MAX_RATIO * self.capacity_bytes
+            && since >= self.capacity_bytes / 2
+        {
+            self.since_compact.set(0);
             self.compact(&mut map);
         }
         bump(&self.counters.inserted, n);
@@ -321,8 +333,10 @@ impl ReadCache {
     /// Gives each entry whose buffer has fewer than 1 in [`SPARSE`] of its
     /// sectors still cached a copy of its own sector, so those buffers go.
     /// Runs when the held bytes pass [`HELD_MAX_RATIO`] times the capacity
-    /// (a cache of mostly evicted large reads); the policy's state of the
-    /// entries is kept (`peek_mut`).
+    /// (a cache of mostly evicted large reads), at most once per half a
+    /// capacity inserted: the held bytes stay under about 2.5 times the
+    /// capacity plus one read. The policy's state of the entries is kept
+    /// (`peek_mut`).
     fn compact(&self, map: &mut Map) {
         let sparse: Vec<Key> = map
             .iter()
@@ -425,7 +439,7 @@ mod tests {
             // the rest.
             c.lookup(g, 255, 1).unwrap();
             assert!(
-                c.held_bytes() <= HELD_MAX_RATIO * cap + 256 * SECTOR,
+                c.held_bytes() <= HELD_MAX_RATIO * cap + cap / 2 + 256 * SECTOR,
                 "{} bytes held by a cache of {cap} after {} reads",
                 c.held_bytes(),
                 g + 1
