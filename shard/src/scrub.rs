@@ -19,7 +19,7 @@ use glommio::{Latency, Shares};
 use shardstore_proto::ChunkId;
 
 use crate::error::ShardError;
-use crate::layout::{sector_crc, LogicalSector, SECTOR};
+use crate::layout::{sector_crc, DiskSector, LogicalSector, SECTOR};
 use crate::shard::{bump, Inner};
 use crate::sweep::SweepPass;
 
@@ -42,22 +42,44 @@ async fn step(
     let Some((chunk, rec)) = inner.index.extent_after(after) else {
         return Ok(None);
     };
-    let rb = inner
-        .io
-        .read(rec.disk, rec.count())
-        .await
-        .map_err(|e| ShardError::io(format!("scrubbing chunk {chunk}"), e))?;
+    // An extent the device cannot read whole (a media error) is read again
+    // sector by sector: each unreadable sector is a bad one, and the pass
+    // goes on (stopping there kept every later extent from being scrubbed).
+    let whole = match inner.io.read(rec.disk, rec.count()).await {
+        Ok(rb) => Some(rb),
+        Err(e) => {
+            tracing::warn!(shard = inner.id.0, chunk = %chunk, disk_sector = rec.disk.0, error = %e,
+                "scrub: extent unreadable; reading it sector by sector");
+            None
+        }
+    };
     let mut bad = 0;
     for (i, crc) in rec.crcs.iter().enumerate() {
-        let s = &rb[i * SECTOR as usize..(i + 1) * SECTOR as usize];
         let logical = LogicalSector(rec.logical.0 + i as u64);
+        let disk_sector = rec.disk.0 + i as u64;
+        let one;
+        let s: &[u8] = match &whole {
+            Some(rb) => &rb[i * SECTOR as usize..(i + 1) * SECTOR as usize],
+            None => match inner.io.read(DiskSector(disk_sector), 1).await {
+                Ok(rb) => {
+                    one = rb;
+                    &one
+                }
+                Err(e) => {
+                    bad += 1;
+                    tracing::error!(shard = inner.id.0, chunk = %chunk, sector = logical.0,
+                        disk_sector, error = %e, "scrub: sector unreadable");
+                    continue;
+                }
+            },
+        };
         if sector_crc(chunk, logical, rec.generation, s) != *crc {
             bad += 1;
             tracing::error!(
                 shard = inner.id.0,
                 chunk = %chunk,
                 sector = logical.0,
-                disk_sector = rec.disk.0 + i as u64,
+                disk_sector,
                 "scrub: sector checksum mismatch"
             );
         }

@@ -98,6 +98,8 @@ struct DiskState {
     hold_writes: bool,
     /// Reads wait while set; see `hold_reads`.
     hold_reads: bool,
+    /// Sectors every read of which fails with EIO; see `fail_reads_of`.
+    unreadable: std::collections::BTreeSet<u64>,
     /// Writes to let through, then writes to fail; see `fail_writes_after`.
     fail_plan: (u32, u32),
 }
@@ -124,6 +126,7 @@ impl SimDisk {
                 write_through: false,
                 hold_writes: false,
                 hold_reads: false,
+                unreadable: Default::default(),
                 fail_plan: (0, 0),
             })),
             kv: MemKv::default(),
@@ -151,6 +154,12 @@ impl SimDisk {
     /// (with what the disk holds then) once it is turned off.
     pub fn hold_reads(&self, on: bool) {
         self.state.borrow_mut().hold_reads = on;
+    }
+
+    /// Every read that covers `sector` fails with EIO from now on (a
+    /// media error).
+    pub fn fail_reads_of(&self, sector: u64) {
+        self.state.borrow_mut().unreadable.insert(sector);
     }
 
     /// The next `pass` writes complete as usual, then the `fail` after
@@ -303,7 +312,7 @@ impl SimDisk {
     fn do_read(&self, at: DiskSector, sectors: u64) -> io::Result<ReadBuf> {
         let mut st = self.state.borrow_mut();
         let f = st.faults;
-        if st.rng.one_in(f.read_eio) {
+        if st.rng.one_in(f.read_eio) || st.unreadable.range(at.0..at.0 + sectors).next().is_some() {
             st.counts.read_eio += 1;
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }

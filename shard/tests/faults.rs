@@ -216,6 +216,34 @@ fn silent_faults_are_detected_never_served() {
     }
 }
 
+/// Where the second sector of chunk `n` (written by `write_chunks`, 8 KiB)
+/// is on the disk.
+fn second_sector_of(disk: &SimDisk, n: u64) -> u64 {
+    let want = pattern(n, 8192);
+    (0..disk.sectors())
+        .find(|&s| disk.sector(s) == want[4096..])
+        .expect("the chunk's second sector is on the disk")
+}
+
+/// A sector the device cannot read stops nothing: the scrubber counts it
+/// bad and goes on with every extent after it (it used to end the pass
+/// there, every period, so later extents were never scrubbed).
+#[test]
+fn an_unreadable_sector_is_counted_and_the_scrub_goes_on() {
+    let disk = SimDisk::new(5 * MIB, 10);
+    run(|| async {
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
+        write_chunks(&shard, 10, 8192).await;
+        disk.fail_reads_of(second_sector_of(&disk, 0));
+        assert_eq!(shard.scrub_now().await.unwrap(), 1);
+        let s = shard.stats();
+        assert_eq!(
+            (s.scrub_passes, s.scrub_sectors, s.scrub_errors),
+            (1, 20, 1)
+        );
+    });
+}
+
 /// A bit flip in a live sector found by the scrubber, counted, and named.
 #[test]
 fn scrubber_counts_bad_sectors() {
@@ -230,11 +258,7 @@ fn scrubber_counts_bad_sectors() {
             (1, 20, 0)
         );
         // Find chunk 4's second sector on disk and flip a bit in it.
-        let want = pattern(4, 8192);
-        let at = (0..disk.sectors())
-            .find(|&s| disk.sector(s) == want[4096..])
-            .unwrap();
-        disk.flip_bit(at, 100);
+        disk.flip_bit(second_sector_of(&disk, 4), 100);
         assert_eq!(shard.scrub_now().await.unwrap(), 1);
         assert_eq!(shard.stats().scrub_errors, 1);
         assert!(matches!(
