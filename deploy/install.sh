@@ -79,7 +79,7 @@ if ! getent passwd shardstore >/dev/null 2>&1; then
 fi
 chown shardstore:shardstore "$DATADIR"
 chgrp shardstore "$conf"
-"$BINDIR/shardstore" config check "$conf" >/dev/null || \
+"$BINDIR/shardstore" config check --memlock-unlimited "$conf" >/dev/null || \
     say "warning: $conf does not pass 'shardstore config check'"
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload

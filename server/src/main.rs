@@ -317,6 +317,14 @@ impl ServeArgs {
 
     /// Flags over environment over file over defaults, validated.
     fn resolve(&self) -> Result<config::Settings, config::ConfigError> {
+        self.resolve_on(&config::Machine::probe())
+    }
+
+    /// [`ServeArgs::resolve`] against `machine`'s limits.
+    fn resolve_on(
+        &self,
+        machine: &config::Machine,
+    ) -> Result<config::Settings, config::ConfigError> {
         let file = match &self.config {
             Some(p) => config::load_file(p)?,
             None => config::FileConfig::default(),
@@ -326,7 +334,7 @@ impl ServeArgs {
             // RUST_LOG is the developer's habit: honoured below every other layer.
             merged.log_level = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
         }
-        config::resolve(merged, &config::Machine::probe())
+        config::resolve(merged, machine)
     }
 }
 
@@ -336,6 +344,11 @@ pub enum ConfigCmd {
     Check {
         /// The TOML file.
         file: PathBuf,
+        /// Check as a process with no locked-memory limit, as the packaged
+        /// unit runs the server (LimitMEMLOCK=infinity), instead of against
+        /// this shell's limit.
+        #[arg(long)]
+        memlock_unlimited: bool,
     },
     /// Print the commented example configuration (deploy/shardstore.toml).
     Default,
@@ -345,13 +358,28 @@ pub enum ConfigCmd {
 
 fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
     match c {
-        ConfigCmd::Check { file } => {
+        ConfigCmd::Check {
+            file,
+            memlock_unlimited,
+        } => {
             let args = ServeArgs {
                 config: Some(file.clone()),
                 ..ServeArgs::default()
             };
-            args.resolve()?;
-            println!("{}: ok", file.display());
+            let mut machine = config::Machine::probe();
+            if memlock_unlimited {
+                machine.memlock_bytes = None;
+            }
+            match args.resolve_on(&machine) {
+                Ok(_) => println!("{}: ok", file.display()),
+                Err(e) if e.to_string().starts_with("io_memory_kib") && !memlock_unlimited => {
+                    anyhow::bail!(
+                        "{e} (checked against this shell's locked-memory limit; the packaged \
+                         unit sets LimitMEMLOCK=infinity: add --memlock-unlimited to check as it runs)"
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         ConfigCmd::Default => print!("{}", config::example()),
         ConfigCmd::Show(args) => print!("{}", args.resolve()?.to_toml()),

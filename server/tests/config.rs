@@ -232,3 +232,33 @@ fn default_config_is_the_deploy_example() {
     let ok = stdout(&run(&["config", "check", path.to_str().unwrap()], &[]));
     assert!(ok.ends_with(": ok\n"), "{ok}");
 }
+
+/// `config check` runs in the operator's shell, whose locked-memory limit
+/// is not the service's: a refusal for io_memory_kib says so, and
+/// `--memlock-unlimited` checks as the packaged unit runs the server.
+#[test]
+fn config_check_can_check_as_the_unit_runs() {
+    // SAFETY: getrlimit only fills a plain struct.
+    let memlock = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r);
+        r.rlim_cur
+    };
+    let dir = data_dir("cfg-memlock");
+    // 64 MiB per shard, above any default locked-memory limit.
+    let conf = write(&dir, "m.toml", "io_memory_kib = 65536\nshards = 1\n");
+    if memlock != libc::RLIM_INFINITY && memlock < 64 << 20 {
+        let e = error(&run(&["config", "check", &conf], &[]));
+        assert!(
+            e.contains("io_memory_kib") && e.contains("--memlock-unlimited"),
+            "{e}"
+        );
+    } else {
+        eprintln!("first half skipped: this process's locked-memory limit is {memlock}");
+    }
+    let out = stdout(&run(
+        &["config", "check", "--memlock-unlimited", &conf],
+        &[],
+    ));
+    assert!(out.contains(": ok"), "{out}");
+}
