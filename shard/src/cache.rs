@@ -138,19 +138,21 @@ impl Weighter<Key, CachedSector> for SectorWeight {
     }
 }
 
-/// Counts evictions, and prefetched sectors evicted before anyone read them.
+/// Counts evictions, and prefetched sectors evicted before anyone read them
+/// (whose keys it keeps for `ReadCache::forget_unread`).
 #[derive(Clone)]
-struct Evictions(Rc<CacheCounters>);
+struct Evictions(Rc<CacheCounters>, Rc<RefCell<Vec<Key>>>);
 
 impl Lifecycle<Key, CachedSector> for Evictions {
     type RequestState = ();
 
     fn begin_request(&self) {}
 
-    fn on_evict(&self, _: &mut (), _: Key, val: CachedSector) {
+    fn on_evict(&self, _: &mut (), key: Key, val: CachedSector) {
         bump(&self.0.evictions, 1);
         if val.take_prefetched() {
             bump(&self.0.prefetch_wasted, 1);
+            self.1.borrow_mut().push(key);
         }
     }
 }
@@ -179,12 +181,15 @@ pub(crate) struct ReadCache {
     /// half a capacity inserted, so its walk over the entries costs about
     /// two entries per sector inserted, whatever the buffers look like.
     since_compact: Cell<u64>,
+    /// Keys of read-ahead sectors just evicted unread (see `insert`).
+    evicted_unread: Rc<RefCell<Vec<Key>>>,
 }
 
 impl ReadCache {
     /// A cache of `bytes` (rounded down to whole sectors); 0 disables it.
     pub(crate) fn new(bytes: u64) -> ReadCache {
         let counters = Rc::new(CacheCounters::default());
+        let evicted_unread = Rc::new(RefCell::new(Vec::new()));
         let sectors = bytes / SECTOR;
         let map = (sectors > 0).then(|| {
             let options = OptionsBuilder::new()
@@ -197,7 +202,7 @@ impl ReadCache {
                 options,
                 SectorWeight,
                 ChunkHasher::default(),
-                Evictions(counters.clone()),
+                Evictions(counters.clone(), evicted_unread.clone()),
             ))
         });
         ReadCache {
@@ -207,6 +212,7 @@ impl ReadCache {
             prefetched_live: Rc::default(),
             held_bytes: Rc::default(),
             since_compact: Cell::new(0),
+            evicted_unread,
         }
     }
 
@@ -316,6 +322,13 @@ impl ReadCache {
             );
         }
         drop(held);
+        // Read-ahead evicted unread leaves no ghost: a ghost's key enters
+        // the main queue when inserted again, so the reader's own read of
+        // those sectors later would put a scan in the main queue, pushing
+        // out the hot set.
+        for k in self.evicted_unread.take() {
+            map.remove(&k);
+        }
         let since = self.since_compact.get() + buf.len() as u64;
         self.since_compact.set(since);
         if self.held_bytes.get() > HELD_MAX_RATIO * self.capacity_bytes
@@ -455,6 +468,35 @@ mod tests {
             }
         }
         assert!(served > 0);
+    }
+
+    /// Read-ahead evicted unread leaves no trace: when the reader then
+    /// reads those sectors from disk they enter probation like any new
+    /// sector (and go with the next scan through it), not the main queue,
+    /// where a ghost of the read-ahead sector used to send them.
+    #[test]
+    fn read_ahead_evicted_unread_does_not_reach_the_main_queue() {
+        let c = ReadCache::new(64 * SECTOR);
+        // A full cache first (an empty one admits to its main queue).
+        for g in 1000..1200 {
+            put(&c, g, 0, buf(1, 0), false);
+        }
+        put(&c, 1, 0, buf(4, 1), true);
+        // Just enough to push them out of probation unread.
+        let mut g = 2000;
+        while (0..4).any(|i| c.contains(1, i)) {
+            put(&c, g, 0, buf(1, 0), false);
+            g += 1;
+        }
+        assert_eq!(c.counters.prefetch_wasted.get(), 4);
+        put(&c, 1, 0, buf(4, 1), false);
+        for g in 3000..3100 {
+            put(&c, g, 0, buf(1, 0), false);
+        }
+        assert!(
+            !(0..4).any(|i| c.contains(1, i)),
+            "sectors read ahead and wasted went to the main queue when read"
+        );
     }
 
     #[test]
