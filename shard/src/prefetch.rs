@@ -50,7 +50,7 @@ use shardstore_proto::ChunkId;
 
 use crate::error::ShardError;
 use crate::layout::SECTOR;
-use crate::shard::Inner;
+use crate::shard::{Inner, ReadBy};
 
 /// Shares of the read-ahead task queue (the default queue has 1000).
 pub const PREFETCH_SHARES: usize = 250;
@@ -447,7 +447,7 @@ async fn fetch(inner: &Inner, chunk: ChunkId, start: u64, end: u64) -> Result<()
     }
     let reads = misses
         .iter()
-        .map(|(r, from, to)| inner.read_verified(chunk, r, *from, *to));
+        .map(|(r, from, to)| inner.read_verified(chunk, r, *from, *to, ReadBy::ReadAhead));
     for ((r, from, _), res) in misses
         .iter()
         .zip(futures_util::future::join_all(reads).await)

@@ -2249,7 +2249,7 @@ impl Inner {
         let cached = misses.is_empty();
         let reads = misses
             .iter()
-            .map(|s| self.read_verified(chunk, &recs[s.rec], s.from, s.to));
+            .map(|s| self.read_verified(chunk, &recs[s.rec], s.from, s.to, ReadBy::Client));
         let results = futures_util::future::join_all(reads).await;
         let data = self.assemble(start, end, &recs, parts, results.into_iter())?;
         Ok((data, cached))
@@ -2367,13 +2367,17 @@ impl Inner {
 
     /// Reads logical sectors `[from, to)` of extent record `r` from disk and
     /// checks each against its crc (pair assertion, memory side: right after
-    /// the read). Returns the bytes and each sector's plain crc32c.
+    /// the read). Returns the bytes and each sector's plain crc32c. A bad
+    /// sector is counted in `corrupt_errors` (and logged as an error) when
+    /// a client read it (`by`); read-ahead caches nothing then, and the
+    /// client's own read of it counts it.
     pub(crate) async fn read_verified(
         &self,
         chunk: ChunkId,
         r: &ExtentRec,
         from: u64,
         to: u64,
+        by: ReadBy,
     ) -> Result<(ReadBuf, Vec<u32>), ShardError> {
         assert!(r.logical.0 <= from && from < to && to <= r.end());
         let skip = from - r.logical.0;
@@ -2398,8 +2402,15 @@ impl Inner {
             let crc = crc32c::crc32c(s);
             let got = sector_crc_from_plain(chunk, logical, r.generation, crc);
             if got != want {
-                bump(&self.counters.corrupt_errors, 1);
-                tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = disk + i, "sector checksum mismatch");
+                match by {
+                    ReadBy::Client => {
+                        bump(&self.counters.corrupt_errors, 1);
+                        tracing::error!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = disk + i, "sector checksum mismatch");
+                    }
+                    ReadBy::ReadAhead => {
+                        tracing::debug!(shard = self.id.0, chunk = %chunk, sector = logical.0, disk_sector = disk + i, "read-ahead found a sector checksum mismatch");
+                    }
+                }
                 return Err(ShardError::Corrupt {
                     chunk,
                     sector: logical.0,
@@ -2435,6 +2446,13 @@ impl Inner {
             compacted: c.compacted.get(),
         }
     }
+}
+
+/// Who reads sectors from disk (see `Inner::read_verified`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadBy {
+    Client,
+    ReadAhead,
 }
 
 /// Logical sectors `[from, to)` of the `rec`-th extent record of a read.

@@ -670,6 +670,28 @@ fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
     });
 }
 
+/// A simulated shard with a read cache and read-ahead holding chunk `c`
+/// (1 MiB), closed: the next open starts with a cold cache. Returns its
+/// config and the chunk's bytes.
+fn one_chunk_on_a_sim(
+    disk: &shardstore_shard::SimDisk,
+    c: shardstore_proto::ChunkId,
+) -> (ShardConfig, Vec<u8>) {
+    let cfg = ShardConfig {
+        cache_bytes: 16 * MIB,
+        prefetch: true,
+        capacity_bytes: 64 * MIB,
+        ..sim_shard_config()
+    };
+    let data = pattern(c.0 as u64, 1 << 20);
+    run(|| async {
+        let shard = Shard::open_sim(cfg.clone(), disk).await.unwrap();
+        shard.write(c, 0, &data).await.unwrap();
+        shard.close().await.unwrap();
+    });
+    (cfg, data)
+}
+
 /// A read that waits for read-ahead in flight over its range takes the
 /// chunk's meta only after the wait: a delete made meanwhile gives
 /// NOT_FOUND (or the read is served whole from before it), never the old
@@ -678,19 +700,8 @@ fn large_chunks_after_small_ones_in_a_marked_walk_are_read_ahead() {
 #[test]
 fn a_read_waiting_for_read_ahead_sees_a_delete_made_meanwhile() {
     let disk = shardstore_shard::SimDisk::new(64 * MIB + 64 * 1024, 12);
-    let cfg = ShardConfig {
-        cache_bytes: 16 * MIB,
-        prefetch: true,
-        capacity_bytes: 64 * MIB,
-        ..sim_shard_config()
-    };
-    let (c, len, step) = (cid(7), 1usize << 20, 64u32 << 10);
-    let data = pattern(7, len);
-    run(|| async {
-        let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
-        shard.write(c, 0, &data).await.unwrap();
-        shard.close().await.unwrap();
-    });
+    let (c, step) = (cid(7), 64u32 << 10);
+    let (cfg, data) = one_chunk_on_a_sim(&disk, c);
     run(|| async {
         // Cold cache: the first read starts a stream, the second reads
         // ahead of it; both that read and the read-ahead are held at the
@@ -729,5 +740,31 @@ fn a_read_waiting_for_read_ahead_sees_a_delete_made_meanwhile() {
             shard.stats().cache.prefetch_issued > 0,
             "no read-ahead was held"
         );
+    });
+}
+
+/// A bad sector that read-ahead meets is counted once, when a client reads
+/// it (read-ahead caches nothing then; the client's own read finds it and
+/// gets CORRUPT), not once more for the read-ahead.
+#[test]
+fn a_bad_sector_met_by_read_ahead_is_counted_once() {
+    let disk = shardstore_shard::SimDisk::new(64 * MIB + 64 * 1024, 13);
+    let (c, step) = (cid(8), 64u32 << 10);
+    let (cfg, data) = one_chunk_on_a_sim(&disk, c);
+    let bad = 3 * step as usize;
+    let at = (0..disk.sectors())
+        .find(|&s| disk.sector(s) == data[bad..bad + SECTOR as usize])
+        .unwrap();
+    disk.flip_bit(at, 7);
+    run(|| async {
+        let shard = Shard::open_sim(cfg.clone(), &disk).await.unwrap();
+        for i in 0..3u64 {
+            shard.read(c, i * u64::from(step), step).await.unwrap();
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(shard.stats().cache.prefetch_issued > 0, "no read-ahead");
+        let e = shard.read(c, 3 * u64::from(step), step).await.unwrap_err();
+        assert!(matches!(e, ShardError::Corrupt { .. }), "{e}");
+        assert_eq!(shard.stats().corrupt_errors, 1);
     });
 }
