@@ -67,9 +67,9 @@ use shardstore_proto::ChunkId;
 
 use crate::alloc::{Release, Run};
 use crate::error::ShardError;
-use crate::index::{Change, Checkpoint};
+use crate::index::{Change, Checkpoint, ExtentRec, TombRec};
 use crate::layout::{
-    DiskSector, ExtentHeader, ExtentKind, LogicalSector, Superblock, DATA_START_SECTOR,
+    DiskSector, ExtentHeader, ExtentKind, Generation, LogicalSector, Superblock, DATA_START_SECTOR,
     MAX_GENERATION, SECTOR,
 };
 use crate::shard::Inner;
@@ -647,19 +647,7 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
     }
     for (chunk, t) in inner.index.tombs() {
         r.tombstones += 1;
-        let ok = match inner.io.read(t.disk, 1).await {
-            Ok(b) => match ExtentHeader::decode(inner.node_id, &b) {
-                Ok(h) => {
-                    h.kind == ExtentKind::Tombstone
-                        && h.chunk == chunk
-                        && h.generation == t.generation
-                        && h.disk_sector == t.disk
-                }
-                Err(_) => false,
-            },
-            Err(_) => false,
-        };
-        if !ok {
+        if !tombstone_intact(inner, chunk, &t).await {
             r.problems.push((
                 chunk,
                 0,
@@ -668,6 +656,44 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
         }
     }
     Ok(r)
+}
+
+/// Whether the header at `at` (`sectors` long) reads back and decodes as
+/// the `kind` extent of `chunk` with `generation`, written there.
+async fn header_at(
+    inner: &Inner,
+    at: DiskSector,
+    sectors: u64,
+    kind: ExtentKind,
+    chunk: ChunkId,
+    generation: Generation,
+) -> bool {
+    match inner.io.read(at, sectors).await {
+        Ok(b) => ExtentHeader::decode(inner.node_id, &b).is_ok_and(|h| {
+            h.kind == kind && h.chunk == chunk && h.generation == generation && h.disk_sector == at
+        }),
+        Err(_) => false,
+    }
+}
+
+/// Whether the tombstone the index records for `chunk` is intact on disk
+/// (a damaged one would let a rebuild bring the deleted chunk back).
+pub(crate) async fn tombstone_intact(inner: &Inner, chunk: ChunkId, t: &TombRec) -> bool {
+    header_at(inner, t.disk, 1, ExtentKind::Tombstone, chunk, t.generation).await
+}
+
+/// Whether the header of the extent record `rec` is intact on disk (a
+/// damaged one would make a rebuild drop the live extent).
+pub(crate) async fn header_intact(inner: &Inner, chunk: ChunkId, rec: &ExtentRec) -> bool {
+    header_at(
+        inner,
+        rec.header,
+        rec.header_sectors,
+        ExtentKind::Data,
+        chunk,
+        rec.generation,
+    )
+    .await
 }
 
 /// How long a scrub should wait between extents to spread a pass over `period`.

@@ -4,9 +4,10 @@
 //!
 //! One extent record at a time: look it up and read it inside one reclaim
 //! epoch (so its space cannot be reused in between), check each sector's
-//! crc, then sleep enough to spread the pass over the period. A bad sector is
-//! logged (chunk, sector) and counted; it is never repaired here (there is no
-//! second copy on one node).
+//! crc and its header, then sleep enough to spread the pass over the
+//! period; at the end of a pass, every tombstone. A bad sector, header or
+//! tombstone is logged (chunk, sector) and counted; it is never repaired
+//! here (there is no second copy on one node).
 //!
 //! Before each scrub pass (so also soon after start-up) the same task runs
 //! a sweep pass (see `sweep`) when the shard holds tombstones.
@@ -84,9 +85,40 @@ async fn step(
             );
         }
     }
+    // Its header too (shared by the records an overwrite split the extent
+    // into: checked, and counted, with each): a damaged one would make a
+    // rebuild from the data area drop the extent.
+    if !crate::recover::header_intact(inner, chunk, &rec).await {
+        bad += 1;
+        tracing::error!(
+            shard = inner.id.0,
+            chunk = %chunk,
+            disk_sector = rec.header.0,
+            "scrub: extent header damaged or unreadable"
+        );
+    }
     bump(&inner.scrub.sectors, rec.count());
     bump(&inner.scrub.errors, bad);
     Ok(Some((chunk, rec.logical, bad)))
+}
+
+/// Checks every tombstone the index records (a damaged one would let a
+/// rebuild bring its deleted chunk back); returns how many are bad.
+async fn tombstones(inner: &Inner) -> u64 {
+    let mut bad = 0;
+    for (chunk, t) in inner.index.tombs() {
+        if !crate::recover::tombstone_intact(inner, chunk, &t).await {
+            bad += 1;
+            tracing::error!(
+                shard = inner.id.0,
+                chunk = %chunk,
+                disk_sector = t.disk.0,
+                "scrub: tombstone damaged or unreadable"
+            );
+        }
+    }
+    bump(&inner.scrub.errors, bad);
+    bad
 }
 
 /// One full pass; `pace` is slept between extents. Returns bad sectors found.
@@ -100,6 +132,7 @@ pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, S
             glommio::timer::sleep(p).await;
         }
     }
+    bad += tombstones(inner).await;
     bump(&inner.scrub.passes, 1);
     Ok(bad)
 }
@@ -174,6 +207,7 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                             bad += b;
                         }
                         Ok(None) => {
+                            bad += tombstones(&inner).await;
                             bump(&inner.scrub.passes, 1);
                             tracing::info!(
                                 shard = inner.id.0,

@@ -244,6 +244,35 @@ fn an_unreadable_sector_is_counted_and_the_scrub_goes_on() {
     });
 }
 
+/// The scrubber also checks each extent's header and each tombstone: a
+/// damaged header would make a rebuild drop its extent, a damaged
+/// tombstone would let a rebuild bring its deleted chunk back (review
+/// finding: only data sectors were read).
+#[test]
+fn the_scrubber_checks_headers_and_tombstones() {
+    let disk = SimDisk::new(5 * MIB, 11);
+    run(|| async {
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
+        write_chunks(&shard, 10, 8192).await;
+        let before: Vec<Vec<u8>> = (0..disk.sectors()).map(|s| disk.sector(s)).collect();
+        shard.delete(cid(9)).await.unwrap();
+        let tomb = (0..disk.sectors())
+            .find(|&s| disk.sector(s) != before[s as usize])
+            .expect("the tombstone's sector");
+        assert_eq!(shard.scrub_now().await.unwrap(), 0);
+        // Chunk 2's header: the sector before its first data sector.
+        disk.flip_bit(second_sector_of(&disk, 2) - 2, 300);
+        assert_eq!(shard.scrub_now().await.unwrap(), 1, "a damaged header");
+        disk.flip_bit(tomb, 300);
+        assert_eq!(
+            shard.scrub_now().await.unwrap(),
+            2,
+            "and a damaged tombstone"
+        );
+        assert_eq!(shard.stats().scrub_errors, 3);
+    });
+}
+
 /// A bit flip in a live sector found by the scrubber, counted, and named.
 #[test]
 fn scrubber_counts_bad_sectors() {
