@@ -644,6 +644,13 @@ pub(crate) async fn verify(inner: &Inner) -> Result<VerifyReport, ShardError> {
             }
             Err(e) => return Err(e),
         }
+        if !header_intact(inner, chunk, &rec).await {
+            r.problems.push((
+                chunk,
+                rec.logical.0,
+                format!("extent header at sector {} is damaged", rec.header.0),
+            ));
+        }
     }
     for (chunk, t) in inner.index.tombs() {
         r.tombstones += 1;

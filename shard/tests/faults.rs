@@ -270,6 +270,8 @@ fn the_scrubber_checks_headers_and_tombstones() {
             "and a damaged tombstone"
         );
         assert_eq!(shard.stats().scrub_errors, 3);
+        // The offline check finds both too.
+        assert_eq!(shard.verify().await.unwrap().problems.len(), 2);
     });
 }
 
