@@ -60,6 +60,12 @@ fn read_node_file(data_dir: &Path) -> anyhow::Result<(u128, u32)> {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    if let Some((uid, gid)) = become_folder_owner(&a.data_dir)? {
+        println!(
+            "running as {uid}:{gid}, the owner of {}",
+            a.data_dir.display()
+        );
+    }
     let (node_id, shard_count) = read_node_file(&a.data_dir)?;
     let ranges = match &a.device {
         Some(p) => Some(shardstore_shard::split_device(p, shard_count)?),
@@ -149,17 +155,6 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
                 bad += 1;
             }
         }
-        match give_back(&dir) {
-            Ok(0) => {}
-            Ok(n) => println!(
-                "shard {i}: {n} files this check created or rewrote given back to the owner of {}",
-                dir.display()
-            ),
-            Err(e) => {
-                println!("shard {i}: {e:#}");
-                bad += 1;
-            }
-        }
     }
     Ok(if bad == 0 {
         ExitCode::SUCCESS
@@ -168,39 +163,40 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Run as root on a shard folder that belongs to another user (the service
-/// account), the files this check created (a rebuilt index, sled's new
-/// segments and snapshots) belong to root, and the service could not open
-/// its index at its next start. Gives every file under `dir` whose owner
-/// differs back to `dir`'s owner and group; returns how many. Does nothing
-/// unless run as root.
-fn give_back(dir: &Path) -> anyhow::Result<usize> {
+/// Run as root on a data folder that belongs to another user (the service
+/// account), `check` becomes that user (and its group, with no
+/// supplementary groups) before it opens anything: what it creates (a
+/// rebuilt index, sled's segments) is then the service's, which can open it
+/// at its next start, and nothing under the folder is opened or changed
+/// with root's rights (the service account owns the folder and could
+/// swap a path in it for a symlink to anywhere). Returns the ids taken.
+fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok(0);
+        return Ok(None);
     }
-    let top =
-        std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let (uid, gid) = (top.uid(), top.gid());
-    let mut given = 0;
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-            let path = entry?.path();
-            let m = std::fs::symlink_metadata(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if m.uid() != uid || m.gid() != gid {
-                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                    .with_context(|| format!("giving {} back to {uid}:{gid}", path.display()))?;
-                given += 1;
-            }
-            if m.is_dir() {
-                todo.push(path);
-            }
-        }
+    let m =
+        std::fs::metadata(data_dir).with_context(|| format!("reading {}", data_dir.display()))?;
+    let (uid, gid) = (m.uid(), m.gid());
+    if uid == 0 {
+        return Ok(None);
     }
-    Ok(given)
+    // SAFETY: plain credential calls, made before this process starts any
+    // other thread (glibc applies them to every thread anyway).
+    let failed = unsafe {
+        libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+    };
+    if failed {
+        anyhow::bail!(
+            "could not become {uid}:{gid}, the owner of {}: {}",
+            data_dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Some((uid, gid)))
 }
 
 /// Takes sled's lock on an index file (the same `flock` sled takes), or
