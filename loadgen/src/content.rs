@@ -226,7 +226,11 @@ pub fn check(
     // follow, never a newer one's: those would be the tail of a write that
     // did not land whole. Compared on up to TORN_PROBE bytes (at least
     // TORN_MIN, so that a chance match of pseudo-random bytes is out).
-    for newer in version + 1..=high {
+    // Only when the version found is the acknowledged one: every newer one
+    // was then sent after its acknowledgement. A newer version found may
+    // itself have been applied after a later, longer one.
+    let newer_versions = version + 1..=if version == low { high } else { version };
+    for newer in newer_versions {
         let newer_len = (len_of(newer) as usize).min(data.len());
         let end = newer_len.min(expect_len + TORN_PROBE);
         if end >= expect_len + TORN_MIN {
@@ -269,6 +273,11 @@ mod tests {
         kept.extend_from_slice(&v2[100..]);
         assert_eq!(check(&kept, 300, at(5), 7, 3, 4, len_of), Ok(3));
         assert_eq!(check(&kept, 300, at(5), 7, 3, 3, len_of), Ok(3));
+        // Version 5 (short) over version 6 (long), neither acknowledged (4
+        // was): the server may have applied 6 first. Not a tear.
+        let mut late = value(at(5), 5, 7, 100);
+        late.extend_from_slice(&value(at(5), 6, 7, 300)[100..]);
+        assert_eq!(check(&late, 300, at(5), 7, 4, 6, len_of), Ok(5));
     }
 
     fn at(key: u64) -> PieceAt {

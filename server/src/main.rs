@@ -372,7 +372,7 @@ fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
             }
             match args.resolve_on(&machine) {
                 Ok(_) => println!("{}: ok", file.display()),
-                Err(e) if e.to_string().starts_with("io_memory_kib") && !memlock_unlimited => {
+                Err(e) if e.to_string().contains("locked-memory limit") && !memlock_unlimited => {
                     anyhow::bail!(
                         "{e} (checked against this shell's locked-memory limit; the packaged \
                          unit sets LimitMEMLOCK=infinity: add --memlock-unlimited to check as it runs)"

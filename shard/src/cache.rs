@@ -327,7 +327,12 @@ impl ReadCache {
         // those sectors later would put a scan in the main queue, pushing
         // out the hot set.
         for k in self.evicted_unread.take() {
-            map.remove(&k);
+            // Not one resident again: a read-ahead entry replaced by this
+            // insert is reported as evicted too, and its key is this
+            // insert's own.
+            if !map.contains_key(&k) {
+                map.remove(&k);
+            }
         }
         let since = self.since_compact.get() + buf.len() as u64;
         self.since_compact.set(since);
@@ -496,6 +501,14 @@ mod tests {
         assert!(
             !(0..4).any(|i| c.contains(1, i)),
             "sectors read ahead and wasted went to the main queue when read"
+        );
+        // Read-ahead replaced by a client's read of the same sectors: the
+        // client's entries stay.
+        put(&c, 2, 0, buf(4, 2), true);
+        put(&c, 2, 0, buf(4, 3), false);
+        assert!(
+            (0..4).all(|i| c.contains(2, i)),
+            "the client's entries were dropped"
         );
     }
 

@@ -579,7 +579,10 @@ impl Drop for InflightGuard<'_> {
             // Stopped: nothing more is written. Too many waiting (a stalled
             // device, clients giving up): each holds an in-flight record
             // and a checkpoint lists at most MAX_CHECKPOINT_RUNS runs, so
-            // this one is not erased (a hazard for a full rebuild only).
+            // this one is not erased. A hazard for a full rebuild, and until
+            // the next checkpoint for recovery: a later write of its chunk
+            // does not wait for it (see `settle_abandoned`), and both may
+            // be replayed after a crash.
             self.inner.end_abandoned(self.generation, self.run);
             return;
         }
@@ -1415,7 +1418,8 @@ impl Inner {
                     // may keep failing (ENOSPC on a full copy-on-write
                     // filesystem, a bad sector): then give up on this
                     // header rather than stop the shard. It stays a hazard
-                    // for a full rebuild only.
+                    // for a full rebuild, and until the next checkpoint for
+                    // recovery (as for MAX_ABANDONED in `InflightGuard`).
                     Err(e) => {
                         a.failed_erases += 1;
                         if a.failed_erases >= ERASE_TRIES {
