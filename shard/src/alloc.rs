@@ -477,6 +477,8 @@ pub struct Reclaimer {
     epoch: u64,
     readers: BTreeMap<u64, u64>,
     pending: Vec<(u64, Vec<Free>)>,
+    /// Sectors in `pending`.
+    pending_sectors: u64,
 }
 
 impl Reclaimer {
@@ -485,6 +487,7 @@ impl Reclaimer {
             epoch: 0,
             readers: BTreeMap::new(),
             pending: Vec::new(),
+            pending_sectors: 0,
         }
     }
 
@@ -511,6 +514,7 @@ impl Reclaimer {
         if releases.is_empty() {
             return;
         }
+        self.pending_sectors += releases.iter().map(Free::sectors).sum::<u64>();
         self.pending.push((self.epoch, releases));
         self.epoch += 1;
         self.drain(alloc);
@@ -519,6 +523,12 @@ impl Reclaimer {
     /// The current epoch: everything deferred so far has a lower one.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Sectors unlinked by a durable checkpoint that wait for reads to end
+    /// before they are free.
+    pub fn pending_sectors(&self) -> u64 {
+        self.pending_sectors
     }
 
     /// Whether everything deferred before `epoch` has been given back.
@@ -533,6 +543,7 @@ impl Reclaimer {
             if self.pending[i].0 < oldest_reader {
                 let (_, releases) = self.pending.swap_remove(i);
                 for r in releases {
+                    self.pending_sectors -= r.sectors();
                     alloc.give_back(r);
                 }
             } else {

@@ -868,6 +868,11 @@ impl Index {
         self.maps.borrow().tombs.len() as u64
     }
 
+    /// No key changed since the last flush.
+    pub fn is_clean(&self) -> bool {
+        self.maps.borrow().dirty.is_empty()
+    }
+
     pub fn chunk_count(&self) -> u64 {
         let maps = self.maps.borrow();
         maps.chunks.values().filter(|e| e.meta.is_some()).count() as u64

@@ -1210,8 +1210,11 @@ fn spawn_checkpointer(weak: Weak<Inner>) {
             if s.fail_stopped.get() {
                 return;
             }
+            // Index changes applied after the last checkpoint took its
+            // snapshot (a write in flight then) count as activity too.
             let idle = s.next_generation.get() == s.last_checkpoint_generation.get()
-                && s.quarantine.borrow().frees.is_empty();
+                && s.quarantine.borrow().frees.is_empty()
+                && s.index.is_clean();
             if !idle {
                 // Already a task of its own: nothing cancels it midway.
                 if let Err(e) = s.checkpoint_to_end(1, None).await {
@@ -1291,8 +1294,17 @@ fn free_sectors_of(frees: &[Free]) -> u64 {
 /// Starts a background checkpoint if the reservation runs low and none is running.
 fn maybe_checkpoint(inner: &Rc<Inner>) {
     // Early (at a quarter used): an index flush can take long under load,
-    // and writers must not run out of reservation meanwhile.
-    let low = inner.alloc.borrow().reserved_sectors() < inner.checkpoint_sectors / 4 * 3;
+    // and writers must not run out of reservation meanwhile. Against what
+    // a checkpoint could reserve: on a nearly full (or small) shard the
+    // free space is below the target for good, and comparing with the
+    // target alone started a checkpoint after every write.
+    let low = {
+        let alloc = inner.alloc.borrow();
+        let reserved = alloc.reserved_sectors();
+        // (Free space includes the reservation.)
+        let reachable = inner.checkpoint_sectors.min(alloc.free_sectors());
+        reserved < reachable / 4 * 3
+    };
     if low
         && inner.checkpoint_lock.available() > 0
         && !inner.checkpoint_requested.replace(true)
@@ -1471,7 +1483,7 @@ impl Inner {
     fn quarantined_sectors(&self) -> u64 {
         let q = self.quarantine.borrow();
         debug_assert_eq!(q.sectors, free_sectors_of(&q.frees));
-        q.sectors + q.held_sectors + self.releasing.get()
+        q.sectors + q.held_sectors + self.releasing.get() + self.reclaim.borrow().pending_sectors()
     }
 
     fn no_space(&self, needed_sectors: u64) -> ShardError {
@@ -1547,10 +1559,18 @@ impl Inner {
         }
         bump(&self.counters.checkpoint_waits, 1);
         // The first checkpoint makes quarantined space free, the second
-        // reserves it.
-        for _ in 0..2 {
+        // reserves it. Free once the reads that may still look at it have
+        // ended (the reclaimer): waited for between the two, or the second
+        // finds nothing to reserve.
+        for round in 0..2 {
             self.checkpoint_for(total).await?;
             self.check_writable()?;
+            if round == 0 {
+                let epoch = self.reclaim_epoch();
+                while !self.reclaim_drained_before(epoch) {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+            }
             if fits(self) {
                 if let Some(at) = self.alloc.borrow_mut().allocate(total) {
                     return Ok(at);

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use shardstore_proto::ErrorCode;
-use shardstore_shard::ShardError;
+use shardstore_shard::{Shard, ShardConfig, ShardError};
 
 #[test]
 fn fill_until_no_space_then_delete_frees() {
@@ -110,5 +110,84 @@ fn a_cancelled_checkpoint_still_frees_what_it_took() {
             shard.read(cid(1), 0, 1 << 20).await.unwrap().data.to_vec(),
             data
         );
+    });
+}
+
+/// On a full shard, space freed by deletes becomes reusable at a
+/// checkpoint, but only once the reads that began before it have ended: a
+/// write that needs it waits for them (it got NO_SPACE while any read was
+/// running; review finding).
+#[test]
+fn a_write_on_a_full_shard_waits_for_reads_holding_freed_space() {
+    let disk = shardstore_shard::SimDisk::new(64 * 4096 + 64 * 1024, 14);
+    let cfg = ShardConfig {
+        capacity_bytes: 64 * 4096,
+        ..sim_shard_config()
+    };
+    run(|| async {
+        let shard = std::rc::Rc::new(Shard::open_sim(cfg, &disk).await.unwrap());
+        let data = pattern(1, 16 * 1024);
+        let mut n = 0u128;
+        while shard.write(cid(n), 0, &data).await.is_ok() {
+            n += 1;
+        }
+        shard.delete(cid(3)).await.unwrap();
+        shard.delete(cid(4)).await.unwrap();
+        // A read in progress (held at the disk) over the checkpoints the
+        // write makes.
+        disk.hold_reads(true);
+        let reader = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.read(cid(0), 0, 4096).await })
+        };
+        for _ in 0..4 {
+            futures_lite::future::yield_now().await;
+        }
+        let writer = {
+            let shard = shard.clone();
+            let data = data.clone();
+            glommio::spawn_local(async move { shard.write(cid(100), 0, &data).await })
+        };
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        disk.hold_reads(false);
+        reader.await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(
+            shard
+                .read(cid(100), 0, 1 << 20)
+                .await
+                .unwrap()
+                .data
+                .to_vec(),
+            data
+        );
+    });
+}
+
+/// A shard whose free space is below the reservation target (small, or
+/// nearly full) does not start a checkpoint after every write: it used to,
+/// since the reservation could never reach the target.
+#[test]
+fn a_small_shard_does_not_checkpoint_after_every_write() {
+    let disk = shardstore_shard::SimDisk::new(4 * MIB + 64 * 1024, 15);
+    run(|| async {
+        let shard = Shard::open_sim(sim_shard_config(), &disk).await.unwrap();
+        for n in 0..60u128 {
+            shard
+                .write(cid(n), 0, &pattern(n as u64, 16 * 1024))
+                .await
+                .unwrap();
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        let before = shard.stats().checkpoints;
+        for n in 100..140u128 {
+            shard
+                .write(cid(n), 0, &pattern(n as u64, 4096))
+                .await
+                .unwrap();
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let taken = shard.stats().checkpoints - before;
+        assert!(taken < 10, "{taken} checkpoints for 40 writes");
     });
 }
