@@ -30,9 +30,13 @@
 #     with prefetch; read-ahead counters in the notes.
 #  4. Cached 1 MiB random reads, 1 connection x 4 outstanding, of a 64 x
 #     1 MiB set (fits in the cache, warmed like row 1), vs one iperf3 stream
-#     over loopback. Target >= 0.5.
+#     over loopback, sent by the iperf3 server on SERVER_CPU as shardstore
+#     sends its replies (-R), its first second left out (-O 1). Target >= 0.5.
 #  5. Durable 4 KiB writes at QD1 and QD32 vs fio randwrite with
 #     --fdatasync=1 at the same depth.
+#
+# A peer run that gives no figure (fio's job error, an empty redis-benchmark
+# or iperf3 result) stops the script instead of entering the medians.
 #
 # Prints the table  workload | shardstore | peer | ratio | notes  and writes
 # it to $BENCH_DIR/compare.md, raw per-run figures included. About 5 minutes
@@ -269,7 +273,7 @@ warm() {
 measure() {
     local name=$1 op=$2 metric=$3 peer_run=$4 i j c0 c1 t0 t1 w0 w1 total=$CACHE_ZERO
     shift 4
-    ss=() peer=() p99=() busy=() cpuop=()
+    ss=() peer=() p99=() busy=() cpuop=() lgbusy=()
     for i in $(seq "$RUNS"); do
         [[ -z ${RESTART_FLAGS+x} ]] || ss_restart "${RESTART_FLAGS[@]}"
         j=$BENCH_DIR/$name-$i.json
@@ -280,22 +284,36 @@ measure() {
         ss+=("$(jget "$j" "d['ops']['$op']['$metric']")")
         p99+=("$(jget "$j" "d['ops']['$op']['latency_us']['p99']")")
         cpuop+=("$(jget "$j" 'd["client"]["cpu_us_per_op"]')")
+        lgbusy+=("$(jget "$j" '100 * d["client"]["cpu_utilization"]')")
         busy+=("$(py "print(100 * ($t1 - $t0) / $clk_tck / ($w1 - $w0))")")
-        peer+=("$("$peer_run" "$i")")
+        peer+=("$(positive "$name peer run $i" "$("$peer_run" "$i")")")
     done
     cache=$(cache_note "$CACHE_ZERO" "$total")
     RAW+=("$name shardstore $op $metric: ${ss[*]} | server busy %: ${busy[*]} | cache counters ($CACHE_COLS): $total")
     RAW+=("$name peer: ${peer[*]}")
 }
 
+# positive WHAT VALUE: prints VALUE if it is a number above 0, else stops
+# the script: a peer run that failed (fio's job error, an empty redis or
+# iperf3 result) must not be taken for a figure (`$(...)` does not stop
+# the script on its own).
+positive() {
+    py 'import sys
+try:
+    ok = float(sys.argv[2]) > 0
+except ValueError:
+    ok = False
+print(sys.argv[2] if ok else "")' "$1" "$2" | grep . || die "$1 gave no figure (${2:-nothing}): see $BENCH_DIR"
+}
+
 # fio_run_get NAME EXPR I fio-flags...: fio run I; prints EXPR of its JSON
-# report `d`.
+# report `d` (nothing if the job reported an error).
 fio_run_get() {
     local name=$1 expr=$2 i=$3 j
     shift 3
     j=$BENCH_DIR/fio-$name-$i.json
-    fio_run "$j" "$@"
-    jget "$j" "$expr"
+    fio_run "$j" "$@" || true
+    jget "$j" "($expr) if d['jobs'][0]['error'] == 0 else ''"
 }
 
 # The ratio of the medians, and the median of the per-run (interleaved
@@ -329,7 +347,7 @@ redis_get() {
         -n "$REDIS_N" -c 32 -P 16 --csv | tail -1 | cut -d, -f2 | tr -d '"'
 }
 measure get read ops_per_s redis_get $K4 --read-ratio read-only --connections 32 --pipeline 16 "${TIMED[@]}"
-note="$cache; server core $(fmt "$(median "${busy[@]}")")% busy, loadgen $(median "${cpuop[@]}" | xargs printf '%.2f') us CPU/op, $(p99_note)"
+note="$cache; server core $(fmt "$(median "${busy[@]}")")% busy, loadgen $(median "${cpuop[@]}" | xargs printf '%.2f') us CPU/op ($(fmt "$(median "${lgbusy[@]}")")% of its core), $(p99_note)"
 row_measured 1 "4 KiB cached random read, 32 conns x 16 pipelined (ops/s)" "redis GET -c 32 -P 16, runs interleaved" "$note"
 
 # ------------------------------------------------ 4. cached 1 MiB random read
@@ -337,8 +355,10 @@ log "4. cached 1 MiB random read: shardstore and iperf3, interleaved"
 warm 64 1 4 $K1M
 iperf_run() {
     local j=$BENCH_DIR/iperf3-$1.json
-    taskset -c "$CLIENT_CPU" iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$DUR" -J >"$j"
-    jget "$j" 'd["end"]["sum_received"]["bits_per_second"] / 8e6'
+    # -R: the server (on SERVER_CPU, like shardstore) sends, as shardstore
+    # does; -O 1: the first second left out, like the loadgen's warmup.
+    taskset -c "$CLIENT_CPU" iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -R -O 1 -t "$((DUR + 1))" -J >"$j" || true
+    jget "$j" 'd["end"]["sum_received"]["bits_per_second"] / 8e6 if "error" not in d else ""'
 }
 measure read1m read mb_per_s iperf_run $K1M --read-ratio read-only --connections 1 --pipeline 4 "${TIMED[@]}"
 row_measured 5 "1 MiB cached random read, 1 conn x 4 outstanding (MB/s)" "iperf3 1 stream, loopback, runs interleaved" \
@@ -365,8 +385,8 @@ measure randread read ops_per_s fio_randread $K4 --read-ratio read-only --connec
 # network at all: the ceiling for any server driven by such a client.
 lockstep=()
 for i in $(seq "$RUNS"); do
-    lockstep+=("$(fio_run_get randread-lockstep 'd["jobs"][0]["read"]["iops"]' "$i" --rw=randread --bs=4k \
-        --ioengine=io_uring --iodepth=32 --iodepth_batch_submit=32 --iodepth_batch_complete_min=32)")
+    lockstep+=("$(positive "fio lock-step run $i" "$(fio_run_get randread-lockstep 'd["jobs"][0]["read"]["iops"]' "$i" --rw=randread --bs=4k \
+        --ioengine=io_uring --iodepth=32 --iodepth_batch_submit=32 --iodepth_batch_complete_min=32)")")
 done
 lockstep_note="fio in lock-step batches of 32 (submit 32, wait for all): $(fmt "$(median "${lockstep[@]}")") IOPS, $(py "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$(median "${lockstep[@]}")" "$(median "${peer[@]}")") of fio's"
 row_measured 2 "4 KiB uncached random read QD32, 4 conns x 8 (ops/s)" "fio randread io_uring QD32" \
