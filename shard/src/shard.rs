@@ -1566,10 +1566,7 @@ impl Inner {
             self.checkpoint_for(total).await?;
             self.check_writable()?;
             if round == 0 {
-                let epoch = self.reclaim_epoch();
-                while !self.reclaim_drained_before(epoch) {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
+                self.reclaimed().await;
             }
             if fits(self) {
                 if let Some(at) = self.alloc.borrow_mut().allocate(total) {
@@ -2082,14 +2079,14 @@ impl Inner {
         Ok(())
     }
 
-    /// The reclaimer's epoch: space deferred so far has a lower one.
-    pub(crate) fn reclaim_epoch(&self) -> u64 {
-        self.reclaim.borrow().epoch()
-    }
-
-    /// Whether all space deferred before `epoch` has been given back.
-    pub(crate) fn reclaim_drained_before(&self, epoch: u64) -> bool {
-        self.reclaim.borrow().drained_before(epoch)
+    /// Waits until all space deferred so far (unlinked by durable
+    /// checkpoints) is back in the free map: the reads that may look at it
+    /// have ended.
+    pub(crate) async fn reclaimed(&self) {
+        let epoch = self.reclaim.borrow().epoch();
+        while !self.reclaim.borrow().drained_before(epoch) {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Quarantines a run (reusable after the next durable checkpoint).
@@ -2124,33 +2121,23 @@ impl Inner {
     /// Reads up to `len` bytes at `offset`; short at the end of the chunk.
     async fn read(&self, chunk: ChunkId, offset: u64, len: u32) -> Result<ReadOutcome, ShardError> {
         let _epoch = self.begin_read();
-        // Read-ahead of these bytes in flight: wait for it before taking
-        // the meta, so that the meta and the extents the read uses are
-        // taken together with no wait between (`read_bytes` finds nothing
-        // pending then). Taken before, a delete or overwrite during the
-        // wait left the old meta over the new extents: zeros, or newer
-        // bytes under the old version.
-        // (A range past any chunk's end fails its bounds check below.)
-        let range = offset
-            .checked_add(u64::from(len))
-            .and_then(|e| e.checked_next_multiple_of(SECTOR));
-        if let Some(end) = range {
-            let first = offset / SECTOR * SECTOR;
-            loop {
-                let pending = self.prefetch.pending(chunk, first, end);
-                if pending.is_empty() {
-                    break;
-                }
-                for p in pending {
-                    p.await;
-                }
-            }
+        // The wait for read-ahead comes before the meta, so that the meta
+        // and the extents the read uses are taken together with no wait
+        // between. Taken before, a delete or overwrite during the wait left
+        // the old meta over the new extents: zeros, or newer bytes under
+        // the old version. (A range past any chunk's end fails its bounds
+        // check below.)
+        let asked_end = offset
+            .saturating_add(u64::from(len))
+            .min(limits::MAX_CHUNK_SIZE);
+        if offset < asked_end {
+            self.settle_read_ahead(chunk, offset, asked_end).await;
         }
         let (meta, end) = self.read_bounds(chunk, offset, len)?;
         let (data, cached) = if offset >= end {
             (ReadData::default(), true)
         } else {
-            self.read_bytes(chunk, offset, end).await?
+            self.read_bytes_settled(chunk, offset, end).await?
         };
         Ok(self.read_outcome(meta, data, cached))
     }
@@ -2252,15 +2239,38 @@ impl Inner {
         start: u64,
         end: u64,
     ) -> Result<(ReadData, bool), ShardError> {
+        self.settle_read_ahead(chunk, start, end).await;
+        self.read_bytes_settled(chunk, start, end).await
+    }
+
+    /// Waits until no read-ahead of bytes `[start, end)` of `chunk` is in
+    /// flight (rather than read them twice). The caller then looks up what
+    /// it reads in the index with no wait in between.
+    async fn settle_read_ahead(&self, chunk: ChunkId, start: u64, end: u64) {
+        let (from, to) = (start / SECTOR * SECTOR, end.div_ceil(SECTOR) * SECTOR);
+        loop {
+            let pending = self.prefetch.pending(chunk, from, to);
+            if pending.is_empty() {
+                return;
+            }
+            for p in pending {
+                p.await;
+            }
+        }
+    }
+
+    /// [`Inner::read_bytes`] once `settle_read_ahead` has returned, with no
+    /// wait since.
+    async fn read_bytes_settled(
+        &self,
+        chunk: ChunkId,
+        start: u64,
+        end: u64,
+    ) -> Result<(ReadData, bool), ShardError> {
         assert!(start < end);
         let _epoch = self.begin_read();
         let first = start / SECTOR;
         let last = end.div_ceil(SECTOR);
-        // Read-ahead of these sectors in flight: wait for it rather than
-        // read them twice.
-        for p in self.prefetch.pending(chunk, first * SECTOR, last * SECTOR) {
-            p.await;
-        }
         let recs = self.index.overlapping(chunk, first, last);
         let parts = self.plan(&recs, first, last);
         let misses: Vec<Span> = parts

@@ -154,10 +154,7 @@ impl SweepPass {
         let floor = inner.last_replay_from.get();
         // Every free so far (this checkpoint's and earlier ones still
         // waiting for reads) back in the free map.
-        let epoch = inner.reclaim_epoch();
-        while !inner.reclaim_drained_before(epoch) {
-            glommio::timer::sleep(Duration::from_millis(2)).await;
-        }
+        inner.reclaimed().await;
         pass.candidates = inner
             .index
             .tombs()
