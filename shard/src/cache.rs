@@ -139,7 +139,7 @@ impl Weighter<Key, CachedSector> for SectorWeight {
 }
 
 /// Counts evictions, and prefetched sectors evicted before anyone read them
-/// (whose keys it keeps for `ReadCache::forget_unread`).
+/// (whose keys it keeps for `ReadCache::insert` to remove their ghosts).
 #[derive(Clone)]
 struct Evictions(Rc<CacheCounters>, Rc<RefCell<Vec<Key>>>);
 

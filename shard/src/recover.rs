@@ -711,7 +711,7 @@ pub(crate) fn pace(period: Duration, extents: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{sector_crc, Generation};
+    use crate::layout::sector_crc;
     use crate::shard::{Shard, ShardConfig};
     use crate::sim::SimDisk;
 

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use glommio::{Latency, Shares};
 use shardstore_proto::ChunkId;
 
-use crate::error::ShardError;
 use crate::layout::{sector_crc, DiskSector, LogicalSector, SECTOR};
 use crate::shard::{bump, Inner};
 use crate::sweep::SweepPass;
@@ -34,15 +33,14 @@ pub struct ScrubCounters {
     pub errors: Cell<u64>,
 }
 
-/// Checks the extent record after `after`; returns its key, or None at the end.
+/// Checks the extent record after `after` (its sectors and its header);
+/// returns its key and the bad ones found, or None at the end.
 async fn step(
     inner: &Inner,
     after: Option<(ChunkId, LogicalSector)>,
-) -> Result<Option<(ChunkId, LogicalSector, u64)>, ShardError> {
+) -> Option<(ChunkId, LogicalSector, u64)> {
     let _epoch = inner.begin_read();
-    let Some((chunk, rec)) = inner.index.extent_after(after) else {
-        return Ok(None);
-    };
+    let (chunk, rec) = inner.index.extent_after(after)?;
     // An extent the device cannot read whole (a media error) is read again
     // sector by sector: each unreadable sector is a bad one, and the pass
     // goes on (stopping there kept every later extent from being scrubbed).
@@ -90,16 +88,29 @@ async fn step(
     // rebuild from the data area drop the extent.
     if !crate::recover::header_intact(inner, chunk, &rec).await {
         bad += 1;
-        tracing::error!(
-            shard = inner.id.0,
-            chunk = %chunk,
-            disk_sector = rec.header.0,
-            "scrub: extent header damaged or unreadable"
-        );
+        damaged(inner, chunk, rec.header, "extent header");
     }
     bump(&inner.scrub.sectors, rec.count());
     bump(&inner.scrub.errors, bad);
-    Ok(Some((chunk, rec.logical, bad)))
+    Some((chunk, rec.logical, bad))
+}
+
+/// Logs a header or tombstone that did not read back intact.
+fn damaged(inner: &Inner, chunk: ChunkId, at: DiskSector, what: &str) {
+    tracing::error!(
+        shard = inner.id.0,
+        chunk = %chunk,
+        disk_sector = at.0,
+        "scrub: {what} damaged or unreadable"
+    );
+}
+
+/// Ends a pass: checks the tombstones, counts the pass; returns the bad
+/// tombstones.
+async fn end_pass(inner: &Inner) -> u64 {
+    let bad = tombstones(inner).await;
+    bump(&inner.scrub.passes, 1);
+    bad
 }
 
 /// Checks every tombstone the index records (a damaged one would let a
@@ -115,12 +126,7 @@ async fn tombstones(inner: &Inner) -> u64 {
             && inner.index.get_tomb(chunk) == Some(t)
         {
             bad += 1;
-            tracing::error!(
-                shard = inner.id.0,
-                chunk = %chunk,
-                disk_sector = t.disk.0,
-                "scrub: tombstone damaged or unreadable"
-            );
+            damaged(inner, chunk, t.disk, "tombstone");
         }
     }
     bump(&inner.scrub.errors, bad);
@@ -128,19 +134,17 @@ async fn tombstones(inner: &Inner) -> u64 {
 }
 
 /// One full pass; `pace` is slept between extents. Returns bad sectors found.
-pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> Result<u64, ShardError> {
+pub(crate) async fn pass(inner: &Inner, pace: Option<Duration>) -> u64 {
     let mut after = None;
     let mut bad = 0;
-    while let Some((c, l, b)) = step(inner, after).await? {
+    while let Some((c, l, b)) = step(inner, after).await {
         after = Some((c, l));
         bad += b;
         if let Some(p) = pace {
             glommio::timer::sleep(p).await;
         }
     }
-    bad += tombstones(inner).await;
-    bump(&inner.scrub.passes, 1);
-    Ok(bad)
+    bad + end_pass(inner).await
 }
 
 /// A sweep pass (see `sweep`) before each scrub pass, spread over at most a
@@ -207,14 +211,13 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                     let Some(inner) = weak.upgrade() else { return };
                     let pace = crate::recover::pace(period, total);
                     match step(&inner, after).await {
-                        Ok(Some((c, l, b))) => {
+                        Some((c, l, b)) => {
                             after = Some((c, l));
                             extents += 1;
                             bad += b;
                         }
-                        Ok(None) => {
-                            bad += tombstones(&inner).await;
-                            bump(&inner.scrub.passes, 1);
+                        None => {
+                            bad += end_pass(&inner).await;
                             tracing::info!(
                                 shard = inner.id.0,
                                 extents,
@@ -222,10 +225,6 @@ pub(crate) fn spawn(weak: Weak<Inner>, period: Duration) {
                                 elapsed_ms = started.elapsed().as_millis() as u64,
                                 "scrub pass done"
                             );
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(shard = inner.id.0, error = %e, "scrub step failed");
                             break;
                         }
                     }

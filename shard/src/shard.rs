@@ -1154,7 +1154,7 @@ impl Shard {
     /// Runs one scrub pass over every live sector now (also used by tests);
     /// returns the number of bad sectors found.
     pub async fn scrub_now(&self) -> Result<u64, ShardError> {
-        crate::scrub::pass(&self.inner, None).await
+        Ok(crate::scrub::pass(&self.inner, None).await)
     }
 
     /// Runs one sweep pass now (see `sweep`): erases old headers of deleted
