@@ -229,17 +229,18 @@ pub fn check(
     // Only when the version found is the acknowledged one: every newer one
     // was then sent after its acknowledgement. A newer version found may
     // itself have been applied after a later, longer one.
-    let newer_versions = version + 1..=if version == low { high } else { version };
-    for newer in newer_versions {
-        let newer_len = (len_of(newer) as usize).min(data.len());
-        let end = newer_len.min(expect_len + TORN_PROBE);
-        if end >= expect_len + TORN_MIN {
-            let theirs = value(at, newer, seed, end);
-            if data[expect_len..end] == theirs[expect_len..end] {
-                return Err(Mismatch::Torn {
-                    found: version,
-                    newer,
-                });
+    if version == low {
+        for newer in version + 1..=high {
+            let newer_len = (len_of(newer) as usize).min(data.len());
+            let end = newer_len.min(expect_len + TORN_PROBE);
+            if end >= expect_len + TORN_MIN {
+                let theirs = value(at, newer, seed, end);
+                if data[expect_len..end] == theirs[expect_len..end] {
+                    return Err(Mismatch::Torn {
+                        found: version,
+                        newer,
+                    });
+                }
             }
         }
     }

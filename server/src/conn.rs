@@ -797,7 +797,7 @@ async fn handle_frame<S: Transport>(
             match reply {
                 Ok(EncodedReply { frame, payload }) => {
                     // The owner's error replies are counted here, where
-                    // the request was (see `ForwardMsg::counted`).
+                    // the request was (see `ForwardMsg::count`).
                     if is_error_frame(&frame) {
                         ctx.counters.error(op);
                     }

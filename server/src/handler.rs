@@ -68,7 +68,7 @@ pub const STREAM_HINT_QUEUE: usize = 256;
 pub enum Count {
     /// On this shard.
     Here,
-    /// On the shard that forwarded it here (see [`ForwardMsg::counted`]).
+    /// On the shard that forwarded it here (see [`ForwardMsg::count`]).
     BySender,
 }
 
@@ -85,8 +85,8 @@ pub struct Forwarded {
     /// Never sent on: dropped with this message, it tells the sender that
     /// the owner has let go of the payload (see [`Queued::released`]).
     pub release: flume::Sender<()>,
-    /// See [`ForwardMsg::counted`].
-    pub counted: bool,
+    /// See [`ForwardMsg::count`].
+    pub count: Count,
 }
 
 /// A reply encoded by the owner: header and body, then payload bytes.
@@ -163,11 +163,11 @@ pub struct ForwardMsg {
     pub payload: Vec<u8>,
     /// See [`Forwarded::deadline`].
     pub deadline: std::time::Instant,
-    /// The sender counts the request and its outcome in its own `requests`
-    /// and `errors` (a shard that took it from a client connection), so
-    /// the owner does not count it again (only in `forwarded_in` and its
-    /// execution latency). False from the RDMA bridge: the owner counts it.
-    pub counted: bool,
+    /// Where the request and its outcome are counted in `requests` and
+    /// `errors`: `BySender` from a shard that took it from a client
+    /// connection (the owner counts it only in `forwarded_in` and its
+    /// execution latency), `Here` (on the owner) from the RDMA bridge.
+    pub count: Count,
 }
 
 /// A request queued for another shard.
@@ -204,7 +204,7 @@ pub fn enqueue_to_shard(
         reply: tx,
         deadline: msg.deadline,
         release,
-        counted: msg.counted,
+        count: msg.count,
     };
     if peer.try_send(fwd).is_err() {
         return Err(ErrReply::new(
@@ -473,7 +473,7 @@ impl ShardCtx {
     /// bytes already read (and checked by the caller against the crc).
     /// Appends the reply's header and body to `out` and returns its payload.
     /// An error reply is counted in `errors` unless `errors` says the
-    /// sender counts it (see [`ForwardMsg::counted`]).
+    /// sender counts it (see [`ForwardMsg::count`]).
     pub async fn execute(
         &self,
         opcode: Opcode,
@@ -815,7 +815,7 @@ impl ShardCtx {
             body,
             payload,
             deadline: Instant::now() + after,
-            counted: true,
+            count: Count::BySender,
         };
         let deadline = msg.deadline;
         let queued = match enqueue_to_shard(&self.peers, owner, msg) {
@@ -939,11 +939,7 @@ impl ShardCtx {
                         msg.request_id,
                         &msg.body,
                         msg.payload,
-                        if msg.counted {
-                            Count::BySender
-                        } else {
-                            Count::Here
-                        },
+                        msg.count,
                     )
                     .await;
                 let _ = msg.reply.send(reply);

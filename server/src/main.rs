@@ -372,13 +372,21 @@ fn config_cmd(c: ConfigCmd) -> anyhow::Result<ExitCode> {
             }
             match args.resolve_on(&machine) {
                 Ok(_) => println!("{}: ok", file.display()),
-                Err(e) if e.to_string().contains("locked-memory limit") && !memlock_unlimited => {
-                    anyhow::bail!(
-                        "{e} (checked against this shell's locked-memory limit; the packaged \
-                         unit sets LimitMEMLOCK=infinity: add --memlock-unlimited to check as it runs)"
-                    )
+                Err(e) => {
+                    // Refused only for this shell's locked-memory limit:
+                    // the config passes with none, as the unit runs it.
+                    let unlimited = config::Machine {
+                        memlock_bytes: None,
+                        ..machine
+                    };
+                    if machine.memlock_bytes.is_some() && args.resolve_on(&unlimited).is_ok() {
+                        anyhow::bail!(
+                            "{e} (checked against this shell's locked-memory limit; the packaged \
+                             unit sets LimitMEMLOCK=infinity: add --memlock-unlimited to check as it runs)"
+                        )
+                    }
+                    return Err(e.into());
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         ConfigCmd::Default => print!("{}", config::example()),

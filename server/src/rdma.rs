@@ -23,7 +23,7 @@
 
 use crate::handler::{
     await_shard_reply, check_write_payload, encode_error, encode_header_error, enqueue_to_shard,
-    forward_timed_out, EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
+    forward_timed_out, Count, EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
 };
 use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
 use shardstore_proto::{ErrorCode, Opcode, ShardId};
@@ -85,7 +85,7 @@ impl Bridge {
             body,
             payload,
             deadline: std::time::Instant::now() + self.forward_timeout,
-            counted: false,
+            count: Count::Here,
         };
         // This path keeps no buffer budget (the TCP path holds its share
         // until the owner lets go, see `ShardCtx::forward`): after a

@@ -421,16 +421,6 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     for (i, (lis, (rx, hints))) in listeners.into_iter().zip(queues).enumerate() {
         let i = i as u32;
         let cpu = cpus[i as usize % cpus.len()];
-        #[allow(unused_mut)]
-        let mut ring_depth = 128;
-        // Debug builds only, for the test that a shard whose executor
-        // cannot start ends the start-up with its reason:
-        // `SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD=N` asks io_uring for rings
-        // deeper than it makes for shard N.
-        #[cfg(debug_assertions)]
-        if std::env::var("SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD").is_ok_and(|v| v == i.to_string()) {
-            ring_depth = 1 << 20;
-        }
         let node = node.clone();
         let peers = senders.clone();
         let ready = ready_tx.clone();
@@ -466,12 +456,19 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         // checkpoints to it (see shardstore_shard's `index`). Not pinned to
         // the shard's CPU, so that work does not take turns with the shard
         // thread, nor do the threads sled starts from it.
-        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i:03}"))
             .io_memory(opts.io_memory_bytes)
-            .ring_depth(ring_depth)
             .spin_before_park(opts.poll)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1));
+        // Debug builds only, for the test that a shard whose executor
+        // cannot start ends the start-up with its reason:
+        // `SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD=N` asks io_uring for rings
+        // deeper than it makes for shard N.
+        if debug_hook_for_shard("SHARDSTORE_DEBUG_BAD_EXECUTOR_SHARD", i) {
+            builder = builder.ring_depth(1 << 20);
+        }
+        let h = builder
             .spawn(move || async move {
                 let queues = ShardQueues {
                     peers,
@@ -606,6 +603,12 @@ struct ShardQueues {
     hints: flume::Receiver<StreamHint>,
 }
 
+/// Debug builds only: whether the test hook `var` names `shard` (its value
+/// is a shard number). Always false in release builds.
+fn debug_hook_for_shard(var: &str, shard: u32) -> bool {
+    cfg!(debug_assertions) && std::env::var(var).is_ok_and(|v| v == shard.to_string())
+}
+
 async fn run_shard(
     cfg: ShardConfig,
     node: NodeInfo,
@@ -671,8 +674,7 @@ async fn run_shard(
     // Debug builds only, for the test that a shard's panic ends the whole
     // process (`abort_on_panic`): `SHARDSTORE_DEBUG_PANIC_SHARD=N` makes
     // shard N panic once it serves.
-    #[cfg(debug_assertions)]
-    if std::env::var("SHARDSTORE_DEBUG_PANIC_SHARD").is_ok_and(|v| v == id.0.to_string()) {
+    if debug_hook_for_shard("SHARDSTORE_DEBUG_PANIC_SHARD", id.0) {
         glommio::spawn_local(async move {
             glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
             panic!("SHARDSTORE_DEBUG_PANIC_SHARD: shard {id} panics on purpose");

@@ -139,7 +139,7 @@ fn forwarded_requests_of_closed_connections_are_skipped() {
                 reply,
                 deadline,
                 release: flume::bounded(1).0,
-                counted: true,
+                count: shardstore_server::handler::Count::BySender,
             };
             (msg, replies)
         };
