@@ -202,7 +202,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let Some(head) = self.read_head().await? else {
             return Ok(None);
         };
-        let body = self.read_body(&head).await?.to_vec();
+        let body = match self.read_body(&head).await {
+            Ok(b) => b.to_vec(),
+            Err(FrameError::Body(e)) => {
+                // In step after a bad body (see `FrameError::Body`): its
+                // payload is not taken for the next frame's header.
+                self.skip_payload(head.header.payload_len as usize).await?;
+                return Err(FrameError::Body(e));
+            }
+            Err(e) => return Err(e),
+        };
         let mut payload = vec![0u8; head.header.payload_len as usize];
         self.read_payload(&mut payload).await?;
         Ok(Some(Frame {
@@ -256,6 +265,25 @@ mod tests {
             assert_eq!(w.payload_crc.to_native(), payload_crc(&f.payload));
             let f = r.next_frame().await.unwrap().unwrap();
             assert_eq!(f.opcode, Opcode::Stat);
+            assert!(r.next_frame().await.unwrap().is_none());
+        });
+    }
+
+    /// A frame whose body is bad is an error, and the stream stays in step:
+    /// the next frame reads as itself. Its payload used to be left in the
+    /// stream and parsed as the next header (bytes a peer chose).
+    #[test]
+    fn after_a_bad_body_the_next_frame_is_read() {
+        block_on(async {
+            let mut all = frames();
+            // A byte of the WRITE's body (after the PING and the WRITE's header).
+            all[2 * HEADER_LEN + 1] ^= 0xff;
+            let mut r = FrameReader::new(Cursor::new(all), limits::MAX_PAYLOAD);
+            let f = r.next_frame().await.unwrap().unwrap();
+            assert_eq!(f.opcode, Opcode::Ping);
+            assert!(matches!(r.next_frame().await, Err(FrameError::Body(_))));
+            let f = r.next_frame().await.unwrap().unwrap();
+            assert_eq!((f.opcode, f.header.request_id), (Opcode::Stat, 3));
             assert!(r.next_frame().await.unwrap().is_none());
         });
     }

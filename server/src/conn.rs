@@ -1,11 +1,14 @@
 //! One client connection, served start to finish on the shard that accepted
-//! it, by one task: no task spawn per request.
+//! it, by one task.
 //!
 //! The loop reads with a large buffer, so one `recv` takes every frame the
-//! kernel holds; requests that finish without I/O (PING, STAT, LIST, errors)
-//! are answered inline; requests that wait on the device run as futures in a
-//! per-connection `FuturesUnordered` polled by the same task, so a pipeline of
-//! reads and writes proceeds concurrently (and writes share group commits).
+//! kernel holds; requests that finish without I/O (PING, STAT, LIST, cache
+//! hits, errors) are answered inline, with no task spawn; requests that wait
+//! on the device or on another shard run as their own tasks (see
+//! [`apart`]), their replies collected in a per-connection
+//! `FuturesUnordered`, so a pipeline of reads and writes proceeds
+//! concurrently (and writes share group commits), and goes on while the
+//! connection's task waits on a slow socket.
 //! Replies are queued and sent with one vectored `sendmsg` when no complete
 //! request is left in the receive buffer; read payloads go from the DMA buffer
 //! to the socket without a copy.
@@ -162,6 +165,7 @@ impl Transport for TcpStream {
     /// glommio's poll-armed write when it is full.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
         let fd = self.as_raw_fd();
+        let clock = SendClock::new(slices, timeout);
         let mut idx = 0; // first slice not fully sent
         let mut off = 0; // bytes of slices[idx] already sent
         while idx < slices.len() {
@@ -171,9 +175,9 @@ impl Transport for TcpStream {
             let sent = match send_vectored(fd, &iov) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    within(Instant::now() + timeout, self.write(&slices[idx][off..]))
+                    within(clock.wait_until(), self.write(&slices[idx][off..]))
                         .await
-                        .ok_or_else(stopped_reading)??
+                        .ok_or_else(|| clock.cut_off())??
                 }
                 Err(e) => return Err(e),
             };
@@ -202,26 +206,83 @@ impl Transport for futures_rustls::server::TlsStream<TcpStream> {
     /// rustls encrypts into its own records, so this path copies; replies
     /// are still batched into one flush per readiness.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
+        let clock = SendClock::new(slices, timeout);
         for s in slices {
             let mut s = *s;
             while !s.is_empty() {
-                let n = within(Instant::now() + timeout, self.write(s))
+                let n = within(clock.wait_until(), self.write(s))
                     .await
-                    .ok_or_else(stopped_reading)??;
+                    .ok_or_else(|| clock.cut_off())??;
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
                 s = &s[n..];
             }
         }
-        within(Instant::now() + timeout, self.flush())
+        within(clock.wait_until(), self.flush())
             .await
-            .ok_or_else(stopped_reading)?
+            .ok_or_else(|| clock.cut_off())?
     }
 }
 
-fn stopped_reading() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
+/// The slowest a client may take its replies, on average over one flush
+/// (after the write timeout's grace), or send a frame (after the frame
+/// timeout's): 64 KiB/s, a 512 kbit/s link. A slower one is cut off like
+/// one that stopped; else a client moving one segment now and then would
+/// keep its buffers (and their share of the shard's budget) for as long as
+/// it liked, and a frame larger than the frame timeout's worth at a slow
+/// but honest rate could never arrive.
+const MIN_PEER_BYTES_PER_SEC: u64 = 64 << 10;
+
+/// `bytes` at [`MIN_PEER_BYTES_PER_SEC`].
+fn at_min_rate(bytes: u64) -> Duration {
+    Duration::from_millis(bytes.saturating_mul(1000) / MIN_PEER_BYTES_PER_SEC)
+}
+
+/// How long a flush may wait for the peer: each wait at most the write
+/// timeout (a peer that stopped reading), and the whole flush at most the
+/// timeout plus its bytes at [`MIN_PEER_BYTES_PER_SEC`] (one that reads
+/// too slowly).
+struct SendClock {
+    timeout: Duration,
+    whole: Instant,
+}
+
+impl SendClock {
+    fn new(slices: &[&[u8]], timeout: Duration) -> SendClock {
+        SendClock::at(
+            Instant::now(),
+            slices.iter().map(|s| s.len() as u64).sum(),
+            timeout,
+        )
+    }
+
+    fn at(now: Instant, bytes: u64, timeout: Duration) -> SendClock {
+        SendClock {
+            timeout,
+            whole: now + timeout + at_min_rate(bytes),
+        }
+    }
+
+    /// The deadline of a wait starting now.
+    fn wait_until(&self) -> Instant {
+        self.wait_from(Instant::now())
+    }
+
+    fn wait_from(&self, now: Instant) -> Instant {
+        (now + self.timeout).min(self.whole)
+    }
+
+    fn cut_off(&self) -> io::Error {
+        if Instant::now() >= self.whole {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer takes its replies slower than 64 KiB/s",
+            )
+        } else {
+            io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading replies")
+        }
+    }
 }
 
 fn send_vectored(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -358,10 +419,8 @@ pub async fn serve_connection(ctx: Rc<ShardCtx>, stream: TcpStream, peer: Socket
         }
     };
     if let Err(e) = result {
-        if e.kind() == io::ErrorKind::TimedOut {
-            // Only sending replies times out with an error (see `Transport`).
-            c.timeouts.set(c.timeouts.get() + 1);
-        }
+        // A send that timed out was counted where it happened (once per
+        // connection, see `Conn::timed_out`).
         debug!(shard = ctx.id.0, %peer, error = %e, "connection ended with an error");
     }
 }
@@ -374,6 +433,42 @@ struct Conn {
     held: Rc<std::cell::Cell<u64>>,
     /// When the first byte of the frame being received arrived.
     frame_started: Option<Instant>,
+    /// The connection was counted in `timeouts` (once, though a frame
+    /// timeout can be followed by a send timeout of its last replies).
+    timed_out: bool,
+}
+
+impl Conn {
+    /// Sends the queued replies. The time that takes is not the client's:
+    /// a frame that had begun to arrive keeps all of its frame timeout.
+    async fn flush<S: Transport>(
+        &mut self,
+        ctx: &ShardCtx,
+        reader: &mut FrameReader<S>,
+    ) -> io::Result<()> {
+        let t = Instant::now();
+        if let Err(e) = self
+            .out
+            .flush(reader.get_mut(), ctx.limits.write_timeout)
+            .await
+        {
+            if e.kind() == io::ErrorKind::TimedOut {
+                self.timed_out(ctx);
+            }
+            return Err(e);
+        }
+        if let Some(started) = self.frame_started.as_mut() {
+            *started += t.elapsed();
+        }
+        Ok(())
+    }
+
+    /// Counts the connection in `timeouts`, once.
+    fn timed_out(&mut self, ctx: &ShardCtx) {
+        if !std::mem::replace(&mut self.timed_out, true) {
+            ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+        }
+    }
 }
 
 /// Serves one connection over any transport until it closes: the request
@@ -390,6 +485,7 @@ pub async fn connection_loop<S: Transport>(
         pending: FuturesUnordered::new(),
         held: Rc::new(std::cell::Cell::new(0)),
         frame_started: None,
+        timed_out: false,
     };
     if let Some(secret) = ctx.node.auth_secret.clone() {
         let deadline = Instant::now() + lim.frame_timeout;
@@ -407,7 +503,7 @@ pub async fn connection_loop<S: Transport>(
                     .auth_failures
                     .set(ctx.counters.auth_failures.get() + 1);
             }
-            reader.get_mut().close().await.ok();
+            close(&mut reader, lim.write_timeout).await;
             return Ok(());
         }
     }
@@ -421,7 +517,7 @@ pub async fn connection_loop<S: Transport>(
         if !conn.out.is_empty()
             && (!have_frame || conn.out.bytes() >= FLUSH_THRESHOLD || stop.is_some())
         {
-            conn.out.flush(reader.get_mut(), lim.write_timeout).await?;
+            conn.flush(ctx, &mut reader).await?;
         }
         if stop.is_some() {
             if conn.pending.is_empty() {
@@ -446,7 +542,7 @@ pub async fn connection_loop<S: Transport>(
             // connection's burst takes the whole shard budget and every
             // request after it, its own and others', gets BUSY.
             if !conn.out.is_empty() {
-                conn.out.flush(reader.get_mut(), lim.write_timeout).await?;
+                conn.flush(ctx, &mut reader).await?;
                 continue;
             }
         }
@@ -475,8 +571,10 @@ pub async fn connection_loop<S: Transport>(
         match head {
             Ok(None) => stop = Some(Stop::Eof),
             Ok(Some(head)) => {
-                let deadline = conn.frame_started.unwrap_or_else(Instant::now) + lim.frame_timeout;
                 let rest = head.header.rest_len();
+                let deadline = conn.frame_started.unwrap_or_else(Instant::now)
+                    + lim.frame_timeout
+                    + at_min_rate(rest as u64);
                 let res = if reader.buffered() >= rest {
                     // The whole frame is here: no timer needed.
                     handle_frame(ctx, &mut reader, head, &mut conn, peer).await
@@ -489,7 +587,7 @@ pub async fn connection_loop<S: Transport>(
                     {
                         Some(r) => r,
                         None => {
-                            ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+                            conn.timed_out(ctx);
                             debug!(shard = ctx.id.0, %peer, "frame did not arrive in time; closing");
                             Ok(Some(Stop::Close))
                         }
@@ -522,7 +620,7 @@ pub async fn connection_loop<S: Transport>(
                 stop = Some(Stop::Close);
             }
             Err(FrameError::TimedOut) => {
-                ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+                conn.timed_out(ctx);
                 debug!(shard = ctx.id.0, %peer, "idle or slow connection; closing");
                 stop = Some(Stop::Close);
             }
@@ -548,8 +646,15 @@ pub async fn connection_loop<S: Transport>(
     if let Some(Stop::Close) = stop {
         debug!(shard = ctx.id.0, %peer, "closing connection after a protocol error or timeout");
     }
-    reader.get_mut().close().await.ok();
+    close(&mut reader, lim.write_timeout).await;
     Ok(())
+}
+
+/// Closes the stream. With TLS that sends close_notify, which waits for
+/// the socket to take it: at most `timeout` (a client that stopped reading
+/// kept the task, its fd and its buffer for good).
+async fn close<S: Transport>(reader: &mut FrameReader<S>, timeout: Duration) {
+    let _ = within(Instant::now() + timeout, reader.get_mut().close()).await;
 }
 
 /// How a connection's handshake ended.
@@ -791,8 +896,9 @@ async fn handle_frame<S: Transport>(
                 return Ok(None);
             }
         }
-        let ctx = ctx.clone();
-        conn.pending.push(Box::pin(async move {
+        let fwd = ctx.clone();
+        conn.pending.push(apart(ctx, op, id, async move {
+            let ctx = fwd;
             let (reply, hold) = ctx.forward(owner, op, id, body, payload, hold).await;
             match reply {
                 Ok(EncodedReply { frame, payload }) => {
@@ -843,8 +949,9 @@ async fn handle_frame<S: Transport>(
                 fail(out, e);
                 return Ok(None);
             }
-            let ctx = ctx.clone();
-            conn.pending.push(Box::pin(async move {
+            let owner = ctx.clone();
+            conn.pending.push(apart(ctx, op, id, async move {
+                let ctx = owner;
                 let mut frame = Vec::new();
                 let payload = ctx
                     .execute(op, id, Parsed::Write(w), Some(pw), &mut frame, Count::Here)
@@ -858,7 +965,8 @@ async fn handle_frame<S: Transport>(
         }
         // A READ here missed the cache (or there is none): see above.
         Parsed::Read(_) | Parsed::Delete(_) => {
-            conn.pending.push(execute_later(ctx, op, id, req, hold));
+            conn.pending
+                .push(apart(ctx, op, id, execute_later(ctx, op, id, req, hold)));
         }
         Parsed::Ping
         | Parsed::Topology
@@ -879,16 +987,59 @@ async fn handle_frame<S: Transport>(
     Ok(None)
 }
 
-/// A request executed by its own task, its reply queued when done.
+/// Runs a request that waits (on the device or on another shard) as its
+/// own task; the returned future gives its reply. The request goes on, and
+/// lets go of what it holds (its chunk's lock, a write slot), while the
+/// connection's task waits on a socket that takes replies slowly or a frame
+/// that arrives slowly: polled only by that task, a started write kept its
+/// chunk locked until the write timeout cut such a client off, and every
+/// other client's write of that chunk waited as long. Nor does a connection
+/// that ends cancel it midway. A graceful stop waits for these tasks (see
+/// `ConnRegistry::requests_running`).
+fn apart(
+    ctx: &Rc<ShardCtx>,
+    op: shardstore_proto::Opcode,
+    id: u64,
+    request: impl Future<Output = Completed> + 'static,
+) -> Pending {
+    let running = ctx.conns.request_started();
+    let task = glommio::spawn_local(async move {
+        let _running = running;
+        request.await
+    })
+    .detach();
+    Box::pin(async move {
+        match task.await {
+            Some(done) => done,
+            // Only when the executor itself goes away.
+            None => {
+                let mut frame = Vec::new();
+                encode_error(
+                    &mut frame,
+                    op,
+                    id,
+                    &ErrReply::new(ErrorCode::Internal, "the request's task was cancelled"),
+                );
+                Completed {
+                    frame,
+                    payload: ReplyPayload::None,
+                    hold: None,
+                }
+            }
+        }
+    })
+}
+
+/// A request executed apart (see [`apart`]), its reply queued when done.
 fn execute_later(
     ctx: &Rc<ShardCtx>,
     op: shardstore_proto::Opcode,
     id: u64,
     req: Parsed,
     hold: Option<Reservation>,
-) -> Pending {
+) -> impl Future<Output = Completed> + 'static {
     let ctx = ctx.clone();
-    Box::pin(async move {
+    async move {
         let mut frame = Vec::new();
         let mut hold = hold;
         let mut payload = ctx
@@ -912,7 +1063,7 @@ fn execute_later(
             payload,
             hold,
         }
-    })
+    }
 }
 
 /// Whether an encoded reply carries an error body.
@@ -953,6 +1104,29 @@ fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> Stop {
 mod tests {
     use super::*;
     use crate::conn_limits::ConnLimits;
+
+    /// Each wait of a flush gets the write timeout, but the whole flush no
+    /// more than that plus its bytes at 64 KiB/s: a peer that keeps taking
+    /// a little is cut off once it is that far behind.
+    #[test]
+    fn a_flush_waits_at_most_its_bytes_at_the_minimum_rate() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(2);
+        let c = SendClock::at(t0, 1 << 20, timeout);
+        // Early on, a wait gets the whole write timeout.
+        assert_eq!(c.wait_from(t0), t0 + timeout);
+        assert_eq!(
+            c.wait_from(t0 + Duration::from_secs(10)),
+            t0 + Duration::from_secs(12)
+        );
+        // 1 MiB at 64 KiB/s: 16 s after the grace, then no more.
+        let end = t0 + timeout + Duration::from_secs(16);
+        assert_eq!(c.wait_from(t0 + Duration::from_secs(17)), end);
+        assert_eq!(c.wait_from(end), end);
+        // An empty flush waits the write timeout at most.
+        let e = SendClock::at(t0, 0, timeout);
+        assert_eq!(e.wait_from(t0 + Duration::from_secs(1)), t0 + timeout);
+    }
     use crate::handler::NodeInfo;
     use shardstore_proto::{Opcode, ReadRequest, ShardId};
     use shardstore_shard::{Shard, ShardConfig, SimDisk};

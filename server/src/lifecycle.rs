@@ -23,7 +23,7 @@
 
 use crate::metrics::Board;
 use sd_notify::NotifyState;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::unix::io::RawFd;
 use std::rc::Rc;
@@ -87,6 +87,18 @@ pub fn install_signals(on_first: impl FnOnce(i32) + Send + 'static) -> std::io::
 #[derive(Clone, Default)]
 pub struct ConnRegistry {
     inner: Rc<RefCell<(u64, HashMap<u64, RawFd>)>>,
+    /// Requests running as their own tasks (see `conn::apart`): they may
+    /// outlive the connection that read them.
+    requests: Rc<Cell<u64>>,
+}
+
+/// A request task still running; see [`ConnRegistry::request_started`].
+pub struct RequestRunning(Rc<Cell<u64>>);
+
+impl Drop for RequestRunning {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 /// Removes its connection from the registry when dropped. Drop it right
@@ -98,6 +110,17 @@ pub struct Registered {
 }
 
 impl ConnRegistry {
+    /// Counts a request task until the returned guard is dropped.
+    pub fn request_started(&self) -> RequestRunning {
+        self.requests.set(self.requests.get() + 1);
+        RequestRunning(self.requests.clone())
+    }
+
+    /// Request tasks still running, of connections open or ended.
+    pub fn requests_running(&self) -> u64 {
+        self.requests.get()
+    }
+
     pub fn register(&self, fd: RawFd) -> Registered {
         let mut g = self.inner.borrow_mut();
         g.0 += 1;

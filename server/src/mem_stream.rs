@@ -17,6 +17,9 @@ pub struct MemStream {
     max_read: usize,
     /// At the end of `input`: an error (true) or the end of the stream.
     fail_at_end: bool,
+    /// Sends never complete: a client that stopped reading, with no write
+    /// timeout to cut it off.
+    stall_sends: bool,
     written: Rc<RefCell<Vec<u8>>>,
 }
 
@@ -30,6 +33,7 @@ impl MemStream {
             pos: 0,
             max_read: 4096,
             fail_at_end: false,
+            stall_sends: false,
             written: written.clone(),
         };
         (s, written)
@@ -39,6 +43,12 @@ impl MemStream {
     /// connection's reads give once they were shut down (no close_notify).
     pub fn failing_at_end(mut self) -> MemStream {
         self.fail_at_end = true;
+        self
+    }
+
+    /// Every send waits for ever (see `stall_sends`).
+    pub fn stalling_sends(mut self) -> MemStream {
+        self.stall_sends = true;
         self
     }
 }
@@ -83,6 +93,9 @@ impl AsyncWrite for MemStream {
 
 impl Transport for MemStream {
     async fn send_all(&mut self, slices: &[&[u8]], _timeout: Duration) -> io::Result<()> {
+        if self.stall_sends {
+            std::future::pending::<()>().await;
+        }
         let mut w = self.written.borrow_mut();
         for s in slices {
             w.extend_from_slice(s);

@@ -689,7 +689,7 @@ async fn run_shard(
     ctx.conns.shutdown_reads();
     let c = &ctx.counters;
     let quiet = lifecycle::wait_until(deadline, || {
-        c.connections.get() == 0 && c.in_flight.get() == 0
+        c.connections.get() == 0 && c.in_flight.get() == 0 && ctx.conns.requests_running() == 0
     })
     .await;
     if !quiet {

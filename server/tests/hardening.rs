@@ -346,6 +346,45 @@ async fn a_backlog_of_connections_stays_within_the_limit() {
 }
 
 /// `n` READ frames (ids 0..n) of `len` bytes at offset 0 of `chunk`.
+/// A large WRITE sent slowly but steadily (about 250 KiB/s, well above the
+/// 64 KiB/s floor) arrives whole though it takes four times the frame
+/// timeout: a frame's allowance grows with its length. It used to be cut
+/// off at the frame timeout, so a client on a slow link could never write
+/// a large chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_sent_slowly_but_steadily_arrives() {
+    let dir = data_dir("slowwrite");
+    let srv = TestServer::try_start(&dir, 1, &["--frame-timeout-ms", "1000"]).unwrap();
+    let data = pattern(0x5107, 1 << 20);
+    let w = WriteRequest {
+        chunk: 0x5107,
+        offset: 0,
+        payload_crc: crc32c::crc32c(&data),
+        flags: 0,
+    };
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Write, 0, 7, &w, data.len() as u32, &mut frame);
+    frame.extend_from_slice(&data);
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    let t = Instant::now();
+    for piece in frame.chunks(64 << 10) {
+        s.write_all(piece).await.expect("cut off while sending");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(t.elapsed() > Duration::from_secs(4));
+    let mut h = [0u8; HEADER_LEN];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h))
+        .await
+        .expect("no reply")
+        .expect("connection closed: the frame was cut off");
+    let (h, _) = FrameHeader::decode(&h, limits::MAX_PAYLOAD).unwrap();
+    assert_eq!(h.request_id, 7);
+    assert!(!h.is_error(), "the write failed");
+    let c = srv.client().await;
+    let got = c.read(ChunkId(0x5107), 0, 1 << 20).await.unwrap();
+    assert!(got.data[..] == data[..], "wrong bytes");
+}
+
 fn read_frames(chunk: u128, n: u64, len: u32) -> Vec<u8> {
     let mut reqs = Vec::new();
     for i in 0..n {

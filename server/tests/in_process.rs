@@ -38,6 +38,11 @@ fn on_executor(f: impl std::future::Future<Output = ()>) {
 
 /// A one-shard context on a fresh simulated disk.
 async fn sim_ctx() -> Rc<ShardCtx> {
+    sim_ctx_on().await.0
+}
+
+/// [`sim_ctx`], and its disk.
+async fn sim_ctx_on() -> (Rc<ShardCtx>, SimDisk) {
     let cfg = ShardConfig {
         shard: ShardId(0),
         shard_count: 1,
@@ -48,7 +53,67 @@ async fn sim_ctx() -> Rc<ShardCtx> {
     let disk = SimDisk::new(3 << 20, 1);
     let shard = Shard::open_sim(cfg, &disk).await.unwrap();
     let node = NodeInfo::single_shard(256 << 10, ConnLimits::default());
-    Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new()))
+    (
+        Rc::new(ShardCtx::new(shard, ShardId(0), node, Vec::new())),
+        disk,
+    )
+}
+
+/// A client that stopped reading its replies leaves its connection's task
+/// waiting to send. A write it sent before goes on regardless and lets go
+/// of its chunk: it used to be polled only by that task, so it kept the
+/// chunk's lock (and a write slot) until the write timeout cut the client
+/// off, and every other client's write of that chunk waited as long.
+#[test]
+fn a_write_of_a_client_that_stopped_reading_lets_go_of_its_chunk() {
+    on_executor(async {
+        let (ctx, disk) = sim_ctx_on().await;
+        let data = vec![3u8; 4096];
+        let w = WriteRequest {
+            chunk: 77,
+            offset: 0,
+            payload_crc: crc32c::crc32c(&data),
+            flags: 0,
+        };
+        let mut input = Vec::new();
+        encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut input);
+        input.extend_from_slice(&data);
+        encode_frame(
+            Opcode::Ping,
+            0,
+            2,
+            &shardstore_proto::Empty {},
+            0,
+            &mut input,
+        );
+        let (stream, _written) = MemStream::new(input);
+        // The write starts and waits on the device; the PING's reply is
+        // then sent, and that send never ends.
+        disk.hold_writes(true);
+        let conn = glommio::spawn_local({
+            let ctx = ctx.clone();
+            async move {
+                let _ = connection_loop(
+                    &ctx,
+                    stream.stalling_sends(),
+                    "127.0.0.1:9".parse().unwrap(),
+                )
+                .await;
+            }
+        })
+        .detach();
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        disk.hold_writes(false);
+        let other = glommio::timer::timeout(std::time::Duration::from_secs(2), async {
+            Ok(ctx.shard.write(ChunkId(77), 0, &[4u8; 4096]).await)
+        })
+        .await;
+        let other = other.expect("another write of the chunk waited for the stalled connection");
+        other.unwrap();
+        let r = ctx.shard.read(ChunkId(77), 0, 4096).await.unwrap();
+        assert_eq!(r.data.to_vec(), vec![4u8; 4096], "the later write's bytes");
+        conn.cancel();
+    });
 }
 
 /// The read side fails after the client's requests (what a TLS
