@@ -1068,7 +1068,10 @@ const DOCS: &[Doc] = &[
         key: "frame_timeout_ms",
         set: None,
         default: "10000",
-        help: &["Longest time to receive the rest of a frame once it has started."],
+        help: &[
+            "Longest time to receive the rest of a frame once it has started, plus its",
+            "length at 64 KiB/s (a large WRITE on a slow link).",
+        ],
     },
     Doc {
         key: "idle_timeout_ms",
@@ -1080,7 +1083,10 @@ const DOCS: &[Doc] = &[
         key: "write_timeout_ms",
         set: None,
         default: "10000",
-        help: &["Longest wait for a client to take reply bytes."],
+        help: &[
+            "Longest wait for a client to take some reply bytes; one send of queued replies",
+            "may last this plus their length at 64 KiB/s at most.",
+        ],
     },
     Doc {
         key: "forward_timeout_ms",

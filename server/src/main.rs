@@ -223,13 +223,13 @@ pub struct ServeArgs {
     /// Payload buffers a shard's connections may hold, MiB. [default: 64]
     #[arg(long, env = "SHARDSTORE_SHARD_BUFFER_MIB")]
     shard_buffer_mib: Option<u64>,
-    /// Time to receive the rest of a started frame, ms. [default: 10000]
+    /// Time to receive the rest of a started frame (plus its length at 64 KiB/s), ms. [default: 10000]
     #[arg(long, env = "SHARDSTORE_FRAME_TIMEOUT_MS")]
     frame_timeout_ms: Option<u64>,
     /// Idle connections are closed after this, ms. [default: 300000]
     #[arg(long, env = "SHARDSTORE_IDLE_TIMEOUT_MS")]
     idle_timeout_ms: Option<u64>,
-    /// Longest wait for a client to take reply bytes, ms. [default: 10000]
+    /// Longest wait for a client to take some reply bytes (a send: plus its length at 64 KiB/s), ms. [default: 10000]
     #[arg(long, env = "SHARDSTORE_WRITE_TIMEOUT_MS")]
     write_timeout_ms: Option<u64>,
     /// Longest wait for the owning shard to answer a forwarded request, ms. [default: 8000]
