@@ -192,15 +192,25 @@ async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incom
         .await
     {
         Ok(()) => {}
-        Err(e @ RdmaError::NoSink { .. }) => {
-            let r = error_reply(
-                opcode,
-                request_id,
-                &ErrReply::new(ErrorCode::TooLarge, e.to_string()),
-            );
-            let _ = conn.send_reply(&r.frame, &[], None).await;
+        Err(e @ (RdmaError::Io(_) | RdmaError::Closed)) => {
+            debug!(request_id, error = %e, "sending an rdma reply failed")
         }
-        Err(e) => debug!(request_id, error = %e, "sending an rdma reply failed"),
+        // The reply could not be sent as built (no sink for its payload, no
+        // registered memory left to write it from): a typed error instead,
+        // never silence (the client waited until its own timeout).
+        Err(e) => {
+            let code = match e {
+                RdmaError::NoSink { .. } => ErrorCode::TooLarge,
+                RdmaError::Pool(shardstore_net::rdma::PoolError::Exhausted { .. }) => {
+                    ErrorCode::Busy
+                }
+                _ => ErrorCode::Internal,
+            };
+            let r = error_reply(opcode, request_id, &ErrReply::new(code, e.to_string()));
+            if let Err(e) = conn.send_reply(&r.frame, &[], None).await {
+                debug!(request_id, error = %e, "sending an rdma error reply failed");
+            }
+        }
     }
 }
 
@@ -260,21 +270,29 @@ pub fn start(
                 let _ = bound_tx.send(listener.local_addr().map_err(|e| e.to_string()));
                 loop {
                     let accepted = tokio::select! {
-                        a = listener.accept() => a,
+                        a = listener.accept_setup() => a,
                         _ = stop.recv_async() => {
                             info!("rdma listener closed (stopping)");
                             return;
                         }
                     };
                     match accepted {
-                        Ok((ep, peer)) => {
+                        Ok((setup, peer)) => {
                             debug!(%peer, "rdma connection");
-                            let conn = RdmaConn::new(ep, pool.clone(), max_payload);
-                            tokio::task::spawn_local(serve_conn(
-                                conn,
-                                bridge.clone(),
-                                max_in_flight,
-                            ));
+                            // The set-up in the connection's own task: a
+                            // silent peer held up every accept after it.
+                            let (pool, bridge) = (pool.clone(), bridge.clone());
+                            tokio::task::spawn_local(async move {
+                                match setup.finish().await {
+                                    Ok(ep) => {
+                                        let conn = RdmaConn::new(ep, pool, max_payload);
+                                        serve_conn(conn, bridge, max_in_flight).await;
+                                    }
+                                    Err(e) => {
+                                        warn!(%peer, error = %e, "rdma connection set-up failed")
+                                    }
+                                }
+                            });
                         }
                         Err(e) => warn!(error = %e, "rdma connection set-up failed"),
                     }
@@ -402,14 +420,30 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn requests_reach_their_owning_shard_and_replies_come_back() {
+    /// Runs `test` on a `LocalSet` with a bridge to two simulated shards
+    /// and a loopback fabric, then ends the shards.
+    fn on_bridge<F, Fut>(test: F)
+    where
+        F: FnOnce(Bridge, loopback::LoopbackConnector, loopback::LoopbackListener) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (senders, joins) = start_shards();
         let bridge = Bridge::new(senders, std::time::Duration::from_secs(30));
         let rt = rt();
         let local = tokio::task::LocalSet::new();
         let (connector, listener) = loopback::listener();
-        local.block_on(&rt, async move {
+        local.block_on(&rt, test(bridge, connector, listener));
+        // Dropping the LocalSet drops the serving tasks and their bridge
+        // clones: the shards' queues close and their executors end.
+        drop(local);
+        for j in joins {
+            j.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn requests_reach_their_owning_shard_and_replies_come_back() {
+        on_bridge(|bridge, connector, listener| async move {
             let b = bridge.clone();
             tokio::task::spawn_local(async move {
                 while let Some(ep) = listener.accept().await {
@@ -505,12 +539,67 @@ mod tests {
             let (h, _, _) = call(&c, &frame!(Opcode::Ping, 93, &Empty {}, 0), &[]).await;
             assert!(!h.is_error());
         });
-        // Dropping the LocalSet drops the serving tasks and their bridge
-        // clones: the shards' queues close and their executors end.
-        drop(local);
-        for j in joins {
-            j.join().unwrap();
-        }
+    }
+
+    /// A reply whose payload finds no registered memory left to write it
+    /// from is answered BUSY; it used to get no reply at all, and the client
+    /// waited until its own timeout.
+    #[test]
+    fn a_reply_without_registered_memory_left_is_busy() {
+        on_bridge(|bridge, connector, listener| async move {
+            let b = bridge.clone();
+            tokio::task::spawn_local(async move {
+                // The first connection as configured; the second with
+                // registered memory for nothing above the inline size.
+                let mut budget = PoolConfig::default().budget_bytes;
+                while let Some(ep) = listener.accept().await {
+                    let cfg = PoolConfig {
+                        budget_bytes: budget,
+                        ..PoolConfig::default()
+                    };
+                    let conn = RdmaConn::new(ep, cfg, limits::MAX_PAYLOAD);
+                    tokio::task::spawn_local(serve_conn(conn, b.clone(), 8));
+                    budget = 0;
+                }
+            });
+            let c = RdmaConn::new(
+                connector.connect().unwrap(),
+                PoolConfig::default(),
+                limits::MAX_PAYLOAD,
+            );
+            let data = vec![5u8; 64 << 10];
+            let w = WriteRequest {
+                chunk: 3,
+                offset: 0,
+                payload_crc: payload_crc(&data),
+                flags: 0,
+            };
+            let (h, body, _) =
+                call(&c, &frame!(Opcode::Write, 1, &w, data.len() as u32), &data).await;
+            assert!(!h.is_error(), "{:?}", error_code(&h, &body));
+            let starved = RdmaConn::new(
+                connector.connect().unwrap(),
+                PoolConfig::default(),
+                limits::MAX_PAYLOAD,
+            );
+            let r = ReadRequest {
+                chunk: 3,
+                offset: 0,
+                len: data.len() as u32,
+                flags: 0,
+            };
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                call(&starved, &frame!(Opcode::Read, 2, &r, 0), &[]),
+            )
+            .await;
+            let (h, body, _) = answer.expect("no reply");
+            assert_eq!(h.request_id, 2);
+            assert_eq!(error_code(&h, &body), ErrorCode::Busy);
+            // Small replies (inline) still go out on that connection.
+            let (h, _, _) = call(&starved, &frame!(Opcode::Ping, 3, &Empty {}, 0), &[]).await;
+            assert!(!h.is_error());
+        });
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub enum RdmaError {
     },
     #[error("bad control message: {0}")]
     Descriptor(#[from] DescriptorError),
+    /// The descriptor does not fit a sound frame header (an inline payload
+    /// too large, a region of the wrong size): the request can be answered.
+    #[error("bad control message: {err}")]
+    Request {
+        request_id: u64,
+        opcode: u8,
+        err: DescriptorError,
+    },
     #[error("registered memory: {0}")]
     Pool(#[from] PoolError),
     /// A reply payload too large to inline, and the request offered no sink
@@ -50,6 +58,9 @@ impl RdmaError {
                 ..
             }) => Some((*id, *opcode)),
             RdmaError::Body {
+                request_id, opcode, ..
+            }
+            | RdmaError::Request {
                 request_id, opcode, ..
             } => Some((*request_id, *opcode)),
             _ => None,

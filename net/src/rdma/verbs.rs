@@ -101,8 +101,30 @@ impl VerbsListener {
 
     /// The next connection. Errors concern one peer: log and keep accepting.
     pub async fn accept(&self) -> io::Result<(VerbsEndpoint, SocketAddr)> {
-        let (mut s, peer) = self.tcp.accept().await?;
-        let ep = timed(async {
+        let (setup, peer) = self.accept_setup().await?;
+        Ok((setup.finish().await?, peer))
+    }
+
+    /// The next TCP connection, its RDMA set-up still to do: a server
+    /// finishes it in its own task, so a peer that connects and sends
+    /// nothing does not hold up the next accept for the set-up timeout.
+    pub async fn accept_setup(&self) -> io::Result<(Setup, SocketAddr)> {
+        let (s, peer) = self.tcp.accept().await?;
+        Ok((Setup { s }, peer))
+    }
+}
+
+/// An accepted connection before its queue pair is connected.
+pub struct Setup {
+    s: TcpStream,
+}
+
+impl Setup {
+    /// Exchanges endpoints and connects the queue pair, within the set-up
+    /// timeout.
+    pub async fn finish(self) -> io::Result<VerbsEndpoint> {
+        let mut s = self.s;
+        timed(async {
             let remote = read_endpoint(&mut s).await?;
             let mut rdma = builder().build()?;
             write_endpoint(&mut s, &rdma.get_qp_endpoint()).await?;
@@ -110,8 +132,7 @@ impl VerbsListener {
             s.write_all(&[1]).await?;
             Ok(VerbsEndpoint { rdma })
         })
-        .await?;
-        Ok((ep, peer))
+        .await
     }
 }
 

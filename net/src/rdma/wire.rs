@@ -185,44 +185,51 @@ pub fn decode_control(
     };
     let rest = &msg[DESCRIPTOR_LEN + HEADER_LEN..];
     let payload_len = header.payload_len;
-    let disagrees = || DescriptorError::Disagrees {
-        kind: desc.kind,
-        len: desc.region.len,
-        payload_len,
+    // From here the header is sound: errors name its request, to answer.
+    let answerable = |err: DescriptorError| RdmaError::Request {
+        request_id: header.request_id,
+        opcode: raw[6],
+        err,
+    };
+    let disagrees = || {
+        answerable(DescriptorError::Disagrees {
+            kind: desc.kind,
+            len: desc.region.len,
+            payload_len,
+        })
     };
     let inline = match desc.kind {
         DescriptorKind::Inline => {
             if payload_len as usize > INLINE_MAX {
-                return Err(DescriptorError::InlineTooLarge(payload_len).into());
+                return Err(answerable(DescriptorError::InlineTooLarge(payload_len)));
             }
             payload_len as usize
         }
         DescriptorKind::Source => {
             if payload_len == 0 || desc.region.len != payload_len {
-                return Err(disagrees().into());
+                return Err(disagrees());
             }
             0
         }
         DescriptorKind::Sink => {
             if payload_len != 0 || desc.region.len == 0 || desc.region.len > limits::MAX_PAYLOAD {
-                return Err(disagrees().into());
+                return Err(disagrees());
             }
             0
         }
         DescriptorKind::Written => {
             if desc.region.len != payload_len {
-                return Err(disagrees().into());
+                return Err(disagrees());
             }
             0
         }
     };
     let want = header.body_len as usize + inline;
     if rest.len() != want {
-        return Err(DescriptorError::LengthMismatch {
+        return Err(answerable(DescriptorError::LengthMismatch {
             got: msg.len(),
             want: DESCRIPTOR_LEN + HEADER_LEN + want,
-        }
-        .into());
+        }));
     }
     Ok((desc, raw, rest))
 }
@@ -263,14 +270,18 @@ mod tests {
         let mut m = Vec::new();
         encode_control(&Descriptor::INLINE, &f, &[], &mut m);
         assert!(decode_control(&m, limits::MAX_PAYLOAD).is_ok());
-        // One extra byte after the body.
+        // One extra byte after the body: the header is sound, so the error
+        // names its request (it was answered with nothing).
         m.push(0);
+        let e = decode_control(&m, limits::MAX_PAYLOAD).unwrap_err();
         assert!(matches!(
-            decode_control(&m, limits::MAX_PAYLOAD),
-            Err(crate::rdma::RdmaError::Descriptor(
-                DescriptorError::LengthMismatch { .. }
-            ))
+            e,
+            crate::rdma::RdmaError::Request {
+                err: DescriptorError::LengthMismatch { .. },
+                ..
+            }
         ));
+        assert_eq!(e.request_id(), Some((7, Opcode::Stat as u8)));
         // A source descriptor on a frame without payload.
         let mut m = Vec::new();
         let src = Descriptor {
@@ -282,7 +293,8 @@ mod tests {
             },
         };
         encode_control(&src, &f, &[], &mut m);
-        assert!(decode_control(&m, limits::MAX_PAYLOAD).is_err());
+        let e = decode_control(&m, limits::MAX_PAYLOAD).unwrap_err();
+        assert_eq!(e.request_id(), Some((7, Opcode::Stat as u8)), "{e}");
         // Truncated below descriptor + header.
         assert!(decode_control(&m[..50], limits::MAX_PAYLOAD).is_err());
     }
