@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub stats: StatsReply,
     /// Sum of execution times by opcode (for the histograms' `_sum`).
     pub latency_sum_us: [u64; OPCODE_SLOTS],
+    /// Sum of READ execution times served from the cache, and not.
+    pub read_cached_sum_us: u64,
+    pub read_uncached_sum_us: u64,
 }
 
 impl Snapshot {
@@ -39,6 +42,8 @@ impl Snapshot {
             cpu,
             stats: ctx.stats(),
             latency_sum_us: std::array::from_fn(|op| ctx.counters.latency[op].sum_us.get()),
+            read_cached_sum_us: ctx.counters.read_cached.sum_us.get(),
+            read_uncached_sum_us: ctx.counters.read_uncached.sum_us.get(),
         }
     }
 
@@ -234,14 +239,14 @@ fn family(
 }
 
 /// The cumulative buckets (bounds `LATENCY_BOUNDS_US`, then +Inf), the
-/// sum if known and the count of one histogram series; `count(b)`: requests
-/// in bucket `b` alone.
+/// sum and the count of one histogram series; `count(b)`: requests in
+/// bucket `b` alone.
 fn histogram(
     out: &mut String,
     name: &str,
     labels: &str,
     count: impl Fn(usize) -> u64,
-    sum_seconds: Option<f64>,
+    sum_seconds: f64,
 ) {
     let mut cum = 0;
     for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
@@ -254,9 +259,7 @@ fn histogram(
     }
     cum += count(LATENCY_BUCKETS - 1);
     let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cum}");
-    if let Some(sum) = sum_seconds {
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum_seconds}");
     let _ = writeln!(out, "{name}_count{{{labels}}} {cum}");
 }
 
@@ -381,7 +384,7 @@ pub fn render(board: &Board) -> String {
             let k = *op as usize;
             let labels = format!("shard=\"{i}\",op=\"{}\"", op.name());
             let sum = s.latency_sum_us[k] as f64 / 1e6;
-            histogram(&mut o, name, &labels, |b| s.latency(k, b), Some(sum));
+            histogram(&mut o, name, &labels, |b| s.latency(k, b), sum);
         }
     }
 
@@ -399,10 +402,10 @@ pub fn render(board: &Board) -> String {
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, s) in &snaps {
-            let counts = if cached {
-                &s.stats.read_cached_latency
+            let (counts, sum_us) = if cached {
+                (&s.stats.read_cached_latency, s.read_cached_sum_us)
             } else {
-                &s.stats.read_uncached_latency
+                (&s.stats.read_uncached_latency, s.read_uncached_sum_us)
             };
             let labels = format!("shard=\"{i}\"");
             histogram(
@@ -410,12 +413,12 @@ pub fn render(board: &Board) -> String {
                 name,
                 &labels,
                 |b| counts.get(b).copied().unwrap_or(0),
-                None,
+                sum_us as f64 / 1e6,
             );
         }
     }
 
-    let fams: [Family; 46] = [
+    let fams: [Family; 50] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -487,6 +490,12 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Connections closed by a frame, idle or write timeout.",
             |s| s.stats.timeouts,
+        ),
+        (
+            "shardstore_tls_failures_total",
+            "counter",
+            "Connections whose TLS handshake failed (one that timed out counts in shardstore_connection_timeouts_total).",
+            |s| s.stats.tls_failures,
         ),
         (
             "shardstore_auth_failures_total",
@@ -592,6 +601,24 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Old extent headers of deleted chunks erased from free space by sweeps.",
             |s| s.stats.sweep_erased,
+        ),
+        (
+            "shardstore_scrub_passes_total",
+            "counter",
+            "Scrub passes finished over every live sector, extent header and tombstone.",
+            |s| s.stats.scrub_passes,
+        ),
+        (
+            "shardstore_scrub_sectors_total",
+            "counter",
+            "Data sectors the scrubber re-read and verified.",
+            |s| s.stats.scrub_sectors,
+        ),
+        (
+            "shardstore_scrub_errors_total",
+            "counter",
+            "Damaged or unreadable data sectors, extent headers and tombstones the scrubber found (logged, not repaired).",
+            |s| s.stats.scrub_errors,
         ),
         (
             "shardstore_stream_hints_out_total",
@@ -715,9 +742,15 @@ mod tests {
                 latency_counts,
                 read_cached_latency,
                 cache_hits: 7,
+                scrub_passes: 2,
+                scrub_sectors: 96,
+                scrub_errors: 1,
+                tls_failures: 5,
                 ..StatsReply::default()
             },
             latency_sum_us: [0; OPCODE_SLOTS],
+            read_cached_sum_us: 60,
+            read_uncached_sum_us: 0,
         }
     }
 
@@ -745,5 +778,33 @@ mod tests {
         // Shard 0 has not published: absent, and reported stale.
         assert!(!text.contains("shard=\"0\""));
         assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));
+    }
+
+    /// The scrubber's and the TLS handshakes' counters, and the READ
+    /// histograms' sums, reach the exposition (they were STATS-only, or
+    /// tracked and dropped).
+    #[test]
+    fn scrub_tls_and_read_sums_are_exported() {
+        let b = Board::new(2, NodeFacts::default());
+        b.publish(1, snap());
+        let text = render(&b);
+        for line in [
+            "shardstore_scrub_passes_total{shard=\"1\"} 2\n",
+            "shardstore_scrub_sectors_total{shard=\"1\"} 96\n",
+            "shardstore_scrub_errors_total{shard=\"1\"} 1\n",
+            "shardstore_tls_failures_total{shard=\"1\"} 5\n",
+            "shardstore_read_cached_duration_seconds_sum{shard=\"1\"} 0.00006\n",
+            "shardstore_read_uncached_duration_seconds_sum{shard=\"1\"} 0\n",
+        ] {
+            assert!(text.contains(line), "no {line}");
+        }
+        for name in [
+            "shardstore_scrub_passes_total",
+            "shardstore_scrub_sectors_total",
+            "shardstore_scrub_errors_total",
+            "shardstore_tls_failures_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
+        }
     }
 }
