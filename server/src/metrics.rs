@@ -12,7 +12,7 @@ use crate::handler::ShardCtx;
 use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
 use shardstore_proto::{Opcode, StatsReply};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -146,19 +146,31 @@ pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result
     Ok(())
 }
 
+/// A request must arrive whole within this once the thread takes it up.
+/// One thread answers every scrape: a client sending a byte now and then
+/// must not hold it past this, whatever each read's timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause allowed between a request's bytes (and before the first).
+const READ_PAUSE: Duration = Duration::from_secs(2);
+
 fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    // One thread answers every scrape: a client sending a byte now and
-    // then must not hold it past this, whatever each read's timeout.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        if std::time::Instant::now() >= deadline {
-            return respond(&mut stream, "408 Request Timeout", "", false);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return timed_out(&mut stream, &req);
         }
-        let n = stream.read(&mut buf)?;
+        stream.set_read_timeout(Some(left.min(READ_PAUSE)))?;
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return timed_out(&mut stream, &req);
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
@@ -196,6 +208,15 @@ fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
             head,
         ),
     }
+}
+
+/// A request that did not arrive whole in time: 408 if any of it came; a
+/// connection that sent nothing (a port probe) is closed without a word.
+fn timed_out(stream: &mut TcpStream, req: &[u8]) -> std::io::Result<()> {
+    if req.is_empty() {
+        return Ok(());
+    }
+    respond(stream, "408 Request Timeout", "", false)
 }
 
 fn respond(stream: &mut TcpStream, status: &str, body: &str, head: bool) -> std::io::Result<()> {
@@ -778,6 +799,47 @@ mod tests {
         // Shard 0 has not published: absent, and reported stale.
         assert!(!text.contains("shard=\"0\""));
         assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));
+    }
+
+    /// A request that stalls gets 408 once a pause passes READ_PAUSE (it
+    /// used to be dropped without an answer); a connection that sends
+    /// nothing is closed without one.
+    #[test]
+    fn a_stalled_request_gets_408_and_a_silent_one_nothing() {
+        let board = Board::new(1, NodeFacts::default());
+        for (sent, want) in [
+            (
+                &b"GET /metrics HTTP/1.1\r\n"[..],
+                "HTTP/1.1 408 Request Timeout\r\n",
+            ),
+            (&b""[..], ""),
+        ] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let b = board.clone();
+            let server = std::thread::spawn(move || answer(l.accept().unwrap().0, &b));
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(sent).unwrap();
+            let started = Instant::now();
+            let mut got = String::new();
+            c.read_to_string(&mut got).unwrap();
+            let waited = started.elapsed();
+            assert!(
+                if want.is_empty() {
+                    got.is_empty()
+                } else {
+                    got.starts_with(want)
+                },
+                "sent {:?}, got {got:?}",
+                String::from_utf8_lossy(sent)
+            );
+            assert!(
+                waited >= READ_PAUSE - Duration::from_millis(100) && waited < REQUEST_TIMEOUT,
+                "answered after {waited:?}"
+            );
+            server.join().unwrap().unwrap();
+        }
     }
 
     /// The scrubber's and the TLS handshakes' counters, and the READ
