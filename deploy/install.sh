@@ -7,6 +7,8 @@
 #   sudo deploy/install.sh [BINARY]          # default target/release/shardstore
 #   DESTDIR=/tmp/root deploy/install.sh      # stage into a tree (packaging,
 #                                            # tests): no user, no chown, no systemctl
+#   BINDIR=/usr/local/bin deploy/install.sh  # binary elsewhere; the installed
+#                                            # unit's ExecStart follows it
 #
 # Afterwards: review /etc/shardstore/shardstore.toml (capacity_mib is
 # preallocated per shard), then `systemctl enable --now shardstore`.
@@ -20,6 +22,18 @@ BINDIR=${BINDIR:-/usr/bin}
 UNITDIR=${UNITDIR:-/usr/lib/systemd/system}
 CONFDIR=/etc/shardstore
 DATADIR=/var/lib/shardstore
+
+# BINDIR goes into the unit's ExecStart (and a sed expression): an
+# absolute path of plain characters only.
+case $BINDIR in
+    /*) ;;
+    *) echo "install.sh: BINDIR must be an absolute path, not $BINDIR" >&2; exit 1 ;;
+esac
+case $BINDIR in
+    *[!A-Za-z0-9/._+-]*)
+        echo "install.sh: BINDIR may hold only letters, digits and / . _ + -: $BINDIR" >&2
+        exit 1 ;;
+esac
 
 if [ ! -x "$bin" ]; then
     echo "install.sh: $bin is not an executable; build it first (cargo build --release --locked)" >&2
@@ -37,8 +51,18 @@ install -m 0755 "$bin" "$DESTDIR$BINDIR/shardstore.new"
 mv -f "$DESTDIR$BINDIR/shardstore.new" "$DESTDIR$BINDIR/shardstore"
 say "installed $DESTDIR$BINDIR/shardstore"
 
-install -m 0644 "$here/shardstore.service" "$DESTDIR$UNITDIR/shardstore.service"
-say "installed $DESTDIR$UNITDIR/shardstore.service"
+# The unit runs /usr/bin/shardstore; another BINDIR is written into it.
+unit="$DESTDIR$UNITDIR/shardstore.service"
+sed "s|^ExecStart=/usr/bin/shardstore |ExecStart=$BINDIR/shardstore |" \
+    "$here/shardstore.service" > "$unit.new"
+if ! grep -q "^ExecStart=$BINDIR/shardstore " "$unit.new"; then
+    rm -f "$unit.new"
+    echo "install.sh: $here/shardstore.service has no ExecStart=/usr/bin/shardstore line to point at $BINDIR" >&2
+    exit 1
+fi
+chmod 0644 "$unit.new"
+mv -f "$unit.new" "$unit"
+say "installed $unit (ExecStart=$BINDIR/shardstore)"
 
 # For systemd-sysusers (images, DESTDIR installs); the real install below
 # creates the user directly.

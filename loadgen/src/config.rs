@@ -73,9 +73,10 @@ pub struct Config {
 
     /// Key distribution: uniform, zipf[:THETA] (0<THETA<1, default 0.99) or
     /// sequential (with --io-size: through each chunk's offsets in order).
-    /// Each request loop (connections x pipeline x threads) draws from its
-    /// own slice of the keys (one writer per key), so zipf ranks keys within
-    /// a slice: the run has as many hottest keys as loops.
+    /// Each request loop (connections x pipeline; --threads only spreads
+    /// them over client cores) draws from its own slice of the keys (one
+    /// writer per key), so zipf ranks keys within a slice: the run has as
+    /// many hottest keys as loops.
     #[arg(long, default_value = "uniform")]
     pub distribution: Distribution,
 

@@ -241,6 +241,9 @@ pub struct StatsReply {
     /// Requests forwarded to their owner that got no answer within
     /// `forward_timeout` (answered TIMEOUT here).
     pub forward_timeouts: u64,
+    /// Connections whose TLS handshake failed (a handshake that timed out
+    /// is counted in `timeouts`).
+    pub tls_failures: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

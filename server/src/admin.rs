@@ -273,7 +273,7 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+        "\n{:>5} {:>11} {:>10} {:>13} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8}",
         "shard",
         "checkpoints",
         "ckpt_waits",
@@ -284,12 +284,13 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         "sweeps",
         "combined",
         "fwd_busy",
-        "fwd_tmout"
+        "fwd_tmout",
+        "tls_fail"
     );
     for st in all {
         let _ = writeln!(
             out,
-            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9}",
+            "{:>5} {:>11} {:>10} {:>13.1} {:>14} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8}",
             st.shard,
             st.checkpoints,
             st.checkpoint_waits,
@@ -300,7 +301,8 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
             st.sweep_passes,
             st.combined_writes,
             st.forward_busy,
-            st.forward_timeouts
+            st.forward_timeouts,
+            st.tls_failures
         );
     }
     let _ = writeln!(

@@ -514,6 +514,15 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
 
 /// Largest `io_memory_kib`: glommio registers (pins) it per shard.
 pub const MAX_IO_MEMORY_KIB: u64 = 1 << 20;
+/// Largest `capacity_mib` (1 PiB per shard): far past any device, and its
+/// bytes summed over `MAX_SHARDS` shards still fit a u64 (a value past
+/// 2^44 MiB used to wrap to a small data area when shifted to bytes).
+pub const MAX_CAPACITY_MIB: u64 = 1 << 30;
+/// Largest `index_cache_mib` (1 TiB of sled page cache per shard).
+pub const MAX_INDEX_CACHE_MIB: u64 = 1 << 20;
+const _: () = assert!(MAX_CAPACITY_MIB
+    .checked_mul((1 << 20) * limits::MAX_SHARDS as u64)
+    .is_some());
 
 fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
     if s.rdma_listen.is_some() && !cfg!(feature = "rdma") {
@@ -553,8 +562,23 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if s.capacity_mib < 1 {
-        return Err(bad("capacity_mib", "must be at least 1"));
+    if s.capacity_mib < 1 || s.capacity_mib > MAX_CAPACITY_MIB {
+        return Err(bad(
+            "capacity_mib",
+            format!(
+                "{} is not between 1 and {MAX_CAPACITY_MIB} (1 PiB per shard)",
+                s.capacity_mib
+            ),
+        ));
+    }
+    if s.index_cache_mib > MAX_INDEX_CACHE_MIB {
+        return Err(bad(
+            "index_cache_mib",
+            format!(
+                "{} is not between 0 and {MAX_INDEX_CACHE_MIB} (1 TiB per shard)",
+                s.index_cache_mib
+            ),
+        ));
     }
     if s.checkpoint_mib < 1 || s.checkpoint_mib > 1 << 20 {
         return Err(bad(
@@ -917,7 +941,10 @@ const DOCS: &[Doc] = &[
         key: "capacity_mib",
         set: None,
         default: "1024",
-        help: &["Data area per shard in MiB, preallocated when a shard is created."],
+        help: &[
+            "Data area per shard in MiB, preallocated when a shard is created; 1 to",
+            "1073741824 (1 PiB).",
+        ],
     },
     Doc {
         key: "io_memory_kib",
@@ -1010,7 +1037,8 @@ const DOCS: &[Doc] = &[
         set: None,
         default: "16",
         help: &[
-            "sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints).",
+            "sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints),",
+            "at most 1048576 (1 TiB).",
         ],
     },
     Doc {
@@ -1291,6 +1319,23 @@ mod tests {
             e.starts_with("io_memory_kib: 1073741824 is not between"),
             "{e}"
         );
+    }
+
+    /// Sizes in MiB become bytes by a shift: a value it would overflow is
+    /// refused, naming the key (one past 2^44 MiB used to wrap silently).
+    #[test]
+    fn sizes_past_their_bound_are_refused() {
+        for (key, bound) in [
+            ("capacity_mib", MAX_CAPACITY_MIB),
+            ("index_cache_mib", MAX_INDEX_CACHE_MIB),
+        ] {
+            for v in [bound + 1, (1 << 44) + 1, u64::MAX >> 1] {
+                let e = check(&format!("{key} = {v}\n")).unwrap_err();
+                assert!(e.starts_with(&format!("{key}: {v} is not between")), "{e}");
+            }
+            let s = check(&format!("{key} = {bound}\n")).unwrap();
+            assert!(s.capacity_mib.max(s.index_cache_mib) == bound);
+        }
     }
 
     #[test]

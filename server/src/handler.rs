@@ -767,6 +767,7 @@ impl ShardCtx {
             stream_hints_dropped: c.stream_hints_dropped.get(),
             combined_writes: s.combined_writes,
             forward_timeouts: c.forward_timeouts.get(),
+            tls_failures: c.tls_failures.get(),
         }
     }
 

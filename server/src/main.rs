@@ -151,7 +151,7 @@ pub struct ServeArgs {
     /// Allow more shards than CPUs (shards share cores; for testing).
     #[arg(long, env = "SHARDSTORE_ALLOW_OVERSUBSCRIBE", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     allow_oversubscribe: Option<bool>,
-    /// Data area per shard, MiB (preallocated on creation). [default: 1024]
+    /// Data area per shard, MiB (preallocated on creation), at most 1073741824. [default: 1024]
     #[arg(long, env = "SHARDSTORE_CAPACITY_MIB")]
     capacity_mib: Option<u64>,
     /// glommio registered I/O memory per shard, KiB (must fit RLIMIT_MEMLOCK across shards). [default: 1024]
@@ -184,7 +184,7 @@ pub struct ServeArgs {
     /// How an acknowledged write is made durable. [default: dsync]
     #[arg(long, env = "SHARDSTORE_SYNC_MODE", value_enum)]
     sync_mode: Option<config::SyncMode>,
-    /// sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints). [default: 16]
+    /// sled page cache per shard, MiB (the index is in memory; sled keeps its checkpoints), at most 1048576. [default: 16]
     #[arg(long, env = "SHARDSTORE_INDEX_CACHE_MIB")]
     index_cache_mib: Option<u64>,
     /// Once every shard is ready, write the front address to this file
@@ -452,17 +452,20 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
         _ => None,
     };
+    // Sizes in bytes. `config::validate` bounds every one so none of these
+    // saturates; saturating keeps an unchecked value from wrapping small.
+    let mib = |v: u64| v.saturating_mul(1 << 20);
     serve::serve(serve::ServeOptions {
         listen: s.listen,
         data_dir: s.data_dir,
         shards: s.shards,
         cpus: s.cpus,
         allow_oversubscribe: s.allow_oversubscribe,
-        capacity_bytes: s.capacity_mib << 20,
-        io_memory_bytes: (s.io_memory_kib << 10) as usize,
+        capacity_bytes: mib(s.capacity_mib),
+        io_memory_bytes: s.io_memory_kib.saturating_mul(1 << 10) as usize,
         max_payload: s.max_payload,
         max_chunk_size: s.max_chunk_size,
-        index_cache_bytes: s.index_cache_mib << 20,
+        index_cache_bytes: mib(s.index_cache_mib),
         forward_queue: s.forward_queue as usize,
         ready_file: a.ready_file,
         device: s.device,
@@ -471,12 +474,12 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics_addr: s.metrics_addr,
         metrics_interval: s.metrics_interval,
         shutdown_timeout: s.shutdown_timeout,
-        cache_bytes: s.cache_mib << 20,
+        cache_bytes: mib(s.cache_mib),
         prefetch: s.prefetch == config::Prefetch::Auto,
         sync_mode: s.sync_mode,
         scrub_period_secs: s.scrub_period_secs,
         poll: std::time::Duration::from_micros(s.poll_us),
-        checkpoint_bytes: s.checkpoint_mib << 20,
+        checkpoint_bytes: mib(s.checkpoint_mib),
         write_combine: s.write_combine,
         limits: s.limits,
         auth_secret,

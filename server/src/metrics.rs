@@ -12,7 +12,7 @@ use crate::handler::ShardCtx;
 use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
 use shardstore_proto::{Opcode, StatsReply};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub stats: StatsReply,
     /// Sum of execution times by opcode (for the histograms' `_sum`).
     pub latency_sum_us: [u64; OPCODE_SLOTS],
+    /// Sum of READ execution times served from the cache, and not.
+    pub read_cached_sum_us: u64,
+    pub read_uncached_sum_us: u64,
 }
 
 impl Snapshot {
@@ -39,6 +42,8 @@ impl Snapshot {
             cpu,
             stats: ctx.stats(),
             latency_sum_us: std::array::from_fn(|op| ctx.counters.latency[op].sum_us.get()),
+            read_cached_sum_us: ctx.counters.read_cached.sum_us.get(),
+            read_uncached_sum_us: ctx.counters.read_uncached.sum_us.get(),
         }
     }
 
@@ -141,19 +146,31 @@ pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result
     Ok(())
 }
 
+/// A request must arrive whole within this once the thread takes it up.
+/// One thread answers every scrape: a client sending a byte now and then
+/// must not hold it past this, whatever each read's timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause allowed between a request's bytes (and before the first).
+const READ_PAUSE: Duration = Duration::from_secs(2);
+
 fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    // One thread answers every scrape: a client sending a byte now and
-    // then must not hold it past this, whatever each read's timeout.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        if std::time::Instant::now() >= deadline {
-            return respond(&mut stream, "408 Request Timeout", "", false);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return timed_out(&mut stream, &req);
         }
-        let n = stream.read(&mut buf)?;
+        stream.set_read_timeout(Some(left.min(READ_PAUSE)))?;
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return timed_out(&mut stream, &req);
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
@@ -191,6 +208,15 @@ fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
             head,
         ),
     }
+}
+
+/// A request that did not arrive whole in time: 408 if any of it came; a
+/// connection that sent nothing (a port probe) is closed without a word.
+fn timed_out(stream: &mut TcpStream, req: &[u8]) -> std::io::Result<()> {
+    if req.is_empty() {
+        return Ok(());
+    }
+    respond(stream, "408 Request Timeout", "", false)
 }
 
 fn respond(stream: &mut TcpStream, status: &str, body: &str, head: bool) -> std::io::Result<()> {
@@ -234,14 +260,14 @@ fn family(
 }
 
 /// The cumulative buckets (bounds `LATENCY_BOUNDS_US`, then +Inf), the
-/// sum if known and the count of one histogram series; `count(b)`: requests
-/// in bucket `b` alone.
+/// sum and the count of one histogram series; `count(b)`: requests in
+/// bucket `b` alone.
 fn histogram(
     out: &mut String,
     name: &str,
     labels: &str,
     count: impl Fn(usize) -> u64,
-    sum_seconds: Option<f64>,
+    sum_seconds: f64,
 ) {
     let mut cum = 0;
     for (b, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
@@ -254,9 +280,7 @@ fn histogram(
     }
     cum += count(LATENCY_BUCKETS - 1);
     let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cum}");
-    if let Some(sum) = sum_seconds {
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum_seconds}");
     let _ = writeln!(out, "{name}_count{{{labels}}} {cum}");
 }
 
@@ -381,7 +405,7 @@ pub fn render(board: &Board) -> String {
             let k = *op as usize;
             let labels = format!("shard=\"{i}\",op=\"{}\"", op.name());
             let sum = s.latency_sum_us[k] as f64 / 1e6;
-            histogram(&mut o, name, &labels, |b| s.latency(k, b), Some(sum));
+            histogram(&mut o, name, &labels, |b| s.latency(k, b), sum);
         }
     }
 
@@ -399,10 +423,10 @@ pub fn render(board: &Board) -> String {
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, s) in &snaps {
-            let counts = if cached {
-                &s.stats.read_cached_latency
+            let (counts, sum_us) = if cached {
+                (&s.stats.read_cached_latency, s.read_cached_sum_us)
             } else {
-                &s.stats.read_uncached_latency
+                (&s.stats.read_uncached_latency, s.read_uncached_sum_us)
             };
             let labels = format!("shard=\"{i}\"");
             histogram(
@@ -410,12 +434,12 @@ pub fn render(board: &Board) -> String {
                 name,
                 &labels,
                 |b| counts.get(b).copied().unwrap_or(0),
-                None,
+                sum_us as f64 / 1e6,
             );
         }
     }
 
-    let fams: [Family; 46] = [
+    let fams: [Family; 50] = [
         (
             "shardstore_received_bytes_total",
             "counter",
@@ -487,6 +511,12 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Connections closed by a frame, idle or write timeout.",
             |s| s.stats.timeouts,
+        ),
+        (
+            "shardstore_tls_failures_total",
+            "counter",
+            "Connections whose TLS handshake failed (one that timed out counts in shardstore_connection_timeouts_total).",
+            |s| s.stats.tls_failures,
         ),
         (
             "shardstore_auth_failures_total",
@@ -592,6 +622,24 @@ pub fn render(board: &Board) -> String {
             "counter",
             "Old extent headers of deleted chunks erased from free space by sweeps.",
             |s| s.stats.sweep_erased,
+        ),
+        (
+            "shardstore_scrub_passes_total",
+            "counter",
+            "Scrub passes finished over every live sector, extent header and tombstone.",
+            |s| s.stats.scrub_passes,
+        ),
+        (
+            "shardstore_scrub_sectors_total",
+            "counter",
+            "Data sectors the scrubber re-read and verified.",
+            |s| s.stats.scrub_sectors,
+        ),
+        (
+            "shardstore_scrub_errors_total",
+            "counter",
+            "Damaged or unreadable data sectors, extent headers and tombstones the scrubber found (logged, not repaired).",
+            |s| s.stats.scrub_errors,
         ),
         (
             "shardstore_stream_hints_out_total",
@@ -715,9 +763,15 @@ mod tests {
                 latency_counts,
                 read_cached_latency,
                 cache_hits: 7,
+                scrub_passes: 2,
+                scrub_sectors: 96,
+                scrub_errors: 1,
+                tls_failures: 5,
                 ..StatsReply::default()
             },
             latency_sum_us: [0; OPCODE_SLOTS],
+            read_cached_sum_us: 60,
+            read_uncached_sum_us: 0,
         }
     }
 
@@ -745,5 +799,74 @@ mod tests {
         // Shard 0 has not published: absent, and reported stale.
         assert!(!text.contains("shard=\"0\""));
         assert_eq!(b.stale_shard(Duration::from_secs(10)), Some(0));
+    }
+
+    /// A request that stalls gets 408 once a pause passes READ_PAUSE (it
+    /// used to be dropped without an answer); a connection that sends
+    /// nothing is closed without one.
+    #[test]
+    fn a_stalled_request_gets_408_and_a_silent_one_nothing() {
+        let board = Board::new(1, NodeFacts::default());
+        for (sent, want) in [
+            (
+                &b"GET /metrics HTTP/1.1\r\n"[..],
+                "HTTP/1.1 408 Request Timeout\r\n",
+            ),
+            (&b""[..], ""),
+        ] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let b = board.clone();
+            let server = std::thread::spawn(move || answer(l.accept().unwrap().0, &b));
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(sent).unwrap();
+            let started = Instant::now();
+            let mut got = String::new();
+            c.read_to_string(&mut got).unwrap();
+            let waited = started.elapsed();
+            assert!(
+                if want.is_empty() {
+                    got.is_empty()
+                } else {
+                    got.starts_with(want)
+                },
+                "sent {:?}, got {got:?}",
+                String::from_utf8_lossy(sent)
+            );
+            assert!(
+                waited >= READ_PAUSE - Duration::from_millis(100) && waited < REQUEST_TIMEOUT,
+                "answered after {waited:?}"
+            );
+            server.join().unwrap().unwrap();
+        }
+    }
+
+    /// The scrubber's and the TLS handshakes' counters, and the READ
+    /// histograms' sums, reach the exposition (they were STATS-only, or
+    /// tracked and dropped).
+    #[test]
+    fn scrub_tls_and_read_sums_are_exported() {
+        let b = Board::new(2, NodeFacts::default());
+        b.publish(1, snap());
+        let text = render(&b);
+        for line in [
+            "shardstore_scrub_passes_total{shard=\"1\"} 2\n",
+            "shardstore_scrub_sectors_total{shard=\"1\"} 96\n",
+            "shardstore_scrub_errors_total{shard=\"1\"} 1\n",
+            "shardstore_tls_failures_total{shard=\"1\"} 5\n",
+            "shardstore_read_cached_duration_seconds_sum{shard=\"1\"} 0.00006\n",
+            "shardstore_read_uncached_duration_seconds_sum{shard=\"1\"} 0\n",
+        ] {
+            assert!(text.contains(line), "no {line}");
+        }
+        for name in [
+            "shardstore_scrub_passes_total",
+            "shardstore_scrub_sectors_total",
+            "shardstore_scrub_errors_total",
+            "shardstore_tls_failures_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
+        }
     }
 }

@@ -38,16 +38,23 @@ fn mode(p: &Path) -> u32 {
         & 0o7777
 }
 
-fn install(root: &Path) -> String {
+/// Runs install.sh into `root` with `env` set; its success and output.
+fn run_install(root: &Path, env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new("sh")
         .arg(repo().join("deploy/install.sh"))
         .arg(bin())
         .env("DESTDIR", root)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "install.sh failed: {text}");
+    (out.status.success(), text)
+}
+
+fn install(root: &Path) -> String {
+    let (ok, text) = run_install(root, &[]);
+    assert!(ok, "install.sh failed: {text}");
     text
 }
 
@@ -115,6 +122,47 @@ fn install_sh_into_destdir() {
             "usr/lib/sysusers.d/shardstore.conf",
         ]
     );
+}
+
+/// With BINDIR the installed unit runs the binary where it was put (it
+/// used to keep /usr/bin/shardstore, which was not there); only the
+/// ExecStart line differs. A BINDIR that cannot go into the unit as is
+/// is refused before anything is installed.
+#[test]
+fn install_sh_bindir_moves_execstart() {
+    let root = data_dir("destdir-bindir");
+    let (ok, text) = run_install(&root, &[("BINDIR", "/usr/local/bin")]);
+    assert!(ok, "install.sh failed: {text}");
+    assert_eq!(mode(&root.join("usr/local/bin/shardstore")), 0o755);
+    assert!(!root.join("usr/bin").exists());
+    let unit =
+        std::fs::read_to_string(root.join("usr/lib/systemd/system/shardstore.service")).unwrap();
+    let shipped = std::fs::read_to_string(repo().join("deploy/shardstore.service")).unwrap();
+    let exec = |u: &str| -> Vec<String> {
+        u.lines()
+            .filter(|l| l.starts_with("ExecStart="))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        exec(&unit),
+        ["ExecStart=/usr/local/bin/shardstore serve --config /etc/shardstore/shardstore.toml"]
+    );
+    assert_eq!(
+        unit.replace("ExecStart=/usr/local/bin/", "ExecStart=/usr/bin/"),
+        shipped
+    );
+
+    for bad in ["usr/local/bin", "/opt/my bin", "/opt/a|b"] {
+        let root = data_dir("destdir-badbindir");
+        let (ok, text) = run_install(&root, &[("BINDIR", bad)]);
+        assert!(!ok, "BINDIR {bad:?} was accepted: {text}");
+        assert!(text.contains("BINDIR"), "{text}");
+        assert!(
+            std::fs::read_dir(&root).unwrap().next().is_none(),
+            "{bad:?}: something was installed"
+        );
+    }
 }
 
 #[test]

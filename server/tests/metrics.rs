@@ -217,6 +217,36 @@ async fn scrape_and_parse() {
         m.sum("shardstore_read_uncached_duration_seconds_count", &[]),
         10.0
     );
+    // Their sums: every READ took some time, so each histogram's sum is
+    // above zero wherever its count is.
+    for name in [
+        "shardstore_read_cached_duration_seconds",
+        "shardstore_read_uncached_duration_seconds",
+    ] {
+        for s in ["0", "1"] {
+            let count = m.get(&format!("{name}_count"), &[("shard", s)]);
+            let sum = m.get(&format!("{name}_sum"), &[("shard", s)]);
+            assert!(
+                count == 0.0 || sum > 0.0,
+                "{name} shard {s}: {sum} s for {count}"
+            );
+        }
+    }
+    // The scrubber's figures and failed TLS handshakes, per shard (their
+    // values are checked where they change: unit tests, tls.rs).
+    for name in [
+        "shardstore_scrub_passes_total",
+        "shardstore_scrub_sectors_total",
+        "shardstore_scrub_errors_total",
+        "shardstore_tls_failures_total",
+    ] {
+        assert_eq!(m.types[name], "counter", "{name}");
+        for s in ["0", "1"] {
+            m.get(name, &[("shard", s)]);
+        }
+    }
+    assert_eq!(m.sum("shardstore_scrub_errors_total", &[]), 0.0);
+    assert_eq!(m.sum("shardstore_tls_failures_total", &[]), 0.0);
     assert_eq!(m.sum("shardstore_chunks", &[]), writes as f64);
     assert!(m.sum("shardstore_device_flushes_total", &[]) >= 1.0);
     assert_eq!(m.types["shardstore_combined_writes_total"], "counter");

@@ -63,6 +63,25 @@ fn tls_client(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientConfig {
     }
 }
 
+/// The sum over shards of `shardstore_tls_failures_total` at `maddr`.
+async fn tls_failures_metric(maddr: &str) -> u64 {
+    let maddr = maddr.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&maddr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("shardstore_tls_failures_total{"))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_server_and_client_certificates() {
     let dir = data_dir("tls");
@@ -74,8 +93,25 @@ async fn tls_with_server_and_client_certificates() {
         std::fs::set_permissions(&pki.server_key, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     key_mode(0o644);
-    let srv = TestServer::try_start(&dir, 2, &["--tls-cert-file", &cert, "--tls-key-file", &key])
-        .unwrap();
+    let maddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let srv = TestServer::try_start(
+        &dir,
+        2,
+        &[
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--metrics-addr",
+            &maddr,
+            "--metrics-interval-ms",
+            "100",
+        ],
+    )
+    .unwrap();
     let warning = "tls_key_file (the server's private key) is readable by every user";
     assert!(
         srv.log().contains(warning),
@@ -102,6 +138,25 @@ async fn tls_with_server_and_client_certificates() {
     // Plain TCP to a TLS server gets nowhere and does not hurt it.
     assert!(Client::connect(&srv.addr).await.is_err());
     c.ping().await.unwrap();
+    // The failed handshakes (each of those connects, its retry included)
+    // are counted, in STATS and in /metrics, on whichever shard took each
+    // connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut stats = 0;
+        for sh in 0..2 {
+            stats += c.stats(ShardId(sh)).await.unwrap().tls_failures;
+        }
+        let metrics = tls_failures_metric(&maddr).await;
+        if stats >= 2 && metrics == stats {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failed handshakes: {stats} in STATS, {metrics} in /metrics, 2 or more expected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     drop(srv);
 
     // Client certificates required.
