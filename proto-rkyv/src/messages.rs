@@ -244,6 +244,12 @@ pub struct StatsReply {
     /// Connections whose TLS handshake failed (a handshake that timed out
     /// is counted in `timeouts`).
     pub tls_failures: u64,
+    /// Bytes of the read buffers the cache's entries keep alive (an entry
+    /// shares its read's buffer: at least `cache_bytes`, bounded to about
+    /// 2.5 times the capacity), and sectors given a copy of their own so a
+    /// mostly evicted buffer could go.
+    pub cache_held_bytes: u64,
+    pub cache_compacted: u64,
 }
 
 /// Reply to HELLO: whether this server requires authentication, and the

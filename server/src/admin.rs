@@ -307,10 +307,11 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "\n{:>5} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "shard",
         "cache_MiB",
         "used_MiB",
+        "held_MiB",
         "hit_%",
         "hits",
         "misses",
@@ -340,10 +341,11 @@ fn stats_tables(all: &[shardstore_proto::StatsReply]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>5} {:>9.1} {:>9.1} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:>5} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>12} {:>12} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             st.shard,
             mib(st.cache_capacity_bytes),
             mib(st.cache_bytes),
+            mib(st.cache_held_bytes),
             ratio,
             st.cache_hits,
             st.cache_misses,

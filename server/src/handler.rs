@@ -768,6 +768,8 @@ impl ShardCtx {
             combined_writes: s.combined_writes,
             forward_timeouts: c.forward_timeouts.get(),
             tls_failures: c.tls_failures.get(),
+            cache_held_bytes: s.cache.held_bytes,
+            cache_compacted: s.cache.compacted,
         }
     }
 

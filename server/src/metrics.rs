@@ -696,6 +696,18 @@ pub fn render(board: &Board) -> String {
             |s| s.stats.cache_misses,
         ),
         (
+            "shardstore_cache_held_bytes",
+            "gauge",
+            "Bytes of read buffers the cache's entries keep alive (at least the cached bytes).",
+            |s| s.stats.cache_held_bytes,
+        ),
+        (
+            "shardstore_cache_compacted_total",
+            "counter",
+            "Cached sectors copied out of a mostly evicted read buffer so it could be freed.",
+            |s| s.stats.cache_compacted,
+        ),
+        (
             "shardstore_cache_evictions_total",
             "counter",
             "Sectors evicted from the cache.",

@@ -200,6 +200,9 @@ async fn scrape_and_parse() {
     assert_eq!(m.sum("shardstore_cached_reads_total", &[]), 10.0);
     assert_eq!(m.sum("shardstore_uncached_reads_total", &[]), 10.0);
     assert_eq!(m.sum("shardstore_cache_bytes", &[]), 20.0 * 4096.0);
+    // Each read's buffer holds exactly the sectors cached from it.
+    assert_eq!(m.sum("shardstore_cache_held_bytes", &[]), 20.0 * 4096.0);
+    assert_eq!(m.types["shardstore_cache_compacted_total"], "counter");
     assert_eq!(
         m.sum("shardstore_cache_capacity_bytes", &[]),
         256.0 * 1024.0 * 1024.0,
