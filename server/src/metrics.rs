@@ -439,7 +439,7 @@ pub fn render(board: &Board) -> String {
         }
     }
 
-    let fams: [Family; 50] = [
+    let fams: [Family; 52] = [
         (
             "shardstore_received_bytes_total",
             "counter",
