@@ -151,7 +151,7 @@ pub mod defaults {
     pub const SCRUB_PERIOD_SECS: u64 = 24 * 3600;
     pub const INDEX_CACHE_MIB: u64 = 16;
     pub const CHECKPOINT_MIB: u64 = 256;
-    pub const WRITE_COMBINE: u32 = 4;
+    pub const WRITE_COMBINE: u32 = 8;
     pub const FORWARD_QUEUE: u64 = 1024;
     pub const METRICS_INTERVAL_MS: u64 = 500;
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
@@ -1023,7 +1023,7 @@ const DOCS: &[Doc] = &[
     Doc {
         key: "write_combine",
         set: None,
-        default: "4",
+        default: "8",
         help: &[
             "With sync_mode = \"dsync\": O_DSYNC writes a shard lets go to the device at",
             "once before new ones queue; queued writes that lie next to each other on",

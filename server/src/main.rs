@@ -175,7 +175,7 @@ pub struct ServeArgs {
     /// Data written per shard between index checkpoints, MiB; bounds the recovery scan. [default: 256]
     #[arg(long, env = "SHARDSTORE_CHECKPOINT_MIB")]
     checkpoint_mib: Option<u64>,
-    /// O_DSYNC writes at the device per shard (sync_mode dsync) before adjacent queued ones share one device write (0: off). [default: 4]
+    /// O_DSYNC writes at the device per shard (sync_mode dsync) before adjacent queued ones share one device write (0: off). [default: 8]
     #[arg(long, env = "SHARDSTORE_WRITE_COMBINE")]
     write_combine: Option<u32>,
     /// Sequential read-ahead into the cache. [default: auto]

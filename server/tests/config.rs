@@ -76,7 +76,7 @@ fn precedence_flag_env_file_default() {
     assert_eq!(value(&show, "metrics_addr"), "off");
     assert_eq!(value(&show, "sync_mode"), "dsync", "default");
     assert_eq!(value(&show, "checkpoint_mib"), "256", "default");
-    assert_eq!(value(&show, "write_combine"), "4", "default");
+    assert_eq!(value(&show, "write_combine"), "8", "default");
     assert_eq!(value(&show, "poll_us"), "0", "default");
     let show = stdout(&run(
         &["config", "show", "--poll-us", "200"],

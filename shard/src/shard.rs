@@ -165,7 +165,7 @@ pub struct ShardConfig {
 impl ShardConfig {
     pub const DEFAULT_INDEX_CACHE_BYTES: u64 = 16 << 20;
     pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
-    pub const DEFAULT_COMBINE_IN_FLIGHT: u32 = 4;
+    pub const DEFAULT_COMBINE_IN_FLIGHT: u32 = 8;
 
     /// Folder name of shard `id` inside the node's data dir: `shard-NNN`.
     pub fn folder_name(id: ShardId) -> String {
