@@ -435,7 +435,7 @@ struct Conn {
     frame_started: Option<Instant>,
     /// The connection was counted in `timeouts` (once, though a frame
     /// timeout can be followed by a send timeout of its last replies).
-    timed_out: bool,
+    timed_out: std::cell::Cell<bool>,
 }
 
 impl Conn {
@@ -464,10 +464,85 @@ impl Conn {
     }
 
     /// Counts the connection in `timeouts`, once.
-    fn timed_out(&mut self, ctx: &ShardCtx) {
-        if !std::mem::replace(&mut self.timed_out, true) {
-            ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+    fn timed_out(&self, ctx: &ShardCtx) {
+        count_timeout(ctx, &self.timed_out);
+    }
+
+    /// Waits for the requests still running, their replies dropped (the
+    /// connection can send no more). Its task, and its place in the
+    /// shard's connection count, last until they end: a client that resets
+    /// its connections cannot leave more requests running than the
+    /// connection limit times `max_in_flight` (returning at once left them
+    /// to run unbounded by either).
+    async fn settle(&mut self) {
+        while self.pending.next().await.is_some() {}
+    }
+}
+
+/// Counts a connection in `timeouts`, once (`counted` says it was).
+fn count_timeout(ctx: &ShardCtx, counted: &std::cell::Cell<bool>) {
+    if !counted.replace(true) {
+        ctx.counters.timeouts.set(ctx.counters.timeouts.get() + 1);
+    }
+}
+
+/// When the pieces of a frame's payload are due: the frame's start, plus
+/// the frame timeout, plus the payload through the piece's end at 64 KiB/s.
+/// A steady sender of a large payload has all the time its length asks;
+/// one that stops is cut off about a frame timeout after it stopped (the
+/// whole allowance up front let a silent WRITE of 8 MiB hold its buffer
+/// and budget for over two minutes).
+#[derive(Clone, Copy)]
+struct Pace {
+    started: Instant,
+    grace: Duration,
+}
+
+/// Bytes of payload read under one deadline (one second at the minimum rate).
+const PACE_PIECE: usize = MIN_PEER_BYTES_PER_SEC as usize;
+
+impl Pace {
+    fn due(&self, through: u64) -> Instant {
+        self.started + self.grace + at_min_rate(through)
+    }
+
+    /// Reads the payload into `dst` in pieces, each by its due time.
+    async fn read<S: Transport>(
+        self,
+        reader: &mut FrameReader<S>,
+        dst: &mut [u8],
+    ) -> Result<(), FrameError> {
+        if reader.buffered() >= dst.len() {
+            return reader.read_payload(dst).await;
         }
+        let mut through = 0;
+        for piece in dst.chunks_mut(PACE_PIECE) {
+            through += piece.len() as u64;
+            within(self.due(through), reader.read_payload(piece))
+                .await
+                .unwrap_or(Err(FrameError::TimedOut))?;
+        }
+        Ok(())
+    }
+
+    /// Skips `n` bytes of payload, each piece by its due time.
+    async fn skip<S: Transport>(
+        self,
+        reader: &mut FrameReader<S>,
+        n: usize,
+    ) -> Result<(), FrameError> {
+        if reader.buffered() >= n {
+            return reader.skip_payload(n).await;
+        }
+        let mut through = 0;
+        while through < n {
+            let piece = (n - through).min(PACE_PIECE);
+            through += piece;
+            within(self.due(through as u64), reader.skip_payload(piece))
+                .await
+                .unwrap_or(Err(FrameError::TimedOut))?;
+        }
+        Ok(())
     }
 }
 
@@ -485,7 +560,7 @@ pub async fn connection_loop<S: Transport>(
         pending: FuturesUnordered::new(),
         held: Rc::new(std::cell::Cell::new(0)),
         frame_started: None,
-        timed_out: false,
+        timed_out: std::cell::Cell::new(false),
     };
     if let Some(secret) = ctx.node.auth_secret.clone() {
         let deadline = Instant::now() + lim.frame_timeout;
@@ -517,7 +592,10 @@ pub async fn connection_loop<S: Transport>(
         if !conn.out.is_empty()
             && (!have_frame || conn.out.bytes() >= FLUSH_THRESHOLD || stop.is_some())
         {
-            conn.flush(ctx, &mut reader).await?;
+            if let Err(e) = conn.flush(ctx, &mut reader).await {
+                conn.settle().await;
+                return Err(e);
+            }
         }
         if stop.is_some() {
             if conn.pending.is_empty() {
@@ -542,7 +620,10 @@ pub async fn connection_loop<S: Transport>(
             // connection's burst takes the whole shard budget and every
             // request after it, its own and others', gets BUSY.
             if !conn.out.is_empty() {
-                conn.flush(ctx, &mut reader).await?;
+                if let Err(e) = conn.flush(ctx, &mut reader).await {
+                    conn.settle().await;
+                    return Err(e);
+                }
                 continue;
             }
         }
@@ -782,6 +863,10 @@ async fn handle_frame<S: Transport>(
     let op = head.opcode;
     let id = head.header.request_id;
     let payload_len = head.header.payload_len as usize;
+    let pace = Pace {
+        started: conn.frame_started.unwrap_or_else(Instant::now),
+        grace: ctx.limits.frame_timeout,
+    };
     let out = &mut conn.out;
     let fail = |out: &mut Outbox, e: ErrReply| {
         ctx.counters.error(op);
@@ -808,9 +893,9 @@ async fn handle_frame<S: Transport>(
                 .set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e, "bad frame body");
             fail(out, ErrReply::new(ErrorCode::Malformed, e.to_string()));
-            return skip(reader, payload_len).await;
+            return skip(ctx, reader, payload_len, pace, &conn.timed_out).await;
         }
-        Err(e) => return Ok(Some(frame_stop(ctx, peer, e))),
+        Err(e) => return Ok(Some(frame_stop(ctx, &conn.timed_out, peer, e))),
     };
     let req = match Parsed::decode(op, body) {
         Ok(r) => r,
@@ -820,7 +905,7 @@ async fn handle_frame<S: Transport>(
                 .set(ctx.counters.malformed_frames.get() + 1);
             debug!(shard = ctx.id.0, %peer, error = %e.message, "invalid body");
             fail(out, e);
-            return skip(reader, payload_len).await;
+            return skip(ctx, reader, payload_len, pace, &conn.timed_out).await;
         }
     };
     let owner = req.owner(ctx.node.shard_count, ctx.id);
@@ -880,15 +965,15 @@ async fn handle_frame<S: Transport>(
             Ok(hold) => hold,
             Err(()) => {
                 refuse_busy(out);
-                return skip(reader, payload_len).await;
+                return skip(ctx, reader, payload_len, pace, &conn.timed_out).await;
             }
         },
     };
     if owner != ctx.id {
         let body = body.to_vec();
         let mut payload = vec![0u8; payload_len];
-        if let Err(e) = reader.read_payload(&mut payload).await {
-            return Ok(Some(frame_stop(ctx, peer, e)));
+        if let Err(e) = pace.read(reader, &mut payload).await {
+            return Ok(Some(frame_stop(ctx, &conn.timed_out, peer, e)));
         }
         if let Parsed::Write(w) = &req {
             if let Err(e) = ctx.check_payload(w, &payload) {
@@ -937,13 +1022,13 @@ async fn handle_frame<S: Transport>(
                     Ok(pw) => pw,
                     Err(e) => {
                         fail(out, e.into());
-                        return skip(reader, payload_len).await;
+                        return skip(ctx, reader, payload_len, pace, &conn.timed_out).await;
                     }
                 };
             // The payload goes from the socket buffer straight into the DMA
             // buffer that is written to disk.
-            if let Err(e) = reader.read_payload(pw.payload_mut()).await {
-                return Ok(Some(frame_stop(ctx, peer, e)));
+            if let Err(e) = pace.read(reader, pw.payload_mut()).await {
+                return Ok(Some(frame_stop(ctx, &conn.timed_out, peer, e)));
             }
             if let Err(e) = ctx.check_payload(&w, pw.payload_mut()) {
                 fail(out, e);
@@ -1085,9 +1170,20 @@ fn busy_reply() -> ErrReply {
 /// Skips a refused request's payload. Any failure ends reading only (see
 /// `frame_stop`): the replies queued, this request's refusal among them,
 /// are still sent.
-async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result<Option<Stop>> {
-    match reader.skip_payload(n).await {
+/// Skips a refused request's payload (see [`Pace`]).
+async fn skip<S: Transport>(
+    ctx: &ShardCtx,
+    reader: &mut FrameReader<S>,
+    n: usize,
+    pace: Pace,
+    timed_out: &std::cell::Cell<bool>,
+) -> io::Result<Option<Stop>> {
+    match pace.skip(reader, n).await {
         Ok(()) => Ok(None),
+        Err(FrameError::TimedOut) => {
+            count_timeout(ctx, timed_out);
+            Ok(Some(Stop::Close))
+        }
         Err(_) => Ok(Some(Stop::Close)),
     }
 }
@@ -1095,7 +1191,15 @@ async fn skip<S: Transport>(reader: &mut FrameReader<S>, n: usize) -> io::Result
 /// How a failed read of a frame's body or payload ends the connection:
 /// requests in flight still finish and are answered (see the read error
 /// of a frame header in `connection_loop`).
-fn frame_stop(ctx: &ShardCtx, peer: SocketAddr, e: FrameError) -> Stop {
+fn frame_stop(
+    ctx: &ShardCtx,
+    timed_out: &std::cell::Cell<bool>,
+    peer: SocketAddr,
+    e: FrameError,
+) -> Stop {
+    if matches!(e, FrameError::TimedOut) {
+        count_timeout(ctx, timed_out);
+    }
     debug!(shard = ctx.id.0, %peer, error = %e, "bad or unreadable frame; finishing in-flight requests, then closing");
     Stop::Close
 }

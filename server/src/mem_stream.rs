@@ -20,6 +20,8 @@ pub struct MemStream {
     /// Sends never complete: a client that stopped reading, with no write
     /// timeout to cut it off.
     stall_sends: bool,
+    /// Sends fail: a client that reset the connection.
+    fail_sends: bool,
     written: Rc<RefCell<Vec<u8>>>,
 }
 
@@ -34,6 +36,7 @@ impl MemStream {
             max_read: 4096,
             fail_at_end: false,
             stall_sends: false,
+            fail_sends: false,
             written: written.clone(),
         };
         (s, written)
@@ -49,6 +52,12 @@ impl MemStream {
     /// Every send waits for ever (see `stall_sends`).
     pub fn stalling_sends(mut self) -> MemStream {
         self.stall_sends = true;
+        self
+    }
+
+    /// Every send fails with a broken pipe (see `fail_sends`).
+    pub fn failing_sends(mut self) -> MemStream {
+        self.fail_sends = true;
         self
     }
 }
@@ -95,6 +104,9 @@ impl Transport for MemStream {
     async fn send_all(&mut self, slices: &[&[u8]], _timeout: Duration) -> io::Result<()> {
         if self.stall_sends {
             std::future::pending::<()>().await;
+        }
+        if self.fail_sends {
+            return Err(io::ErrorKind::BrokenPipe.into());
         }
         let mut w = self.written.borrow_mut();
         for s in slices {

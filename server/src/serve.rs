@@ -697,6 +697,7 @@ async fn run_shard(
             shard = id.0,
             connections = c.connections.get(),
             in_flight = c.in_flight.get(),
+            request_tasks = ctx.conns.requests_running(),
             "shutdown deadline passed with requests in flight; closing anyway"
         );
     }

@@ -385,6 +385,41 @@ async fn a_large_write_sent_slowly_but_steadily_arrives() {
     assert!(got.data[..] == data[..], "wrong bytes");
 }
 
+/// A WRITE that declares a large payload and then sends nothing is cut off
+/// about a frame timeout after it stopped (and counted), though a steady
+/// sender of that payload would have many seconds more: its reservation of
+/// the shard's budget was held for the whole payload's allowance (over two
+/// minutes for 8 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_that_stops_sending_is_cut_off() {
+    let dir = data_dir("stalledwrite");
+    let srv = TestServer::try_start(&dir, 1, &["--frame-timeout-ms", "1000"]).unwrap();
+    let c = srv.client().await;
+    let before = c.stats(ShardId(0)).await.unwrap().timeouts;
+    let data = pattern(0x57a1, 8 << 20);
+    let w = WriteRequest {
+        chunk: 0x57a1,
+        offset: 0,
+        payload_crc: crc32c::crc32c(&data),
+        flags: 0,
+    };
+    let mut frame = Vec::new();
+    encode_frame(Opcode::Write, 0, 8, &w, data.len() as u32, &mut frame);
+    frame.extend_from_slice(&data[..64 << 10]);
+    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
+    s.write_all(&frame).await.unwrap();
+    // 8 MiB at 64 KiB/s would allow 129 s; stopped, it gets about 2 s.
+    assert!(
+        closed_within(&mut s, Duration::from_secs(6)).await,
+        "a stalled WRITE kept its connection"
+    );
+    assert_eq!(c.stats(ShardId(0)).await.unwrap().timeouts, before + 1);
+    assert!(
+        c.stat(ChunkId(0x57a1)).await.is_err(),
+        "a partial write stored"
+    );
+}
+
 fn read_frames(chunk: u128, n: u64, len: u32) -> Vec<u8> {
     let mut reqs = Vec::new();
     for i in 0..n {

@@ -36,6 +36,19 @@ fn on_executor(f: impl std::future::Future<Output = ()>) {
         .run(f);
 }
 
+/// `input`, then a PING with request id `id`.
+fn with_ping(mut input: Vec<u8>, id: u64) -> Vec<u8> {
+    encode_frame(
+        Opcode::Ping,
+        0,
+        id,
+        &shardstore_proto::Empty {},
+        0,
+        &mut input,
+    );
+    input
+}
+
 /// A one-shard context on a fresh simulated disk.
 async fn sim_ctx() -> Rc<ShardCtx> {
     sim_ctx_on().await.0
@@ -59,6 +72,59 @@ async fn sim_ctx_on() -> (Rc<ShardCtx>, SimDisk) {
     )
 }
 
+/// A connection whose replies cannot be sent (the client reset it) ends
+/// only once the requests it started have: they run as their own tasks, and
+/// returning at once let a client that resets connections in a loop leave
+/// any number of them running (DELETEs and reads of missing chunks hold no
+/// budget), bounded by neither the connection limit nor `max_in_flight`.
+#[test]
+fn a_connection_whose_sends_fail_ends_after_its_requests() {
+    on_executor(async {
+        let (ctx, disk) = sim_ctx_on().await;
+        for c in 0..8u128 {
+            ctx.shard
+                .write(ChunkId(60 + c), 0, &[1u8; 4096])
+                .await
+                .unwrap();
+        }
+        let mut input = Vec::new();
+        for c in 0..8u64 {
+            let d = shardstore_proto::ChunkRequest {
+                chunk: 60 + u128::from(c),
+            };
+            encode_frame(Opcode::Delete, 0, c, &d, 0, &mut input);
+        }
+        let (stream, _written) = MemStream::new(with_ping(input, 9));
+        // The deletes wait on the device; the PING's reply fails to send.
+        disk.hold_writes(true);
+        let ended = Rc::new(std::cell::Cell::new(None));
+        let conn = glommio::spawn_local({
+            let (ctx, ended) = (ctx.clone(), ended.clone());
+            async move {
+                let res =
+                    connection_loop(&ctx, stream.failing_sends(), "127.0.0.1:9".parse().unwrap())
+                        .await;
+                ended.set(Some(ctx.conns.requests_running()));
+                res
+            }
+        });
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            ctx.conns.requests_running() > 0,
+            "the deletes are not running"
+        );
+        assert_eq!(
+            ended.get(),
+            None,
+            "the connection ended with its requests still running"
+        );
+        disk.hold_writes(false);
+        let res = conn.await;
+        assert!(res.is_err(), "the send failure is the connection's result");
+        assert_eq!(ended.get(), Some(0));
+    });
+}
+
 /// A client that stopped reading its replies leaves its connection's task
 /// waiting to send. A write it sent before goes on regardless and lets go
 /// of its chunk: it used to be polled only by that task, so it kept the
@@ -78,15 +144,7 @@ fn a_write_of_a_client_that_stopped_reading_lets_go_of_its_chunk() {
         let mut input = Vec::new();
         encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut input);
         input.extend_from_slice(&data);
-        encode_frame(
-            Opcode::Ping,
-            0,
-            2,
-            &shardstore_proto::Empty {},
-            0,
-            &mut input,
-        );
-        let (stream, _written) = MemStream::new(input);
+        let (stream, _written) = MemStream::new(with_ping(input, 2));
         // The write starts and waits on the device; the PING's reply is
         // then sent, and that send never ends.
         disk.hold_writes(true);
