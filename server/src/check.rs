@@ -60,7 +60,9 @@ fn read_node_file(data_dir: &Path) -> anyhow::Result<(u128, u32)> {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
-    if let Some((uid, gid)) = become_folder_owner(&a.data_dir)? {
+    // As root on the service account's folder: become that account first
+    // (see `owner`).
+    if let Some((uid, gid)) = crate::owner::become_folder_owner(&a.data_dir)? {
         println!(
             "running as {uid}:{gid}, the owner of {}",
             a.data_dir.display()
@@ -161,42 +163,6 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Run as root on a data folder that belongs to another user (the service
-/// account), `check` becomes that user (and its group, with no
-/// supplementary groups) before it opens anything: what it creates (a
-/// rebuilt index, sled's segments) is then the service's, which can open it
-/// at its next start, and nothing under the folder is opened or changed
-/// with root's rights (the service account owns the folder and could
-/// swap a path in it for a symlink to anywhere). Returns the ids taken.
-fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>> {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let m =
-        std::fs::metadata(data_dir).with_context(|| format!("reading {}", data_dir.display()))?;
-    let (uid, gid) = (m.uid(), m.gid());
-    if uid == 0 {
-        return Ok(None);
-    }
-    // SAFETY: plain credential calls, made before this process starts any
-    // other thread (glibc applies them to every thread anyway).
-    let failed = unsafe {
-        libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(gid, gid, gid) != 0
-            || libc::setresuid(uid, uid, uid) != 0
-    };
-    if failed {
-        anyhow::bail!(
-            "could not become {uid}:{gid}, the owner of {}: {}",
-            data_dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(Some((uid, gid)))
 }
 
 /// Takes sled's lock on an index file (the same `flock` sled takes), or

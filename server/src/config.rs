@@ -913,7 +913,8 @@ const DOCS: &[Doc] = &[
             "per-shard ranges; data_dir still holds the node file and the indexes.",
             "The service user needs read-write access to the device node. The first",
             "start on a device needs the --format flag (run `shardstore serve --config",
-            "FILE --format` once by hand, stop it, then start the service).",
+            "FILE --format` once by hand, stop it, then start the service; run as root",
+            "on the service's data folder it runs as the folder's owner).",
         ],
     },
     Doc {
