@@ -28,9 +28,11 @@ pub struct CheckArgs {
     /// The block device the server was started with (`serve --device`).
     #[arg(long)]
     device: Option<PathBuf>,
-    /// glommio registered I/O memory, KiB.
-    #[arg(long, default_value_t = 1024)]
-    io_memory_kib: usize,
+    /// glommio registered I/O memory, KiB: 64 to 1048576, as `serve`'s
+    /// `io_memory_kib` (bounded so the bytes cannot overflow).
+    #[arg(long, default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(64..=crate::config::MAX_IO_MEMORY_KIB))]
+    io_memory_kib: u64,
 }
 
 /// Reads `node_id` and `shard_count` from the node identity file.
@@ -123,7 +125,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(a.io_memory_kib << 10)
+            .io_memory((a.io_memory_kib << 10) as usize)
             .make()
             .map_err(|e| anyhow::anyhow!("starting an executor: {e}"))?;
         let res: anyhow::Result<usize> = ex.run(async move {
@@ -190,4 +192,35 @@ fn refuse_if_locked(db: &std::path::Path) -> anyhow::Result<Option<std::fs::File
         );
     }
     Ok(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        check: CheckArgs,
+    }
+
+    /// `--io-memory-kib` has `serve`'s bounds: a value whose bytes would
+    /// overflow (it was an unbounded usize shifted by 10) is refused by
+    /// the parser, naming the range.
+    #[test]
+    fn io_memory_kib_is_bounded_as_serves() {
+        let parse = |v: &str| Cli::try_parse_from(["check", "--io-memory-kib", v]);
+        let max = crate::config::MAX_IO_MEMORY_KIB;
+        assert_eq!(parse("64").unwrap().check.io_memory_kib, 64);
+        assert_eq!(parse(&max.to_string()).unwrap().check.io_memory_kib, max);
+        for bad in ["63", &(max + 1).to_string(), "18014398509481984", "0"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("64..=1048576"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Cli::try_parse_from(["check"]).unwrap().check.io_memory_kib,
+            1024
+        );
+    }
 }
