@@ -122,7 +122,8 @@ pub async fn publish_loop(ctx: Rc<ShardCtx>, board: Arc<Board>, cpu: usize, inte
 }
 
 /// Serves `/metrics` on `listener` from a plain thread (one request per
-/// connection, bounded reads with timeouts: it is a management port).
+/// connection, the request's read and the response's write each bounded
+/// in total time: it is a management port).
 pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     std::thread::Builder::new()
@@ -152,9 +153,13 @@ pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause allowed between a request's bytes (and before the first).
 const READ_PAUSE: Duration = Duration::from_secs(2);
+/// A response must be taken whole within this once its write starts, or
+/// the connection is reset. A timeout per send alone (SO_SNDTIMEO) starts
+/// again after every partial send: a client reading a byte now and then
+/// held the one thread, and so every other scrape, for as long as it read.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let deadline = Instant::now() + REQUEST_TIMEOUT;
@@ -228,8 +233,43 @@ fn respond(stream: &mut TcpStream, status: &str, body: &str, head: bool) -> std:
     if !head {
         out.push_str(body);
     }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()
+    let r = write_within(stream, out.as_bytes(), Instant::now() + RESPONSE_TIMEOUT);
+    if r.is_err() {
+        // Drop what the kernel still holds for the client (a reset, not a
+        // close that goes on sending to it at its pace).
+        let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+    }
+    r
+}
+
+/// Writes all of `buf` before `deadline`, or fails with `TimedOut`: each
+/// send waits at most what is left.
+fn write_within(stream: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the client did not take the response within {RESPONSE_TIMEOUT:?} ({} bytes left)",
+                    buf.len()
+                ),
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            // The deadline is checked at the top of the loop.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn statvfs(path: &std::path::Path) -> Option<(u64, u64)> {
@@ -840,6 +880,90 @@ mod tests {
             );
             server.join().unwrap().unwrap();
         }
+    }
+
+    /// A client that sends a whole request, then reads the response 1 KiB
+    /// every 100 ms, is cut off once RESPONSE_TIMEOUT passes, and a scrape
+    /// waiting behind it is answered in full. Before, the write's timeout
+    /// (SO_SNDTIMEO) started again after every partial send, and such a
+    /// client held the one thread for as long as it read. (A client that
+    /// reads a byte at a time frees too little of its window for the
+    /// sender to go on at all: that one the old timeout did cut off.)
+    #[test]
+    fn a_slow_reader_is_cut_off_and_the_next_scrape_answered() {
+        use socket2::{Domain, Socket, Type};
+        let shards = 16;
+        let board = Board::new(shards, NodeFacts::default());
+        for i in 0..shards {
+            board.publish(i, snap());
+        }
+        let body_len = render(&board).len();
+        // Fixed socket buffers (no autotuning) far smaller than the response,
+        // which the slow client would take in 20 s and more.
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.set_send_buffer_size(16 << 10).unwrap();
+        l.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        l.listen(8).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        assert!(body_len > 200 << 10, "a response of {body_len} bytes only");
+        spawn_server(l.into(), board).unwrap();
+
+        let slow = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        slow.set_recv_buffer_size(4 << 10).unwrap();
+        slow.connect(&addr.into()).unwrap();
+        let mut slow: TcpStream = slow.into();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let started = Instant::now();
+        let next = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(9))).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let mut got = Vec::new();
+            let r = c.read_to_end(&mut got);
+            (r.map(|_| got), started.elapsed())
+        });
+        slow.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut read = 0;
+        let mut buf = [0u8; 1024];
+        let cut = loop {
+            match slow.read(&mut buf) {
+                Ok(0) => break started.elapsed(),
+                Ok(n) => read += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break started.elapsed(), // reset
+            }
+            assert!(
+                started.elapsed() < RESPONSE_TIMEOUT + Duration::from_secs(3),
+                "still reading after {:?} ({read} of {body_len} bytes)",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            cut >= RESPONSE_TIMEOUT - Duration::from_millis(500) && read < body_len,
+            "cut off after {cut:?}, {read} of {body_len} bytes read"
+        );
+        let (got, when) = next.join().unwrap();
+        let got = got.expect("the next scrape was not answered");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{}",
+            &text[..text.len().min(200)]
+        );
+        assert!(got.len() > body_len, "{} bytes of {body_len}", got.len());
+        assert!(
+            when < RESPONSE_TIMEOUT + Duration::from_secs(3),
+            "answered after {when:?}"
+        );
     }
 
     /// The scrubber's and the TLS handshakes' counters, and the READ
