@@ -9,15 +9,15 @@
 //! how old. The same board feeds the systemd watchdog (`lifecycle.rs`).
 
 use crate::handler::ShardCtx;
-use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
-use shardstore_proto::{Opcode, StatsReply};
+use crate::stats::{RdmaCounters, LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
+use shardstore_proto::{ErrorCode, Opcode, StatsReply};
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, warn};
 
@@ -71,6 +71,8 @@ pub struct Board {
     facts: NodeFacts,
     started: SystemTime,
     draining: AtomicBool,
+    /// The RDMA thread's counters, when it runs.
+    rdma: OnceLock<Arc<RdmaCounters>>,
 }
 
 impl Board {
@@ -80,7 +82,13 @@ impl Board {
             facts,
             started: SystemTime::now(),
             draining: AtomicBool::new(false),
+            rdma: OnceLock::new(),
         })
+    }
+
+    /// Exports the RDMA thread's counters from now on.
+    pub fn attach_rdma(&self, counters: Arc<RdmaCounters>) {
+        let _ = self.rdma.set(counters);
     }
 
     pub fn publish(&self, shard: usize, s: Snapshot) {
@@ -424,7 +432,7 @@ pub fn render(board: &Board) -> String {
     per_op(
         &mut o,
         "shardstore_requests_total",
-        "Requests received from clients, by opcode (a forwarded one on the shard that took it).",
+        "Requests received from clients, by opcode (a forwarded one on the shard that took it; one over RDMA on its owner, unless the RDMA thread refused it: shardstore_rdma_refused_total).",
         &|s, op| s.stats.requests.get(op).copied().unwrap_or(0),
     );
     per_op(
@@ -781,7 +789,28 @@ pub fn render(board: &Board) -> String {
     for (name, kind, help, f) in fams {
         family(&mut o, name, kind, help, &snaps, f);
     }
+    if let Some(r) = board.rdma.get() {
+        rdma_families(&mut o, r);
+    }
     o
+}
+
+/// The RDMA thread's figures: node-wide, no shard label.
+fn rdma_families(o: &mut String, r: &RdmaCounters) {
+    let name = "shardstore_rdma_refused_total";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Requests the RDMA thread answered with an error itself, without a shard (bad messages, reply frames, bad payload crcs, BUSY, timeouts, unsendable replies), by error code; not in shardstore_requests_total.\n\
+         # TYPE {name} counter"
+    );
+    for code in (0..crate::stats::ERROR_CODE_SLOTS as u16).filter_map(ErrorCode::from_u16) {
+        let _ = writeln!(
+            o,
+            "{name}{{code=\"{}\"}} {}",
+            code.name().to_ascii_lowercase(),
+            r.refused_with(code)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -964,6 +993,29 @@ mod tests {
             when < RESPONSE_TIMEOUT + Duration::from_secs(3),
             "answered after {when:?}"
         );
+    }
+
+    /// The RDMA thread's refusals are exported, node-wide,
+    /// once it runs; a node without RDMA shows none of them.
+    #[test]
+    fn rdma_counters_are_exported_once_attached() {
+        let b = Board::new(1, NodeFacts::default());
+        b.publish(0, snap());
+        assert!(!render(&b).contains("# TYPE shardstore_rdma"));
+        let r = Arc::new(RdmaCounters::default());
+        r.refused(ErrorCode::Busy);
+        r.refused(ErrorCode::Busy);
+        r.refused(ErrorCode::Malformed);
+        b.attach_rdma(r);
+        let text = render(&b);
+        for line in [
+            "# TYPE shardstore_rdma_refused_total counter\n",
+            "shardstore_rdma_refused_total{code=\"busy\"} 2\n",
+            "shardstore_rdma_refused_total{code=\"malformed\"} 1\n",
+            "shardstore_rdma_refused_total{code=\"timeout\"} 0\n",
+        ] {
+            assert!(text.contains(line), "no {line}");
+        }
     }
 
     /// The scrubber's and the TLS handshakes' counters, and the READ

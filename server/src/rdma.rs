@@ -19,12 +19,18 @@
 //! receiver-not-ready backpressure); registered memory per connection is a
 //! bounded pool.
 //!
+//! Counters: a request that reaches its owner is counted there like one
+//! from TCP; what this thread answers itself (a bad message, a reply frame,
+//! a bad crc, BUSY, a timeout, an unsendable reply) in the bridge's
+//! [`RdmaCounters`], by error code (`shardstore_rdma_refused_total`).
+//!
 //! Not supported over RDMA (refused at start-up): authentication and TLS.
 
 use crate::handler::{
     await_shard_reply, check_write_payload, encode_error, encode_header_error, enqueue_to_shard,
     forward_timed_out, Count, EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
 };
+use crate::stats::RdmaCounters;
 use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
 use shardstore_proto::{ErrorCode, Opcode, ShardId};
 use std::rc::Rc;
@@ -37,6 +43,9 @@ pub struct Bridge {
     peers: Arc<Vec<flume::Sender<Forwarded>>>,
     shard_count: u32,
     forward_timeout: std::time::Duration,
+    /// What this thread answers itself (exported on /metrics; see
+    /// [`RdmaCounters`]).
+    counters: Arc<RdmaCounters>,
 }
 
 impl Bridge {
@@ -50,7 +59,18 @@ impl Bridge {
             shard_count: peers.len() as u32,
             peers: Arc::new(peers),
             forward_timeout,
+            counters: Arc::default(),
         }
+    }
+
+    pub fn counters(&self) -> &Arc<RdmaCounters> {
+        &self.counters
+    }
+
+    /// An error reply made here, counted as the bridge's refusal.
+    fn refuse(&self, opcode: Opcode, request_id: u64, e: &ErrReply) -> EncodedReply {
+        self.counters.refused(e.code);
+        error_reply(opcode, request_id, e)
     }
 
     /// Executes one request on its owner; failures become error replies.
@@ -63,7 +83,7 @@ impl Bridge {
     ) -> EncodedReply {
         match self.try_call(opcode, request_id, body, payload).await {
             Ok(r) => r,
-            Err(e) => error_reply(opcode, request_id, &e),
+            Err(e) => self.refuse(opcode, request_id, &e),
         }
     }
 
@@ -146,14 +166,13 @@ pub async fn serve_conn<E: Endpoint + 'static>(
                 // Message boundaries survive a bad message: answer it when
                 // its request id can be trusted, then read the next one.
                 debug!(error = %e, "bad rdma message");
+                let code = match &e {
+                    RdmaError::Frame(shardstore_net::FrameError::Header { err, .. }) => err.code(),
+                    _ => ErrorCode::Malformed,
+                };
+                bridge.counters.refused(code);
                 if let Some((id, op)) = e.request_id() {
                     let mut frame = Vec::new();
-                    let code = match &e {
-                        RdmaError::Frame(shardstore_net::FrameError::Header { err, .. }) => {
-                            err.code()
-                        }
-                        _ => ErrorCode::Malformed,
-                    };
                     encode_header_error(&mut frame, op, id, &ErrReply::new(code, e.to_string()));
                     if conn.send_reply(&frame, &[], None).await.is_err() {
                         return;
@@ -169,7 +188,7 @@ async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incom
     let request_id = inc.head.header.request_id;
     if inc.head.header.is_response() {
         let e = ErrReply::new(ErrorCode::InvalidRequest, "a reply frame sent as a request");
-        let r = error_reply(opcode, request_id, &e);
+        let r = bridge.refuse(opcode, request_id, &e);
         let _ = conn.send_reply(&r.frame, &[], None).await;
         return;
     }
@@ -184,7 +203,7 @@ async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incom
                 _ => ErrorCode::InvalidRequest,
             };
             let msg = format!("fetching the payload by RDMA read: {e}");
-            error_reply(opcode, request_id, &ErrReply::new(code, msg))
+            bridge.refuse(opcode, request_id, &ErrReply::new(code, msg))
         }
     };
     match conn
@@ -206,7 +225,7 @@ async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incom
                 }
                 _ => ErrorCode::Internal,
             };
-            let r = error_reply(opcode, request_id, &ErrReply::new(code, e.to_string()));
+            let r = bridge.refuse(opcode, request_id, &ErrReply::new(code, e.to_string()));
             if let Err(e) = conn.send_reply(&r.frame, &[], None).await {
                 debug!(request_id, error = %e, "sending an rdma error reply failed");
             }
@@ -221,6 +240,7 @@ pub fn start(
     opts: &crate::serve::ServeOptions,
     peers: Vec<flume::Sender<Forwarded>>,
     stop: flume::Receiver<()>,
+    board: &crate::metrics::Board,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use anyhow::{bail, Context};
     if opts.auth_secret.is_some() {
@@ -244,6 +264,7 @@ pub fn start(
     let max_payload = opts.max_payload;
     let max_in_flight = opts.limits.max_in_flight;
     let bridge = Bridge::new(peers, opts.limits.forward_timeout);
+    board.attach_rdma(bridge.counters().clone());
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("shardstore-rdma".into())
@@ -538,6 +559,36 @@ mod tests {
             assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
             let (h, _, _) = call(&c, &frame!(Opcode::Ping, 93, &Empty {}, 0), &[]).await;
             assert!(!h.is_error());
+            // A reply frame sent as a request.
+            let mut reply = Vec::new();
+            encode_frame(Opcode::Ping, FLAG_RESPONSE, 94, &Empty {}, 0, &mut reply);
+            let (h, body, _) = call(&c, &reply, &[]).await;
+            assert_eq!(error_code(&h, &body), ErrorCode::InvalidRequest);
+            // A shard's own error.
+            let (h, body, _) = call(
+                &c,
+                &frame!(Opcode::Stat, 95, &ChunkRequest { chunk: 1 << 100 }, 0),
+                &[],
+            )
+            .await;
+            assert_eq!(error_code(&h, &body), ErrorCode::NotFound);
+
+            // What the bridge answered itself, without a shard, is counted
+            // by error code (it was counted nowhere: no shard's request);
+            // what a shard answered, errors included, is not (the shard
+            // counts it).
+            let counters = bridge.counters();
+            let refused = |code| counters.refused_with(code);
+            assert_eq!(refused(ErrorCode::BadChecksum), 1);
+            assert_eq!(refused(ErrorCode::InvalidRequest), 2);
+            assert_eq!(refused(ErrorCode::Malformed), 1);
+            assert_eq!(refused(ErrorCode::NotFound), 0);
+            let total: u64 = counters
+                .refused
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            assert_eq!(total, 4);
         });
     }
 
@@ -617,6 +668,7 @@ mod tests {
             let r = ping().await;
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Busy);
+            assert_eq!(bridge.counters().refused_with(ErrorCode::Busy), 1);
         });
     }
 
@@ -631,6 +683,7 @@ mod tests {
             let r = bridge.call(Opcode::Ping, 1, Vec::new(), Vec::new()).await;
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Timeout);
+            assert_eq!(bridge.counters().refused_with(ErrorCode::Timeout), 1);
             assert!(started.elapsed() >= std::time::Duration::from_millis(100));
         });
     }

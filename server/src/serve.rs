@@ -429,7 +429,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // RDMA front: its own thread, requests handed to shards through `senders`.
     #[cfg(feature = "rdma")]
     if let Some(a) = opts.rdma_listen {
-        crate::rdma::start(a, &opts, senders.clone(), stop_rx.clone())?;
+        crate::rdma::start(a, &opts, senders.clone(), stop_rx.clone(), &board)?;
     }
 
     let device_ranges = match &opts.device {
