@@ -1213,6 +1213,8 @@ const DOCS: &[Doc] = &[
             "RDMA address (InfiniBand/RoCE; builds with the `rdma` feature only):",
             "clients use rdma://HOST:PORT. Needs a device in /sys/class/infiniband;",
             "no authentication or TLS over RDMA, so it refuses auth_secret_file.",
+            "The RDMA thread counts as one more shard: at most max_connections_per_shard",
+            "RDMA connections, and shard_buffer_mib of payloads held (then BUSY).",
         ],
     },
 ];

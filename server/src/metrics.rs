@@ -811,6 +811,15 @@ fn rdma_families(o: &mut String, r: &RdmaCounters) {
             r.refused_with(code)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_rdma_connections Open RDMA connections.\n\
+         # TYPE shardstore_rdma_connections gauge\nshardstore_rdma_connections {}\n\
+         # HELP shardstore_rdma_connections_refused_total RDMA connections refused at the connection limit (max_connections_per_shard).\n\
+         # TYPE shardstore_rdma_connections_refused_total counter\nshardstore_rdma_connections_refused_total {}",
+        r.connections.load(Ordering::Relaxed),
+        r.connections_refused.load(Ordering::Relaxed)
+    );
 }
 
 #[cfg(test)]
@@ -995,7 +1004,7 @@ mod tests {
         );
     }
 
-    /// The RDMA thread's refusals are exported, node-wide,
+    /// The RDMA thread's refusals and connections are exported, node-wide,
     /// once it runs; a node without RDMA shows none of them.
     #[test]
     fn rdma_counters_are_exported_once_attached() {
@@ -1006,6 +1015,7 @@ mod tests {
         r.refused(ErrorCode::Busy);
         r.refused(ErrorCode::Busy);
         r.refused(ErrorCode::Malformed);
+        r.connections_refused.fetch_add(3, Ordering::Relaxed);
         b.attach_rdma(r);
         let text = render(&b);
         for line in [
@@ -1013,6 +1023,8 @@ mod tests {
             "shardstore_rdma_refused_total{code=\"busy\"} 2\n",
             "shardstore_rdma_refused_total{code=\"malformed\"} 1\n",
             "shardstore_rdma_refused_total{code=\"timeout\"} 0\n",
+            "shardstore_rdma_connections 0\n",
+            "shardstore_rdma_connections_refused_total 3\n",
         ] {
             assert!(text.contains(line), "no {line}");
         }

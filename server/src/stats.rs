@@ -142,6 +142,10 @@ pub struct RdmaCounters {
     /// answer in time, a reply that could not be sent as built. Requests
     /// that reach their shard are counted there (`requests`, `errors`).
     pub refused: [AtomicU64; ERROR_CODE_SLOTS],
+    /// RDMA connections open now.
+    pub connections: AtomicU64,
+    /// RDMA connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
 }
 
 impl RdmaCounters {
