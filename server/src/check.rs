@@ -28,9 +28,11 @@ pub struct CheckArgs {
     /// The block device the server was started with (`serve --device`).
     #[arg(long)]
     device: Option<PathBuf>,
-    /// glommio registered I/O memory, KiB.
-    #[arg(long, default_value_t = 1024)]
-    io_memory_kib: usize,
+    /// glommio registered I/O memory, KiB: 64 to 1048576, as `serve`'s
+    /// `io_memory_kib` (bounded so the bytes cannot overflow).
+    #[arg(long, default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(64..=crate::config::MAX_IO_MEMORY_KIB))]
+    io_memory_kib: u64,
 }
 
 /// Reads `node_id` and `shard_count` from the node identity file.
@@ -60,7 +62,9 @@ fn read_node_file(data_dir: &Path) -> anyhow::Result<(u128, u32)> {
 }
 
 pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
-    if let Some((uid, gid)) = become_folder_owner(&a.data_dir)? {
+    // As root on the service account's folder: become that account first
+    // (see `owner`).
+    if let Some((uid, gid)) = crate::owner::become_folder_owner(&a.data_dir)? {
         println!(
             "running as {uid}:{gid}, the owner of {}",
             a.data_dir.display()
@@ -121,7 +125,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let ex = LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(a.io_memory_kib << 10)
+            .io_memory((a.io_memory_kib << 10) as usize)
             .make()
             .map_err(|e| anyhow::anyhow!("starting an executor: {e}"))?;
         let res: anyhow::Result<usize> = ex.run(async move {
@@ -163,42 +167,6 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Run as root on a data folder that belongs to another user (the service
-/// account), `check` becomes that user (and its group, with no
-/// supplementary groups) before it opens anything: what it creates (a
-/// rebuilt index, sled's segments) is then the service's, which can open it
-/// at its next start, and nothing under the folder is opened or changed
-/// with root's rights (the service account owns the folder and could
-/// swap a path in it for a symlink to anywhere). Returns the ids taken.
-fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>> {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let m =
-        std::fs::metadata(data_dir).with_context(|| format!("reading {}", data_dir.display()))?;
-    let (uid, gid) = (m.uid(), m.gid());
-    if uid == 0 {
-        return Ok(None);
-    }
-    // SAFETY: plain credential calls, made before this process starts any
-    // other thread (glibc applies them to every thread anyway).
-    let failed = unsafe {
-        libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(gid, gid, gid) != 0
-            || libc::setresuid(uid, uid, uid) != 0
-    };
-    if failed {
-        anyhow::bail!(
-            "could not become {uid}:{gid}, the owner of {}: {}",
-            data_dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(Some((uid, gid)))
-}
-
 /// Takes sled's lock on an index file (the same `flock` sled takes), or
 /// fails if it is held: a server is running on this data folder, and
 /// removing its index would not stop it but would leave it without one at
@@ -224,4 +192,35 @@ fn refuse_if_locked(db: &std::path::Path) -> anyhow::Result<Option<std::fs::File
         );
     }
     Ok(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        check: CheckArgs,
+    }
+
+    /// `--io-memory-kib` has `serve`'s bounds: a value whose bytes would
+    /// overflow (it was an unbounded usize shifted by 10) is refused by
+    /// the parser, naming the range.
+    #[test]
+    fn io_memory_kib_is_bounded_as_serves() {
+        let parse = |v: &str| Cli::try_parse_from(["check", "--io-memory-kib", v]);
+        let max = crate::config::MAX_IO_MEMORY_KIB;
+        assert_eq!(parse("64").unwrap().check.io_memory_kib, 64);
+        assert_eq!(parse(&max.to_string()).unwrap().check.io_memory_kib, max);
+        for bad in ["63", &(max + 1).to_string(), "18014398509481984", "0"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("64..=1048576"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Cli::try_parse_from(["check"]).unwrap().check.io_memory_kib,
+            1024
+        );
+    }
 }

@@ -913,7 +913,8 @@ const DOCS: &[Doc] = &[
             "per-shard ranges; data_dir still holds the node file and the indexes.",
             "The service user needs read-write access to the device node. The first",
             "start on a device needs the --format flag (run `shardstore serve --config",
-            "FILE --format` once by hand, stop it, then start the service).",
+            "FILE --format` once by hand, stop it, then start the service; run as root",
+            "on the service's data folder it runs as the folder's owner).",
         ],
     },
     Doc {
@@ -1212,6 +1213,8 @@ const DOCS: &[Doc] = &[
             "RDMA address (InfiniBand/RoCE; builds with the `rdma` feature only):",
             "clients use rdma://HOST:PORT. Needs a device in /sys/class/infiniband;",
             "no authentication or TLS over RDMA, so it refuses auth_secret_file.",
+            "The RDMA thread counts as one more shard: at most max_connections_per_shard",
+            "RDMA connections, and shard_buffer_mib of payloads held (then BUSY).",
         ],
     },
 ];

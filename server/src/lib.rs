@@ -7,7 +7,8 @@
 //! - `handler`: request execution on the owning shard and forwarding;
 //! - `config`, `lifecycle`, `logging`, `metrics`: operations;
 //! - `budget`, `conn_limits`, `stats`: bounds and counters;
-//! - `check`: offline verification and index rebuild.
+//! - `check`: offline verification and index rebuild;
+//! - `owner`: running as the data folder's owner when started as root.
 
 pub mod budget;
 pub mod check;
@@ -19,6 +20,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod mem_stream;
 pub mod metrics;
+pub mod owner;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod serve;

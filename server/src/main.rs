@@ -435,6 +435,8 @@ fn warn_if_world_readable(p: &std::path::Path, what: &str) {
 fn serve_cmd(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let s = a.resolve()?;
     logging::init(&s.log_level, s.log_format);
+    // Before any file is opened or thread started: see `prepare_process`.
+    serve::prepare_process(&s.data_dir)?;
     let auth_secret = match &s.auth_secret_file {
         Some(p) => {
             warn_if_world_readable(p, "auth_secret_file");

@@ -9,15 +9,15 @@
 //! how old. The same board feeds the systemd watchdog (`lifecycle.rs`).
 
 use crate::handler::ShardCtx;
-use crate::stats::{LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
-use shardstore_proto::{Opcode, StatsReply};
+use crate::stats::{RdmaCounters, LATENCY_BOUNDS_US, LATENCY_BUCKETS, OPCODE_SLOTS};
+use shardstore_proto::{ErrorCode, Opcode, StatsReply};
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, warn};
 
@@ -71,6 +71,8 @@ pub struct Board {
     facts: NodeFacts,
     started: SystemTime,
     draining: AtomicBool,
+    /// The RDMA thread's counters, when it runs.
+    rdma: OnceLock<Arc<RdmaCounters>>,
 }
 
 impl Board {
@@ -80,7 +82,13 @@ impl Board {
             facts,
             started: SystemTime::now(),
             draining: AtomicBool::new(false),
+            rdma: OnceLock::new(),
         })
+    }
+
+    /// Exports the RDMA thread's counters from now on.
+    pub fn attach_rdma(&self, counters: Arc<RdmaCounters>) {
+        let _ = self.rdma.set(counters);
     }
 
     pub fn publish(&self, shard: usize, s: Snapshot) {
@@ -122,7 +130,8 @@ pub async fn publish_loop(ctx: Rc<ShardCtx>, board: Arc<Board>, cpu: usize, inte
 }
 
 /// Serves `/metrics` on `listener` from a plain thread (one request per
-/// connection, bounded reads with timeouts: it is a management port).
+/// connection, the request's read and the response's write each bounded
+/// in total time: it is a management port).
 pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     std::thread::Builder::new()
@@ -152,9 +161,13 @@ pub fn spawn_server(listener: TcpListener, board: Arc<Board>) -> std::io::Result
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause allowed between a request's bytes (and before the first).
 const READ_PAUSE: Duration = Duration::from_secs(2);
+/// A response must be taken whole within this once its write starts, or
+/// the connection is reset. A timeout per send alone (SO_SNDTIMEO) starts
+/// again after every partial send: a client reading a byte now and then
+/// held the one thread, and so every other scrape, for as long as it read.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn answer(mut stream: TcpStream, board: &Board) -> std::io::Result<()> {
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let deadline = Instant::now() + REQUEST_TIMEOUT;
@@ -228,8 +241,43 @@ fn respond(stream: &mut TcpStream, status: &str, body: &str, head: bool) -> std:
     if !head {
         out.push_str(body);
     }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()
+    let r = write_within(stream, out.as_bytes(), Instant::now() + RESPONSE_TIMEOUT);
+    if r.is_err() {
+        // Drop what the kernel still holds for the client (a reset, not a
+        // close that goes on sending to it at its pace).
+        let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+    }
+    r
+}
+
+/// Writes all of `buf` before `deadline`, or fails with `TimedOut`: each
+/// send waits at most what is left.
+fn write_within(stream: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the client did not take the response within {RESPONSE_TIMEOUT:?} ({} bytes left)",
+                    buf.len()
+                ),
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            // The deadline is checked at the top of the loop.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn statvfs(path: &std::path::Path) -> Option<(u64, u64)> {
@@ -384,7 +432,7 @@ pub fn render(board: &Board) -> String {
     per_op(
         &mut o,
         "shardstore_requests_total",
-        "Requests received from clients, by opcode (a forwarded one on the shard that took it).",
+        "Requests received from clients, by opcode (a forwarded one on the shard that took it; one over RDMA on its owner, unless the RDMA thread refused it: shardstore_rdma_refused_total).",
         &|s, op| s.stats.requests.get(op).copied().unwrap_or(0),
     );
     per_op(
@@ -753,7 +801,37 @@ pub fn render(board: &Board) -> String {
     for (name, kind, help, f) in fams {
         family(&mut o, name, kind, help, &snaps, f);
     }
+    if let Some(r) = board.rdma.get() {
+        rdma_families(&mut o, r);
+    }
     o
+}
+
+/// The RDMA thread's figures: node-wide, no shard label.
+fn rdma_families(o: &mut String, r: &RdmaCounters) {
+    let name = "shardstore_rdma_refused_total";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Requests the RDMA thread answered with an error itself, without a shard (bad messages, reply frames, bad payload crcs, BUSY, timeouts, unsendable replies), by error code; not in shardstore_requests_total.\n\
+         # TYPE {name} counter"
+    );
+    for code in (0..crate::stats::ERROR_CODE_SLOTS as u16).filter_map(ErrorCode::from_u16) {
+        let _ = writeln!(
+            o,
+            "{name}{{code=\"{}\"}} {}",
+            code.name().to_ascii_lowercase(),
+            r.refused_with(code)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP shardstore_rdma_connections Open RDMA connections.\n\
+         # TYPE shardstore_rdma_connections gauge\nshardstore_rdma_connections {}\n\
+         # HELP shardstore_rdma_connections_refused_total RDMA connections refused at the connection limit (max_connections_per_shard).\n\
+         # TYPE shardstore_rdma_connections_refused_total counter\nshardstore_rdma_connections_refused_total {}",
+        r.connections.load(Ordering::Relaxed),
+        r.connections_refused.load(Ordering::Relaxed)
+    );
 }
 
 #[cfg(test)]
@@ -851,6 +929,116 @@ mod tests {
                 "answered after {waited:?}"
             );
             server.join().unwrap().unwrap();
+        }
+    }
+
+    /// A client that sends a whole request, then reads the response 1 KiB
+    /// every 100 ms, is cut off once RESPONSE_TIMEOUT passes, and a scrape
+    /// waiting behind it is answered in full. Before, the write's timeout
+    /// (SO_SNDTIMEO) started again after every partial send, and such a
+    /// client held the one thread for as long as it read. (A client that
+    /// reads a byte at a time frees too little of its window for the
+    /// sender to go on at all: that one the old timeout did cut off.)
+    #[test]
+    fn a_slow_reader_is_cut_off_and_the_next_scrape_answered() {
+        use socket2::{Domain, Socket, Type};
+        let shards = 16;
+        let board = Board::new(shards, NodeFacts::default());
+        for i in 0..shards {
+            board.publish(i, snap());
+        }
+        let body_len = render(&board).len();
+        // Fixed socket buffers (no autotuning) far smaller than the response,
+        // which the slow client would take in 20 s and more.
+        let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        l.set_send_buffer_size(16 << 10).unwrap();
+        l.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        l.listen(8).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        assert!(body_len > 200 << 10, "a response of {body_len} bytes only");
+        spawn_server(l.into(), board).unwrap();
+
+        let slow = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        slow.set_recv_buffer_size(4 << 10).unwrap();
+        slow.connect(&addr.into()).unwrap();
+        let mut slow: TcpStream = slow.into();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let started = Instant::now();
+        let next = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(9))).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let mut got = Vec::new();
+            let r = c.read_to_end(&mut got);
+            (r.map(|_| got), started.elapsed())
+        });
+        slow.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut read = 0;
+        let mut buf = [0u8; 1024];
+        let cut = loop {
+            match slow.read(&mut buf) {
+                Ok(0) => break started.elapsed(),
+                Ok(n) => read += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break started.elapsed(), // reset
+            }
+            assert!(
+                started.elapsed() < RESPONSE_TIMEOUT + Duration::from_secs(3),
+                "still reading after {:?} ({read} of {body_len} bytes)",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            cut >= RESPONSE_TIMEOUT - Duration::from_millis(500) && read < body_len,
+            "cut off after {cut:?}, {read} of {body_len} bytes read"
+        );
+        let (got, when) = next.join().unwrap();
+        let got = got.expect("the next scrape was not answered");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{}",
+            &text[..text.len().min(200)]
+        );
+        assert!(got.len() > body_len, "{} bytes of {body_len}", got.len());
+        assert!(
+            when < RESPONSE_TIMEOUT + Duration::from_secs(3),
+            "answered after {when:?}"
+        );
+    }
+
+    /// The RDMA thread's refusals and connections are exported, node-wide,
+    /// once it runs; a node without RDMA shows none of them.
+    #[test]
+    fn rdma_counters_are_exported_once_attached() {
+        let b = Board::new(1, NodeFacts::default());
+        b.publish(0, snap());
+        assert!(!render(&b).contains("# TYPE shardstore_rdma"));
+        let r = Arc::new(RdmaCounters::default());
+        r.refused(ErrorCode::Busy);
+        r.refused(ErrorCode::Busy);
+        r.refused(ErrorCode::Malformed);
+        r.connections_refused.fetch_add(3, Ordering::Relaxed);
+        b.attach_rdma(r);
+        let text = render(&b);
+        for line in [
+            "# TYPE shardstore_rdma_refused_total counter\n",
+            "shardstore_rdma_refused_total{code=\"busy\"} 2\n",
+            "shardstore_rdma_refused_total{code=\"malformed\"} 1\n",
+            "shardstore_rdma_refused_total{code=\"timeout\"} 0\n",
+            "shardstore_rdma_connections 0\n",
+            "shardstore_rdma_connections_refused_total 3\n",
+        ] {
+            assert!(text.contains(line), "no {line}");
         }
     }
 

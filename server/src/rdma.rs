@@ -17,17 +17,32 @@
 //! at most `max_in_flight` requests per connection are in flight, after
 //! which the connection is not read (the peer's sends wait: RDMA's
 //! receiver-not-ready backpressure); registered memory per connection is a
-//! bounded pool.
+//! bounded pool; the payload bytes the thread's requests hold (a WRITE's
+//! payload, copied out of its registered region once fetched, and what a
+//! READ's reply may carry) are reserved, before the payload is fetched,
+//! against one budget for the whole thread (`shard_buffer_mib`, as one
+//! more shard), and held until the reply is sent: over it, BUSY; at most
+//! `max_connections_per_shard` connections are served at once, past it a
+//! new one is dropped before its queue pair is set up.
+//!
+//! Counters: a request that reaches its owner is counted there like one
+//! from TCP; what this thread answers itself (a bad message, a reply frame,
+//! a bad crc, BUSY, a timeout, an unsendable reply) in the bridge's
+//! [`RdmaCounters`], by error code (`shardstore_rdma_refused_total`).
 //!
 //! Not supported over RDMA (refused at start-up): authentication and TLS.
 
+use crate::budget::{Budget, Reservation};
 use crate::handler::{
     await_shard_reply, check_write_payload, encode_error, encode_header_error, enqueue_to_shard,
     forward_timed_out, Count, EncodedReply, ErrReply, ForwardMsg, Forwarded, Parsed,
 };
+use crate::stats::RdmaCounters;
 use shardstore_net::rdma::{Endpoint, Incoming, PoolConfig, RdmaConn, RdmaError};
 use shardstore_proto::{ErrorCode, Opcode, ShardId};
+use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::{debug, info, warn};
 
@@ -37,6 +52,9 @@ pub struct Bridge {
     peers: Arc<Vec<flume::Sender<Forwarded>>>,
     shard_count: u32,
     forward_timeout: std::time::Duration,
+    /// What this thread answers itself (exported on /metrics; see
+    /// [`RdmaCounters`]).
+    counters: Arc<RdmaCounters>,
 }
 
 impl Bridge {
@@ -50,7 +68,18 @@ impl Bridge {
             shard_count: peers.len() as u32,
             peers: Arc::new(peers),
             forward_timeout,
+            counters: Arc::default(),
         }
+    }
+
+    pub fn counters(&self) -> &Arc<RdmaCounters> {
+        &self.counters
+    }
+
+    /// An error reply made here, counted as the bridge's refusal.
+    fn refuse(&self, opcode: Opcode, request_id: u64, e: &ErrReply) -> EncodedReply {
+        self.counters.refused(e.code);
+        error_reply(opcode, request_id, e)
     }
 
     /// Executes one request on its owner; failures become error replies.
@@ -63,7 +92,7 @@ impl Bridge {
     ) -> EncodedReply {
         match self.try_call(opcode, request_id, body, payload).await {
             Ok(r) => r,
-            Err(e) => error_reply(opcode, request_id, &e),
+            Err(e) => self.refuse(opcode, request_id, &e),
         }
     }
 
@@ -115,15 +144,64 @@ fn error_reply(opcode: Opcode, request_id: u64, e: &ErrReply) -> EncodedReply {
     }
 }
 
+/// What the RDMA thread's connections share: the bridge to the shards and
+/// the thread's limits. Made on that thread (its budget is not `Send`).
+#[derive(Clone)]
+pub struct Front {
+    bridge: Bridge,
+    /// Payload bytes held by this thread's requests until their replies
+    /// are sent (see the module doc).
+    budget: Rc<Budget>,
+    max_in_flight: usize,
+    max_connections: u64,
+}
+
+impl Front {
+    /// The payload budget is `limits.shard_buffer_bytes` (the RDMA thread
+    /// holds payloads as one more shard would), the connection limit
+    /// `limits.max_connections` (per shard: the RDMA thread counts as one).
+    pub fn new(bridge: Bridge, limits: &crate::conn_limits::ConnLimits) -> Front {
+        Front {
+            bridge,
+            budget: Budget::new(limits.shard_buffer_bytes),
+            max_in_flight: limits.max_in_flight,
+            max_connections: limits.max_connections,
+        }
+    }
+
+    /// A connection's place, or `None` (counted) when `max_connections`
+    /// are open: drop the connection.
+    pub fn admit(&self) -> Option<ConnSlot> {
+        let c = &self.bridge.counters;
+        // This thread is the only one that changes the count.
+        if c.connections.load(Ordering::Relaxed) >= self.max_connections {
+            c.connections_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        c.connections.fetch_add(1, Ordering::Relaxed);
+        Some(ConnSlot(c.clone()))
+    }
+}
+
+/// An admitted connection, counted in `RdmaCounters::connections` until
+/// dropped.
+pub struct ConnSlot(Arc<RdmaCounters>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one connection until the peer goes away. Runs on a tokio
 /// `LocalSet` (requests are spawned with `spawn_local`).
-pub async fn serve_conn<E: Endpoint + 'static>(
-    conn: RdmaConn<E>,
-    bridge: Bridge,
-    max_in_flight: usize,
-) {
+pub async fn serve_conn<E: Endpoint + 'static>(conn: RdmaConn<E>, front: Front) {
     let conn = Rc::new(conn);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let bridge = &front.bridge;
+    // This connection's share of the thread's payload budget (the budget
+    // bounds the thread; `max_in_flight` bounds the connection).
+    let held = Rc::new(Cell::new(0u64));
+    let slots = Arc::new(tokio::sync::Semaphore::new(front.max_in_flight.max(1)));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -131,9 +209,10 @@ pub async fn serve_conn<E: Endpoint + 'static>(
         match conn.recv().await {
             Ok(inc) => {
                 let conn = conn.clone();
-                let bridge = bridge.clone();
+                let front = front.clone();
+                let held = held.clone();
                 tokio::task::spawn_local(async move {
-                    handle(&conn, &bridge, inc).await;
+                    handle(&conn, &front, &held, inc).await;
                     drop(slot);
                 });
             }
@@ -146,14 +225,13 @@ pub async fn serve_conn<E: Endpoint + 'static>(
                 // Message boundaries survive a bad message: answer it when
                 // its request id can be trusted, then read the next one.
                 debug!(error = %e, "bad rdma message");
+                let code = match &e {
+                    RdmaError::Frame(shardstore_net::FrameError::Header { err, .. }) => err.code(),
+                    _ => ErrorCode::Malformed,
+                };
+                bridge.counters.refused(code);
                 if let Some((id, op)) = e.request_id() {
                     let mut frame = Vec::new();
-                    let code = match &e {
-                        RdmaError::Frame(shardstore_net::FrameError::Header { err, .. }) => {
-                            err.code()
-                        }
-                        _ => ErrorCode::Malformed,
-                    };
                     encode_header_error(&mut frame, op, id, &ErrReply::new(code, e.to_string()));
                     if conn.send_reply(&frame, &[], None).await.is_err() {
                         return;
@@ -164,27 +242,59 @@ pub async fn serve_conn<E: Endpoint + 'static>(
     }
 }
 
-async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incoming) {
+/// Payload bytes a request may hold here: its own (a WRITE's, once
+/// fetched) and its reply's (a READ's, at most what it asks for).
+fn payload_bound(inc: &Incoming) -> u64 {
+    let reply = match inc.head.opcode {
+        Opcode::Read => {
+            shardstore_proto::access_body::<shardstore_proto::ArchivedReadRequest>(&inc.body)
+                .map_or(0, |r| {
+                    r.len.to_native().min(shardstore_proto::limits::MAX_PAYLOAD)
+                })
+        }
+        _ => 0,
+    };
+    u64::from(inc.head.header.payload_len) + u64::from(reply)
+}
+
+async fn handle<E: Endpoint>(
+    conn: &RdmaConn<E>,
+    front: &Front,
+    held: &Rc<Cell<u64>>,
+    mut inc: Incoming,
+) {
+    let bridge = &front.bridge;
     let opcode = inc.head.opcode;
     let request_id = inc.head.header.request_id;
     if inc.head.header.is_response() {
         let e = ErrReply::new(ErrorCode::InvalidRequest, "a reply frame sent as a request");
-        let r = error_reply(opcode, request_id, &e);
+        let r = bridge.refuse(opcode, request_id, &e);
         let _ = conn.send_reply(&r.frame, &[], None).await;
         return;
     }
-    let reply = match conn.fetch_payload(&mut inc).await {
-        Ok(payload) => {
-            let body = std::mem::take(&mut inc.body);
-            bridge.call(opcode, request_id, body, payload).await
-        }
-        Err(e) => {
-            let code = match e {
-                RdmaError::Pool(_) => ErrorCode::Busy,
-                _ => ErrorCode::InvalidRequest,
-            };
-            let msg = format!("fetching the payload by RDMA read: {e}");
-            error_reply(opcode, request_id, &ErrReply::new(code, msg))
+    // Reserved before the payload is fetched, released once the reply is
+    // sent (the end of this function).
+    let hold = Reservation::try_new(&front.budget, held, payload_bound(&inc));
+    let reply = if hold.is_none() {
+        let msg = format!(
+            "the RDMA payload budget ({} bytes) is in use; retry",
+            front.budget.limit()
+        );
+        bridge.refuse(opcode, request_id, &ErrReply::new(ErrorCode::Busy, msg))
+    } else {
+        match conn.fetch_payload(&mut inc).await {
+            Ok(payload) => {
+                let body = std::mem::take(&mut inc.body);
+                bridge.call(opcode, request_id, body, payload).await
+            }
+            Err(e) => {
+                let code = match e {
+                    RdmaError::Pool(_) => ErrorCode::Busy,
+                    _ => ErrorCode::InvalidRequest,
+                };
+                let msg = format!("fetching the payload by RDMA read: {e}");
+                bridge.refuse(opcode, request_id, &ErrReply::new(code, msg))
+            }
         }
     };
     match conn
@@ -206,7 +316,7 @@ async fn handle<E: Endpoint>(conn: &RdmaConn<E>, bridge: &Bridge, mut inc: Incom
                 }
                 _ => ErrorCode::Internal,
             };
-            let r = error_reply(opcode, request_id, &ErrReply::new(code, e.to_string()));
+            let r = bridge.refuse(opcode, request_id, &ErrReply::new(code, e.to_string()));
             if let Err(e) = conn.send_reply(&r.frame, &[], None).await {
                 debug!(request_id, error = %e, "sending an rdma error reply failed");
             }
@@ -221,6 +331,7 @@ pub fn start(
     opts: &crate::serve::ServeOptions,
     peers: Vec<flume::Sender<Forwarded>>,
     stop: flume::Receiver<()>,
+    board: &crate::metrics::Board,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use anyhow::{bail, Context};
     if opts.auth_secret.is_some() {
@@ -242,8 +353,9 @@ pub fn start(
         ..PoolConfig::default()
     };
     let max_payload = opts.max_payload;
-    let max_in_flight = opts.limits.max_in_flight;
+    let limits = opts.limits.clone();
     let bridge = Bridge::new(peers, opts.limits.forward_timeout);
+    board.attach_rdma(bridge.counters().clone());
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("shardstore-rdma".into())
@@ -259,6 +371,7 @@ pub fn start(
                 }
             };
             let local = tokio::task::LocalSet::new();
+            let front = Front::new(bridge, &limits);
             local.block_on(&rt, async move {
                 let listener = match shardstore_net::rdma::verbs::VerbsListener::bind(addr).await {
                     Ok(l) => l,
@@ -278,15 +391,20 @@ pub fn start(
                     };
                     match accepted {
                         Ok((setup, peer)) => {
+                            let Some(slot) = front.admit() else {
+                                warn!(%peer, "rdma connection refused: max_connections_per_shard RDMA connections are open");
+                                continue; // dropping the set-up closes it
+                            };
                             debug!(%peer, "rdma connection");
                             // The set-up in the connection's own task: a
                             // silent peer held up every accept after it.
-                            let (pool, bridge) = (pool.clone(), bridge.clone());
+                            let (pool, front) = (pool.clone(), front.clone());
                             tokio::task::spawn_local(async move {
+                                let _slot = slot;
                                 match setup.finish().await {
                                     Ok(ep) => {
                                         let conn = RdmaConn::new(ep, pool, max_payload);
-                                        serve_conn(conn, bridge, max_in_flight).await;
+                                        serve_conn(conn, front).await;
                                     }
                                     Err(e) => {
                                         warn!(%peer, error = %e, "rdma connection set-up failed")
@@ -441,21 +559,56 @@ mod tests {
         }
     }
 
+    fn test_limits() -> crate::conn_limits::ConnLimits {
+        crate::conn_limits::ConnLimits {
+            max_in_flight: 8,
+            ..Default::default()
+        }
+    }
+
+    /// Serves every loopback connection with `front`, the n-th (from 0)
+    /// with the pool `pool(n)`.
+    fn serve_all(
+        listener: loopback::LoopbackListener,
+        front: Front,
+        pool: impl Fn(usize) -> PoolConfig + 'static,
+    ) {
+        tokio::task::spawn_local(async move {
+            let mut n = 0;
+            while let Some(ep) = listener.accept().await {
+                let conn = RdmaConn::new(ep, pool(n), limits::MAX_PAYLOAD);
+                tokio::task::spawn_local(serve_conn(conn, front.clone()));
+                n += 1;
+            }
+        });
+    }
+
+    /// A WRITE of `data` at the start of `chunk`, its crc right.
+    fn write_frame(chunk: u128, id: u64, data: &[u8]) -> Vec<u8> {
+        let w = WriteRequest {
+            chunk,
+            offset: 0,
+            payload_crc: payload_crc(data),
+            flags: 0,
+        };
+        frame!(Opcode::Write, id, &w, data.len() as u32)
+    }
+
+    fn client(connector: &loopback::LoopbackConnector) -> RdmaConn<LoopbackEndpoint> {
+        RdmaConn::new(
+            connector.connect().unwrap(),
+            PoolConfig::default(),
+            limits::MAX_PAYLOAD,
+        )
+    }
+
     #[test]
     fn requests_reach_their_owning_shard_and_replies_come_back() {
         on_bridge(|bridge, connector, listener| async move {
-            let b = bridge.clone();
-            tokio::task::spawn_local(async move {
-                while let Some(ep) = listener.accept().await {
-                    let conn = RdmaConn::new(ep, PoolConfig::default(), limits::MAX_PAYLOAD);
-                    tokio::task::spawn_local(serve_conn(conn, b.clone(), 8));
-                }
+            serve_all(listener, Front::new(bridge.clone(), &test_limits()), |_| {
+                PoolConfig::default()
             });
-            let c = RdmaConn::new(
-                connector.connect().unwrap(),
-                PoolConfig::default(),
-                limits::MAX_PAYLOAD,
-            );
+            let c = client(&connector);
             // PING and TOPOLOGY are answered by shard 0.
             let (h, _, _) = call(&c, &frame!(Opcode::Ping, 1, &Empty {}, 0), &[]).await;
             assert!(!h.is_error());
@@ -538,6 +691,36 @@ mod tests {
             assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
             let (h, _, _) = call(&c, &frame!(Opcode::Ping, 93, &Empty {}, 0), &[]).await;
             assert!(!h.is_error());
+            // A reply frame sent as a request.
+            let mut reply = Vec::new();
+            encode_frame(Opcode::Ping, FLAG_RESPONSE, 94, &Empty {}, 0, &mut reply);
+            let (h, body, _) = call(&c, &reply, &[]).await;
+            assert_eq!(error_code(&h, &body), ErrorCode::InvalidRequest);
+            // A shard's own error.
+            let (h, body, _) = call(
+                &c,
+                &frame!(Opcode::Stat, 95, &ChunkRequest { chunk: 1 << 100 }, 0),
+                &[],
+            )
+            .await;
+            assert_eq!(error_code(&h, &body), ErrorCode::NotFound);
+
+            // What the bridge answered itself, without a shard, is counted
+            // by error code (it was counted nowhere: no shard's request);
+            // what a shard answered, errors included, is not (the shard
+            // counts it).
+            let counters = bridge.counters();
+            let refused = |code| counters.refused_with(code);
+            assert_eq!(refused(ErrorCode::BadChecksum), 1);
+            assert_eq!(refused(ErrorCode::InvalidRequest), 2);
+            assert_eq!(refused(ErrorCode::Malformed), 1);
+            assert_eq!(refused(ErrorCode::NotFound), 0);
+            let total: u64 = counters
+                .refused
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            assert_eq!(total, 4);
         });
     }
 
@@ -547,35 +730,21 @@ mod tests {
     #[test]
     fn a_reply_without_registered_memory_left_is_busy() {
         on_bridge(|bridge, connector, listener| async move {
-            let b = bridge.clone();
-            tokio::task::spawn_local(async move {
-                // The first connection as configured; the second with
-                // registered memory for nothing above the inline size.
-                let mut budget = PoolConfig::default().budget_bytes;
-                while let Some(ep) = listener.accept().await {
-                    let cfg = PoolConfig {
-                        budget_bytes: budget,
-                        ..PoolConfig::default()
-                    };
-                    let conn = RdmaConn::new(ep, cfg, limits::MAX_PAYLOAD);
-                    tokio::task::spawn_local(serve_conn(conn, b.clone(), 8));
-                    budget = 0;
+            // The first connection as configured; the second with
+            // registered memory for nothing above the inline size.
+            serve_all(listener, Front::new(bridge.clone(), &test_limits()), |n| {
+                PoolConfig {
+                    budget_bytes: if n == 0 {
+                        PoolConfig::default().budget_bytes
+                    } else {
+                        0
+                    },
+                    ..PoolConfig::default()
                 }
             });
-            let c = RdmaConn::new(
-                connector.connect().unwrap(),
-                PoolConfig::default(),
-                limits::MAX_PAYLOAD,
-            );
+            let c = client(&connector);
             let data = vec![5u8; 64 << 10];
-            let w = WriteRequest {
-                chunk: 3,
-                offset: 0,
-                payload_crc: payload_crc(&data),
-                flags: 0,
-            };
-            let (h, body, _) =
-                call(&c, &frame!(Opcode::Write, 1, &w, data.len() as u32), &data).await;
+            let (h, body, _) = call(&c, &write_frame(3, 1, &data), &data).await;
             assert!(!h.is_error(), "{:?}", error_code(&h, &body));
             let starved = RdmaConn::new(
                 connector.connect().unwrap(),
@@ -602,6 +771,86 @@ mod tests {
         });
     }
 
+    /// WRITE payloads copied out of their registered regions (and READ
+    /// replies) are held against the RDMA thread's payload budget until
+    /// their replies are sent: past it a request is BUSY before its payload
+    /// is fetched. (Before, each connection could hold max_in_flight x
+    /// max_payload of them, whatever the pool's budget.)
+    #[test]
+    fn fetched_payloads_are_bounded_by_the_thread_budget() {
+        // A shard that never answers: each request holds its payload
+        // until its forward timeout.
+        let (tx, _rx) = flume::bounded::<Forwarded>(16);
+        let bridge = Bridge::new(vec![tx], std::time::Duration::from_millis(500));
+        let limits = crate::conn_limits::ConnLimits {
+            shard_buffer_bytes: 64 << 10,
+            ..test_limits()
+        };
+        let front = Front::new(bridge, &limits);
+        let budget = front.budget.clone();
+        let counters = front.bridge.counters().clone();
+        let rt = rt();
+        let local = tokio::task::LocalSet::new();
+        let (connector, listener) = loopback::listener();
+        local.block_on(&rt, async move {
+            serve_all(listener, front, |_| PoolConfig::default());
+            let c = client(&connector);
+            let data = vec![3u8; 48 << 10];
+            let write = |id| write_frame(1, id, &data);
+            // The first one is fetched, and held while the shard is silent.
+            let first = c.send_request(&write(1), &data).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(budget.used(), 48 << 10);
+            // The second does not fit beside it: BUSY at once.
+            let (h, body, _) = call(&c, &write(2), &data).await;
+            assert_eq!(h.request_id, 2);
+            assert_eq!(error_code(&h, &body), ErrorCode::Busy);
+            assert_eq!(counters.refused_with(ErrorCode::Busy), 1);
+            // So is a READ whose reply could not fit.
+            let r = ReadRequest {
+                chunk: 1,
+                offset: 0,
+                len: 32 << 10,
+                flags: 0,
+            };
+            let (h, body, _) = call(&c, &frame!(Opcode::Read, 3, &r, 0), &[]).await;
+            assert_eq!((h.request_id, error_code(&h, &body)), (3, ErrorCode::Busy));
+            // The first one's reply (TIMEOUT) lets its bytes go.
+            let mut inc = c.recv().await.unwrap();
+            assert_eq!(inc.head.header.request_id, 1);
+            let _ = RdmaConn::<LoopbackEndpoint>::written_payload(&first, &mut inc);
+            assert_eq!(error_code(&inc.head.header, &inc.body), ErrorCode::Timeout);
+            assert_eq!(budget.used(), 0);
+            let (h, body, _) = call(&c, &write(4), &data).await;
+            assert_eq!(error_code(&h, &body), ErrorCode::Timeout, "not BUSY");
+            assert_eq!(budget.used(), 0);
+        });
+    }
+
+    /// At most `max_connections` RDMA connections are served at once;
+    /// one past it is refused (and counted) until another closes.
+    #[test]
+    fn rdma_connections_are_capped() {
+        let (tx, _rx) = flume::bounded::<Forwarded>(1);
+        let limits = crate::conn_limits::ConnLimits {
+            max_connections: 2,
+            ..test_limits()
+        };
+        let front = Front::new(
+            Bridge::new(vec![tx], std::time::Duration::from_secs(1)),
+            &limits,
+        );
+        let counters = front.bridge.counters().clone();
+        let a = front.admit().expect("first");
+        let _b = front.admit().expect("second");
+        assert!(front.admit().is_none(), "a third was admitted");
+        assert_eq!(counters.connections_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert_eq!(counters.connections.load(Ordering::Relaxed), 1);
+        let _c = front.admit().expect("a place was freed");
+    }
+
     #[test]
     fn a_full_shard_queue_is_busy_not_unbounded() {
         // A queue nobody serves, of depth 1.
@@ -617,6 +866,7 @@ mod tests {
             let r = ping().await;
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Busy);
+            assert_eq!(bridge.counters().refused_with(ErrorCode::Busy), 1);
         });
     }
 
@@ -631,6 +881,7 @@ mod tests {
             let r = bridge.call(Opcode::Ping, 1, Vec::new(), Vec::new()).await;
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Timeout);
+            assert_eq!(bridge.counters().refused_with(ErrorCode::Timeout), 1);
             assert!(started.elapsed() >= std::time::Duration::from_millis(100));
         });
     }

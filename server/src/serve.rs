@@ -266,6 +266,30 @@ impl ShardListeners {
     }
 }
 
+/// The process-wide steps of `serve`, which `main` runs before it opens any
+/// file (the secret and key files included: read as the service reads
+/// them) and before any thread starts: first those that may need root's
+/// rights (the open-file limit, the allocator's footprint), then, run as
+/// root on an existing data folder that belongs to another user (the
+/// service account, when an operator runs `serve --format` or
+/// `--rebuild-index` by hand), become that user, so that everything the
+/// server creates in the folder is the service's (see `owner`).
+pub fn prepare_process(data_dir: &Path) -> anyhow::Result<()> {
+    crate::conn_limits::raise_nofile_limit();
+    crate::conn_limits::limit_allocator_footprint();
+    if let Some((uid, gid)) = crate::owner::become_folder_owner(data_dir)? {
+        info!(
+            uid,
+            gid,
+            data_dir = %data_dir.display(),
+            "running as the data folder's owner"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the node until a signal stops it. `main` calls [`prepare_process`]
+/// first.
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     abort_on_panic();
     let started = Instant::now();
@@ -278,8 +302,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             Err(e) => bail!("removing the old ready file {}: {e}", p.display()),
         }
     }
+    // Raised by `prepare_process` already: this reads the figure to log.
     let nofile = crate::conn_limits::raise_nofile_limit();
-    crate::conn_limits::limit_allocator_footprint();
     // Signals first: from here on SIGTERM drains instead of killing.
     let (stop_tx, stop_rx) = flume::unbounded::<()>();
     let board_cell = Arc::new(std::sync::OnceLock::<Arc<Board>>::new());
@@ -405,7 +429,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // RDMA front: its own thread, requests handed to shards through `senders`.
     #[cfg(feature = "rdma")]
     if let Some(a) = opts.rdma_listen {
-        crate::rdma::start(a, &opts, senders.clone(), stop_rx.clone())?;
+        crate::rdma::start(a, &opts, senders.clone(), stop_rx.clone(), &board)?;
     }
 
     let device_ranges = match &opts.device {

@@ -2,8 +2,9 @@
 //! the request path. The metrics endpoint reads snapshots that each shard
 //! publishes periodically (`metrics.rs`), never these cells.
 
-use shardstore_proto::Opcode;
+use shardstore_proto::{ErrorCode, Opcode};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Opcode slots (indexed by `Opcode as usize`).
@@ -43,9 +44,11 @@ impl Latency {
 
 #[derive(Default)]
 pub struct ShardCounters {
-    /// Requests taken from a client connection (or the RDMA bridge), by
-    /// opcode: a request forwarded to its owner is counted here once, on
-    /// the shard that took it (the owner counts it in `forwarded_in`).
+    /// Requests taken from a client connection (or handed over by the RDMA
+    /// bridge), by opcode: a request forwarded to its owner is counted here
+    /// once, on the shard that took it (the owner counts it in
+    /// `forwarded_in`). One the RDMA bridge answers itself, without a
+    /// shard, is counted in [`RdmaCounters`] instead.
     pub requests: [Cell<u64>; OPCODE_SLOTS],
     /// Of those, answered with an error (also the owner's errors).
     pub errors: [Cell<u64>; OPCODE_SLOTS],
@@ -122,6 +125,44 @@ impl ShardCounters {
     }
 }
 
+/// Slots of [`RdmaCounters::refused`], indexed by `ErrorCode as usize`.
+pub const ERROR_CODE_SLOTS: usize = ErrorCode::Timeout as usize + 1;
+
+/// The RDMA thread's counters (`rdma_listen`). That thread is not a shard,
+/// so it keeps no `Cell`s on a board slot: it counts with atomics (it is
+/// their only writer; scrapes read them directly), exported as node-wide
+/// families without a shard label.
+#[derive(Debug, Default)]
+pub struct RdmaCounters {
+    /// Requests (or messages) the bridge answered with an error itself,
+    /// without a shard executing them, by error code: a bad message or body
+    /// (one whose request id cannot be trusted gets no answer, and counts
+    /// too), a reply frame sent as a request, a bad payload crc, a full
+    /// shard queue or the payload budget (BUSY), a shard that did not
+    /// answer in time, a reply that could not be sent as built. Requests
+    /// that reach their shard are counted there (`requests`, `errors`).
+    pub refused: [AtomicU64; ERROR_CODE_SLOTS],
+    /// RDMA connections open now.
+    pub connections: AtomicU64,
+    /// RDMA connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+}
+
+impl RdmaCounters {
+    pub fn refused(&self, code: ErrorCode) {
+        if let Some(c) = self.refused.get(code as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals with error code `code`.
+    pub fn refused_with(&self, code: ErrorCode) -> u64 {
+        self.refused
+            .get(code as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
 pub struct InFlight<'a> {
     counters: &'a ShardCounters,
     op: Opcode,
@@ -152,6 +193,17 @@ mod tests {
         assert_eq!(l.buckets[0].get(), 2);
         assert_eq!(l.buckets[1].get(), 1);
         assert_eq!(l.buckets[LATENCY_BUCKETS - 1].get(), 1);
+    }
+
+    #[test]
+    fn every_error_code_has_an_rdma_slot() {
+        let c = RdmaCounters::default();
+        for v in 0..=u16::MAX {
+            if let Some(code) = ErrorCode::from_u16(v) {
+                c.refused(code);
+                assert_eq!(c.refused_with(code), 1, "{code}");
+            }
+        }
     }
 
     #[test]

@@ -32,22 +32,6 @@ async fn write_then_kill(dir: &std::path::Path) {
     srv.kill();
 }
 
-/// Every path under `dir`, not `dir` itself.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut all = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-                todo.push(p.clone());
-            }
-            all.push(p);
-        }
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
     let dir = data_dir("check");
@@ -94,13 +78,9 @@ async fn missing_index_refused_then_rebuilt_by_check_or_flag() {
 /// cannot open it at its next start. `check` becomes the owner first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_run_as_root_runs_as_the_folders_owner() {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run check as another user than the folder's owner");
+    if !is_root_else_skip("running check as another user than the folder's owner") {
         return;
     }
-    const NOBODY: u32 = 65534;
     let dir = data_dir("check-owner");
     write_then_kill(&dir).await;
 
@@ -121,22 +101,7 @@ async fn a_check_run_as_root_runs_as_the_folders_owner() {
         "{stdout}"
     );
 
-    let mut files = 0;
-    for p in walk(&dir) {
-        // The test's own server.log is opened by the test, as root.
-        if p.file_name().is_some_and(|n| n == "server.log") {
-            continue;
-        }
-        let m = std::fs::symlink_metadata(&p).unwrap();
-        assert_eq!(
-            (m.uid(), m.gid()),
-            (NOBODY, NOBODY),
-            "{} kept by root",
-            p.display()
-        );
-        files += 1;
-    }
-    assert!(files > 6, "only {files} files under {}", dir.display());
+    assert_all_owned_by(&dir, NOBODY);
 
     // And the service account can start on it and read everything.
     let srv = TestServer::try_start_as(&dir, 2, NOBODY)

@@ -213,3 +213,56 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Every path under `dir`, not `dir` itself.
+pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                todo.push(p.clone());
+            }
+            all.push(p);
+        }
+    }
+    all
+}
+
+/// Whether this test runs as root; if not, says that `what` is skipped.
+pub fn is_root_else_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: {what} needs root");
+    }
+    root
+}
+
+/// The uid and gid of `nobody`, as a service account stand-in.
+pub const NOBODY: u32 = 65534;
+
+/// Asserts that every file under `dir` (but the test's own `server.log`,
+/// which the test opens as itself) belongs to `uid`:`uid`, and that there
+/// are more than a handful.
+pub fn assert_all_owned_by(dir: &Path, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = 0;
+    for p in walk(dir) {
+        if p.file_name().is_some_and(|n| n == "server.log") {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (uid, uid),
+            "{} belongs to {}:{}, not to the folder's owner",
+            p.display(),
+            m.uid(),
+            m.gid()
+        );
+        files += 1;
+    }
+    assert!(files > 6, "only {files} files under {}", dir.display());
+}
