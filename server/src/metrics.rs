@@ -557,7 +557,7 @@ pub fn render(board: &Board) -> String {
         (
             "shardstore_connection_timeouts_total",
             "counter",
-            "Connections closed by a frame, idle or write timeout.",
+            "Connections closed by a timeout: frame, idle, write (a client taking replies slower than 64 KiB/s included), TLS or auth handshake.",
             |s| s.stats.timeouts,
         ),
         (
