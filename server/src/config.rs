@@ -513,6 +513,9 @@ pub fn resolve(c: FileConfig, m: &Machine) -> Result<Settings, ConfigError> {
 }
 
 /// Largest `io_memory_kib`: glommio registers (pins) it per shard.
+/// Longest connection timeout, ms (a day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
 pub const MAX_IO_MEMORY_KIB: u64 = 1 << 20;
 /// Largest `capacity_mib` (1 PiB per shard): far past any device, and its
 /// bytes summed over `MAX_SHARDS` shards still fit a u64 (a value past
@@ -627,6 +630,18 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         if v == 0 {
             return Err(bad(key, "must be at least 1"));
         }
+        // A deadline this far off overflowed the clock (a panic at the
+        // first frame, which aborts the server).
+        if key.ends_with("_timeout_ms") && v > MAX_TIMEOUT_MS {
+            return Err(bad(key, format!("{v} is over {MAX_TIMEOUT_MS} (a day)")));
+        }
+    }
+    let shutdown_ms = s.shutdown_timeout.as_millis();
+    if shutdown_ms > u128::from(MAX_TIMEOUT_MS) {
+        return Err(bad(
+            "shutdown_timeout_ms",
+            format!("{shutdown_ms} is over {MAX_TIMEOUT_MS} (a day)"),
+        ));
     }
     if s.metrics_interval < Duration::from_millis(50)
         || s.metrics_interval > Duration::from_secs(60)
@@ -1338,6 +1353,25 @@ mod tests {
             }
             let s = check(&format!("{key} = {bound}\n")).unwrap();
             assert!(s.capacity_mib.max(s.index_cache_mib) == bound);
+        }
+    }
+
+    /// A timeout over a day is refused: 2^63 ms made the first
+    /// frame's deadline overflow the clock, a panic that aborts the server.
+    #[test]
+    fn timeouts_past_a_day_are_refused() {
+        for key in [
+            "frame_timeout_ms",
+            "idle_timeout_ms",
+            "write_timeout_ms",
+            "forward_timeout_ms",
+            "shutdown_timeout_ms",
+        ] {
+            // (TOML's integers end at i64::MAX.)
+            let huge = i64::MAX;
+            let e = check(&format!("{key} = {huge}\n")).unwrap_err();
+            assert!(e.starts_with(&format!("{key}: {huge} is over")), "{e}");
+            check(&format!("{key} = {MAX_TIMEOUT_MS}\n")).unwrap();
         }
     }
 

@@ -457,10 +457,16 @@ impl Conn {
             }
             return Err(e);
         }
-        if let Some(started) = self.frame_started.as_mut() {
-            *started += t.elapsed();
-        }
+        self.stop_frame_clock(t);
         Ok(())
+    }
+
+    /// Leaves the time since `since`, spent waiting on the server's side,
+    /// out of the frame being received (if one has begun).
+    fn stop_frame_clock(&mut self, since: Instant) {
+        if let Some(started) = self.frame_started.as_mut() {
+            *started += since.elapsed();
+        }
     }
 
     /// Counts the connection in `timeouts`, once.
@@ -611,7 +617,10 @@ pub async fn connection_loop<S: Transport>(
         }
         // Backpressure: over either bound, only finish work, read nothing.
         if conn.pending.len() >= lim.max_in_flight || conn.held.get() >= lim.conn_buffer_bytes {
+            let waited = Instant::now();
             if let Some(done) = conn.pending.next().await {
+                // The server's wait, not the client's (see `Conn::flush`).
+                conn.stop_frame_clock(waited);
                 conn.out.push_done(done);
                 continue;
             }

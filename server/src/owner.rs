@@ -20,11 +20,13 @@ use anyhow::Context;
 use std::path::Path;
 
 /// Run as root on a data folder that belongs to another user, becomes that
-/// user: its group (the folder's), the user's supplementary groups (as
-/// systemd's `User=` sets them, so access through a group such as the
-/// device node's still works), then its uid. Returns the ids taken; `None`
-/// when not root, when root owns the folder, or when the folder does not
-/// exist yet (then it is created by whoever runs, as before).
+/// user as systemd's `User=` does: the user's own group (from the user
+/// database), its supplementary groups (so access through a group such as
+/// the device node's still works), then its uid. A uid the user database
+/// does not know takes the folder's group, which must not be root's.
+/// Returns the ids taken; `None` when not root, when root owns the folder,
+/// or when the folder does not exist yet (then it is created by whoever
+/// runs, as before).
 pub fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -36,11 +38,20 @@ pub fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", data_dir.display())),
     };
-    let (uid, gid) = (m.uid(), m.gid());
+    let uid = m.uid();
     if uid == 0 {
         return Ok(None);
     }
-    let name = user_name(uid);
+    let user = user_entry(uid);
+    let gid = user.as_ref().map_or(m.gid(), |u| u.1);
+    if gid == 0 {
+        anyhow::bail!(
+            "{} belongs to uid {uid}, which has no entry in the user database, and to group root: \
+             give it the service's group (chown {uid}:GROUP) or run this as that user",
+            data_dir.display()
+        );
+    }
+    let name = user.map(|u| u.0);
     // SAFETY: plain credential calls, made before this process starts any
     // other thread (glibc applies them to every thread anyway); `name` is a
     // NUL-terminated string that outlives the call.
@@ -61,9 +72,10 @@ pub fn become_folder_owner(data_dir: &Path) -> anyhow::Result<Option<(u32, u32)>
     Ok(Some((uid, gid)))
 }
 
-/// The login name of `uid` (for its supplementary groups); `None` when the
-/// user database has no entry for it (a bare uid: no supplementary groups).
-fn user_name(uid: u32) -> Option<std::ffi::CString> {
+/// The login name of `uid` (for its supplementary groups) and its own
+/// group; `None` when the user database has no entry for it (a bare uid:
+/// no supplementary groups).
+fn user_entry(uid: u32) -> Option<(std::ffi::CString, u32)> {
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: getpwuid_r fills `pw` with pointers into `buf`, both alive
     // here; the name is copied out before they go.
@@ -74,7 +86,7 @@ fn user_name(uid: u32) -> Option<std::ffi::CString> {
         if rc != 0 || found.is_null() || pw.pw_name.is_null() {
             return None;
         }
-        Some(std::ffi::CStr::from_ptr(pw.pw_name).to_owned())
+        Some((std::ffi::CStr::from_ptr(pw.pw_name).to_owned(), pw.pw_gid))
     }
 }
 

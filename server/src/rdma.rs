@@ -197,11 +197,27 @@ impl Drop for ConnSlot {
 /// `LocalSet` (requests are spawned with `spawn_local`).
 pub async fn serve_conn<E: Endpoint + 'static>(conn: RdmaConn<E>, front: Front) {
     let conn = Rc::new(conn);
-    let bridge = &front.bridge;
     // This connection's share of the thread's payload budget (the budget
     // bounds the thread; `max_in_flight` bounds the connection).
     let held = Rc::new(Cell::new(0u64));
-    let slots = Arc::new(tokio::sync::Semaphore::new(front.max_in_flight.max(1)));
+    let max_in_flight = front.max_in_flight.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    serve_requests(&conn, &front, &held, &slots).await;
+    // The connection's place lasts until its requests end: a peer closing
+    // and reopening connections cannot leave more running than the
+    // connection limit times `max_in_flight` (requests without a payload
+    // hold none of the budget, and would fill the shards' queues).
+    let _ = slots.acquire_many(max_in_flight as u32).await;
+}
+
+/// Reads and starts requests until the connection ends.
+async fn serve_requests<E: Endpoint + 'static>(
+    conn: &Rc<RdmaConn<E>>,
+    front: &Front,
+    held: &Rc<Cell<u64>>,
+    slots: &Arc<tokio::sync::Semaphore>,
+) {
+    let bridge = &front.bridge;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -867,6 +883,39 @@ mod tests {
             let h = FrameHeader::from_bytes(r.frame[..HEADER_LEN].try_into().unwrap());
             assert_eq!(error_code(&h, &r.frame[HEADER_LEN..]), ErrorCode::Busy);
             assert_eq!(bridge.counters().refused_with(ErrorCode::Busy), 1);
+        });
+    }
+
+    /// A connection the peer closes keeps its place until the requests it
+    /// started end: it used to return at once, so a peer reopening
+    /// connections could leave any number of requests running.
+    #[test]
+    fn a_closed_connection_ends_after_its_requests() {
+        // A queue nobody serves: the PING waits there until its timeout.
+        let (tx, _rx) = flume::bounded::<Forwarded>(4);
+        let wait = std::time::Duration::from_millis(300);
+        let front = Front::new(
+            Bridge::new(vec![tx], wait),
+            &crate::conn_limits::ConnLimits::default(),
+        );
+        let rt = rt();
+        let local = tokio::task::LocalSet::new();
+        let (a, b) = loopback::pair();
+        local.block_on(&rt, async move {
+            let server = RdmaConn::new(b, PoolConfig::default(), limits::MAX_PAYLOAD);
+            let client = RdmaConn::new(a, PoolConfig::default(), limits::MAX_PAYLOAD);
+            let held = client
+                .send_request(&frame!(Opcode::Ping, 1, &Empty {}, 0), &[])
+                .await
+                .unwrap();
+            drop((held, client));
+            let started = std::time::Instant::now();
+            serve_conn(server, front).await;
+            assert!(
+                started.elapsed() >= wait,
+                "the connection ended {:?} after its peer, its request still waiting",
+                started.elapsed()
+            );
         });
     }
 

@@ -42,3 +42,26 @@ async fn a_serve_run_as_root_creates_only_files_of_the_folders_owner() {
     assert!(r.data[..] == pattern(7, 8000)[..]);
     srv.kill();
 }
+
+/// A folder of the service account whose group is root's (`chown nobody`
+/// alone leaves it so): the run takes the account's own group from the
+/// user database, as `User=` does, not root's group from the folder (which
+/// kept root's group after the switch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_run_as_root_takes_the_owners_own_group_not_the_folders() {
+    if !is_root_else_skip("running serve as another user than the folder's owner") {
+        return;
+    }
+    let dir = data_dir("serve-owner-group");
+    std::os::unix::fs::lchown(&dir, Some(NOBODY), Some(0)).unwrap();
+    let srv = TestServer::try_start(&dir, 1, &[]).unwrap();
+    srv.client()
+        .await
+        .write(ChunkId(9), 0, pattern(9, 4096))
+        .await
+        .unwrap();
+    srv.kill();
+    // Everything but the folder itself is nobody:nogroup (65534:65534).
+    std::os::unix::fs::lchown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    assert_all_owned_by(&dir, NOBODY);
+}
