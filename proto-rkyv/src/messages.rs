@@ -176,7 +176,8 @@ pub struct StatsReply {
     pub refused_connections: u64,
     /// Connections closed by a frame, idle, write or handshake timeout.
     pub timeouts: u64,
-    /// Requests refused with BUSY.
+    /// Requests refused with BUSY by the shard's buffer budget (those a
+    /// full forward queue refused are in `forward_busy`, not here).
     pub busy: u64,
     /// Connections that failed authentication.
     pub auth_failures: u64,

@@ -730,7 +730,7 @@ impl ShardCtx {
             fail_stopped: s.fail_stopped,
             refused_connections: c.refused_connections.get(),
             timeouts: c.timeouts.get(),
-            busy: c.busy.get() + c.forward_busy.get(),
+            busy: c.busy.get(),
             auth_failures: c.auth_failures.get(),
             buffer_bytes_used: self.budget.used(),
             buffer_bytes_limit: self.budget.limit(),

@@ -576,7 +576,7 @@ pub fn render(board: &Board) -> String {
             "shardstore_busy_total",
             "counter",
             "Requests refused with BUSY (buffer budget).",
-            |s| s.stats.busy.saturating_sub(s.stats.forward_busy),
+            |s| s.stats.busy,
         ),
         ("shardstore_chunks", "gauge", "Chunks stored.", |s| {
             s.stats.chunks

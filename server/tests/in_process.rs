@@ -72,6 +72,21 @@ async fn sim_ctx_on() -> (Rc<ShardCtx>, SimDisk) {
     )
 }
 
+/// STATS `busy` counts what the buffer budget refused, `forward_busy` what
+/// a full forward queue refused: `shardstore stats` shows them side by
+/// side, and `busy` used to hold both (a forward BUSY was counted twice by
+/// anyone adding the columns).
+#[test]
+fn stats_busy_and_forward_busy_do_not_overlap() {
+    on_executor(async {
+        let ctx = sim_ctx().await;
+        ctx.counters.busy.set(3);
+        ctx.counters.forward_busy.set(2);
+        let st = ctx.stats();
+        assert_eq!((st.busy, st.forward_busy), (3, 2));
+    });
+}
+
 /// A connection whose replies cannot be sent (the client reset it) ends
 /// only once the requests it started have: they run as their own tasks, and
 /// returning at once let a client that resets connections in a loop leave
