@@ -343,6 +343,26 @@ pub struct Machine {
     pub memlock_bytes: Option<u64>,
 }
 
+/// Whether `shards` executors registering `io_memory_kib` each fit the
+/// locked-memory limit (`None`: unlimited). The start-up checks it twice:
+/// with the configured (or one-per-CPU) shard count, then with the data
+/// folder's own once it is read.
+pub fn memlock_fits(io_memory_kib: u64, shards: u64, limit: Option<u64>) -> Result<(), String> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let need = io_memory_kib.saturating_mul(1 << 10).saturating_mul(shards);
+    if need > limit {
+        return Err(format!(
+            "{io_memory_kib} KiB x {shards} shards = {} KiB exceeds the locked-memory limit of {} KiB \
+             (RLIMIT_MEMLOCK; raise it with `ulimit -l` or LimitMEMLOCK=, or lower io_memory_kib)",
+            need >> 10,
+            limit >> 10
+        ));
+    }
+    Ok(())
+}
+
 impl Machine {
     pub fn probe() -> Machine {
         // SAFETY: sysconf and getrlimit only fill plain values.
@@ -695,21 +715,7 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
         ));
     }
     let shards = s.shards.map(u64::from).unwrap_or(cpus.len() as u64);
-    if let Some(limit) = m.memlock_bytes {
-        let need = (s.io_memory_kib << 10).saturating_mul(shards);
-        if need > limit {
-            return Err(bad(
-                "io_memory_kib",
-                format!(
-                    "{} KiB x {shards} shards = {} KiB exceeds the locked-memory limit of {} KiB \
-                     (RLIMIT_MEMLOCK; raise it with `ulimit -l` or LimitMEMLOCK=, or lower io_memory_kib)",
-                    s.io_memory_kib,
-                    need >> 10,
-                    limit >> 10
-                ),
-            ));
-        }
-    }
+    memlock_fits(s.io_memory_kib, shards, m.memlock_bytes).map_err(|e| bad("io_memory_kib", e))?;
     if s.cache_mib.saturating_mul(1 << 20) > m.ram_bytes {
         return Err(bad(
             "cache_mib",

@@ -333,6 +333,21 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let cpus = opts.cpus.clone().unwrap_or_else(allowed_cpus);
     let initialized = opts.data_dir.join(NODE_FILE).exists();
     let meta = open_node_meta(&opts.data_dir, opts.shards, cpus.len() as u32)?;
+    // The folder's shard count may differ from the one the configuration
+    // was checked with (one per CPU when `shards` is not set): past the
+    // limit, glommio would fail each executor with a less clear error.
+    crate::config::memlock_fits(
+        (opts.io_memory_bytes >> 10) as u64,
+        u64::from(meta.shard_count),
+        crate::config::Machine::probe().memlock_bytes,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "io_memory_kib: {e}; the data dir {} has {} shards",
+            opts.data_dir.display(),
+            meta.shard_count
+        )
+    })?;
     let n = meta.shard_count;
     if n == 0 || n > limits::MAX_SHARDS {
         bail!("shard count {n} out of range 1..={}", limits::MAX_SHARDS);

@@ -262,3 +262,35 @@ fn config_check_can_check_as_the_unit_runs() {
     ));
     assert!(out.contains(": ok"), "{out}");
 }
+
+/// The locked-memory check at start-up counts the data folder's shards, not
+/// only the configured ones: a folder made with 8 shards, started with one
+/// shard per CPU in mind, used to pass the check and leave glommio to fail
+/// (or, as root, to lock past the limit).
+#[test]
+fn the_memlock_check_counts_the_data_folders_shards() {
+    let dir = data_dir("cfg-memlock-folder");
+    std::fs::write(
+        dir.join("shardstore.node"),
+        "# shardstore node identity; do not edit\nformat = 1\n\
+         node_id = 0000000000000000000000000000abcd\nshard_count = 8\n",
+    )
+    .unwrap();
+    // 1 MiB x 1 shard (one per CPU of `--cpus 0`) fits 4 MiB; x 8 does not.
+    let o = Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -l 4096 && exec \"$0\" serve --data-dir \"$1\" --listen 127.0.0.1:0 \
+             --io-memory-kib 1024 --capacity-mib 16 --cpus 0 --allow-oversubscribe",
+            bin(),
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "started: {e}");
+    assert!(
+        e.contains("io_memory_kib: 1024 KiB x 8 shards") && e.contains("has 8 shards"),
+        "{e}"
+    );
+}
