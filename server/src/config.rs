@@ -575,62 +575,52 @@ fn validate(s: &Settings, m: &Machine) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if s.max_chunk_size == 0 || s.max_chunk_size > limits::MAX_CHUNK_SIZE {
-        return Err(bad(
+    for (key, v, lo, hi, note) in [
+        (
             "max_chunk_size",
-            format!(
-                "{} is not between 1 and {}",
-                s.max_chunk_size,
-                limits::MAX_CHUNK_SIZE
-            ),
-        ));
-    }
-    if s.capacity_mib < 1 || s.capacity_mib > MAX_CAPACITY_MIB {
-        return Err(bad(
+            s.max_chunk_size,
+            1,
+            limits::MAX_CHUNK_SIZE,
+            "",
+        ),
+        (
             "capacity_mib",
-            format!(
-                "{} is not between 1 and {MAX_CAPACITY_MIB} (1 PiB per shard)",
-                s.capacity_mib
-            ),
-        ));
-    }
-    if s.index_cache_mib > MAX_INDEX_CACHE_MIB {
-        return Err(bad(
+            s.capacity_mib,
+            1,
+            MAX_CAPACITY_MIB,
+            " (1 PiB per shard)",
+        ),
+        (
             "index_cache_mib",
-            format!(
-                "{} is not between 0 and {MAX_INDEX_CACHE_MIB} (1 TiB per shard)",
-                s.index_cache_mib
-            ),
-        ));
-    }
-    if s.checkpoint_mib < 1 || s.checkpoint_mib > 1 << 20 {
-        return Err(bad(
-            "checkpoint_mib",
-            format!("{} is not between 1 and 1048576", s.checkpoint_mib),
-        ));
-    }
-    if s.write_combine > MAX_WRITE_COMBINE {
-        return Err(bad(
+            s.index_cache_mib,
+            0,
+            MAX_INDEX_CACHE_MIB,
+            " (1 TiB per shard)",
+        ),
+        ("checkpoint_mib", s.checkpoint_mib, 1, 1 << 20, ""),
+        (
             "write_combine",
-            format!(
-                "{} is not between 0 and {MAX_WRITE_COMBINE}",
-                s.write_combine
-            ),
-        ));
+            u64::from(s.write_combine),
+            0,
+            u64::from(MAX_WRITE_COMBINE),
+            "",
+        ),
+        (
+            "io_memory_kib",
+            s.io_memory_kib,
+            64,
+            MAX_IO_MEMORY_KIB,
+            " (1 GiB per shard)",
+        ),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            return Err(bad(key, format!("{v} is not between {lo} and {hi}{note}")));
+        }
     }
     if s.poll_us > MAX_POLL_US {
         return Err(bad(
             "poll_us",
             format!("{} is over {MAX_POLL_US} (one second)", s.poll_us),
-        ));
-    }
-    if s.io_memory_kib < 64 || s.io_memory_kib > MAX_IO_MEMORY_KIB {
-        return Err(bad(
-            "io_memory_kib",
-            format!(
-                "{} is not between 64 and {MAX_IO_MEMORY_KIB} (1 GiB per shard)",
-                s.io_memory_kib
-            ),
         ));
     }
     if s.forward_queue == 0 {
