@@ -166,7 +166,9 @@ impl Transport for TcpStream {
     /// glommio's poll-armed write when it is full.
     async fn send_all(&mut self, slices: &[&[u8]], timeout: Duration) -> io::Result<()> {
         let fd = self.as_raw_fd();
-        let clock = SendClock::new(slices, timeout);
+        // Started at the first refusal: a send the socket takes at once
+        // (the usual one) reads no clock.
+        let mut clock = None;
         let mut idx = 0; // first slice not fully sent
         let mut off = 0; // bytes of slices[idx] already sent
         while idx < slices.len() {
@@ -176,6 +178,7 @@ impl Transport for TcpStream {
             let sent = match send_vectored(fd, &iov) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let clock = clock.get_or_insert_with(|| SendClock::new(slices, timeout));
                     within(clock.wait_until(), self.write(&slices[idx][off..]))
                         .await
                         .ok_or_else(|| clock.cut_off())??
@@ -243,7 +246,8 @@ fn at_min_rate(bytes: u64) -> Duration {
 /// How long a flush may wait for the peer: each wait at most the write
 /// timeout (a peer that stopped reading), and the whole flush at most the
 /// timeout plus its bytes at [`MIN_PEER_BYTES_PER_SEC`] (one that reads
-/// too slowly).
+/// too slowly), counted from the socket's first refusal (over TLS, from the
+/// flush's start).
 struct SendClock {
     timeout: Duration,
     whole: Instant,
@@ -447,7 +451,7 @@ impl Conn {
         ctx: &ShardCtx,
         reader: &mut FrameReader<S>,
     ) -> io::Result<()> {
-        let t = Instant::now();
+        let t = self.frame_clock();
         if let Err(e) = self
             .out
             .flush(reader.get_mut(), ctx.limits.write_timeout)
@@ -462,10 +466,15 @@ impl Conn {
         Ok(())
     }
 
-    /// Leaves the time since `since`, spent waiting on the server's side,
-    /// out of the frame being received (if one has begun).
-    fn stop_frame_clock(&mut self, since: Instant) {
-        if let Some(started) = self.frame_started.as_mut() {
+    /// Now, if a frame has begun to arrive (else no clock is read).
+    fn frame_clock(&self) -> Option<Instant> {
+        self.frame_started.map(|_| Instant::now())
+    }
+
+    /// Leaves the time since `since` (from [`Conn::frame_clock`]), spent
+    /// waiting on the server's side, out of the frame being received.
+    fn stop_frame_clock(&mut self, since: Option<Instant>) {
+        if let (Some(started), Some(since)) = (self.frame_started.as_mut(), since) {
             *started += since.elapsed();
         }
     }
@@ -519,17 +528,7 @@ impl Pace {
         reader: &mut FrameReader<S>,
         dst: &mut [u8],
     ) -> Result<(), FrameError> {
-        if reader.buffered() >= dst.len() {
-            return reader.read_payload(dst).await;
-        }
-        let mut through = 0;
-        for piece in dst.chunks_mut(PACE_PIECE) {
-            through += piece.len() as u64;
-            within(self.due(through), reader.read_payload(piece))
-                .await
-                .unwrap_or(Err(FrameError::TimedOut))?;
-        }
-        Ok(())
+        self.take(reader, dst.len(), Some(dst)).await
     }
 
     /// Skips `n` bytes of payload, each piece by its due time.
@@ -538,16 +537,39 @@ impl Pace {
         reader: &mut FrameReader<S>,
         n: usize,
     ) -> Result<(), FrameError> {
-        if reader.buffered() >= n {
-            return reader.skip_payload(n).await;
-        }
+        self.take(reader, n, None).await
+    }
+
+    /// `n` bytes of payload into `dst`, or skipped; with no timer when they
+    /// are all buffered already.
+    async fn take<S: Transport>(
+        self,
+        reader: &mut FrameReader<S>,
+        n: usize,
+        mut dst: Option<&mut [u8]>,
+    ) -> Result<(), FrameError> {
+        let whole = reader.buffered() >= n;
         let mut through = 0;
         while through < n {
-            let piece = (n - through).min(PACE_PIECE);
+            let piece = if whole {
+                n
+            } else {
+                (n - through).min(PACE_PIECE)
+            };
+            let step = async {
+                match dst.as_deref_mut() {
+                    Some(d) => reader.read_payload(&mut d[through..through + piece]).await,
+                    None => reader.skip_payload(piece).await,
+                }
+            };
+            if whole {
+                step.await?;
+            } else {
+                within(self.due((through + piece) as u64), step)
+                    .await
+                    .unwrap_or(Err(FrameError::TimedOut))?;
+            }
             through += piece;
-            within(self.due(through as u64), reader.skip_payload(piece))
-                .await
-                .unwrap_or(Err(FrameError::TimedOut))?;
         }
         Ok(())
     }
@@ -618,7 +640,7 @@ pub async fn connection_loop<S: Transport>(
         }
         // Backpressure: over either bound, only finish work, read nothing.
         if conn.pending.len() >= lim.max_in_flight || conn.held.get() >= lim.conn_buffer_bytes {
-            let waited = Instant::now();
+            let waited = conn.frame_clock();
             if let Some(done) = conn.pending.next().await {
                 // The server's wait, not the client's (see `Conn::flush`).
                 conn.stop_frame_clock(waited);
@@ -663,16 +685,17 @@ pub async fn connection_loop<S: Transport>(
             Ok(None) => stop = Some(Stop::Eof),
             Ok(Some(head)) => {
                 let rest = head.header.rest_len();
-                let deadline = conn.frame_started.unwrap_or_else(Instant::now)
-                    + lim.frame_timeout
-                    + at_min_rate(rest as u64);
+                let pace = Pace {
+                    started: conn.frame_started.unwrap_or_else(Instant::now),
+                    grace: lim.frame_timeout,
+                };
                 let res = if reader.buffered() >= rest {
                     // The whole frame is here: no timer needed.
-                    handle_frame(ctx, &mut reader, head, &mut conn, peer).await
+                    handle_frame(ctx, &mut reader, head, pace, &mut conn, peer).await
                 } else {
                     match within(
-                        deadline,
-                        handle_frame(ctx, &mut reader, head, &mut conn, peer),
+                        pace.due(rest as u64),
+                        handle_frame(ctx, &mut reader, head, pace, &mut conn, peer),
                     )
                     .await
                     {
@@ -867,16 +890,13 @@ async fn handle_frame<S: Transport>(
     ctx: &Rc<ShardCtx>,
     reader: &mut FrameReader<S>,
     head: RawFrameHead,
+    pace: Pace,
     conn: &mut Conn,
     peer: SocketAddr,
 ) -> io::Result<Option<Stop>> {
     let op = head.opcode;
     let id = head.header.request_id;
     let payload_len = head.header.payload_len as usize;
-    let pace = Pace {
-        started: conn.frame_started.unwrap_or_else(Instant::now),
-        grace: ctx.limits.frame_timeout,
-    };
     let out = &mut conn.out;
     let fail = |out: &mut Outbox, e: ErrReply| {
         ctx.counters.error(op);

@@ -356,15 +356,7 @@ async fn a_large_write_sent_slowly_but_steadily_arrives() {
     let dir = data_dir("slowwrite");
     let srv = TestServer::try_start(&dir, 1, &["--frame-timeout-ms", "1000"]).unwrap();
     let data = pattern(0x5107, 1 << 20);
-    let w = WriteRequest {
-        chunk: 0x5107,
-        offset: 0,
-        payload_crc: crc32c::crc32c(&data),
-        flags: 0,
-    };
-    let mut frame = Vec::new();
-    encode_frame(Opcode::Write, 0, 7, &w, data.len() as u32, &mut frame);
-    frame.extend_from_slice(&data);
+    let frame = write_frame(7, 0x5107, &data, crc32c::crc32c(&data));
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
     let t = Instant::now();
     for piece in frame.chunks(64 << 10) {
@@ -397,17 +389,11 @@ async fn a_large_write_that_stops_sending_is_cut_off() {
     let c = srv.client().await;
     let before = c.stats(ShardId(0)).await.unwrap().timeouts;
     let data = pattern(0x57a1, 8 << 20);
-    let w = WriteRequest {
-        chunk: 0x57a1,
-        offset: 0,
-        payload_crc: crc32c::crc32c(&data),
-        flags: 0,
-    };
-    let mut frame = Vec::new();
-    encode_frame(Opcode::Write, 0, 8, &w, data.len() as u32, &mut frame);
-    frame.extend_from_slice(&data[..64 << 10]);
+    let frame = write_frame(8, 0x57a1, &data, crc32c::crc32c(&data));
+    // The header, the body and the payload's first 64 KiB.
+    let sent = frame.len() - data.len() + (64 << 10);
     let mut s = TcpStream::connect(&srv.addr).await.unwrap();
-    s.write_all(&frame).await.unwrap();
+    s.write_all(&frame[..sent]).await.unwrap();
     // 8 MiB at 64 KiB/s would allow 129 s; stopped, it gets about 2 s.
     assert!(
         closed_within(&mut s, Duration::from_secs(6)).await,

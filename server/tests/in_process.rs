@@ -1,6 +1,8 @@
 //! The request path in one process, on a simulated disk: the connection
 //! loop over an in-memory stream, and the server of forwarded requests.
 
+mod common;
+use common::write_frame;
 use glommio::{LocalExecutorBuilder, Placement};
 use shardstore_proto::{
     encode_frame, limits, ChunkId, ErrorCode, FrameHeader, Opcode, ShardId, WriteRequest,
@@ -150,15 +152,7 @@ fn a_write_of_a_client_that_stopped_reading_lets_go_of_its_chunk() {
     on_executor(async {
         let (ctx, disk) = sim_ctx_on().await;
         let data = vec![3u8; 4096];
-        let w = WriteRequest {
-            chunk: 77,
-            offset: 0,
-            payload_crc: crc32c::crc32c(&data),
-            flags: 0,
-        };
-        let mut input = Vec::new();
-        encode_frame(Opcode::Write, 0, 1, &w, data.len() as u32, &mut input);
-        input.extend_from_slice(&data);
+        let input = write_frame(1, 77, &data, crc32c::crc32c(&data));
         let (stream, _written) = MemStream::new(with_ping(input, 2));
         // The write starts and waits on the device; the PING's reply is
         // then sent, and that send never ends.

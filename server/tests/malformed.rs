@@ -43,23 +43,6 @@ fn ping(id: u64) -> Vec<u8> {
     f
 }
 
-fn write_frame(id: u64, chunk: u128, data: &[u8], crc: u32) -> Vec<u8> {
-    write_frame_flags(id, chunk, data, crc, 0)
-}
-
-fn write_frame_flags(id: u64, chunk: u128, data: &[u8], crc: u32, flags: u32) -> Vec<u8> {
-    let mut f = Vec::new();
-    let w = WriteRequest {
-        chunk,
-        offset: 0,
-        payload_crc: crc,
-        flags,
-    };
-    encode_frame(Opcode::Write, 0, id, &w, data.len() as u32, &mut f);
-    f.extend_from_slice(data);
-    f
-}
-
 /// Re-crcs a header after a field was changed, so the field itself is judged.
 fn fix_header_crc(f: &mut [u8]) {
     let crc = crc32c::crc32c(&f[..36]);

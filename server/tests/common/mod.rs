@@ -266,3 +266,24 @@ pub fn assert_all_owned_by(dir: &Path, uid: u32) {
     }
     assert!(files > 6, "only {files} files under {}", dir.display());
 }
+
+/// A WRITE frame of `data` at offset 0 of `chunk`, its payload included,
+/// claiming `crc` for it.
+pub fn write_frame(id: u64, chunk: u128, data: &[u8], crc: u32) -> Vec<u8> {
+    write_frame_flags(id, chunk, data, crc, 0)
+}
+
+/// [`write_frame`] with WRITE flags.
+pub fn write_frame_flags(id: u64, chunk: u128, data: &[u8], crc: u32, flags: u32) -> Vec<u8> {
+    use shardstore_proto::{encode_frame, Opcode, WriteRequest};
+    let mut f = Vec::new();
+    let w = WriteRequest {
+        chunk,
+        offset: 0,
+        payload_crc: crc,
+        flags,
+    };
+    encode_frame(Opcode::Write, 0, id, &w, data.len() as u32, &mut f);
+    f.extend_from_slice(data);
+    f
+}
