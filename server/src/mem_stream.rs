@@ -10,6 +10,16 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// What becomes of the replies sent.
+enum Sends {
+    /// Collected (see [`MemStream::new`]).
+    Taken,
+    /// See [`MemStream::stalling_sends`].
+    Stall,
+    /// See [`MemStream::failing_sends`].
+    Fail,
+}
+
 pub struct MemStream {
     input: Vec<u8>,
     pos: usize,
@@ -17,11 +27,7 @@ pub struct MemStream {
     max_read: usize,
     /// At the end of `input`: an error (true) or the end of the stream.
     fail_at_end: bool,
-    /// Sends never complete: a client that stopped reading, with no write
-    /// timeout to cut it off.
-    stall_sends: bool,
-    /// Sends fail: a client that reset the connection.
-    fail_sends: bool,
+    sends: Sends,
     written: Rc<RefCell<Vec<u8>>>,
 }
 
@@ -35,8 +41,7 @@ impl MemStream {
             pos: 0,
             max_read: 4096,
             fail_at_end: false,
-            stall_sends: false,
-            fail_sends: false,
+            sends: Sends::Taken,
             written: written.clone(),
         };
         (s, written)
@@ -49,15 +54,17 @@ impl MemStream {
         self
     }
 
-    /// Every send waits for ever (see `stall_sends`).
+    /// Every send waits for ever: a client that stopped reading, with no
+    /// write timeout to cut it off.
     pub fn stalling_sends(mut self) -> MemStream {
-        self.stall_sends = true;
+        self.sends = Sends::Stall;
         self
     }
 
-    /// Every send fails with a broken pipe (see `fail_sends`).
+    /// Every send fails with a broken pipe: a client that reset the
+    /// connection.
     pub fn failing_sends(mut self) -> MemStream {
-        self.fail_sends = true;
+        self.sends = Sends::Fail;
         self
     }
 }
@@ -102,11 +109,10 @@ impl AsyncWrite for MemStream {
 
 impl Transport for MemStream {
     async fn send_all(&mut self, slices: &[&[u8]], _timeout: Duration) -> io::Result<()> {
-        if self.stall_sends {
-            std::future::pending::<()>().await;
-        }
-        if self.fail_sends {
-            return Err(io::ErrorKind::BrokenPipe.into());
+        match self.sends {
+            Sends::Taken => {}
+            Sends::Stall => std::future::pending::<()>().await,
+            Sends::Fail => return Err(io::ErrorKind::BrokenPipe.into()),
         }
         let mut w = self.written.borrow_mut();
         for s in slices {
